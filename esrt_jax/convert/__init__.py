@@ -1,0 +1,1 @@
+"""Hugging Face <-> esrt-jax parameter conversion."""

@@ -1,0 +1,1 @@
+"""Flax NNX model families; each file holds one family with its HF mapping beside it."""
