@@ -1,0 +1,121 @@
+"""Logical axis names -> mesh axes.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`,
+`vocab`, `layers`, ...) in its `out_sharding` metadata. One rules table, a tuple of
+`(logical_name, mesh_axis | tuple of mesh axes | None)` pairs, maps them onto a mesh
+(`data`, `fsdp`, `tensor`). This module is the single place that translation happens, used by the
+checkpoint loaders (to place each tensor directly on its devices) and by training.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MeshAxis = str | tuple[str, ...] | None
+Rules = Sequence[tuple[str, MeshAxis]]
+
+# A sensible default for decoder LLMs: FSDP over the embedding dim, tensor parallel over
+# heads / mlp / vocab. Axes absent from a mesh are dropped by `logical_to_mesh`.
+DEFAULT_RULES: tuple[tuple[str, MeshAxis], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("q_len", None),
+    ("enc_embed", None),
+    ("conv_in", None),
+    ("conv_k", None),
+)
+
+
+def _check_rules(rules: Rules) -> dict[str, MeshAxis]:
+    table: dict[str, MeshAxis] = {}
+    for i, item in enumerate(rules):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise ValueError(f"sharding rule #{i} {item!r}: expected (logical_name, mesh_axis|None)")
+        name, target = item
+        if name in table:
+            raise ValueError(f"sharding rules name logical axis {name!r} twice")
+        table[name] = tuple(target) if isinstance(target, list) else target
+    return table
+
+
+def logical_to_mesh(axes: Sequence[str | None] | None, rules: Rules,
+                    mesh: Mesh | None = None) -> PartitionSpec:
+    """Logical axis names (one per array dim) -> a `PartitionSpec` of mesh axes.
+
+    - A logical name without a rule, or None, is replicated.
+    - A mesh axis already used by an earlier dim is not reused (a spec may name each mesh axis
+      once), so e.g. `('embed', 'embed')` shards only the first dim.
+    - With `mesh`, mesh axes the mesh does not have (or of size 1) are dropped, so one rules
+      table serves every mesh shape.
+    """
+    if axes is None:
+        return PartitionSpec()
+    table = _check_rules(rules)
+    used: set[str] = set()
+    spec: list[Any] = []
+    for name in axes:
+        target = table.get(name) if name is not None else None
+        if target is None:
+            spec.append(None)
+            continue
+        names = (target,) if isinstance(target, str) else tuple(target)
+        keep = []
+        for m in names:
+            if m in used:
+                continue
+            if mesh is not None and (m not in mesh.shape or mesh.shape[m] == 1):
+                continue
+            keep.append(m)
+        used.update(keep)
+        spec.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Replicate any dim whose size the assigned mesh axes do not divide (e.g. 2 kv heads on
+    tensor=4), instead of failing: the weight is small and correctness beats a layout error."""
+    out = []
+    for i, entry in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if entry is None:
+            out.append(None)
+            continue
+        names = (entry,) if isinstance(entry, str) else tuple(entry)
+        size = int(np.prod([mesh.shape[n] for n in names]))
+        out.append(entry if shape[i] % size == 0 else None)
+    while out and out[-1] is None:
+        out.pop()
+    return PartitionSpec(*out)
+
+
+def named_sharding(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                   rules: Rules) -> NamedSharding:
+    """`NamedSharding` for an array of `shape` whose dims carry logical `axes`."""
+    return NamedSharding(mesh, fit_spec(logical_to_mesh(axes, rules, mesh), shape, mesh))
+
+
+def variable_axes(var: Any) -> tuple[str | None, ...] | None:
+    """Logical axes stored on an nnx Variable (metadata `out_sharding`), or None."""
+    meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
+    val = meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
+    return tuple(val) if val is not None else None
+
+
+def make_mesh(shape: dict[str, int], devices: Iterable[jax.Device] | None = None) -> Mesh:
+    """A mesh with named axes, e.g. `make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})`."""
+    devs = list(devices) if devices is not None else jax.devices()
+    n = int(np.prod(list(shape.values())))
+    if n > len(devs):
+        raise ValueError(f"mesh {shape} needs {n} devices, only {len(devs)} available")
+    return Mesh(np.asarray(devs[:n]).reshape(tuple(shape.values())), tuple(shape))
