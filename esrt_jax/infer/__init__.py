@@ -1,0 +1,1 @@
+"""Inference: generation, edge payloads, cloud service."""

@@ -1,0 +1,235 @@
+"""Edge -> cloud feature payloads: a versioned, self-describing, checksummed binary format.
+
+Layout (all integers little-endian)::
+
+    b"ESRTPL"   magic (6 bytes)
+    u16         format version (1)
+    u32         header length H
+    H bytes     header, UTF-8 JSON: fingerprint, split, shape, dtype, scheme, group_size,
+                compression, scales_nbytes, data_nbytes, body_nbytes
+    body        [scales][data], zstd-compressed as a whole when compression == "zstd"
+    u32         CRC-32 of everything before it
+
+Schemes (x is (..., D) float; "channel" = last axis):
+- ``fp16``: x as float16; decode(encode(x)) == x.astype(float16) exactly.
+- ``int8``: symmetric per-channel, scale_d = max|x[..., d]| / 127 (stored as float16, rounded up
+  so that nothing clips); |x - x̂| <= scale_d / 2 elementwise.
+- ``int4``: symmetric group-wise along the last axis (groups of `group_size`), scale_g =
+  max|x_g| / 7 (float16, rounded up), two values per byte; |x - x̂| <= scale_g / 2.
+
+Everything malformed is rejected with a `PayloadError` subclass before any array is built.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = b"ESRTPL"
+VERSION = 1
+SCHEMES = ("fp16", "int8", "int4")
+SPLITS = ("qformer", "projector")
+_PREFIX = struct.Struct("<6sHI")
+_CRC = struct.Struct("<I")
+DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+
+
+class PayloadError(ValueError):
+    """A payload cannot be decoded; `status` is the HTTP status a server should answer."""
+
+    status = 400
+
+
+class BadMagic(PayloadError):
+    pass
+
+
+class UnsupportedVersion(PayloadError):
+    pass
+
+
+class Truncated(PayloadError):
+    pass
+
+
+class ChecksumMismatch(PayloadError):
+    pass
+
+
+class Oversize(PayloadError):
+    status = 413
+
+
+class Mismatch(PayloadError):
+    """Well-formed, but not for the served model (fingerprint, split point or shape)."""
+
+    status = 422
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A decoded payload: features (shape, float32) and what produced them."""
+
+    features: np.ndarray
+    fingerprint: str
+    split: str
+    scheme: str
+
+
+def _f16_scale_up(scale: np.ndarray) -> np.ndarray:
+    """Scales as float16, rounded up so that |x| / scale never exceeds the integer range."""
+    s = np.asarray(scale, np.float32)
+    s16 = s.astype(np.float16)
+    low = s16.astype(np.float32) < s
+    s16[low] = np.nextafter(s16[low], np.float16(np.inf))
+    return np.where(s16 == 0, np.float16(1.0), s16).astype(np.float16)
+
+
+def _quantise(x: np.ndarray, scheme: str, group_size: int) -> tuple[bytes, bytes]:
+    if scheme == "fp16":
+        return b"", x.astype(np.float16).tobytes()
+    if scheme == "int8":
+        flat = x.reshape(-1, x.shape[-1])
+        scale = _f16_scale_up(np.abs(flat).max(axis=0) / 127.0)
+        q = np.clip(np.rint(flat / scale.astype(np.float32)), -127, 127).astype(np.int8)
+        return scale.tobytes(), q.tobytes()
+    if scheme == "int4":
+        groups = x.reshape(-1, group_size)
+        scale = _f16_scale_up(np.abs(groups).max(axis=1) / 7.0)
+        q = np.clip(np.rint(groups / scale.astype(np.float32)[:, None]), -8, 7).astype(np.int8)
+        nib = (q.reshape(-1) & 0x0F).astype(np.uint8)
+        return scale.tobytes(), (nib[0::2] | (nib[1::2] << 4)).tobytes()
+    raise ValueError(f"unknown quantisation scheme {scheme!r}; use one of {SCHEMES}")
+
+
+def _dequantise(scales: bytes, data: bytes, shape: tuple[int, ...], scheme: str,
+                group_size: int) -> np.ndarray:
+    n = int(np.prod(shape))
+    if scheme == "fp16":
+        return np.frombuffer(data, np.float16).astype(np.float32).reshape(shape)
+    if scheme == "int8":
+        q = np.frombuffer(data, np.int8).reshape(-1, shape[-1]).astype(np.float32)
+        return (q * np.frombuffer(scales, np.float16).astype(np.float32)).reshape(shape)
+    packed = np.frombuffer(data, np.uint8)
+    nib = np.empty(packed.size * 2, np.int8)
+    nib[0::2], nib[1::2] = packed & 0x0F, packed >> 4
+    q = np.where(nib > 7, nib - 16, nib).astype(np.float32)[:n].reshape(-1, group_size)
+    return (q * np.frombuffer(scales, np.float16).astype(np.float32)[:, None]).reshape(shape)
+
+
+def _expected_sizes(shape: tuple[int, ...], scheme: str, group_size: int) -> tuple[int, int]:
+    """(scales bytes, data bytes) that a well-formed payload of this shape carries."""
+    n = int(np.prod(shape))
+    if scheme == "fp16":
+        return 0, 2 * n
+    if scheme == "int8":
+        return 2 * shape[-1], n
+    return 2 * (n // group_size), (n + 1) // 2
+
+
+def encode(features: np.ndarray, *, fingerprint: str, split: str = "projector", scheme: str = "fp16",
+           group_size: int = 32, compress: bool = False) -> bytes:
+    """Serialise features (..., D) float -> payload bytes."""
+    x = np.asarray(features, np.float32)
+    if x.ndim < 1 or x.size == 0:
+        raise ValueError(f"features must be a non-empty array, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("features contain NaN or Inf")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split point {split!r}; use one of {SPLITS}")
+    if scheme == "int4" and (group_size <= 0 or group_size % 2 or x.shape[-1] % group_size):
+        raise ValueError(f"int4 needs an even group_size dividing the last dim ({x.shape[-1]}), "
+                         f"got {group_size}")
+    scales, data = _quantise(x, scheme, group_size)
+    body = scales + data
+    compression = "none"
+    if compress:
+        import zstandard
+
+        body = zstandard.ZstdCompressor(level=10).compress(body)
+        compression = "zstd"
+    header = json.dumps({
+        "fingerprint": fingerprint, "split": split, "shape": list(x.shape), "dtype": "float32",
+        "scheme": scheme, "group_size": group_size if scheme == "int4" else 0,
+        "compression": compression, "scales_nbytes": len(scales), "data_nbytes": len(data),
+        "body_nbytes": len(body),
+    }, sort_keys=True, separators=(",", ":")).encode()
+    blob = _PREFIX.pack(MAGIC, VERSION, len(header)) + header + body
+    return blob + _CRC.pack(zlib.crc32(blob))
+
+
+def decode(buf: bytes, *, fingerprint: str | None = None, split: str | None = None,
+           shape: tuple[int, ...] | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Payload:
+    """Parse and verify payload bytes; optional expectations of the served model are enforced."""
+    if len(buf) > max_bytes:
+        raise Oversize(f"payload of {len(buf)} bytes exceeds the limit of {max_bytes} bytes")
+    if len(buf) < _PREFIX.size + _CRC.size:
+        raise Truncated(f"payload of {len(buf)} bytes is shorter than the fixed prefix")
+    magic, version, hlen = _PREFIX.unpack_from(buf)
+    if magic != MAGIC:
+        raise BadMagic(f"not an esrt-jax payload (magic {magic!r}, expected {MAGIC!r})")
+    if version != VERSION:
+        raise UnsupportedVersion(f"payload format version {version} is not supported (this server reads {VERSION})")
+    if len(buf) < _PREFIX.size + hlen + _CRC.size:
+        raise Truncated(f"payload truncated: header says {hlen} header bytes, only {len(buf)} bytes in total")
+    (crc,) = _CRC.unpack_from(buf, len(buf) - _CRC.size)
+    if zlib.crc32(buf[:-_CRC.size]) != crc:
+        # A truncated payload also fails the checksum: name the more useful cause when the header tells.
+        try:
+            declared = _PREFIX.size + hlen + int(json.loads(buf[_PREFIX.size:_PREFIX.size + hlen])["body_nbytes"]) + _CRC.size
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            declared = len(buf)
+        if declared != len(buf):
+            raise Truncated(f"payload length {len(buf)} does not match its header ({declared} bytes)")
+        raise ChecksumMismatch("payload checksum mismatch: the bytes were corrupted in transit")
+    try:
+        h = json.loads(buf[_PREFIX.size:_PREFIX.size + hlen])
+        shp = tuple(int(d) for d in h["shape"])
+        scheme, gs, comp = h["scheme"], int(h["group_size"]), h["compression"]
+        s_n, d_n, b_n = int(h["scales_nbytes"]), int(h["data_nbytes"]), int(h["body_nbytes"])
+        fp, sp = str(h["fingerprint"]), str(h["split"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise PayloadError(f"payload header is malformed: {e}") from None
+    if scheme not in SCHEMES or comp not in ("none", "zstd") or sp not in SPLITS:
+        raise PayloadError(f"payload header names unknown scheme/compression/split: {scheme}/{comp}/{sp}")
+    if not shp or any(d <= 0 for d in shp) or (scheme == "int4" and (gs <= 0 or gs % 2 or shp[-1] % gs)):
+        raise PayloadError(f"payload header has an invalid shape {shp} for scheme {scheme}")
+    if (s_n, d_n) != _expected_sizes(shp, scheme, gs):
+        raise PayloadError(f"payload sizes {s_n}+{d_n} do not match shape {shp} and scheme {scheme}")
+    if fingerprint is not None and fp != fingerprint:
+        raise Mismatch(f"payload was made by model {fp}, this server runs {fingerprint}")
+    if split is not None and sp != split:
+        raise Mismatch(f"payload split point is {sp!r}, this server expects {split!r}")
+    if shape is not None and shp != tuple(shape):
+        raise Mismatch(f"payload shape {shp} does not match the served model's {tuple(shape)}")
+    body = buf[_PREFIX.size + hlen:-_CRC.size]
+    if len(body) != b_n:
+        raise Truncated(f"payload body is {len(body)} bytes, header says {b_n}")
+    if comp == "zstd":
+        import zstandard
+
+        try:
+            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=s_n + d_n)
+        except zstandard.ZstdError as e:
+            raise PayloadError(f"payload body does not decompress: {e}") from None
+    if len(body) != s_n + d_n:
+        raise Truncated(f"payload body holds {len(body)} bytes, expected {s_n + d_n}")
+    x = _dequantise(body[:s_n], body[s_n:], shp, scheme, gs)
+    return Payload(features=x, fingerprint=fp, split=sp, scheme=scheme)
+
+
+def error_bound(features: np.ndarray, scheme: str, group_size: int = 32) -> np.ndarray:
+    """Elementwise worst-case |x - decode(encode(x))| for `scheme` (0 beyond fp16 rounding)."""
+    x = np.asarray(features, np.float32)
+    if scheme == "fp16":
+        return np.abs(x - x.astype(np.float16).astype(np.float32))
+    if scheme == "int8":
+        scale = _f16_scale_up(np.abs(x.reshape(-1, x.shape[-1])).max(axis=0) / 127.0)
+        return np.broadcast_to(scale.astype(np.float32) / 2, x.shape)
+    g = x.reshape(-1, group_size)
+    scale = _f16_scale_up(np.abs(g).max(axis=1) / 7.0).astype(np.float32)
+    return np.broadcast_to((scale / 2)[:, None], g.shape).reshape(x.shape)
