@@ -1,0 +1,287 @@
+"""Audio front end: decode, down-mix, resample, pad/trim to 30 s, Whisper log-mel.
+
+`load_audio` reads wav/flac/ogg (anything libsndfile reads) with soundfile, down-mixes to
+mono and resamples to 16 kHz with soxr. `prepare_audio` does the same checks for arrays that
+are already in memory (e.g. a Hugging Face datasets `{"array", "sampling_rate"}` dict).
+
+`log_mel_spectrogram` is Whisper's feature extractor in numpy and reproduces transformers'
+`WhisperFeatureExtractor` numpy path (same slaney mel filters, periodic Hann window, reflect
+padding, float64 FFT rounded through complex64, log10 with floor 1e-10, dynamic range 8,
+`(x + 4) / 4`). `log_mel_spectrogram_jax` is the batched, jittable `jax.numpy` version for
+on-device use: (B, 480000) -> (B, n_mels, 3000).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Literal, Sequence
+
+import numpy as np
+
+__all__ = [
+    "AudioError",
+    "SAMPLE_RATE",
+    "N_FFT",
+    "HOP_LENGTH",
+    "CHUNK_SECONDS",
+    "N_SAMPLES",
+    "N_FRAMES",
+    "load_audio",
+    "prepare_audio",
+    "pad_or_trim",
+    "mel_filters",
+    "log_mel_spectrogram",
+    "log_mel_spectrogram_batch",
+    "log_mel_spectrogram_jax",
+]
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_SECONDS = 30
+N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480000
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000
+
+# A 2-D array with more "channels" than this is not audio we understand.
+_MAX_CHANNELS = 8
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used: unreadable, empty, non-finite or of the wrong shape."""
+
+
+def load_audio(
+    path: str | os.PathLike,
+    *,
+    sr: int = SAMPLE_RATE,
+    max_seconds: float | None = CHUNK_SECONDS,
+    on_long: Literal["trim", "error"] = "trim",
+) -> np.ndarray:
+    """Read an audio file as mono float32 at `sr` Hz: (T,).
+
+    Audio longer than `max_seconds` is trimmed with a warning naming the file
+    (`on_long="trim"`) or rejected (`on_long="error"`); `max_seconds=None` keeps everything.
+    Raises AudioError naming the file for unreadable, empty or non-finite audio.
+    """
+    import soundfile as sf
+
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise AudioError(f"{name}: audio file does not exist")
+    try:
+        data, file_sr = sf.read(name, dtype="float32", always_2d=True)
+    except Exception as e:  # libsndfile raises its own error types; keep its message
+        raise AudioError(f"{name}: cannot read audio ({type(e).__name__}: {e})") from e
+    return prepare_audio(data, file_sr, source=name, sr=sr, max_seconds=max_seconds, on_long=on_long)
+
+
+def prepare_audio(
+    audio: np.ndarray,
+    orig_sr: int,
+    *,
+    source: str = "<array>",
+    sr: int = SAMPLE_RATE,
+    max_seconds: float | None = CHUNK_SECONDS,
+    on_long: Literal["trim", "error"] = "trim",
+) -> np.ndarray:
+    """Check, down-mix and resample an in-memory waveform: (T,) or (T, C) or (C, T) -> (T',).
+
+    For 2-D input the smaller axis is taken as channels (soundfile gives (T, C), torchaudio
+    and librosa give (C, T)). `source` names the audio in errors and warnings.
+    """
+    if on_long not in ("trim", "error"):
+        raise ValueError(f"on_long must be 'trim' or 'error', got {on_long!r}")
+    x = np.asarray(audio)
+    if x.dtype.kind not in "fiu":
+        raise AudioError(f"{source}: audio must be numeric samples, got dtype {x.dtype}")
+    if x.ndim == 0 or x.ndim > 2:
+        raise AudioError(
+            f"{source}: audio must be 1-D (samples) or 2-D (samples x channels), got shape {x.shape}"
+        )
+    if x.ndim == 2:
+        ch_axis = int(np.argmin(x.shape))
+        if x.shape[ch_axis] > _MAX_CHANNELS:
+            raise AudioError(
+                f"{source}: cannot tell samples from channels in shape {x.shape} "
+                f"(expected at most {_MAX_CHANNELS} channels)"
+            )
+        x = x.astype(np.float32).mean(axis=ch_axis) if x.size else x.reshape(-1)
+    if x.size == 0:
+        raise AudioError(f"{source}: audio is empty (0 samples)")
+    if x.dtype.kind in "iu":  # integer PCM -> [-1, 1)
+        x = x.astype(np.float32) / float(np.iinfo(x.dtype).max + 1)
+    x = x.astype(np.float32, copy=False)
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = int(x.size - finite.sum())
+        raise AudioError(f"{source}: audio has {bad} of {x.size} samples that are NaN or Inf")
+    if not isinstance(orig_sr, (int, np.integer)) or orig_sr <= 0:
+        raise AudioError(f"{source}: invalid sampling rate {orig_sr!r}")
+    if orig_sr != sr:
+        import soxr
+
+        x = soxr.resample(x, int(orig_sr), int(sr), quality="HQ").astype(np.float32, copy=False)
+        if x.size == 0:
+            raise AudioError(f"{source}: audio is empty after resampling from {orig_sr} Hz")
+    if max_seconds is not None:
+        limit = int(round(max_seconds * sr))
+        if x.size > limit:
+            msg = f"{source}: audio is {x.size / sr:.2f} s, longer than the {max_seconds:g} s limit"
+            if on_long == "error":
+                raise AudioError(msg)
+            warnings.warn(f"{msg}; trimmed to {max_seconds:g} s", stacklevel=2)
+            x = x[:limit]
+    return np.ascontiguousarray(x)
+
+
+def pad_or_trim(audio, n_samples: int = N_SAMPLES, *, axis: int = -1):
+    """Zero-pad or cut `audio` along `axis` to exactly `n_samples` (numpy or jax arrays)."""
+    length = audio.shape[axis]
+    if length > n_samples:
+        idx = [slice(None)] * audio.ndim
+        idx[axis] = slice(0, n_samples)
+        return audio[tuple(idx)]
+    if length < n_samples:
+        widths = [(0, 0)] * audio.ndim
+        widths[axis] = (0, n_samples - length)
+        if isinstance(audio, np.ndarray):
+            return np.pad(audio, widths)
+        import jax.numpy as jnp
+
+        return jnp.pad(audio, widths)
+    return audio
+
+
+# ----------------------------------------------------------------------------- mel filters
+
+
+def _hz_to_mel_slaney(freq: np.ndarray) -> np.ndarray:
+    """Slaney mel scale: linear below 1 kHz, logarithmic above."""
+    freq = np.asarray(freq, dtype=np.float64)
+    mels = 3.0 * freq / 200.0
+    log_region = freq >= 1000.0
+    mels = np.where(log_region, 15.0 + np.log(np.maximum(freq, 1e-10) / 1000.0) * (27.0 / np.log(6.4)), mels)
+    return mels
+
+
+def _mel_to_hz_slaney(mels: np.ndarray) -> np.ndarray:
+    mels = np.asarray(mels, dtype=np.float64)
+    freq = 200.0 * mels / 3.0
+    log_region = mels >= 15.0
+    return np.where(log_region, 1000.0 * np.exp((np.log(6.4) / 27.0) * (mels - 15.0)), freq)
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_filters_cached(n_mels: int, n_fft: int, sr: int) -> np.ndarray:
+    n_freqs = n_fft // 2 + 1
+    mel_pts = np.linspace(_hz_to_mel_slaney(0.0), _hz_to_mel_slaney(sr / 2.0), n_mels + 2)
+    filter_freqs = _mel_to_hz_slaney(mel_pts)  # (n_mels + 2,)
+    fft_freqs = np.linspace(0, sr // 2, n_freqs)  # (n_freqs,)
+    # Triangles: rising from f[i] to f[i+1], falling from f[i+1] to f[i+2].
+    diff = np.diff(filter_freqs)
+    slopes = filter_freqs[None, :] - fft_freqs[:, None]  # (n_freqs, n_mels + 2)
+    down = -slopes[:, :-2] / diff[:-1]
+    up = slopes[:, 2:] / diff[1:]
+    filters = np.maximum(0.0, np.minimum(down, up))  # (n_freqs, n_mels)
+    # Slaney normalisation: constant energy per channel.
+    filters *= (2.0 / (filter_freqs[2 : n_mels + 2] - filter_freqs[:n_mels]))[None, :]
+    filters.setflags(write=False)
+    return filters
+
+
+def mel_filters(n_mels: int = 80, *, n_fft: int = N_FFT, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Whisper's mel filterbank, slaney scale and norm, float64: (n_fft // 2 + 1, n_mels). Cached."""
+    if n_mels not in (80, 128):
+        raise ValueError(f"Whisper uses 80 or 128 mel bins, got n_mels={n_mels}")
+    return _mel_filters_cached(int(n_mels), int(n_fft), int(sr))
+
+
+@functools.lru_cache(maxsize=2)
+def _hann(n_fft: int) -> np.ndarray:
+    """Periodic Hann window (torch.hann_window / transformers' window_function), float64."""
+    w = np.hanning(n_fft + 1)[:-1]
+    w.setflags(write=False)
+    return w
+
+
+# ----------------------------------------------------------------------------- numpy log-mel
+
+
+def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, *, pad: bool = True) -> np.ndarray:
+    """Whisper log-mel features of one mono 16 kHz waveform: (T,) -> (n_mels, T // 160) float32.
+
+    With `pad=True` (default) the audio is first padded/trimmed to 30 s, giving (n_mels, 3000),
+    the same as `WhisperFeatureExtractor(feature_size=n_mels)(audio, sampling_rate=16000)`.
+    """
+    x = np.asarray(audio)
+    if x.ndim != 1:
+        raise AudioError(f"log_mel_spectrogram expects a 1-D waveform, got shape {x.shape}")
+    x = x.astype(np.float32, copy=False)  # the extractor works from float32 samples
+    if pad:
+        x = pad_or_trim(x, N_SAMPLES)
+    if x.size <= N_FFT // 2:
+        raise AudioError(f"waveform of {x.size} samples is too short for a {N_FFT}-point STFT")
+    filters = mel_filters(n_mels)
+    window = _hann(N_FFT)
+    padded = np.pad(x, (N_FFT // 2, N_FFT // 2), mode="reflect").astype(np.float64)
+    n_frames = 1 + (padded.size - N_FFT) // HOP_LENGTH
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][: n_frames - 1]
+    # The reference stores the FFT in complex64 before taking magnitudes; do the same so the
+    # result matches to float32 rounding. The last frame is dropped, as in Whisper.
+    spec = np.fft.rfft(frames * window, axis=-1).astype(np.complex64)
+    power = np.abs(spec, dtype=np.float64) ** 2  # (frames, n_freqs)
+    mel = np.maximum(1e-10, filters.T @ power.T)  # (n_mels, frames)
+    log_spec = np.log10(mel).astype(np.float32)
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+def log_mel_spectrogram_batch(audios: Sequence[np.ndarray], n_mels: int = 80) -> np.ndarray:
+    """Log-mel features for several waveforms, each padded/trimmed to 30 s: (B, n_mels, 3000)."""
+    if len(audios) == 0:
+        return np.zeros((0, n_mels, N_FRAMES), np.float32)
+    return np.stack([log_mel_spectrogram(a, n_mels, pad=True) for a in audios])
+
+
+# ----------------------------------------------------------------------------- jax log-mel
+
+
+def log_mel_spectrogram_jax(audio, n_mels: int = 80):
+    """Batched Whisper log-mel in jax.numpy: (B, 480000) float -> (B, n_mels, 3000) float32.
+
+    Jittable (n_mels static). Computes in float32; run with
+    `jax.default_matmul_precision("highest")` (or the global setting) to match the numpy
+    version to ~1e-5.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray(audio, jnp.float32)
+    if x.ndim != 2 or x.shape[1] != N_SAMPLES:
+        raise AudioError(
+            f"log_mel_spectrogram_jax expects (B, {N_SAMPLES}) padded waveforms, got {x.shape}"
+        )
+    b = x.shape[0]
+    half = N_FFT // 2
+    padded = jnp.pad(x, ((0, 0), (half, half)), mode="reflect")  # (B, 480400)
+    # Frames of 400 with hop 160 built from hop-sized chunks with static slices only (no
+    # gather): frame i = chunk i ++ chunk i+1 ++ first 80 samples of chunk i+2.
+    n_chunks = N_FRAMES + 3
+    padded = jnp.pad(padded, ((0, 0), (0, n_chunks * HOP_LENGTH - padded.shape[1])))
+    chunks = padded.reshape(b, n_chunks, HOP_LENGTH)
+    tail = N_FFT - 2 * HOP_LENGTH
+    frames = jnp.concatenate(
+        [chunks[:, :N_FRAMES], chunks[:, 1 : N_FRAMES + 1], chunks[:, 2 : N_FRAMES + 2, :tail]],
+        axis=-1,
+    )  # (B, 3000, 400): the last Whisper frame is dropped, so only 3000 are built
+    window = jnp.asarray(_hann(N_FFT), jnp.float32)
+    spec = jnp.fft.rfft(frames * window, axis=-1)  # (B, 3000, 201)
+    power = jnp.real(spec) ** 2 + jnp.imag(spec) ** 2
+    filters = jnp.asarray(mel_filters(n_mels), jnp.float32)  # (201, n_mels)
+    mel = jnp.einsum("btf,fm->bmt", power, filters, precision=jax.lax.Precision.HIGHEST)
+    log_spec = jnp.log10(jnp.maximum(mel, 1e-10))
+    peak = jnp.max(log_spec, axis=(1, 2), keepdims=True)
+    log_spec = jnp.maximum(log_spec, peak - 8.0)
+    return (log_spec + 4.0) / 4.0
