@@ -1,0 +1,103 @@
+"""Orbax checkpoints of a training stage.
+
+One checkpoint = a step folder with four items:
+  params  trainable params (pytree of arrays; Orbax/tensorstore, written collectively)
+  opt     optimizer state (mirrors the params)
+  meta    JSON: step, RNG key data, stage name
+  data    the Grain iterator state (grain.checkpoint handler: one JSON file per process)
+
+Saves are async (training continues while tensorstore writes); Orbax writes into a
+temporary folder and renames it when complete, so a kill -9 at any moment leaves either
+the previous or the new checkpoint, never a torn one. Restores take abstract targets
+(`jax.ShapeDtypeStruct` with a sharding), so a checkpoint written on 8 devices restores
+onto 1 device or any other mesh.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs with the given shardings (restore targets)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+    """Thin wrapper over `ocp.CheckpointManager` for one stage's folder."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        handlers = {
+            "params": ocp.StandardCheckpointHandler(),
+            "opt": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        }
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    def latest_step(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.mngr.all_steps())
+
+    def save(self, step: int, trainable: Any, opt_state: Any, *, rng: jax.Array | None = None,
+             data_iter: Any = None, meta: dict | None = None, force: bool = True) -> bool:
+        m = {"step": int(step), **(meta or {})}
+        if rng is not None:
+            m["rng"] = np.asarray(jax.random.key_data(rng)).tolist()
+        items = {"params": ocp.args.StandardSave(trainable), "opt": ocp.args.StandardSave(opt_state),
+                 "meta": ocp.args.JsonSave(m)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_trainable: Any, abstract_opt: Any,
+                data_iter: Any = None) -> dict:
+        """Restore params, optimizer state, meta (and the iterator, in place) at `step`."""
+        items = {"params": ocp.args.StandardRestore(abstract_trainable),
+                 "opt": ocp.args.StandardRestore(abstract_opt),
+                 "meta": ocp.args.JsonRestore()}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        out = self.mngr.restore(step, args=ocp.args.Composite(**items))
+        res = {"params": out["params"], "opt": out["opt"], "meta": out["meta"]}
+        if "rng" in res["meta"]:
+            res["rng"] = jax.random.wrap_key_data(np.asarray(res["meta"]["rng"], np.uint32))
+        return res
+
+    def wait(self) -> None:
+        self.mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self.mngr.wait_until_finished()
+        self.mngr.close()
+
+
+def restore_params(directory: str | Path, abstract_trainable: Any, step: int | None = None) -> tuple[Any, int]:
+    """Only the trainable params of a stage's checkpoint folder (latest step by default).
+
+    Used to start a stage from the previous stage's final params (optimizer restarts).
+    """
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {directory} does not exist")
+    mngr = ocp.CheckpointManager(directory, item_handlers={"params": ocp.StandardCheckpointHandler()},
+                                 options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"checkpoint folder {directory} holds no complete checkpoint")
+        out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_trainable)))
+        return out["params"], step
+    finally:
+        mngr.close()

@@ -1,0 +1,177 @@
+"""Run configuration for training: frozen dataclasses loaded from YAML + `--set` overrides.
+
+Layout of a run config (see configs/*.yaml):
+
+    model:  {builder: "pkg.module:function", ...}   # passed to the builder (model config)
+    data:   {builder: "pkg.module:function", ...}   # passed to the data builder
+    lora:   {enabled, rank, alpha, dropout, targets}
+    mesh:   {data: -1, fsdp: 1, tensor: 1, rules: {logical: mesh axis or list}}
+    train:  {lr, warmup_steps, schedule, steps, batch_size, grad_accum, clip_norm, ...}
+    stages: {asr: {train: {...}, data: {...}}, smt: {...}, srt: {...}}   # per-stage overrides
+
+`RunConfig.for_stage(name)` returns the config with that stage's overrides merged in and
+re-validated, so every stage is checked before anything heavy starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from esrt_jax.config import ConfigError, check, from_dict, load_yaml, apply_overrides, to_dict
+
+STAGES = ("asr", "smt", "srt")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: data x fsdp x tensor. `data: -1` takes every remaining device."""
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    # Extra/overriding logical-axis rules: logical name -> mesh axis, list of axes, or null.
+    rules: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self):
+        check(self.data == -1 or self.data >= 1, "data", f"must be -1 (auto) or >= 1, got {self.data}")
+        check(self.fsdp >= 1, "fsdp", f"must be >= 1, got {self.fsdp}")
+        check(self.tensor >= 1, "tensor", f"must be >= 1, got {self.tensor}")
+        for k, v in self.rules.items():
+            ok = v is None or isinstance(v, str) or (
+                isinstance(v, (list, tuple)) and all(isinstance(a, str) for a in v))
+            check(ok, f"rules.{k}", f"must be a mesh axis name, a list of them, or null; got {v!r}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def validate(self):
+        check(self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
+        check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and loop settings of one stage."""
+    steps: int = 1000
+    batch_size: int = 8                # global batch (all processes, all micro-batches)
+    grad_accum: int = 1                # micro-batches per optimizer step
+    lr: float = 1e-4
+    warmup_steps: int = 1000
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    end_lr: float = 0.0                # lr at the end of the decay
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0             # global-norm clipping; 0 disables
+    # Regexes over '/'-joined param paths; empty = the model builder's default trainable set.
+    trainable: tuple[str, ...] = ()
+    frozen_dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+    ckpt_every: int = 500
+    keep: int = 3
+    async_ckpt: bool = True
+    log_every: int = 10
+    eval_every: int = 0                # dev loss every N steps (0: only at the end)
+    eval_batches: int = 4
+    decode_every: int = 0              # dev decode every N steps (0: only at the end)
+    decode_samples: int = 4
+    progress: bool = True
+
+    def validate(self):
+        check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        check(self.batch_size % self.grad_accum == 0, "batch_size",
+              f"{self.batch_size} is not divisible by grad_accum={self.grad_accum}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(self.end_lr >= 0, "end_lr", f"must be >= 0, got {self.end_lr}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.clip_norm >= 0, "clip_norm", f"must be >= 0, got {self.clip_norm}")
+        check(self.ckpt_every >= 1, "ckpt_every", f"must be >= 1, got {self.ckpt_every}")
+        check(self.keep >= 1, "keep", f"must be >= 1, got {self.keep}")
+        check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        check(self.decode_every >= 0, "decode_every", f"must be >= 0, got {self.decode_every}")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Per-stage overrides, deep-merged over the top-level blocks."""
+    train: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    lora: LoraConfig = LoraConfig()
+    mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+    run_dir: str = "runs/default"
+    stage: str | None = None           # set by for_stage()
+
+    def validate(self):
+        for name in self.stages:
+            check(name in STAGES, f"stages.{name}", f"unknown stage; valid stages: {list(STAGES)}")
+        for key, block in (("model", self.model), ("data", self.data)):
+            b = block.get("builder")
+            check(b is None or (isinstance(b, str) and ":" in b), f"{key}.builder",
+                  f"must be 'package.module:function', got {b!r}")
+
+    def for_stage(self, name: str) -> "RunConfig":
+        """This config with stage `name`'s overrides merged and validated."""
+        if name not in STAGES:
+            raise ConfigError(f"unknown stage {name!r}; valid stages: {list(STAGES)}")
+        base = to_dict(self)
+        ov = self.stages.get(name, StageConfig())
+        for block in ("train", "data", "model", "lora"):
+            base[block] = deep_merge(base[block], getattr(ov, block))
+        base["stage"] = name
+        try:
+            return from_dict(RunConfig, base)
+        except ConfigError as e:
+            raise ConfigError(f"stages.{name}: {e}") from None
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    """Recursive dict merge; values of `b` win."""
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """YAML (optional) + 'a.b=value' overrides -> validated RunConfig (all stages checked)."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    try:
+        cfg = from_dict(RunConfig, data)
+    except ConfigError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from None
+    for s in STAGES:  # fail fast on a bad per-stage override
+        cfg.for_stage(s)
+    return cfg
+
+
+def replace(cfg, **kw):
+    return dataclasses.replace(cfg, **kw)

@@ -1,0 +1,37 @@
+"""AdamW with warm-up + linear/cosine decay and global-norm clipping (optax).
+
+Gradient accumulation is not an optimizer wrapper here: the train step (step.py) scans
+over micro-batches inside one jitted call and applies one update, so "step" always means
+"optimizer update" (schedules, checkpoints and logs agree). Only the trainable pytree is
+given to `init`, so frozen weights get neither gradients nor optimizer state.
+"""
+
+from __future__ import annotations
+
+import optax
+
+from esrt_jax.train.config import TrainConfig
+
+
+def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """lr(step): linear warm-up 0 -> lr over warmup_steps, then decay to end_lr at `steps`."""
+    warm = min(cfg.warmup_steps, cfg.steps)
+    decay = max(cfg.steps - warm, 1)
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(cfg.lr, cfg.end_lr, decay)
+    else:
+        after = optax.cosine_decay_schedule(cfg.lr, decay, alpha=cfg.end_lr / cfg.lr)
+    if warm == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), after], [warm])
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    sched = make_schedule(cfg)
+    parts = []
+    if cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    return optax.chain(*parts)

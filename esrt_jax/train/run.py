@@ -1,0 +1,158 @@
+"""`python train.py --stage=asr|smt|srt|all --config configs/X.yaml [--set k=v ...]`.
+
+Each stage trains into RUN_DIR/<stage>/ (checkpoints/, metrics.jsonl, tb/). A stage starts
+from the previous stage's final trainable params (the optimizer restarts, as in the papers)
+unless `--init-from` names a checkpoint folder; rerunning a command resumes from the last
+checkpoint; a finished stage is skipped.
+
+The model and the data are plugged in by the config:
+  model.builder: "pkg.module:fn"   fn(cfg: RunConfig, *, abstract: bool) -> TrainBundle
+  data.builder:  "pkg.module:fn"   fn(cfg, split, *, process_index, process_count)
+                                   split "train": an infinite Grain iterator (get_state /
+                                   set_state) of this process's rows of each global batch;
+                                   split "dev": an iterable of such batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+STAGES = ("asr", "smt", "srt")
+DEFAULT_MODEL_BUILDER = "esrt_jax.train.speech:build_model"
+DEFAULT_DATA_BUILDER = "esrt_jax.train.speech:build_data"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", default="all", choices=[*STAGES, "all"])
+    p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-5 (repeatable)")
+    p.add_argument("--init-from", default=None,
+                   help="checkpoint folder (a stage's checkpoints/ dir) to take the first stage's "
+                        "trainable params from, instead of the previous stage")
+    p.add_argument("--run-dir", default=None, help="output folder (default: the config's run_dir)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="compile on abstract params and print per-device memory; trains nothing")
+    p.add_argument("--devices", type=int, default=None,
+                   help="dry run: number of simulated CPU devices (default: mesh size or 8)")
+    p.add_argument("--coordinator", default=None, help="jax.distributed coordinator host:port")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() with no arguments (TPU pods, SLURM)")
+    return p.parse_args(argv)
+
+
+def _prepare_dry_run_devices(args) -> None:
+    """Simulated CPU devices must be requested before jax starts."""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") and args.devices is None:
+        return
+    n = args.devices or 8
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def stage_ckpt_dir(run_dir: Path, stage: str) -> Path:
+    return run_dir / stage / "checkpoints"
+
+
+def _command(args, stage: str, run_dir: Path) -> str:
+    sets = "".join(f" --set {o}" for o in args.overrides)
+    return f"python train.py --stage={stage} --config {args.config} --run-dir {run_dir}{sets}"
+
+
+def previous_params_dir(args, cfg, stage: str, run_dir: Path) -> Path:
+    """The previous stage's checkpoint folder, checked to hold its final step."""
+    from esrt_jax.train.checkpoint import Checkpointer
+
+    prev = STAGES[STAGES.index(stage) - 1]
+    d = stage_ckpt_dir(run_dir, prev)
+    want = cfg.for_stage(prev).train.steps
+    hint = (f"; create it with: {_command(args, prev, run_dir)}  (or start this stage from another "
+            f"checkpoint with --init-from DIR)")
+    if not d.is_dir():
+        raise SystemExit(f"error: stage {stage} starts from the final checkpoint of stage {prev}, "
+                         f"expected in {d}, which does not exist{hint}")
+    last = Checkpointer(d, keep=1_000_000, async_save=False)
+    try:
+        step = last.latest_step()
+    finally:
+        last.close()
+    if step is None or step < want:
+        raise SystemExit(f"error: stage {prev} in {d} is not finished (last checkpoint: step {step}, "
+                         f"needs {want}){hint.replace('create it', 'finish it')}")
+    return d
+
+
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    if args.dry_run:
+        _prepare_dry_run_devices(args)
+
+    from esrt_jax.train import distributed
+    if not args.dry_run:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               auto=args.distributed)
+
+    import jax
+    from esrt_jax.config import ConfigError
+    from esrt_jax.train.bundle import import_object
+    from esrt_jax.train.checkpoint import abstract_like, restore_params
+    from esrt_jax.train.config import load_run_config
+    from esrt_jax.train.loop import log0, run_stage, stage_shardings
+    from esrt_jax.train import mesh as mesh_lib
+    from esrt_jax.train.optimizer import make_optimizer
+
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    run_dir = Path(args.run_dir or cfg.run_dir)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    model_builder = import_object(cfg.model.get("builder", DEFAULT_MODEL_BUILDER), "model.builder")
+    data_builder = import_object(cfg.data.get("builder", DEFAULT_DATA_BUILDER), "data.builder")
+
+    results = []
+    for i, stage in enumerate(stages):
+        scfg = cfg.for_stage(stage)
+        if args.dry_run:
+            from esrt_jax.train.dryrun import dry_run
+            results.append(dry_run(scfg, model_builder(scfg, abstract=True)))
+            continue
+        stage_dir = run_dir / stage
+        resuming = stage_ckpt_dir(run_dir, stage).is_dir() and any(
+            p.name.isdigit() for p in stage_ckpt_dir(run_dir, stage).iterdir())
+        src = None
+        if not resuming:
+            if args.init_from and i == 0:
+                src = Path(args.init_from)
+            elif stage != "asr":
+                src = previous_params_dir(args, cfg, stage, run_dir)
+        bundle = model_builder(scfg, abstract=False)
+        init = None
+        if src is not None:
+            mesh = mesh_lib.make_mesh(scfg.mesh)
+            sh = stage_shardings(bundle, make_optimizer(scfg.train), mesh, mesh_lib.make_rules(scfg.mesh.rules))
+            init, step = restore_params(src, abstract_like(bundle.trainable, sh["trainable"]))
+            log0(f"[{stage}] starting from trainable params of {src} (step {step}); optimizer restarts")
+        pi, pc = jax.process_index(), jax.process_count()
+        res = run_stage(scfg, bundle, stage_dir=stage_dir,
+                        make_data=lambda: data_builder(scfg, "train", process_index=pi, process_count=pc),
+                        make_dev=lambda: data_builder(scfg, "dev", process_index=pi, process_count=pc),
+                        init_params=init)
+        if res.losses:
+            steps = sorted(res.losses)
+            log0(f"[{stage}] done: step {res.final_step}, first logged loss {res.losses[steps[0]]:.4f}, "
+                 f"last {res.losses[steps[-1]]:.4f}; checkpoints in {stage_ckpt_dir(run_dir, stage)}")
+        results.append(res)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
