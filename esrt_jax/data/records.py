@@ -1,0 +1,456 @@
+"""The one record type every data source produces, and the sources.
+
+A `Record` is one utterance paired with one target language:
+
+    id             unique id of the (utterance, target) pair
+    audio          absolute path of the audio file (or, when `audio_bytes` carries the encoded
+                   file, the name it had where it came from)
+    src, tgt       ISO 639-3 codes as written in the data (`zho` stays `zho`)
+    transcription  what is said, in `src`
+    translation    the reference translation into `tgt` ("" for ASR-only data)
+    source         name of the data set the record came from (e.g. `fleurs`)
+    audio_bytes    the encoded audio file when the data set embeds it (HF datasets, TFDS with
+                   `embed_audio`); not part of equality, so the same data stored by path or by
+                   bytes gives equal records
+
+Sources (all random access: `len(src)`, `src[i] -> Record`, `src.index()`):
+
+(a) `JsonlSource`: one JSON object a line, either the ESRT/MSRT schema
+    `{id, audio, src, tgt, asr, s2tt, source}` (extra keys ignored) or LLM-SRT's
+    `{audio, source, prompt, gt[, key]}` where `prompt` is `<|src|><|tgt|>` (or just `<|src|>`
+    for ASR-only data), `gt` is `transcription<|src|><|tgt|>translation` and `source` is
+    `{dataset}_{src}_{tgt}` or a free name. `audio` is relative to the JSONL's folder unless
+    absolute. This is how the public LLM-SRT code reads its data (`srt_dataset.py`: languages
+    from the `source`/`prompt`, the ASR target is `gt.split(prompt)[0]`, the translation what
+    follows the tags); where a line has no `key` its id is `<file stem>:<line number>`.
+(b) `HFSource`: a Hugging Face `datasets` folder written by `save_to_disk` (a Dataset or one
+    split of a DatasetDict) or parquet file(s) with an audio column (`{"bytes", "path"}` as
+    `datasets.Audio` stores it, or a plain path string). The audio column is never decoded by
+    `datasets` (no torchcodec): we cast it to `Audio(decode=False)` and decode with soundfile.
+(c) `TfdsSource`: a TFDS `array_record` data set written by `esrt_jax.data.tfds_builder`, read
+    with `tfds.builder_from_directory(...).as_data_source(split)` (no TensorFlow needed).
+
+Malformed JSONL lines (bad JSON, missing keys, an LLM-SRT `gt` without its tags) are not fatal:
+`JsonlSource` keeps them in `load_errors` as `(where, reason)` and the pipeline counts them
+against the bad-record budget (`strict=True` raises instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Record",
+    "RecordIndex",
+    "RecordSource",
+    "ListSource",
+    "JsonlSource",
+    "HFSource",
+    "TfdsSource",
+    "ConcatSource",
+    "SourceError",
+    "open_source",
+    "record_from_json",
+    "load_audio_of",
+]
+
+
+class SourceError(ValueError):
+    """A data source that cannot be read at all (missing file, unknown layout, bad line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    id: str
+    audio: str
+    src: str
+    tgt: str
+    transcription: str
+    translation: str
+    source: str
+    audio_bytes: bytes | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def to_json(self, relative_to: str | os.PathLike | None = None) -> dict:
+        """The ESRT JSONL form (`asr`, `s2tt`); `audio` relative to `relative_to` if given."""
+        audio = self.audio
+        if relative_to is not None:
+            audio = os.path.relpath(audio, os.fspath(relative_to))
+        return {"id": self.id, "audio": audio, "src": self.src, "tgt": self.tgt,
+                "asr": self.transcription, "s2tt": self.translation, "source": self.source}
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordIndex:
+    """Per-record metadata the mixture needs without reading audio: arrays of length N.
+
+    `audio_key` identifies the utterance (ASR de-duplicates records that share it).
+    """
+
+    src: np.ndarray
+    tgt: np.ndarray
+    audio_key: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+
+def load_audio_of(record: Record, sr: int = 16000) -> np.ndarray:
+    """Decode a record's audio to mono float32 at `sr`: (T,). Raises `audio.AudioError`."""
+    from esrt_jax import audio as audio_lib
+
+    if record.audio_bytes:
+        import soundfile as sf
+
+        try:
+            data, file_sr = sf.read(io.BytesIO(record.audio_bytes), dtype="float32", always_2d=True)
+        except Exception as e:
+            raise audio_lib.AudioError(
+                f"{record.audio}: cannot decode embedded audio ({type(e).__name__}: {e})") from e
+        return audio_lib.prepare_audio(data, file_sr, source=record.audio, sr=sr)
+    return audio_lib.load_audio(record.audio, sr=sr)
+
+
+class RecordSource:
+    """Random-access collection of records. Subclasses define `__len__` and `__getitem__`."""
+
+    name: str = "records"
+    load_errors: list[tuple[str, str]] = []
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> Record:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Record]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def index(self) -> RecordIndex:
+        """Metadata of every record (default: reads every record once)."""
+        recs = list(self)
+        return RecordIndex(
+            src=np.array([r.src for r in recs], dtype=object),
+            tgt=np.array([r.tgt for r in recs], dtype=object),
+            audio_key=np.array([r.audio for r in recs], dtype=object),
+        )
+
+
+class ListSource(RecordSource):
+    """Records held in memory."""
+
+    def __init__(self, records: Sequence[Record], name: str = "records",
+                 load_errors: Sequence[tuple[str, str]] = ()):
+        self.records = list(records)
+        self.name = name
+        self.load_errors = list(load_errors)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Record:
+        return self.records[i]
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+_TAG = re.compile(r"<\|([A-Za-z0-9_-]+)\|>")
+
+
+def _resolve(audio: str, base: str) -> str:
+    if not isinstance(audio, str) or not audio:
+        raise KeyError("audio")
+    return os.path.normpath(audio if os.path.isabs(audio) else os.path.join(base, audio))
+
+
+def record_from_json(obj: Mapping[str, Any], base_dir: str, default_id: str) -> Record:
+    """One JSONL object (either schema) -> Record. Raises ValueError/KeyError naming the problem."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "prompt" in obj and "gt" in obj and "asr" not in obj:
+        return _record_from_llm_srt(obj, base_dir, default_id)
+    missing = [k for k in ("audio", "src", "tgt", "asr") if k not in obj]
+    if missing:
+        raise KeyError(f"missing key(s) {', '.join(missing)} (ESRT schema needs id, audio, src, "
+                       f"tgt, asr, s2tt, source; LLM-SRT schema needs audio, source, prompt, gt)")
+    for k in ("src", "tgt", "asr"):
+        if not isinstance(obj[k], str):
+            raise ValueError(f"{k} must be a string, got {obj[k]!r}")
+    s2tt = obj.get("s2tt", "")
+    if s2tt is None:
+        s2tt = ""
+    if not isinstance(s2tt, str):
+        raise ValueError(f"s2tt must be a string, got {s2tt!r}")
+    return Record(
+        id=str(obj.get("id", default_id)),
+        audio=_resolve(obj["audio"], base_dir),
+        src=obj["src"].strip(), tgt=obj["tgt"].strip(),
+        transcription=obj["asr"], translation=s2tt,
+        source=str(obj.get("source", "")),
+    )
+
+
+def _record_from_llm_srt(obj: Mapping[str, Any], base_dir: str, default_id: str) -> Record:
+    prompt, gt = obj["prompt"], obj["gt"]
+    if not isinstance(prompt, str) or not isinstance(gt, str):
+        raise ValueError("prompt and gt must be strings")
+    tags = _TAG.findall(prompt)
+    if not tags or len(tags) > 2 or "".join(f"<|{t}|>" for t in tags) != prompt.strip():
+        raise ValueError(f"prompt {prompt!r} is not <|src|><|tgt|> or <|src|>")
+    src = tags[0]
+    tgt = tags[1] if len(tags) == 2 else src
+    source = str(obj.get("source", ""))
+    # `source` is `{dataset}_{src}_{tgt}` in the LLM-SRT release; keep the data set name only.
+    parts = source.split("_")
+    if len(parts) >= 3 and parts[-2] == src and parts[-1] == tgt:
+        source = "_".join(parts[:-2])
+    if len(tags) == 2:
+        marker = prompt.strip()
+        pieces = gt.split(marker)
+        if len(pieces) != 2:
+            raise ValueError(f"gt does not contain the marker {marker} exactly once")
+        transcription, translation = pieces
+    else:
+        transcription, translation = gt, ""
+    return Record(id=str(obj.get("key", default_id)), audio=_resolve(obj["audio"], base_dir),
+                  src=src, tgt=tgt, transcription=transcription, translation=translation,
+                  source=source)
+
+
+class JsonlSource(ListSource):
+    """ESRT/MSRT or LLM-SRT JSONL (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike, strict: bool = False):
+        path = Path(path)
+        if not path.is_file():
+            raise SourceError(f"{path}: JSONL file does not exist")
+        base = os.path.abspath(path.parent)
+        records, errors = [], []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    records.append(record_from_json(json.loads(line), base, f"{path.stem}:{lineno}"))
+                except (ValueError, KeyError, TypeError) as e:
+                    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+                    if strict:
+                        raise SourceError(f"{where}: {msg}") from None
+                    log.warning("skipping %s: %s", where, msg)
+                    errors.append((where, f"malformed line: {msg}"))
+        super().__init__(records, name=str(path), load_errors=errors)
+
+
+# ----------------------------------------------------------------------------- HF datasets
+
+# Column names we understand, first match wins.
+_HF_COLUMNS = {
+    "id": ("id", "key"),
+    "src": ("src", "src_lang", "source_lang"),
+    "tgt": ("tgt", "tgt_lang", "target_lang"),
+    "transcription": ("transcription", "asr", "raw_transcription", "sentence", "text"),
+    "translation": ("translation", "s2tt", "tgt_text"),
+    "source": ("source", "dataset"),
+}
+
+
+class HFSource(RecordSource):
+    """A `datasets` folder from `save_to_disk`, or parquet file(s); see the module docstring.
+
+    `columns` overrides the column names ({"transcription": "normalized_text", ...});
+    `split` picks a split of a DatasetDict; `audio_column` names the audio column.
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str | None = None,
+                 columns: Mapping[str, str] | None = None, audio_column: str = "audio",
+                 source_name: str | None = None):
+        import datasets
+
+        path = Path(path)
+        self.name = str(path)
+        self.load_errors = []
+        if not path.exists():
+            raise SourceError(f"{path}: Hugging Face dataset folder or parquet file does not exist")
+        if path.is_file() or (path.is_dir() and any(path.glob("*.parquet"))):
+            files = [str(path)] if path.is_file() else sorted(str(p) for p in path.glob("*.parquet"))
+            ds = datasets.Dataset.from_parquet(files)
+        else:
+            try:
+                ds = datasets.load_from_disk(str(path))
+            except FileNotFoundError as e:
+                raise SourceError(f"{path}: not a `save_to_disk` folder or parquet ({e})") from None
+            if isinstance(ds, datasets.DatasetDict):
+                if split is None:
+                    raise SourceError(f"{path}: holds splits {sorted(ds)}; pass split=...")
+                if split not in ds:
+                    raise SourceError(f"{path}: no split {split!r}; found {sorted(ds)}")
+                ds = ds[split]
+        if audio_column not in ds.column_names:
+            raise SourceError(f"{path}: no audio column {audio_column!r}; columns: {ds.column_names}")
+        if isinstance(ds.features.get(audio_column), datasets.Audio):
+            ds = ds.cast_column(audio_column, datasets.Audio(decode=False))
+        self._cols = {}
+        columns = dict(columns or {})
+        for field, options in _HF_COLUMNS.items():
+            if field in columns:
+                if columns[field] not in ds.column_names:
+                    raise SourceError(f"{path}: column {columns[field]!r} (for {field}) not in "
+                                      f"{ds.column_names}")
+                self._cols[field] = columns[field]
+                continue
+            found = next((c for c in options if c in ds.column_names), None)
+            if found is None and field in ("src", "transcription"):
+                raise SourceError(f"{path}: no {field} column (tried {', '.join(options)}); "
+                                  f"columns: {ds.column_names}")
+            self._cols[field] = found
+        self._audio = audio_column
+        self._ds = ds
+        self._base = os.path.abspath(path if path.is_dir() else path.parent)
+        self._source_name = source_name if source_name is not None else path.name
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def _audio_ref(self, value: Any, i: int) -> tuple[str, bytes | None]:
+        if isinstance(value, Mapping):
+            data, p = value.get("bytes"), value.get("path")
+        else:
+            data, p = None, value
+        if p:
+            p = p if os.path.isabs(p) else os.path.normpath(os.path.join(self._base, p))
+        else:
+            p = f"{self.name}#{i}"
+        return p, data
+
+    def __getitem__(self, i: int) -> Record:
+        row = self._ds[int(i)]
+        get = lambda f, d="": (row[self._cols[f]] if self._cols.get(f) else d)  # noqa: E731
+        audio, data = self._audio_ref(row[self._audio], int(i))
+        src = get("src")
+        tgt = get("tgt") or src
+        return Record(id=str(get("id", f"{Path(self.name).name}:{i}")), audio=audio, src=src,
+                      tgt=tgt, transcription=get("transcription") or "",
+                      translation=get("translation") or "",
+                      source=str(get("source", self._source_name)), audio_bytes=data or None)
+
+    def index(self) -> RecordIndex:
+        src = np.array(self._ds[self._cols["src"]], dtype=object)
+        tgt = (np.array(self._ds[self._cols["tgt"]], dtype=object) if self._cols.get("tgt")
+               else src.copy())
+        tgt = np.where(tgt == "", src, tgt) if len(tgt) else tgt
+        # Only the `path` field of the audio column: embedded bytes are never materialised.
+        import pyarrow as pa
+
+        col = self._ds.data.column(self._audio)
+        if pa.types.is_struct(col.type):
+            raw = col.combine_chunks().field("path").to_pylist() if len(col) else []
+        else:
+            raw = col.to_pylist()
+        paths = [self._audio_ref({"path": v}, i)[0] for i, v in enumerate(raw)]
+        return RecordIndex(src=src, tgt=tgt, audio_key=np.array(paths, dtype=object))
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+class TfdsSource(RecordSource):
+    """A TFDS array_record data set written by `esrt_jax.data.tfds_builder` (one split)."""
+
+    def __init__(self, path: str | os.PathLike, split: str = "train"):
+        import tensorflow_datasets as tfds
+
+        path = Path(path)
+        self.name = f"{path}[{split}]"
+        self.load_errors = []
+        if not (path / "dataset_info.json").is_file():
+            cands = sorted(p.parent for p in path.glob("**/dataset_info.json"))
+            if len(cands) != 1:
+                raise SourceError(f"{path}: not a TFDS data set folder (no dataset_info.json"
+                                  f"{'; candidates: ' + ', '.join(map(str, cands)) if cands else ''})")
+            path = cands[0]
+        builder = tfds.builder_from_directory(str(path))
+        if split not in builder.info.splits:
+            raise SourceError(f"{path}: no split {split!r}; found {sorted(builder.info.splits)}")
+        self._path, self._split = str(path), split
+        self._ds = builder.as_data_source(split=split)
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    @staticmethod
+    def _to_record(ex: Mapping[str, Any]) -> Record:
+        s = lambda k: ex[k].decode("utf-8") if isinstance(ex[k], bytes) else str(ex[k])  # noqa: E731
+        data = ex.get("audio_bytes")
+        return Record(id=s("id"), audio=s("audio"), src=s("src"), tgt=s("tgt"),
+                      transcription=s("transcription"), translation=s("translation"),
+                      source=s("source"), audio_bytes=bytes(data) if data else None)
+
+    def __getitem__(self, i: int) -> Record:
+        return self._to_record(self._ds[int(i)])
+
+    def __getstate__(self):
+        return {"path": self._path, "split": self._split, "name": self.name}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["split"])
+
+
+# ----------------------------------------------------------------------------- concat
+
+
+class ConcatSource(RecordSource):
+    """Several sources as one (indices run through them in order)."""
+
+    def __init__(self, sources: Sequence[RecordSource]):
+        if not sources:
+            raise SourceError("no data sources given")
+        self.sources = list(sources)
+        self.name = "+".join(s.name for s in self.sources)
+        self.load_errors = [e for s in self.sources for e in s.load_errors]
+        self._offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, i: int) -> Record:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self._offsets, i, side="right")) - 1
+        return self.sources[k][int(i - self._offsets[k])]
+
+    def index(self) -> RecordIndex:
+        parts = [s.index() for s in self.sources]
+        cat = lambda f: np.concatenate([getattr(p, f) for p in parts]) if parts else np.array([])  # noqa: E731
+        return RecordIndex(src=cat("src"), tgt=cat("tgt"), audio_key=cat("audio_key"))
+
+
+def open_source(spec: str, strict: bool = False) -> RecordSource:
+    """Open a source from a path: `x.jsonl`, a TFDS folder (`dir` or `dir:split`), a
+    `save_to_disk` folder (`dir` or `dir:split`) or parquet file(s)."""
+    path, split = spec, None
+    if ":" in spec and not os.path.exists(spec):
+        path, split = spec.rsplit(":", 1)
+    p = Path(path)
+    if not p.exists():
+        raise SourceError(f"data source {spec!r}: {path} does not exist")
+    if p.is_file() and p.suffix in (".jsonl", ".json"):
+        return JsonlSource(p, strict=strict)
+    if p.is_dir() and ((p / "dataset_info.json").is_file() and (p / "features.json").is_file()
+                       or any(p.glob("*/*/features.json")) or any(p.glob("*/features.json"))):
+        return TfdsSource(p, split or "train")
+    if p.is_file() and p.suffix == ".parquet" or p.is_dir():
+        return HFSource(p, split=split)
+    raise SourceError(f"data source {spec!r}: not a .jsonl file, TFDS folder, datasets folder or "
+                      f"parquet file")
