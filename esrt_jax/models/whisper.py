@@ -1,0 +1,498 @@
+"""Whisper encoder (Flax NNX) and its Hugging Face mapping, both directions.
+
+    mel (B, n_mels, 2 * P) -> conv1 (k3, pad 1) + GELU -> conv2 (k3, stride 2, pad 1) + GELU
+      -> + positions (P, D) -> L pre-LN blocks (self-attention, fc1/act/fc2) -> LayerNorm
+      -> (B, P, D)                       P = max_source_positions (1500 for real Whisper)
+
+Layer parameters are always stored stacked with a leading `layers` axis (L, ...), so one
+parameter layout serves both execution paths: `jax.lax.scan` over layers (`scan_layers=True`,
+one compiled block, fast compiles for 32-layer large-v3) or a Python loop over slices; both run
+the same block function and give identical outputs. `remat=True` wraps the block in
+`jax.checkpoint`. The sinusoidal position table is loaded from the checkpoint (HF stores it as
+`embed_positions.weight`) into a non-trainable `Buffer` and written back on export.
+
+Conversion: `load_whisper_encoder(dir)` reads a local HF Whisper directory (`WhisperModel`,
+`WhisperForConditionalGeneration` or a bare `WhisperEncoder`; single file or sharded with index)
+one tensor at a time; `export_whisper_encoder` gives HF-named numpy tensors;
+`write_whisper_encoder_checkpoint` puts them into a copy of a full Whisper checkpoint (decoder
+kept) and `save_whisper_encoder` writes a stand-alone `WhisperEncoder` directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from esrt_jax.config import ConfigError, check
+from esrt_jax.convert import hf_io
+from esrt_jax.convert.hf_io import CheckpointError
+from esrt_jax.models.layers import Dense, LayerNorm, activation, dtype_from_name, param
+
+# Keys of transformers' WhisperConfig that define the encoder.
+HF_ENCODER_KEYS = ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads",
+                   "encoder_ffn_dim", "max_source_positions", "activation_function")
+# Tensor-name prefixes of the encoder inside the HF model classes, most specific first.
+HF_PREFIXES = ("model.encoder.", "encoder.", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class WhisperEncoderConfig:
+    """Whisper encoder shape (HF `WhisperConfig` names) plus runtime settings.
+
+    Defaults are whisper-base. `layer_norm_eps` is fixed at 1e-5 in HF (torch's default) and not
+    part of `WhisperConfig`; `dtype`, `param_dtype`, `remat`, `scan_layers` are ours only.
+    """
+
+    num_mel_bins: int = 80
+    d_model: int = 512
+    encoder_layers: int = 6
+    encoder_attention_heads: int = 8
+    encoder_ffn_dim: int = 2048
+    max_source_positions: int = 1500
+    activation_function: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    # runtime settings (not exported to HF)
+    dtype: str = "float32"          # compute dtype
+    param_dtype: str = "float32"    # storage dtype
+    remat: bool = False             # jax.checkpoint around each block
+    scan_layers: bool = True        # jax.lax.scan over the stacked layers (else a Python loop)
+
+    def validate(self) -> None:
+        for k in ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads",
+                  "encoder_ffn_dim", "max_source_positions"):
+            check(getattr(self, k) > 0, k, f"must be positive, got {getattr(self, k)}")
+        check(self.d_model % self.encoder_attention_heads == 0, "encoder_attention_heads",
+              f"d_model {self.d_model} is not divisible by {self.encoder_attention_heads} heads")
+        check(self.d_model % 2 == 0, "d_model", "must be even (sinusoidal positions)")
+        check(self.layer_norm_eps > 0, "layer_norm_eps", "must be positive")
+        try:
+            activation(self.activation_function)
+        except ValueError as e:
+            raise ConfigError(f"activation_function: {e}") from None
+        for k in ("dtype", "param_dtype"):
+            try:
+                dtype_from_name(getattr(self, k))
+            except ValueError as e:
+                raise ConfigError(f"{k}: {e}") from None
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.encoder_attention_heads
+
+    @property
+    def num_frames(self) -> int:
+        """Mel frames the encoder expects (3000 for real Whisper)."""
+        return 2 * self.max_source_positions
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any] | Any, **runtime: Any) -> "WhisperEncoderConfig":
+        """From a `WhisperConfig` (or its dict / config.json); `runtime` sets dtype, remat, ..."""
+        data = hf.to_dict() if hasattr(hf, "to_dict") else dict(hf)
+        missing = [k for k in HF_ENCODER_KEYS if k not in data]
+        if missing:
+            raise ConfigError(f"Whisper config lacks key(s) {missing}")
+        unknown = sorted(set(runtime) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown WhisperEncoderConfig setting(s) {unknown}")
+        return cls(**{k: data[k] for k in HF_ENCODER_KEYS}, **runtime)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The HF `WhisperConfig` keys that define this encoder (`WhisperConfig(**d)` works)."""
+        return {"model_type": "whisper", **{k: getattr(self, k) for k in HF_ENCODER_KEYS}}
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable array that belongs to the checkpoint (not an optimizer target)."""
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
+    """Whisper's position table (length, channels) as f32: [sin | cos] of t / 10000^(i / (C/2 - 1)).
+
+    Computed in f64, so it differs from transformers' f32 table by up to ~1e-4 at t ~ 1500 (f32
+    rounding of its exp and t * inv). Only random init uses it: converted models carry the
+    checkpoint's own table.
+    """
+    inc = math.log(max_timescale) / (channels // 2 - 1)
+    inv = np.exp(-inc * np.arange(channels // 2, dtype=np.float64))
+    t = np.arange(length, dtype=np.float64)[:, None] * inv[None, :]
+    return np.concatenate([np.sin(t), np.cos(t)], axis=1).astype(np.float32)
+
+
+class Conv1d(nnx.Module):
+    """1-D convolution, kernel (K, in, out). x (B, T, in) or, with `channels_first`, (B, in, T)
+    -> (B, T', out) with T' = (T + 2 * padding - K) // stride + 1."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
+                 padding: int = 0, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.stride, self.padding, self.dtype = stride, padding, dtype
+        fan_in = in_ch * kernel_size
+        self.kernel = param(rngs, nnx.initializers.normal(1.0 / math.sqrt(fan_in)),
+                            (kernel_size, in_ch, out_ch), ("conv_k", "conv_in", "enc_embed"), param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (out_ch,), ("enc_embed",), param_dtype)
+
+    def __call__(self, x: jax.Array, *, channels_first: bool = False) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+            window_strides=(self.stride,), padding=((self.padding, self.padding),),
+            # channels-first input straight from the mel (no transpose), time-major output
+            dimension_numbers=("NCW" if channels_first else "NWC", "WIO", "NWC"))
+        return y + self.bias[...].astype(self.dtype)
+
+
+class WhisperAttention(nnx.Module):
+    """Bidirectional multi-head self-attention as HF's: k_proj has no bias; q is scaled after
+    its bias. x (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, cfg: WhisperEncoderConfig, *, rngs: nnx.Rngs):
+        D = cfg.d_model
+        kw = dict(dtype=dtype_from_name(cfg.dtype), param_dtype=dtype_from_name(cfg.param_dtype),
+                  rngs=rngs)
+        self.num_heads, self.head_dim = cfg.encoder_attention_heads, cfg.head_dim
+        self.q_proj = Dense(D, D, axes=("enc_embed", "heads"), **kw)
+        self.k_proj = Dense(D, D, axes=("enc_embed", "heads"), use_bias=False, **kw)
+        self.v_proj = Dense(D, D, axes=("enc_embed", "heads"), **kw)
+        self.out_proj = Dense(D, D, axes=("heads", "enc_embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, T, _ = x.shape
+        shape = (B, T, self.num_heads, self.head_dim)
+        # Same operation order as HF (scale after the bias) for bit-level closeness.
+        q = (self.q_proj(x) * self.head_dim ** -0.5).reshape(shape)
+        k = self.k_proj(x).reshape(shape)
+        v = self.v_proj(x).reshape(shape)
+        # (B, T, N, H) layout needs no transposes; XLA softmax runs in f32.
+        o = jax.nn.dot_product_attention(q, k, v, scale=1.0)
+        return self.out_proj(o.reshape(B, T, -1))
+
+
+class WhisperEncoderBlock(nnx.Module):
+    """Pre-LN transformer block. x (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, cfg: WhisperEncoderConfig, *, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.encoder_ffn_dim
+        kw = dict(dtype=dtype_from_name(cfg.dtype), param_dtype=dtype_from_name(cfg.param_dtype),
+                  rngs=rngs)
+        self.self_attn_layer_norm = LayerNorm(D, eps=cfg.layer_norm_eps, axes=("enc_embed",), **kw)
+        self.self_attn = WhisperAttention(cfg, rngs=rngs)
+        self.final_layer_norm = LayerNorm(D, eps=cfg.layer_norm_eps, axes=("enc_embed",), **kw)
+        self.fc1 = Dense(D, F, axes=("enc_embed", "mlp"), **kw)
+        self.fc2 = Dense(F, D, axes=("mlp", "enc_embed"), **kw)
+        self.act = activation(cfg.activation_function)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.self_attn_layer_norm(x))
+        return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+
+
+class WhisperEncoder(nnx.Module):
+    """Whisper audio encoder. mel (B, n_mels, 2P) -> (B, P, D).
+
+    Parameters (logical axes): conv1/conv2 kernel (K, in, D) ("conv_k", "conv_in", "enc_embed"),
+    embed_positions (P, D) Buffer, blocks.* stacked (L, ...) with a leading "layers" axis,
+    layer_norm (D,).
+    """
+
+    def __init__(self, config: WhisperEncoderConfig, *, rngs: nnx.Rngs):
+        cfg = self.config = config
+        D = cfg.d_model
+        kw = dict(dtype=dtype_from_name(cfg.dtype), param_dtype=dtype_from_name(cfg.param_dtype),
+                  rngs=rngs)
+        self.conv1 = Conv1d(cfg.num_mel_bins, D, 3, padding=1, **kw)
+        self.conv2 = Conv1d(D, D, 3, stride=2, padding=1, **kw)
+        self.embed_positions = Buffer(
+            jnp.asarray(sinusoids(cfg.max_source_positions, D), dtype_from_name(cfg.param_dtype)),
+            out_sharding=(None, "enc_embed"), eager_sharding=False)
+
+        @nnx.split_rngs(splits=cfg.encoder_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> WhisperEncoderBlock:
+            return WhisperEncoderBlock(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.layer_norm = LayerNorm(D, eps=cfg.layer_norm_eps, axes=("enc_embed",), **kw)
+
+    def embed(self, mel: jax.Array) -> jax.Array:
+        """Conv stem + positions. mel (B, n_mels, 2P) -> (B, P, D)."""
+        cfg = self.config
+        if mel.ndim != 3 or mel.shape[1] != cfg.num_mel_bins or mel.shape[2] != cfg.num_frames:
+            raise ValueError(f"Whisper encoder expects mel of shape (B, {cfg.num_mel_bins}, "
+                             f"{cfg.num_frames}) (pad/trim audio to {cfg.num_frames // 100} s), "
+                             f"got {tuple(mel.shape)}")
+        gelu = activation("gelu")  # HF hard-codes exact GELU in the stem
+        x = gelu(self.conv1(mel, channels_first=True))
+        x = gelu(self.conv2(x))
+        return x + self.embed_positions[...].astype(x.dtype)
+
+    def __call__(self, mel: jax.Array, *, return_hidden_states: bool = False
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """mel (B, n_mels, 2P) -> (B, P, D); with `return_hidden_states` also (L + 1, B, P, D):
+        [0] the embeddings (stem + positions), [i + 1] block i's output before the final norm."""
+        cfg = self.config
+        x = emb = self.embed(mel)
+        graphdef, state = nnx.split(self.blocks)
+
+        def block(h, layer_state):
+            h = nnx.merge(graphdef, layer_state)(h)
+            return h, (h if return_hidden_states else None)
+
+        if cfg.remat:
+            block = jax.checkpoint(block, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            x, hs = jax.lax.scan(block, x, state)
+        else:
+            outs = []
+            for i in range(cfg.encoder_layers):
+                x, h = block(x, jax.tree.map(lambda a: a[i], state))
+                outs.append(h)
+            hs = jnp.stack(outs) if return_hidden_states else None
+        out = self.layer_norm(x)
+        if not return_hidden_states:
+            return out
+        return out, jnp.concatenate([emb[None], hs], axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face mapping
+# ----------------------------------------------------------------------------------------------
+
+def _abstract_encoder(cfg: WhisperEncoderConfig) -> WhisperEncoder:
+    """The encoder with shapes only (no random init, so large-v3 builds instantly)."""
+    return nnx.eval_shape(lambda: WhisperEncoder(cfg, rngs=nnx.Rngs(0)))
+
+
+def _flat(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflat(flat: Mapping[tuple, Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+def _hf_leaf(path: tuple) -> tuple[str, str]:
+    """Our param path (without 'blocks') -> (HF dotted name, transform kind)."""
+    *mods, leaf = path
+    if not mods:  # embed_positions
+        return f"{leaf}.weight", "none"
+    kind = {"kernel": "conv" if mods[0] in ("conv1", "conv2") else "dense"}.get(leaf, "none")
+    hf_leaf = {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)
+    return ".".join([*mods, hf_leaf]), kind
+
+
+def _to_hf(a: np.ndarray, kind: str) -> np.ndarray:
+    # Dense kernels are (in, out) vs torch (out, in); conv kernels (K, in, out) vs (out, in, K).
+    return a.T if kind == "dense" else a.transpose(2, 1, 0) if kind == "conv" else a
+
+
+def _from_hf(a: np.ndarray, kind: str) -> np.ndarray:
+    return a.T if kind == "dense" else a.transpose(2, 1, 0) if kind == "conv" else a
+
+
+def hf_name_map(cfg: WhisperEncoderConfig) -> dict[str, tuple[tuple, int | None, str, tuple]]:
+    """HF encoder tensor name (no prefix) -> (our path, layer index or None, kind, HF shape)."""
+    abstract = nnx.to_pure_dict(nnx.state(_abstract_encoder(cfg)))
+    out = {}
+    for path, leaf in _flat(abstract).items():
+        if path[0] == "blocks":
+            name, kind = _hf_leaf(path[1:])
+            shape = _to_hf(np.empty(leaf.shape[1:], dtype=np.int8), kind).shape
+            for i in range(cfg.encoder_layers):
+                out[f"layers.{i}.{name}"] = (path, i, kind, shape)
+        else:
+            name, kind = _hf_leaf(path)
+            out[name] = (path, None, kind, _to_hf(np.empty(leaf.shape, dtype=np.int8), kind).shape)
+    return out
+
+
+def detect_prefix(names: Iterable[str], where: str = "checkpoint") -> str:
+    """'model.encoder.' (WhisperForConditionalGeneration), 'encoder.' (WhisperModel) or ''
+    (a bare WhisperEncoder), from the tensor names."""
+    names = set(names)
+    for prefix in HF_PREFIXES:
+        if f"{prefix}conv1.weight" in names:
+            return prefix
+    raise CheckpointError(f"{where}: no Whisper encoder tensors found (looked for "
+                          f"{[p + 'conv1.weight' for p in HF_PREFIXES]})")
+
+
+def _encoder_names(names: Iterable[str], prefix: str) -> list[str]:
+    if prefix:
+        return [n for n in names if n.startswith(prefix)]
+    # bare encoder checkpoint: everything is the encoder's
+    return list(names)
+
+
+def params_from_hf(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
+                   cfg: WhisperEncoderConfig, *, prefix: str, names: Iterable[str],
+                   where: str = "checkpoint") -> dict:
+    """HF tensors -> our pure param dict (nested, numpy, `cfg.param_dtype`).
+
+    `names` are all tensor names of the source (to report missing/unexpected ones before any
+    tensor is read); `tensors` yields (full name, array) for the encoder tensors, streamed.
+    """
+    mapping = hf_name_map(cfg)
+    enc = _encoder_names(names, prefix)
+    unexpected = sorted(n for n in enc if n[len(prefix):] not in mapping)
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected Whisper encoder tensor(s) {unexpected[:10]}")
+    present = {n[len(prefix):] for n in enc}
+    missing = sorted(prefix + n for n in mapping if n not in present)
+    if missing:
+        raise CheckpointError(f"{where}: missing Whisper encoder tensor(s) {missing[:10]}")
+    pdtype = np.dtype(dtype_from_name(cfg.param_dtype))
+    abstract = _flat(nnx.to_pure_dict(nnx.state(_abstract_encoder(cfg))))
+    out = {path: np.empty(leaf.shape, pdtype) for path, leaf in abstract.items()}
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    seen = set()
+    for full, arr in items:
+        name = full[len(prefix):]
+        if not full.startswith(prefix) or name not in mapping:
+            continue
+        path, layer, kind, shape = mapping[name]
+        arr = np.asarray(arr)
+        if tuple(arr.shape) != tuple(shape):
+            raise CheckpointError(f"{where}: tensor {full} has shape {tuple(arr.shape)}, expected "
+                                  f"{tuple(shape)} for config {cfg.to_hf_config()}")
+        value = _from_hf(arr, kind).astype(pdtype)
+        if layer is None:
+            out[path][...] = value
+        else:
+            out[path][layer] = value
+        seen.add(name)
+    not_read = sorted(prefix + n for n in mapping if n not in seen)
+    if not_read:
+        raise CheckpointError(f"{where}: missing Whisper encoder tensor(s) {not_read[:10]}")
+    return _unflat(out)
+
+
+def encoder_from_params(cfg: WhisperEncoderConfig, params: Mapping) -> WhisperEncoder:
+    """Build the module around a pure param dict (no random init)."""
+    abstract = _abstract_encoder(cfg)
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, dict(params)))
+    return nnx.merge(graphdef, state)
+
+
+def load_whisper_encoder(model_dir: str | os.PathLike, *, dtype: str = "float32",
+                         param_dtype: str = "float32", remat: bool = False,
+                         scan_layers: bool = True) -> WhisperEncoder:
+    """A local HF Whisper directory (config.json + safetensors, single or sharded with index)
+    -> `WhisperEncoder` (config from config.json). Decoder tensors are ignored; tensors are read
+    one at a time. A hub id gets an error explaining how to fetch the files elsewhere."""
+    d = hf_io.resolve_local_dir(model_dir)
+    try:
+        cfg = WhisperEncoderConfig.from_hf_config(hf_io.read_config(d), dtype=dtype,
+                                                  param_dtype=param_dtype, remat=remat,
+                                                  scan_layers=scan_layers)
+    except ConfigError as e:
+        raise CheckpointError(f"{d / 'config.json'}: {e}") from None
+    files = hf_io.weight_files(d)
+    prefix = detect_prefix(files, where=str(d))
+    enc = _encoder_names(files, prefix)
+    params = params_from_hf(hf_io.iter_tensors(d, enc), cfg, prefix=prefix, names=files,
+                            where=str(d))
+    return encoder_from_params(cfg, params)
+
+
+def _pure_params(model_or_params: WhisperEncoder | Any) -> dict:
+    if isinstance(model_or_params, nnx.Module):
+        return nnx.to_pure_dict(nnx.state(model_or_params))
+    if isinstance(model_or_params, nnx.State):
+        return nnx.to_pure_dict(model_or_params)
+    return dict(model_or_params)
+
+
+def export_whisper_encoder(model_or_params: WhisperEncoder | Any, cfg: WhisperEncoderConfig,
+                           *, prefix: str = "model.encoder.", dtype: Any = np.float32
+                           ) -> dict[str, np.ndarray]:
+    """Our encoder (module, nnx.State or pure dict) -> {HF name: numpy array}.
+
+    `prefix`: 'model.encoder.' for WhisperForConditionalGeneration, 'encoder.' for WhisperModel,
+    '' for a bare WhisperEncoder. `dtype=None` keeps the stored dtype.
+    """
+    flat = _flat(_pure_params(model_or_params))
+    out = {}
+    for name, (path, layer, kind, shape) in hf_name_map(cfg).items():
+        if path not in flat:
+            raise CheckpointError(f"export: parameter {'.'.join(map(str, path))} missing")
+        a = np.asarray(flat[path] if layer is None else flat[path][layer])
+        a = np.ascontiguousarray(_to_hf(a, kind))
+        if tuple(a.shape) != tuple(shape):
+            raise CheckpointError(f"export: {'.'.join(map(str, path))} gives {prefix}{name} of "
+                                  f"shape {a.shape}, expected {shape}")
+        out[prefix + name] = a if dtype is None else a.astype(dtype)
+    return out
+
+
+def _check_same_encoder(cfg: WhisperEncoderConfig, hf_config: Mapping, where: str) -> None:
+    diff = {k: (getattr(cfg, k), hf_config.get(k)) for k in HF_ENCODER_KEYS
+            if hf_config.get(k) != getattr(cfg, k)}
+    if diff:
+        raise CheckpointError(f"{where}: encoder config differs from ours (ours, theirs): {diff}")
+
+
+def write_whisper_encoder_checkpoint(model_or_params: WhisperEncoder | Any,
+                                     cfg: WhisperEncoderConfig, src_dir: str | os.PathLike,
+                                     out_dir: str | os.PathLike, *,
+                                     max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
+    """Copy the full Whisper checkpoint `src_dir` to `out_dir` with our encoder tensors in place
+    of its encoder (decoder, configs, tokenizer files kept; each tensor keeps its source dtype).
+    `WhisperModel` / `WhisperForConditionalGeneration.from_pretrained(out_dir)` loads it."""
+    src = hf_io.resolve_local_dir(src_dir)
+    out = Path(out_dir)
+    if out.exists() and out.resolve() == src.resolve():
+        raise CheckpointError(f"{out}: write into a new directory, not over the source checkpoint")
+    _check_same_encoder(cfg, hf_io.read_config(src), str(src / "config.json"))
+    files = hf_io.weight_files(src)
+    prefix = detect_prefix(files, where=str(src))
+    ours = export_whisper_encoder(model_or_params, cfg, prefix=prefix, dtype=None)
+    extra = sorted(set(_encoder_names(files, prefix)) - set(ours))
+    if extra:
+        raise CheckpointError(f"{src}: unexpected Whisper encoder tensor(s) {extra[:10]}")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not (f.name.endswith(".safetensors") or f.name == hf_io.INDEX):
+            shutil.copy2(f, out / f.name)
+
+    def stream():
+        for name, arr in hf_io.iter_tensors(src):
+            yield name, (ours[name].astype(arr.dtype) if name in ours else arr)
+
+    return hf_io.save_sharded(stream(), out, max_shard_bytes=max_shard_bytes)
+
+
+def save_whisper_encoder(model_or_params: WhisperEncoder | Any, cfg: WhisperEncoderConfig,
+                         out_dir: str | os.PathLike, *, dtype: Any = np.float32,
+                         max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
+    """A stand-alone HF directory (config.json + safetensors, bare names) that transformers'
+    `WhisperEncoder.from_pretrained(out_dir)` loads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_cfg = {**cfg.to_hf_config(), "architectures": ["WhisperEncoder"]}
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    return hf_io.save_sharded(export_whisper_encoder(model_or_params, cfg, prefix="", dtype=dtype),
+                              out, max_shard_bytes=max_shard_bytes)
