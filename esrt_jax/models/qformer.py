@@ -385,7 +385,7 @@ def load_flat_params(module: nnx.Module, flat: Mapping[str, np.ndarray], *, sour
             raise CheckpointError(f"{source}: {name} has shape {tuple(arr.shape)}, "
                                   f"expected {tuple(var.shape)}")
         new[path] = jnp.asarray(arr, dtype=var[...].dtype)
-    nnx.update(module, nnx.State.from_flat_path(new))
+    nnx.update(module, nnx.from_flat_state(new))
 
 
 # HF suffix -> (our suffix, transpose) inside one attention block.
