@@ -9,14 +9,15 @@ checkpoint loaders (to place each tensor directly on its devices) and by trainin
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MeshAxis = str | tuple[str, ...] | None
-Rules = Sequence[tuple[str, MeshAxis]]
+# A tuple of (logical, mesh axis) pairs, or a mapping logical -> mesh axis (train.mesh's form).
+Rules = Sequence[tuple[str, MeshAxis]] | Mapping[str, MeshAxis]
 
 # A sensible default for decoder LLMs: FSDP over the embedding dim, tensor parallel over
 # heads / mlp / vocab. Axes absent from a mesh are dropped by `logical_to_mesh`.
@@ -37,6 +38,8 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxis], ...] = (
 
 
 def _check_rules(rules: Rules) -> dict[str, MeshAxis]:
+    if isinstance(rules, Mapping):
+        rules = tuple(rules.items())
     table: dict[str, MeshAxis] = {}
     for i, item in enumerate(rules):
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):

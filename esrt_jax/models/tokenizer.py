@@ -1,0 +1,196 @@
+"""Tokenizers from local Hugging Face directories, and the `<|xxx|>` language tags.
+
+Two ways to write language tags (config `language_tags`):
+
+- ``"text"`` (LLM-SRT behaviour): tags stay plain text; `<|deu|>` is tokenized into several
+  ordinary sub-word tokens. Nothing about the model changes.
+- ``"added"``: every tag of the language table becomes one added (non-special) token, so it is
+  a single id that decoding keeps (the SRT output is split at `<|src|><|tgt|>`). The rows of the
+  new ids in the embedding table (and an untied output head) are set to the mean of the rows of
+  the existing tokens; the table grows only when the tokenizer outgrows it (Qwen checkpoints
+  carry spare padded rows, which are reused).
+
+    tok = load_tokenizer(model_dir)
+    new_ids = add_language_tags(tok, mode="added")          # [] for mode="text"
+    model, cfg = resize_token_embeddings(model, cfg, tok, new_ids)
+    check_vocab(tok, cfg.vocab_size, where=model_dir)       # clear error on a mismatch
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Literal, Sequence
+
+import numpy as np
+
+TagMode = Literal["text", "added"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer is missing or does not fit the model it is used with."""
+
+
+def load_tokenizer(model_dir: str | os.PathLike, **kwargs):
+    """`transformers.AutoTokenizer` from a local directory (never the hub)."""
+    from transformers import AutoTokenizer
+
+    from esrt_jax.convert.hf_io import resolve_local_dir
+
+    d = resolve_local_dir(model_dir)
+    if not any((d / f).is_file() for f in TOKENIZER_FILES):
+        raise TokenizerError(f"{d} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(str(d), local_files_only=True, **kwargs)
+    except Exception as e:  # transformers raises many types; name the directory
+        raise TokenizerError(f"{d}: cannot load the tokenizer: {type(e).__name__}: {e}") from e
+
+
+def check_vocab(tokenizer, vocab_size: int, where: str | os.PathLike = "model") -> None:
+    """Raise unless every id the tokenizer can produce indexes the embedding table.
+
+    A table larger than the tokenizer is normal (Qwen pads to a multiple of 128/256); a smaller
+    one means the tokenizer and checkpoint do not belong together (or tags were added without
+    `resize_token_embeddings`).
+    """
+    n = len(tokenizer)
+    special_ids = [i for i in (tokenizer.all_special_ids or []) if i is not None]
+    top = max([n - 1, *special_ids])
+    if top >= vocab_size:
+        raise TokenizerError(
+            f"{where}: tokenizer/vocab-size mismatch: the tokenizer has {n} tokens (largest id "
+            f"{top}) but the model's embedding table has only {vocab_size} rows; use the tokenizer "
+            f"that belongs to this checkpoint, or call resize_token_embeddings after adding tokens")
+
+
+def language_tags(codes: Iterable[str] | None = None) -> list[str]:
+    """`<|xxx|>` strings for `codes` (default: every ESRT language)."""
+    from esrt_jax import languages
+
+    codes = list(languages.ESRT_LANGS if codes is None else codes)
+    return [languages.tag(c) for c in codes]
+
+
+def add_language_tags(tokenizer, mode: TagMode = "text", codes: Iterable[str] | None = None
+                      ) -> list[int]:
+    """Make the language tags single tokens (`mode="added"`) or leave them text (`"text"`).
+
+    Returns the ids of tokens that were newly added (already-known tags are not re-added), in
+    order; these rows need `resize_token_embeddings`. Mutates `tokenizer`.
+    """
+    if mode == "text":
+        return []
+    if mode != "added":
+        raise TokenizerError(f"language_tags: unknown mode {mode!r}; use 'text' or 'added'")
+    tags = language_tags(codes)
+    vocab = tokenizer.get_vocab()
+    new = [t for t in tags if t not in vocab]
+    if new:
+        # Not special: decoding with skip_special_tokens must keep them (SRT output split).
+        tokenizer.add_tokens(new, special_tokens=False)
+    ids = tokenizer.convert_tokens_to_ids(new)
+    for t, i in zip(new, ids):
+        if i is None or i == tokenizer.unk_token_id:
+            raise TokenizerError(f"adding language tag {t} to the tokenizer failed")
+    return list(ids)
+
+
+def tag_ids(tokenizer, codes: Sequence[str]) -> list[list[int]]:
+    """Token ids of each code's tag as the tokenizer writes it (one id when tags were added)."""
+    from esrt_jax import languages
+
+    return [tokenizer.encode(languages.tag(c), add_special_tokens=False) for c in codes]
+
+
+def _resized(arr: np.ndarray, axis: int, vocab: int, new_ids: Sequence[int], mean_rows: int,
+             fill_mean: bool) -> np.ndarray:
+    """Grow `arr` along `axis` to `vocab` and set the `new_ids` slices to the mean of the first
+    `mean_rows` slices (or zeros when `fill_mean` is False, e.g. for LoRA factors)."""
+    arr = np.moveaxis(np.asarray(arr), axis, 0)
+    if vocab > arr.shape[0]:
+        pad = np.zeros((vocab - arr.shape[0], *arr.shape[1:]), arr.dtype)
+        arr = np.concatenate([arr, pad], 0)
+    if len(new_ids):
+        idx = np.asarray(new_ids)
+        if fill_mean:
+            arr[idx] = arr[:mean_rows].astype(np.float64).mean(0).astype(arr.dtype)
+        else:
+            arr[idx] = 0
+    return np.moveaxis(arr, 0, axis)
+
+
+def resize_token_embeddings(model, cfg, tokenizer, new_ids: Sequence[int] = (),
+                            pad_to_multiple_of: int = 1):
+    """Fit a `CausalLM` to `tokenizer` after tokens were added (see `add_language_tags`).
+
+    Every parameter with a `vocab` logical axis (the embedding table, an untied output head) is
+    grown to `max(cfg.vocab_size, len(tokenizer))` rounded up to `pad_to_multiple_of`, and the
+    rows of `new_ids` are set to the mean of the rows of the tokens that existed before
+    (ids `< min(new_ids)`). LoRA factors along `vocab` get zero rows. Returns `(model, cfg)`;
+    the input model is not modified when the table grows (a new one is built).
+    """
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from esrt_jax.sharding import variable_axes
+
+    need = max(cfg.vocab_size, len(tokenizer))
+    if pad_to_multiple_of > 1:
+        need = -(-need // pad_to_multiple_of) * pad_to_multiple_of
+    new_ids = list(new_ids)
+    if any(i >= need or i < 0 for i in new_ids):
+        raise TokenizerError(f"new token ids {new_ids} do not fit a vocab of {need}")
+    mean_rows = min(new_ids) if new_ids else 0
+    if new_ids and mean_rows == 0:
+        raise TokenizerError("cannot initialise new rows from the mean: no existing tokens")
+
+    new_cfg = dataclasses.replace(cfg, vocab_size=need) if need != cfg.vocab_size else cfg
+    graphdef, state = nnx.split(model)
+    if new_cfg is not cfg:
+        from esrt_jax.models import llm
+
+        target = nnx.eval_shape(lambda: llm.CausalLM(new_cfg, dtype=model_dtype(model),
+                                                     param_dtype=model_param_dtype(model),
+                                                     rngs=nnx.Rngs(0)))
+        graphdef, _ = nnx.split(target)
+    flat = dict(nnx.to_flat_state(state))
+    for path, var in flat.items():
+        axes = variable_axes(var)
+        if not axes or "vocab" not in axes:
+            continue
+        is_lora = not isinstance(var, nnx.Param) or type(var).__name__.lower().startswith("lora")
+        arr = _resized(np.asarray(var[...]), axes.index("vocab"), need, new_ids, mean_rows,
+                       fill_mean=not is_lora)
+        flat[path] = var.replace(jnp.asarray(arr, dtype=var[...].dtype))
+    new_state = nnx.from_flat_state(flat)
+    return nnx.merge(graphdef, new_state), new_cfg
+
+
+def model_dtype(model):
+    """The compute dtype a CausalLM was built with (attribute `dtype`)."""
+    return getattr(model, "dtype", None) or np.float32
+
+
+def model_param_dtype(model):
+    """The storage dtype a CausalLM was built with (attribute `param_dtype`)."""
+    return getattr(model, "param_dtype", None) or np.float32
+
+
+def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[Path]:
+    """Copy the tokenizer files of `src_dir` (whatever of them exist) into `dst_dir`."""
+    import shutil
+
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+             "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+             "chat_template.json")
+    out = []
+    for n in names:
+        f = Path(src_dir) / n
+        if f.is_file():
+            dst = Path(dst_dir) / n
+            shutil.copyfile(f, dst)
+            out.append(dst)
+    return out
