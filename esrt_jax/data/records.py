@@ -328,10 +328,12 @@ class HFSource(RecordSource):
             data, p = value.get("bytes"), value.get("path")
         else:
             data, p = None, value
-        if p:
-            p = p if os.path.isabs(p) else os.path.normpath(os.path.join(self._base, p))
-        else:
+        if not p:
             p = f"{self.name}#{i}"
+        elif not data and not os.path.isabs(p):
+            # A path column: relative to the data set folder. With embedded bytes the path is
+            # only the file's original name (`save_to_disk` keeps the basename): keep it as is.
+            p = os.path.normpath(os.path.join(self._base, p))
         return p, data
 
     def __getitem__(self, i: int) -> Record:
@@ -358,7 +360,10 @@ class HFSource(RecordSource):
             raw = col.combine_chunks().field("path").to_pylist() if len(col) else []
         else:
             raw = col.to_pylist()
-        paths = [self._audio_ref({"path": v}, i)[0] for i, v in enumerate(raw)]
+        has_bytes = (col.combine_chunks().field("bytes").is_valid().to_pylist()
+                     if pa.types.is_struct(col.type) and len(col) else [False] * len(raw))
+        paths = [self._audio_ref({"path": v, "bytes": b"x" if hb else None}, i)[0]
+                 for i, (v, hb) in enumerate(zip(raw, has_bytes))]
         return RecordIndex(src=src, tgt=tgt, audio_key=np.array(paths, dtype=object))
 
 
