@@ -111,3 +111,227 @@ def dtype_from_name(name: str | Any) -> Any:
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; use one of {sorted(table)}")
     return table[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder-LLM building blocks (Llama / Qwen2 / Qwen3 / Gemma-3). Pure-array helpers first, then
+# small NNX modules. Attention math lives in `attention_weights`/`attend` so that the same code
+# serves full-sequence training and KV-cache decoding.
+# ---------------------------------------------------------------------------------------------
+
+import dataclasses as _dc  # noqa: E402
+import math as _math  # noqa: E402
+
+import numpy as _np  # noqa: E402
+
+
+class LoraParam(nnx.Param):
+    """A LoRA factor. Subclass of `nnx.Param` so generic code (checkpoints, sharding) sees it,
+    yet filterable on its own: `nnx.split(model, LoraParam, nnx.Param)` or
+    `nnx.Optimizer(model, tx, wrt=LoraParam)` to train LoRA only."""
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, statistics in f32. x (..., D) -> (..., D).
+
+    `plus_one=False` (Llama/Qwen): `w * norm(x)` with the product taken in the compute dtype, as
+    HF does. `plus_one=True` (Gemma): `norm(x) * (1 + w)` in f32, weight initialised to zero.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, plus_one: bool = False,
+                 axes: Axes = ("embed",), dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs | None = None):
+        self.eps, self.plus_one, self.dtype = eps, plus_one, dtype
+        init = nnx.initializers.zeros if plus_one else nnx.initializers.ones
+        self.scale = param(rngs, init, (dim,), axes, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+@_dc.dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding settings of one layer kind (hashable, static under jit).
+
+    rope_type: 'default' | 'linear' | 'llama3' | 'dynamic' (HF names); `factor`,
+    `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings` as in HF's
+    `rope_parameters`; `max_position_embeddings` is used by 'dynamic' (NTK) scaling.
+    """
+    head_dim: int
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+    max_position_embeddings: int = 2048
+
+    SUPPORTED = ("default", "linear", "llama3", "dynamic")
+
+    def __post_init__(self):
+        if self.rope_type not in self.SUPPORTED:
+            raise ValueError(f"unsupported rope_type {self.rope_type!r}; supported: {list(self.SUPPORTED)}")
+
+    def inv_freq(self) -> _np.ndarray:
+        """(head_dim/2,) f32 inverse frequencies, computed as HF does (f32 powers)."""
+        dim = self.head_dim
+        exps = (_np.arange(0, dim, 2, dtype=_np.int64).astype(_np.float32) / _np.float32(dim))
+        inv = (_np.float32(1.0) / (_np.float32(self.theta) ** exps)).astype(_np.float32)
+        if self.rope_type == "linear":
+            inv = inv / _np.float32(self.factor)
+        elif self.rope_type == "llama3":
+            old = float(self.original_max_position_embeddings or self.max_position_embeddings)
+            low_wl, high_wl = old / self.low_freq_factor, old / self.high_freq_factor
+            wl = 2 * _math.pi / inv
+            scaled = _np.where(wl > low_wl, inv / self.factor, inv)
+            smooth = (old / wl - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = ~(wl < high_wl) & ~(wl > low_wl)
+            inv = _np.where(medium, smoothed, scaled).astype(_np.float32)
+        return inv
+
+
+def rope_cos_sin(positions: jax.Array, spec: RopeSpec) -> tuple[jax.Array, jax.Array]:
+    """positions (B, T) int -> cos, sin (B, T, head_dim) f32 in HF's half-split layout."""
+    if spec.rope_type == "dynamic":
+        # NTK-aware base growth once the sequence exceeds max_position_embeddings (HF's
+        # dynamic_rope_update uses max(position)+1 of the current call).
+        dim = spec.head_dim
+        seq = jnp.maximum(jnp.max(positions) + 1, spec.max_position_embeddings).astype(jnp.float32)
+        base = spec.theta * ((spec.factor * seq / spec.max_position_embeddings)
+                             - (spec.factor - 1)) ** (dim / (dim - 2))
+        exps = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+        inv = 1.0 / (base ** exps)
+    else:
+        inv = jnp.asarray(spec.inv_freq())
+    freqs = positions.astype(jnp.float32)[..., None] * inv
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x (B, T, N, Dh), cos/sin (B, T, Dh) -> rotated x (rotate-half convention, x's dtype)."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rot * sin
+
+
+def attention_mask(q_slots: jax.Array, kv_valid: jax.Array, window: int | None = None) -> jax.Array:
+    """Boolean attention mask (B, T, S): key slot valid, causal (slot <= own slot) and, with a
+    sliding `window`, within `window` slots (own - key < window, HF's convention).
+
+    q_slots (B, T) or (T,) int: the cache slot of each query; kv_valid (B, S) bool.
+    """
+    if q_slots.ndim == 1:
+        q_slots = q_slots[None]
+    s = jnp.arange(kv_valid.shape[1], dtype=jnp.int32)
+    q = q_slots[:, :, None]
+    m = (s[None, None, :] <= q) & kv_valid[:, None, :]
+    if window is not None:
+        m = m & (q - s[None, None, :] < window)
+    return m
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
+           softcap: float | None = None) -> jax.Array:
+    """Grouped-query attention without repeating K/V.
+
+    q (B, T, H, Dh), k/v (B, S, KV, Dh), mask (B, T, S) bool -> (B, T, H, Dh) in q's dtype.
+    Scores and softmax in f32; masked scores use the dtype minimum (rows with no valid key,
+    i.e. padding queries, become uniform instead of NaN).
+    """
+    b, t, h, dh = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(b, t, kvh, h // kvh, dh)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
+                   preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
+    s = jnp.where(mask[:, None, None, :, :], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(q.dtype), preferred_element_type=jnp.float32)
+    return o.reshape(b, t, h, dh).astype(q.dtype)
+
+
+class Linear(nnx.Module):
+    """Linear map over multi-axis features, with optional LoRA.
+
+    kernel (*in_shape, *out_shape) named `in_axes + out_axes` (the transpose of torch's Linear,
+    heads split out: q_proj is (D, H, Dh)); bias (*out_shape). x (..., *in_shape) -> (..., *out_shape).
+    With `lora_rank > 0`: `lora_a` (*in_shape, r) and `lora_b` (r, *out_shape), both `LoraParam`,
+    B initialised to zero, y += (alpha / r) * dropout(x) @ A @ B. Dropout only when a
+    `dropout_rng` is passed (training); inference passes none.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, in_axes: Axes,
+                 out_axes: Axes, use_bias: bool = False, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32, kernel_init: Initializer = default_kernel_init,
+                 lora_rank: int = 0, lora_alpha: float = 32.0, lora_dropout: float = 0.0,
+                 rngs: nnx.Rngs | None = None):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.dtype = dtype
+        self.kernel = param(rngs, kernel_init, self.in_shape + self.out_shape,
+                            tuple(in_axes) + tuple(out_axes), param_dtype)
+        self.bias = (param(rngs, nnx.initializers.zeros, self.out_shape, tuple(out_axes), param_dtype)
+                     if use_bias else None)
+        self.lora_rank = lora_rank
+        self.lora_scale = (lora_alpha / lora_rank) if lora_rank else 0.0
+        self.lora_dropout = lora_dropout
+        if lora_rank:
+            n_in = int(_np.prod(self.in_shape))
+            bound = 1.0 / _math.sqrt(n_in)  # PEFT's kaiming_uniform(a=sqrt(5)) bound
+            a_init = nnx.initializers.uniform(2 * bound)
+            key = rngs.params() if rngs is not None else jax.random.key(0)
+            a = a_init(key, self.in_shape + (lora_rank,), param_dtype) - jnp.asarray(bound, param_dtype)
+            self.lora_a = LoraParam(a, out_sharding=tuple(in_axes) + (None,), eager_sharding=False)
+            self.lora_b = LoraParam(jnp.zeros((lora_rank,) + self.out_shape, param_dtype),
+                                    out_sharding=(None,) + tuple(out_axes), eager_sharding=False)
+        else:
+            self.lora_a = self.lora_b = None
+
+    def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        n_in = len(self.in_shape)
+        lead = x.shape[:x.ndim - n_in]
+        x2 = x.reshape(*lead, -1).astype(self.dtype)
+        k2 = self.kernel[...].reshape(x2.shape[-1], -1).astype(self.dtype)
+        y = jnp.dot(x2, k2)
+        if self.lora_a is not None:
+            xl = x2
+            if dropout_rng is not None and self.lora_dropout > 0:
+                keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, xl.shape)
+                xl = jnp.where(keep, xl / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+            a = self.lora_a[...].reshape(x2.shape[-1], self.lora_rank).astype(self.dtype)
+            b = self.lora_b[...].reshape(self.lora_rank, -1).astype(self.dtype)
+            y = y + jnp.dot(jnp.dot(xl, a), b) * jnp.asarray(self.lora_scale, self.dtype)
+        y = y.reshape(*lead, *self.out_shape)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class GatedMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)); x (..., D) -> (..., D). Projections named gate_proj/up_proj/down_proj."""
+
+    def __init__(self, dim: int, hidden: int, *, act: str = "silu", use_bias: bool = False,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                 lora: dict[str, dict] | None = None, rngs: nnx.Rngs | None = None):
+        lora = lora or {}
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear((dim,), (hidden,), in_axes=("embed",), out_axes=("mlp",),
+                                **kw, **lora.get("gate_proj", {}))
+        self.up_proj = Linear((dim,), (hidden,), in_axes=("embed",), out_axes=("mlp",),
+                              **kw, **lora.get("up_proj", {}))
+        self.down_proj = Linear((hidden,), (dim,), in_axes=("mlp",), out_axes=("embed",),
+                                **kw, **lora.get("down_proj", {}))
+        activation(act)  # validate the name now; the function is looked up per call (hashable graphdef)
+        self.act_name = act
+
+    def __call__(self, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        r = (lambda i: None) if dropout_rng is None else (lambda i: jax.random.fold_in(dropout_rng, i))
+        return self.down_proj(activation(self.act_name)(self.gate_proj(x, r(0))) * self.up_proj(x, r(1)), r(2))
