@@ -238,6 +238,11 @@ def test_llm_srt_export_loads_strict_and_round_trips(projector_case):
     with torch.no_grad():
         expected = ref.encoder_projector(t(enc), t(mask)).numpy()
     assert max_diff(ours(jnp.asarray(enc), jnp.asarray(mask)), expected) <= 1e-5
+    # The pure params tree (nnx.split, or nested dicts as Orbax restores them) exports the same.
+    _, params = nnx.split(ours)
+    for tree in (params, nnx.to_pure_dict(params)):
+        sd2 = llm_srt.adapter_to_llm_srt(tree, cfg)
+        assert sd2.keys() == sd.keys() and all(np.array_equal(sd2[k], sd[k]) for k in sd)
     # The sizes can be read back off the tensors (heads are not in the weights: tiny model has 4).
     assert llm_srt.infer_config(sd, pool_k=cfg.pool_k, num_attention_heads=4) == cfg
     # Ours -> LLM-SRT -> ours is exact.

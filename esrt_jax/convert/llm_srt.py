@@ -94,9 +94,15 @@ def flat_to_llm_srt(cfg: QFormerConfig, flat: Mapping[str, np.ndarray], *, prefi
     return out
 
 
-def adapter_to_llm_srt(adapter: SpeechAdapter, *, prefix: str = PREFIX) -> dict[str, np.ndarray]:
-    """`SpeechAdapter` -> {'encoder_projector.query': ..., ...} loadable by LLM-SRT's model."""
-    return flat_to_llm_srt(adapter.config, flat_params(adapter), prefix=prefix)
+def adapter_to_llm_srt(adapter: Any, cfg: QFormerConfig | None = None, *, prefix: str = PREFIX
+                       ) -> dict[str, np.ndarray]:
+    """`SpeechAdapter` (or its params tree + `cfg`) -> {'encoder_projector.query': ..., ...}
+    loadable by LLM-SRT's model."""
+    if cfg is None:
+        if not isinstance(adapter, SpeechAdapter):
+            raise TypeError("adapter_to_llm_srt: pass cfg when giving a params tree, not a SpeechAdapter")
+        cfg = adapter.config
+    return flat_to_llm_srt(cfg, flat_params(adapter), prefix=prefix)
 
 
 def load_llm_srt_into(adapter: SpeechAdapter, state_dict: Mapping[str, np.ndarray], *,

@@ -357,10 +357,21 @@ class SpeechAdapter(nnx.Module):
 # Flat parameter access (dotted names) and the HF Blip2QFormerModel mapping
 # ----------------------------------------------------------------------------------------
 
-def flat_params(module: nnx.Module) -> dict[str, np.ndarray]:
-    """All parameters as {'qformer.layers.0.attention.query.kernel': array}."""
-    state = nnx.state(module, nnx.Param)
-    return {".".join(str(p) for p in path): np.asarray(v[...]) for path, v in nnx.to_flat_state(state)}
+def flat_params(module_or_params: Any) -> dict[str, np.ndarray]:
+    """All parameters as {'qformer.layers.0.attention.query.kernel': array}.
+
+    Accepts a module, the params `nnx.State` from `nnx.split`, or the same tree as nested dicts
+    (e.g. restored by Orbax).
+    """
+    from flax import traverse_util
+
+    tree = module_or_params
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree, nnx.Param)
+    items = (nnx.to_flat_state(tree) if isinstance(tree, nnx.State)
+             else traverse_util.flatten_dict(tree).items())
+    return {".".join(str(p) for p in path): np.asarray(v[...] if isinstance(v, nnx.Variable) else v)
+            for path, v in items}
 
 
 def load_flat_params(module: nnx.Module, flat: Mapping[str, np.ndarray], *, source: str = "checkpoint"
