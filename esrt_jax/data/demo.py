@@ -1,0 +1,523 @@
+"""Offline demo corpus: multi-way parallel sentences spoken by espeak-ng voices.
+
+`python -m esrt_jax.data.demo --out DIR` (or `build_demo_corpus(DIR)`) writes
+
+    DIR/train.jsonl  DIR/dev.jsonl  DIR/test.jsonl     ESRT JSONL records
+    DIR/audio/<lang>/<utterance id>.flac               16 kHz mono PCM-16 (FLAC, or .wav)
+    DIR/manifest.json                                  counts, languages, voices, hashes
+
+from the hand-written sentence table in `esrt_jax.data.demo_sentences`, with the espeak-ng
+library and voice data shipped by the `espeakng-loader` wheel: nothing is fetched.
+
+One record per (utterance, target language != source language):
+
+    {"id", "audio", "src", "tgt", "asr", "s2tt", "source", "speaker", "sentence"}
+
+`audio` is relative to the JSONL's folder, `asr` is the transcription in `src`, `s2tt` the
+reference translation in `tgt`, `source` the corpus name, `speaker` the espeak voice variant
+(the same variant across languages, so a speaker probe can be trained on it) and `sentence` the
+row of the sentence table. Splits are by sentence (row % 10 == 8 -> dev, == 9 -> test, else
+train), so no sentence is shared between splits in any language.
+
+Determinism: espeak-ng keeps synthesis state between calls (pitch flutter phase, filter
+memories, ...) that survives even `espeak_Terminate`/`espeak_Initialize`, so the same text gives
+different samples depending on what was spoken before. Each clip is therefore synthesised in a
+child `os.fork()`-ed from a worker that initialised espeak but never spoke: every clip starts
+from the same state and the output is byte-identical whatever the order, the subset or the
+number of workers. Workers are started with the `spawn` method so that the forking process
+holds no JAX/XLA threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import importlib.metadata
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from esrt_jax.data import demo_sentences
+
+VERSION = 1
+CORPUS_NAME = "esrt-jax-demo"
+SAMPLE_RATE = 16000
+SPLITS = ("train", "dev", "test")
+
+# Our ISO 639-3 codes -> espeak-ng voice names.
+ESPEAK_VOICES = {
+    "eng": "en-us",
+    "deu": "de",
+    "fra": "fr",
+    "spa": "es",
+    "rus": "ru",
+    "cmn": "cmn",
+    "jpn": "ja",
+    "vie": "vi",
+    "kor": "ko",
+}
+# espeak-ng voice variants (espeak-ng-data/voices/!v), alternating male/female; the first
+# `voices_per_lang` are used for every language.
+VOICE_VARIANTS = ("m3", "f2", "m1", "f4", "m7", "f5")
+
+# espeak-ng API constants (speak_lib.h).
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_POS_CHARACTER = 1
+_CHARS_UTF8 = 1
+_espeakRATE = 1
+_SPEECH_RATE_WPM = 175  # espeak's default, set explicitly so the config hash pins it
+# Lossless either way; FLAC is ~1.7x smaller (the full corpus: ~45 MB instead of ~75 MB).
+AUDIO_FORMATS = {"flac": "FLAC", "wav": "WAV"}
+_MARGIN = SAMPLE_RATE // 10  # 0.1 s of silence before and after each clip
+
+
+class DemoCorpusError(RuntimeError):
+    """The demo corpus cannot be built (bad arguments, synthesis failure, foreign out dir)."""
+
+
+def default_demo_dir() -> Path:
+    """`$ESRT_JAX_DEMO_DIR`, else `$XDG_CACHE_HOME/esrt_jax/demo`, else `~/.cache/esrt_jax/demo`."""
+    env = os.environ.get("ESRT_JAX_DEMO_DIR")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "esrt_jax" / "demo"
+
+
+def split_of(sentence: int) -> str:
+    """Split of a sentence-table row: 8 of every 10 rows train, 1 dev, 1 test."""
+    return {8: "dev", 9: "test"}.get(sentence % 10, "train")
+
+
+@dataclass(frozen=True)
+class _Clip:
+    sentence: int
+    lang: str
+    variant: str
+    text: str  # what espeak reads (kana reading for jpn)
+    ext: str = "flac"
+
+    @property
+    def utt_id(self) -> str:
+        return f"demo{self.sentence:03d}-{self.lang}-{self.variant}"
+
+    @property
+    def rel_path(self) -> str:
+        return f"audio/{self.lang}/{self.utt_id}.{self.ext}"
+
+
+# ----------------------------------------------------------------------------- espeak
+
+
+class _Espeak:
+    """Minimal ctypes binding of libespeak-ng in synchronous (callback) mode."""
+
+    _CALLBACK = ctypes.CFUNCTYPE(
+        ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+    )
+
+    def __init__(self) -> None:
+        import espeakng_loader
+
+        self.lib = lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+            ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+        ]
+        self.sample_rate = lib.espeak_Initialize(
+            _AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0
+        )
+        if self.sample_rate <= 0:
+            raise DemoCorpusError(
+                f"espeak_Initialize failed (returned {self.sample_rate}) with data path "
+                f"{espeakng_loader.get_data_path()}"
+            )
+        self._chunks: list[np.ndarray] = []
+
+        def on_audio(wav, n, events):  # called synchronously from espeak_Synth
+            if n > 0:
+                self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+            return 0
+
+        self._callback = self._CALLBACK(on_audio)  # keep a reference: espeak holds the pointer
+        lib.espeak_SetSynthCallback(self._callback)
+
+    def synth(self, voice: str, text: str) -> np.ndarray:
+        """Speak `text` with espeak voice name `voice` ("en-us+m3"). Returns int16 (T,) at 22050 Hz."""
+        lib = self.lib
+        if lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise DemoCorpusError(f"espeak-ng has no voice {voice!r}")
+        lib.espeak_SetParameter(_espeakRATE, _SPEECH_RATE_WPM, 0)
+        lib.espeak_ng_SetRandSeed(0)
+        self._chunks = []
+        data = text.encode("utf-8")
+        status = lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+        if status != 0 or lib.espeak_Synchronize() != 0:
+            raise DemoCorpusError(f"espeak_Synth failed (status {status}) for {voice!r}: {text!r}")
+        if not self._chunks:
+            raise DemoCorpusError(f"espeak-ng produced no audio for {voice!r}: {text!r}")
+        return np.concatenate(self._chunks)
+
+
+def espeak_version() -> str:
+    lib = ctypes.CDLL(__import__("espeakng_loader").get_library_path())
+    lib.espeak_Info.restype = ctypes.c_char_p
+    lib.espeak_Info.argtypes = [ctypes.c_void_p]
+    return lib.espeak_Info(None).decode()
+
+
+def _to_16k_pcm(wav: np.ndarray, sample_rate: int) -> np.ndarray:
+    """int16 (T,) at `sample_rate` -> int16 (T',) at 16 kHz."""
+    import soxr
+
+    x = wav.astype(np.float32) / 32768.0
+    y = soxr.resample(x, sample_rate, SAMPLE_RATE, quality="HQ")
+    y = np.clip(np.round(y * 32768.0), -32768, 32767).astype(np.int16)
+    # espeak starts and stops right at the speech; leave recording-like margins.
+    return np.pad(y, (_MARGIN, _MARGIN))
+
+
+def _write_clip(engine: _Espeak, clip: _Clip, out_dir: Path) -> None:
+    import soundfile
+
+    audio = _to_16k_pcm(engine.synth(f"{ESPEAK_VOICES[clip.lang]}+{clip.variant}", clip.text), engine.sample_rate)
+    path = out_dir / clip.rel_path
+    tmp = path.with_name(path.name + ".part")
+    soundfile.write(tmp, audio, SAMPLE_RATE, subtype="PCM_16", format=AUDIO_FORMATS[clip.ext])
+    os.replace(tmp, path)
+
+
+def _synth_worker(clips: Sequence[_Clip], out_dir: str, queue) -> None:
+    """Spawned worker: initialise espeak once, then fork one child per clip (see module doc)."""
+    engine = _Espeak()
+    out = Path(out_dir)
+    for clip in clips:
+        pid = os.fork()
+        if pid == 0:  # child: speak one clip from the pristine state, never return
+            code = 0
+            try:
+                _write_clip(engine, clip, out)
+            except BaseException:  # noqa: BLE001 - reported by the parent via the exit code
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        queue.put((clip.utt_id, os.waitstatus_to_exitcode(status)))
+    queue.put(None)
+
+
+def _synthesise(clips: Sequence[_Clip], out_dir: Path, workers: int, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    for lang in sorted({c.lang for c in clips}):
+        (out_dir / "audio" / lang).mkdir(parents=True, exist_ok=True)
+    failures: list[str] = []
+    bar = tqdm(total=len(clips), desc="espeak-ng demo corpus", unit="clip", disable=not progress)
+    if not hasattr(os, "fork"):
+        # No fork (Windows): synthesise in-process. Valid audio, but bytes then depend on the
+        # order of synthesis (espeak state carries over), so determinism holds only for equal
+        # builds.
+        engine = _Espeak()
+        for clip in clips:
+            try:
+                _write_clip(engine, clip, out_dir)
+            except DemoCorpusError as e:
+                failures.append(f"{clip.utt_id}: {e}")
+            bar.update(1)
+    else:
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        shards = [clips[i::workers] for i in range(workers)]
+        procs = [ctx.Process(target=_synth_worker, args=(s, str(out_dir), queue), daemon=True) for s in shards if s]
+        for p in procs:
+            p.start()
+        live = len(procs)
+        try:
+            while live:
+                try:
+                    item = queue.get(timeout=5.0)
+                except Exception:  # queue.Empty: check that workers are still alive
+                    dead = [p for p in procs if p.exitcode not in (None, 0)]
+                    if dead:
+                        raise DemoCorpusError(
+                            f"demo synthesis worker died with exit code {dead[0].exitcode}"
+                        ) from None
+                    continue
+                if item is None:
+                    live -= 1
+                    continue
+                utt_id, code = item
+                if code != 0:
+                    failures.append(f"{utt_id}: synthesis child exited with {code} (traceback above)")
+                bar.update(1)
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.terminate()
+    bar.close()
+    if failures:
+        raise DemoCorpusError(
+            f"{len(failures)} of {len(clips)} demo clips failed to synthesise: " + "; ".join(failures[:5])
+        )
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def _select(langs: Iterable[str] | None, voices_per_lang: int, max_sentences: int | None, audio_format: str):
+    if audio_format not in AUDIO_FORMATS:
+        raise DemoCorpusError(f"audio_format must be one of {sorted(AUDIO_FORMATS)}, got {audio_format!r}")
+    table_langs = demo_sentences.LANGS
+    if langs is None:
+        chosen = list(table_langs)
+    else:
+        chosen = list(dict.fromkeys(langs))
+        unknown = [l for l in chosen if l not in table_langs]
+        if unknown:
+            raise DemoCorpusError(f"unknown demo language(s) {unknown}; available: {list(table_langs)}")
+        if len(chosen) < 2:
+            raise DemoCorpusError(f"the demo corpus needs at least 2 languages, got {chosen}")
+        chosen = [l for l in table_langs if l in chosen]  # table order, whatever the input order
+    if not 1 <= voices_per_lang <= len(VOICE_VARIANTS):
+        raise DemoCorpusError(f"voices_per_lang must be in [1, {len(VOICE_VARIANTS)}], got {voices_per_lang}")
+    n = len(demo_sentences.SENTENCES)
+    if max_sentences is not None:
+        if max_sentences < 1:
+            raise DemoCorpusError(f"max_sentences must be >= 1, got {max_sentences}")
+        n = min(n, max_sentences)
+    return chosen, list(VOICE_VARIANTS[:voices_per_lang]), list(range(n))
+
+
+def _config(langs: list[str], variants: list[str], sentences: list[int], audio_format: str) -> dict:
+    import soundfile
+    import soxr
+
+    rows = [{l: demo_sentences.SENTENCES[i][l] for l in langs} for i in sentences]
+    speech = [{l: demo_sentences.speech_text(i, l) for l in langs} for i in sentences]
+    return {
+        "version": VERSION,
+        "languages": langs,
+        "voices": variants,
+        "espeak_voices": {l: ESPEAK_VOICES[l] for l in langs},
+        "sentences": len(sentences),
+        "table_sha256": hashlib.sha256(json.dumps([rows, speech], ensure_ascii=False, sort_keys=True).encode()).hexdigest(),
+        "sample_rate": SAMPLE_RATE,
+        "audio_format": audio_format,
+        "margin_samples": _MARGIN,
+        "rate_wpm": _SPEECH_RATE_WPM,
+        "espeakng_loader": importlib.metadata.version("espeakng-loader"),
+        "soxr": soxr.__version__,
+        "libsndfile": soundfile.__libsndfile_version__,
+    }
+
+
+def _config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _records(langs: list[str], variants: list[str], sentences: list[int], ext: str) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for i in sentences:
+        row = demo_sentences.SENTENCES[i]
+        for src in langs:
+            for variant in variants:
+                clip = _Clip(i, src, variant, demo_sentences.speech_text(i, src), ext)
+                for tgt in langs:
+                    if tgt == src:
+                        continue
+                    out[split_of(i)].append({
+                        "id": f"{clip.utt_id}-{tgt}",
+                        "audio": clip.rel_path,
+                        "src": src,
+                        "tgt": tgt,
+                        "asr": row[src],
+                        "s2tt": row[tgt],
+                        "source": CORPUS_NAME,
+                        "speaker": f"espeak-{variant}",
+                        "sentence": i,
+                    })
+    return out
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cached(out_dir: Path, config_hash: str) -> bool:
+    try:
+        manifest = json.loads((out_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        manifest.get("corpus") == CORPUS_NAME
+        and manifest.get("version") == VERSION
+        and manifest.get("config_hash") == config_hash
+        and all((out_dir / f"{s}.jsonl").is_file() for s in SPLITS)
+    )
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Only an empty dir or a previous demo corpus may be replaced: never delete user files."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DemoCorpusError(f"{out_dir} exists and is not a directory")
+    if not any(out_dir.iterdir()):
+        return
+    try:
+        corpus = json.loads((out_dir / "manifest.json").read_text()).get("corpus")
+    except (OSError, ValueError, AttributeError):
+        corpus = None
+    if corpus != CORPUS_NAME:
+        raise DemoCorpusError(
+            f"{out_dir} is not empty and holds no {CORPUS_NAME} manifest.json; refusing to overwrite it "
+            "(choose another --out or remove it)"
+        )
+
+
+def build_demo_corpus(
+    out_dir: str | os.PathLike | None = None,
+    *,
+    langs: Iterable[str] | None = None,
+    voices_per_lang: int = 2,
+    max_sentences: int | None = None,
+    audio_format: str = "flac",
+    workers: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Build (or reuse) the demo corpus in `out_dir` (default `default_demo_dir()`); returns the dir.
+
+    `langs`: subset of `demo_sentences.LANGS` (default all); `voices_per_lang`: espeak variants per
+    language (the first n of `VOICE_VARIANTS`); `max_sentences`: use only the first n table rows
+    (tests); `audio_format`: "flac" (default) or "wav", both 16-bit PCM; `workers`: synthesis processes (default min(2, cpus)). A dir whose manifest has the same
+    version and config hash is returned at once unless `force`.
+    """
+    out_dir = Path(out_dir if out_dir is not None else default_demo_dir()).expanduser().resolve()
+    chosen, variants, sentences = _select(langs, voices_per_lang, max_sentences, audio_format)
+    config = _config(chosen, variants, sentences, audio_format)
+    config_hash = _config_hash(config)
+    if not force and _cached(out_dir, config_hash):
+        return out_dir
+    _check_replaceable(out_dir)
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1)
+    if workers < 1:
+        raise DemoCorpusError(f"workers must be >= 1, got {workers}")
+
+    start = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        clips = [
+            _Clip(i, lang, v, demo_sentences.speech_text(i, lang), audio_format)
+            for i in sentences for lang in chosen for v in variants
+        ]
+        _synthesise(clips, tmp, workers, progress)
+        records = _records(chosen, variants, sentences, audio_format)
+        for split in SPLITS:
+            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
+                for rec in records[split]:
+                    f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        content = hashlib.sha256()
+        for rel in files:
+            content.update(f"{rel}\0{_sha256_file(tmp / rel)}\n".encode())
+        import soundfile
+
+        seconds = sum(soundfile.info(str(tmp / c.rel_path)).frames for c in clips) / SAMPLE_RATE
+        manifest = {
+            "corpus": CORPUS_NAME,
+            "version": VERSION,
+            "config": config,
+            "config_hash": config_hash,
+            "content_sha256": content.hexdigest(),
+            "languages": chosen,
+            "voices": [f"espeak-{v}" for v in variants],
+            "counts": {
+                "sentences": {s: sum(split_of(i) == s for i in sentences) for s in SPLITS},
+                "utterances": {s: sum(split_of(c.sentence) == s for c in clips) for s in SPLITS},
+                "records": {s: len(records[s]) for s in SPLITS},
+                "directions": len(chosen) * (len(chosen) - 1),
+            },
+            "audio_seconds": round(seconds, 3),
+        }
+        # Written last: a dir without a manifest is never taken for a finished corpus.
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if progress:
+        mb = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file()) / 1e6
+        print(
+            f"demo corpus: {len(clips)} clips ({seconds / 60:.1f} min of audio), "
+            f"{sum(manifest['counts']['records'].values())} records, {mb:.1f} MB in {out_dir} "
+            f"({time.perf_counter() - start:.1f} s)",
+            file=sys.stderr,
+        )
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m esrt_jax.data.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=None, help=f"output dir (default {default_demo_dir()})")
+    p.add_argument("--langs", default=None, help=f"comma-separated subset of {','.join(demo_sentences.LANGS)}")
+    p.add_argument("--voices-per-lang", type=int, default=2)
+    p.add_argument("--max-sentences", type=int, default=None)
+    p.add_argument("--format", dest="audio_format", choices=sorted(AUDIO_FORMATS), default="flac")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="rebuild even if the manifest matches")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        out = build_demo_corpus(
+            a.out,
+            langs=a.langs.split(",") if a.langs else None,
+            voices_per_lang=a.voices_per_lang,
+            max_sentences=a.max_sentences,
+            audio_format=a.audio_format,
+            workers=a.workers,
+            force=a.force,
+            progress=not a.quiet,
+        )
+    except DemoCorpusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(json.dumps({"out": str(out), "counts": manifest["counts"], "audio_seconds": manifest["audio_seconds"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
