@@ -15,6 +15,7 @@ onto 1 device or any other mesh.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,34 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+class _IterState:
+    """Adapter between a data iterator and grain's Orbax handler.
+
+    The handler calls `get_state()` from Orbax's background thread when saving async, by
+    which time the loop has consumed more batches; so the state is captured at `save()`
+    time here. Also lets any object with get_state/set_state (dict or bytes state) be saved.
+    """
+
+    def __init__(self, it: Any, snapshot: bool):
+        self.it = it
+        self.state = _encode_state(it.get_state()) if snapshot else None
+
+    def get_state(self) -> bytes:
+        return self.state
+
+    def set_state(self, state: bytes) -> None:
+        cur = self.it.get_state()
+        self.it.set_state(json.loads(state) if isinstance(cur, dict) else state)
+
+    def start_prefetch(self) -> None:
+        if hasattr(self.it, "start_prefetch"):
+            self.it.start_prefetch()
+
+
+def _encode_state(state: Any) -> bytes:
+    return state if isinstance(state, bytes) else json.dumps(state).encode()
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -58,7 +87,7 @@ class Checkpointer:
         items = {"params": ocp.args.StandardSave(trainable), "opt": ocp.args.StandardSave(opt_state),
                  "meta": ocp.args.JsonSave(m)}
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+            items["data"] = grain.checkpoint.CheckpointSave(_IterState(data_iter, snapshot=True))
         return self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_trainable: Any, abstract_opt: Any,
@@ -68,7 +97,7 @@ class Checkpointer:
                  "opt": ocp.args.StandardRestore(abstract_opt),
                  "meta": ocp.args.JsonRestore()}
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            items["data"] = grain.checkpoint.CheckpointRestore(_IterState(data_iter, snapshot=False))
         out = self.mngr.restore(step, args=ocp.args.Composite(**items))
         res = {"params": out["params"], "opt": out["opt"], "meta": out["meta"]}
         if "rng" in res["meta"]:

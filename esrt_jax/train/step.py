@@ -52,7 +52,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) ->
             grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), gsum, trainable)
             loss = lsum / n_micro
             aux = {k: (v if k in SUMMED_AUX else v / n_micro) for k, v in asum.items()}
-        gnorm = optax.global_norm(grads)
+        gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, new_opt = optimizer.update(grads, opt_state, trainable)
         new_params = optax.apply_updates(trainable, updates)

@@ -1,0 +1,208 @@
+"""Training infrastructure, in process: config, schedules, rules, step, sharding, checkpoints.
+
+Uses the tiny NNX model + Grain data of tests/train_toy.py (not the speech LLM).
+"""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import train_toy
+from esrt_jax.config import ConfigError, from_dict
+from esrt_jax.train import mesh as mesh_lib
+from esrt_jax.train import run as run_cli
+from esrt_jax.train.checkpoint import Checkpointer, abstract_like, restore_params
+from esrt_jax.train.config import MeshConfig, RunConfig, TrainConfig, load_run_config
+from esrt_jax.train.loop import run_stage, stage_shardings
+from esrt_jax.train.optimizer import make_optimizer, make_schedule
+from esrt_jax.train.step import NonFiniteError, make_train_step
+
+TOY = {"model": {"builder": "train_toy:build_model"},
+       "data": {"builder": "train_toy:build_data", "size": 128},
+       "train": {"steps": 5, "batch_size": 8, "lr": 0.05, "warmup_steps": 1, "ckpt_every": 5,
+                 "log_every": 1, "keep": 2, "progress": False, "eval_batches": 1}}
+
+
+def toy_cfg(**train):
+    d = json.loads(json.dumps(TOY))
+    d["train"].update(train)
+    return from_dict(RunConfig, d).for_stage("asr")
+
+
+def run_toy(cfg, stage_dir, mesh, init=None):
+    return run_stage(cfg, train_toy.build_model(cfg), stage_dir=stage_dir, mesh=mesh, init_params=init,
+                     make_data=lambda: train_toy.build_data(cfg, "train", process_index=0, process_count=1),
+                     make_dev=lambda: train_toy.build_data(cfg, "dev", process_index=0, process_count=1))
+
+
+def mesh1():
+    return mesh_lib.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+
+
+def mesh8():
+    return mesh_lib.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_stage_overrides_and_errors(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("train: {lr: 1.0e-4, steps: 10}\nstages:\n  srt: {train: {lr: 1.0e-5}}\n")
+    cfg = load_run_config(y, ["stages.smt.train.steps=3"])
+    assert cfg.for_stage("srt").train.lr == 1e-5 and cfg.for_stage("srt").train.steps == 10
+    assert cfg.for_stage("smt").train.steps == 3 and cfg.for_stage("asr").train.lr == 1e-4
+    with pytest.raises(ConfigError, match="train.lrr"):
+        load_run_config(y, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="stages.srt.*train.batch_size.*grad_accum"):
+        load_run_config(y, ["stages.srt.train.batch_size=6", "stages.srt.train.grad_accum=4"])
+    with pytest.raises(ConfigError, match="stages.mt.*unknown stage"):
+        load_run_config(y, ["stages.mt.train.lr=1"])
+    with pytest.raises(ConfigError, match="mesh: data\\*fsdp\\*tensor = 3\\*1\\*1 = 3 but 8 devices"):
+        mesh_lib.make_mesh(MeshConfig(data=3))
+
+
+def test_schedule_warmup_linear_cosine():
+    s = make_schedule(TrainConfig(lr=1.0, warmup_steps=10, steps=110, schedule="linear"))
+    assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5) and float(s(10)) == pytest.approx(1.0)
+    assert float(s(60)) == pytest.approx(0.5) and float(s(110)) == pytest.approx(0.0)
+    c = make_schedule(TrainConfig(lr=1.0, warmup_steps=0, steps=100, schedule="cosine", end_lr=0.1))
+    assert float(c(0)) == pytest.approx(1.0) and float(c(50)) == pytest.approx(0.55) and float(c(100)) == pytest.approx(0.1)
+
+
+def test_rules_spec_for():
+    m = mesh8()
+    rules = mesh_lib.make_rules({})
+    P = jax.sharding.PartitionSpec
+    assert mesh_lib.spec_for((16, 32), ("embed", "mlp"), m, rules) == P("fsdp", "tensor")
+    assert mesh_lib.spec_for((15, 32), ("embed", "mlp"), m, rules) == P(None, "tensor")  # 15 % 2
+    assert mesh_lib.spec_for((16, 16), ("embed", "embed"), m, rules) == P("fsdp")
+    with pytest.raises(ConfigError, match="mesh.rules.bogus"):
+        mesh_lib.spec_for((4,), ("bogus",), m, rules)
+    with pytest.raises(ConfigError, match="unknown mesh axis 'model'"):
+        mesh_lib.make_rules({"mlp": "model"})
+
+
+# ----------------------------------------------------------------------------- step
+
+def test_trainable_partition_and_grad_accumulation():
+    cfg = toy_cfg()
+    b = train_toy.build_model(cfg)
+    assert set(b.trainable) == {"adapter_in", "adapter_out", "head"} and set(b.frozen) == {"encoder"}
+    assert b.trainable_axes["head"]["kernel"] == ("embed", "vocab")
+    opt = make_optimizer(cfg.train)
+    # Deterministic loss (no dropout), full masks: 2 micro-batches of 4 == 1 batch of 8.
+    def loss(t, f, batch, rng):
+        return b.loss_fn(t, f, batch, None)
+    step = jax.jit(make_train_step(loss, opt))
+    batch = next(train_toy.build_data(cfg, "train", process_index=0, process_count=1))
+    batch["mask"] = np.ones_like(batch["mask"])
+    one = {k: v[None] for k, v in batch.items()}
+    two = {k: v.reshape(2, 4, *v.shape[1:]) for k, v in batch.items()}
+    p1, _, m1 = step(b.trainable, opt.init(b.trainable), b.frozen, one, jax.random.key(0))
+    p2, _, m2 = step(b.trainable, opt.init(b.trainable), b.frozen, two, jax.random.key(0))
+    assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), abs=1e-6)
+    assert float(m1["tokens"]) == float(m2["tokens"]) == 32.0
+    for a, c in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, c, atol=1e-6)
+    # Frozen params get no optimizer state at all.
+    assert len(jax.tree.leaves(opt.init(b.trainable))) == 2 + 2 * len(jax.tree.leaves(b.trainable))  # 2 step counts
+
+
+def test_nonfinite_stops_with_last_good_checkpoint(tmp_path):
+    cfg = toy_cfg(steps=8, ckpt_every=3, log_every=1)
+    bundle = train_toy.build_model(cfg)
+    good = bundle.loss_fn
+    calls = {"n": 0}
+
+    def data():
+        it = train_toy.build_data(cfg, "train", process_index=0, process_count=1)
+        class Poison:
+            def __next__(self):
+                calls["n"] += 1
+                b = next(it)
+                if calls["n"] == 5:  # step 5's batch carries a NaN
+                    b["x"] = np.full_like(b["x"], np.nan)
+                return b
+            get_state, set_state = it.get_state, it.set_state
+        return Poison()
+
+    bundle.loss_fn = good
+    with pytest.raises(NonFiniteError, match=r"step 5: non-finite loss.*last good checkpoint is step 3"):
+        run_stage(cfg, bundle, stage_dir=tmp_path, mesh=mesh1(), make_data=data)
+    ck = Checkpointer(tmp_path / "checkpoints")
+    assert ck.latest_step() == 3
+    ck.close()
+
+
+# ----------------------------------------------------------------------------- sharding + restore
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shard")
+    cfg = toy_cfg()
+    r1 = run_toy(cfg, d / "one", mesh1())
+    r8 = run_toy(cfg, d / "eight", mesh8())
+    return cfg, d, r1, r8
+
+
+def test_same_losses_on_1_and_8_devices(runs):
+    cfg, d, r1, r8 = runs
+    assert sorted(r1.losses) == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([r8.losses[s] for s in range(1, 6)], [r1.losses[s] for s in range(1, 6)],
+                               atol=1e-5, rtol=0)
+    assert r1.losses[5] < r1.losses[1]
+    assert abs(r1.dev["dev_loss"] - r8.dev["dev_loss"]) < 1e-5
+
+
+def test_checkpoint_saved_on_8_devices_restores_on_1(runs):
+    cfg, d, r1, r8 = runs
+    longer = toy_cfg(steps=8)
+    shutil.copytree(d / "eight", d / "eight_then_one")
+    shutil.copytree(d / "eight", d / "eight_then_eight")
+    a = run_toy(longer, d / "eight_then_one", mesh1())     # resumes at step 5 on 1 device
+    b = run_toy(longer, d / "eight_then_eight", mesh8())
+    assert a.resumed_from == 5 and b.resumed_from == 5
+    np.testing.assert_allclose([a.losses[s] for s in range(6, 9)], [b.losses[s] for s in range(6, 9)],
+                               atol=1e-5, rtol=0)
+    # And the params-only restore (stage chaining) onto a 1-device mesh.
+    m = mesh1()
+    bundle = train_toy.build_model(cfg)
+    sh = stage_shardings(bundle, make_optimizer(cfg.train), m, mesh_lib.make_rules({}))
+    params, step = restore_params(d / "eight" / "checkpoints", abstract_like(bundle.trainable, sh["trainable"]))
+    assert step == 5
+    assert all(x.sharding.mesh.devices.size == 1 for x in jax.tree.leaves(params))
+
+
+def test_finished_stage_is_skipped(runs):
+    cfg, d, r1, r8 = runs
+    again = run_toy(cfg, d / "one", mesh1())
+    assert again.skipped and again.losses == r1.losses
+
+
+def test_missing_previous_stage_names_path_and_command(tmp_path):
+    y = tmp_path / "toy.yaml"
+    y.write_text(json.dumps(TOY))
+    with pytest.raises(SystemExit, match=rf"stage smt starts from the final checkpoint of stage asr, expected "
+                                         rf"in {tmp_path}/run/asr/checkpoints, which does not exist; create it "
+                                         rf"with: python train.py --stage=asr --config {y} --run-dir {tmp_path}/run"):
+        run_cli.main(["--stage=smt", "--config", str(y), "--run-dir", str(tmp_path / "run")])
+
+
+def test_dry_run_reports_memory(capsys, tmp_path):
+    y = tmp_path / "toy.yaml"
+    y.write_text(json.dumps(TOY))
+    out = run_cli.main(["--stage=asr", "--config", str(y), "--dry-run", "--set", "mesh.fsdp=2",
+                        "--set", "mesh.tensor=2"])
+    rep = out[0]
+    assert rep["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    # head kernel (16, 16) f32 sharded fsdp x tensor -> 1/4 per device, etc.
+    assert 0 < rep["per_device_bytes"]["trainable_params"] < 1344 * 4
+    assert rep["per_device_bytes"]["optimizer_state"] >= 2 * rep["per_device_bytes"]["trainable_params"]
+    assert rep["flops_per_step"] > 0
+    text = capsys.readouterr().out
+    assert "temporaries" in text and "GiB per device" in text and "model FLOPs/step" in text
