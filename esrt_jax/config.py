@@ -122,7 +122,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     if missing:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"missing required key(s) {', '.join(where + m for m in missing)}")
-    obj = cls(**kwargs)
+    try:
+        obj = cls(**kwargs)  # some configs validate in __post_init__ already
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
     validate(obj, prefix)
     return obj
 

@@ -1,0 +1,166 @@
+"""The ESRT / LLM-SRT speech LLM: Whisper encoder (frozen) -> Q-Former adapter -> decoder LLM.
+
+Two halves with a narrow interface:
+
+- edge: `encode(mel (B, n_mels, 3000)) -> features`; with split "projector" (ESRT) these are the
+  speech embeddings (B, Q', llm_dim); with split "qformer" the Q-Former outputs (B, Q, H) and the
+  projector runs in the cloud (`speech_embeds(features, split)`).
+- cloud: the LLM consumes `[speech embeddings][text tokens]`.
+
+LLM input layout (DESIGN.md): `[speech (Q')][bos?][prompt][answer][eos][pad]` for training
+(right padding) and `[speech (Q')][pad][bos?][prompt]` for decoding (left-padded prompts). Padding
+is masked and rotary positions count only real positions, so `[speech][pad][prompt]` computes
+exactly what `[pad][speech][prompt]` does, and the speech always sits at slots 0..Q'-1.
+Prompt tokens are embedded with `llm.embed` (Gemma's sqrt(d) scale included); speech embeddings
+enter unscaled, as the reference passes them through `inputs_embeds`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from esrt_jax.config import check, to_dict
+from esrt_jax.models.layers import dtype_from_name
+from esrt_jax.models.llm import CausalLM, LLMConfig, LoraConfig, positions_from_mask
+from esrt_jax.models.qformer import QFormerConfig, SpeechAdapter
+from esrt_jax.models.whisper import WhisperEncoder, WhisperEncoderConfig
+
+Split = Literal["qformer", "projector"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechLLMConfig:
+    """Shapes of the three parts plus the LLM's runtime settings."""
+
+    encoder: WhisperEncoderConfig
+    adapter: QFormerConfig
+    llm: LLMConfig
+    lora: LoraConfig | None = None
+    llm_dtype: str = "float32"
+    llm_param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: bool = False
+    split: Split = "projector"
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        check(self.adapter.encoder_hidden_size == self.encoder.d_model, "adapter.encoder_hidden_size",
+              f"{self.adapter.encoder_hidden_size} does not match the Whisper encoder's d_model "
+              f"{self.encoder.d_model}")
+        check(self.adapter.llm_dim == self.llm.hidden_size, "adapter.llm_dim",
+              f"{self.adapter.llm_dim} does not match the LLM's hidden_size {self.llm.hidden_size}")
+        check(self.split in ("qformer", "projector"), "split", f"unknown split point {self.split!r}")
+
+    @property
+    def num_speech_tokens(self) -> int:
+        return self.adapter.num_output_tokens
+
+    def feature_shape(self, split: Split | None = None) -> tuple[int, int]:
+        """Per-utterance shape of what the edge sends for `split`."""
+        if (split or self.split) == "qformer":
+            return (self.adapter.num_queries, self.adapter.hidden_size)
+        return (self.adapter.num_output_tokens, self.adapter.llm_dim)
+
+
+class SpeechLLM(nnx.Module):
+    """encoder / adapter / llm submodules; see the module docstring for the two halves."""
+
+    def __init__(self, cfg: SpeechLLMConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.encoder = WhisperEncoder(cfg.encoder, rngs=rngs)
+        self.adapter = SpeechAdapter(cfg.adapter, rngs=rngs)
+        self.llm = CausalLM(cfg.llm, lora=cfg.lora, dtype=dtype_from_name(cfg.llm_dtype),
+                            param_dtype=dtype_from_name(cfg.llm_param_dtype),
+                            scan_layers=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
+
+    @classmethod
+    def from_parts(cls, cfg: SpeechLLMConfig, encoder: WhisperEncoder, adapter: SpeechAdapter,
+                   llm: CausalLM) -> "SpeechLLM":
+        """Assemble from already loaded parts (e.g. converted HF checkpoints) without random init."""
+        model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+        model.encoder, model.adapter, model.llm = encoder, adapter, llm
+        return model
+
+    # -- edge -----------------------------------------------------------------------------
+    def encode(self, mel: jax.Array, *, split: Split | None = None, deterministic: bool = True,
+               rngs: Any = None) -> jax.Array:
+        """mel (B, n_mels, 3000) -> (B, Q', llm_dim) ("projector") or (B, Q, H) ("qformer")."""
+        enc = jax.lax.stop_gradient(self.encoder(mel))  # the encoder is always frozen
+        feats = self.adapter.qformer_features(enc, deterministic=deterministic, rngs=rngs)
+        if (split or self.config.split) == "qformer":
+            return feats
+        return self.adapter.project(feats)
+
+    def speech_embeds(self, features: jax.Array, split: Split | None = None) -> jax.Array:
+        """Edge features -> speech embeddings (B, Q', llm_dim) (runs the projector if needed)."""
+        if (split or self.config.split) == "qformer":
+            return self.adapter.project(features.astype(self.llm.dtype))
+        return features.astype(self.llm.dtype)
+
+    # -- cloud ----------------------------------------------------------------------------
+    def llm_inputs(self, speech: jax.Array, tokens: jax.Array, text_mask: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+        """speech (B, Q', D), tokens (B, T), text_mask (B, T) -> embeds (B, Q'+T, D), mask (B, Q'+T)."""
+        B, Q = speech.shape[:2]
+        embeds = jnp.concatenate([speech.astype(self.llm.dtype), self.llm.embed(tokens)], axis=1)
+        mask = jnp.concatenate([jnp.ones((B, Q), bool), text_mask.astype(bool)], axis=1)
+        return embeds, mask
+
+    def text_logits(self, speech: jax.Array, tokens: jax.Array, text_mask: jax.Array, *,
+                    dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Logits predicting each text token: (B, T, V) where [:, t] predicts tokens[:, t]."""
+        Q = speech.shape[1]
+        embeds, mask = self.llm_inputs(speech, tokens, text_mask)
+        logits, _ = self.llm(embeds, positions_from_mask(mask), mask, dropout_rng=dropout_rng)
+        return logits[:, Q - 1:Q - 1 + tokens.shape[1]]
+
+
+def batch_mel(batch: dict, n_mels: int) -> jax.Array:
+    """Host mel (`mel`) or on-device mel from raw 30 s audio (`audio`)."""
+    if "mel" in batch:
+        return batch["mel"]
+    from esrt_jax.audio import log_mel_spectrogram_jax
+
+    return log_mel_spectrogram_jax(batch["audio"], n_mels)
+
+
+def loss_fn(model: SpeechLLM, batch: dict, *, dropout_rng: jax.Array | None = None
+            ) -> tuple[jax.Array, dict]:
+    """Mean next-token cross-entropy over answer+eos tokens (f32) and token accuracy.
+
+    batch: mel (B, n_mels, 3000) or audio (B, 480000), tokens/loss_mask/attention_mask (B, T).
+    """
+    train = dropout_rng is not None
+    rngs = None
+    if train:
+        dropout_rng, adapter_rng = jax.random.split(dropout_rng)
+        rngs = nnx.Rngs(dropout=adapter_rng)
+    speech = model.encode(batch_mel(batch, model.config.encoder.num_mel_bins), split="projector",
+                          deterministic=not train, rngs=rngs)
+    logits = model.text_logits(speech, batch["tokens"], batch["attention_mask"], dropout_rng=dropout_rng)
+    w = batch["loss_mask"].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["tokens"])
+    n = jnp.maximum(w.sum(), 1.0)
+    loss = (ce * w).sum() / n
+    acc = ((jnp.argmax(logits, -1) == batch["tokens"]) * w).sum() / n
+    return loss, {"loss": loss, "accuracy": acc, "tokens": w.sum()}
+
+
+def fingerprint(cfg: SpeechLLMConfig, params: Any = None) -> str:
+    """Short id of the model an edge payload is for: config (+ adapter weights when given)."""
+    h = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode())
+    if params is not None:
+        for leaf in jax.tree.leaves(params):
+            h.update(np.asarray(jax.device_get(leaf)).tobytes())
+    return h.hexdigest()[:16]
