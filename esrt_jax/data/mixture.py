@@ -17,7 +17,8 @@ of the global stream) -> `PlanItem(key=k, task, record)` computed in closed form
 Mixing is a deterministic weighted interleave (the same idea as Grain's `MapDataset.mix`: split
 the first k elements between components hierarchically by integer proportions), so observed
 frequencies match the weights up to rounding, not just in expectation. Each direction is read in
-epochs, every epoch a fresh `index_shuffle` permutation (Grain's) of its records.
+epochs, every epoch a fresh seeded permutation of its records (numpy PCG64 seeded by
+(seed, task, direction, epoch); Grain's `index_shuffle` is ~1 ms a call on small domains).
 """
 
 from __future__ import annotations
@@ -207,6 +208,7 @@ class MixturePlan(grain.MapDataset):
             self.direction_probs[t] = {c.direction: float(x) for c, x in zip(comps, p)}
             self._dir_props.append(_int_props(p))
             self._dirs.append([(c.records, _stable_seed(seed, t, c.src, c.tgt)) for c in comps])
+        self._perm_cache: dict = {}
         self._starts = starts
         self._seg_props = []
         for start, weights in segments:
@@ -242,11 +244,20 @@ class MixturePlan(grain.MapDataset):
         key += self._offsets[s][ti]
         di, dkey = interleave_pick(key, self._dir_props[ti])
         records, seed = self._dirs[ti][di]
-        n = len(records)
-        epoch, pos = divmod(dkey, n)
-        j = grain.experimental.index_shuffle(pos, max_index=n - 1, seed=(seed + epoch) % 2**32,
-                                             rounds=4)
-        return PlanItem(key=k, task=self._task_ids[ti], record=int(records[j]))
+        epoch, pos = divmod(dkey, len(records))
+        return PlanItem(key=k, task=self._task_ids[ti],
+                        record=int(self._epoch_order(ti, di, epoch)[pos]))
+
+    def _epoch_order(self, ti: int, di: int, epoch: int) -> np.ndarray:
+        """The records of direction (ti, di) in the order of `epoch` (cached: the stream reads
+        epochs in order, so one permutation per direction is kept)."""
+        hit = self._perm_cache.get((ti, di))
+        if hit is not None and hit[0] == epoch:
+            return hit[1]
+        records, seed = self._dirs[ti][di]
+        order = records[np.random.default_rng([seed, epoch]).permutation(len(records))]
+        self._perm_cache[(ti, di)] = (epoch, order)
+        return order
 
     def __getitem__(self, index):
         if isinstance(index, slice):
