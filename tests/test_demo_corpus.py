@@ -1,0 +1,242 @@
+"""Offline demo corpus: sentence table, deterministic espeak-ng synthesis, schema, splits, cache."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from esrt_jax.data import demo, demo_sentences
+from esrt_jax.data.demo import DemoCorpusError, build_demo_corpus
+
+SUB_LANGS = ("eng", "rus", "jpn")  # Latin, Cyrillic, CJK (kana reading) scripts
+SUB_SENTENCES = 10  # rows 0..9: 8 train, 1 dev, 1 test
+SCHEMA_KEYS = {"id", "audio", "src", "tgt", "asr", "s2tt", "source"}
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """The same small corpus built twice, with 2 and 1 synthesis workers."""
+    root = tmp_path_factory.mktemp("demo")
+    kw = dict(langs=SUB_LANGS, voices_per_lang=2, max_sentences=SUB_SENTENCES, progress=False)
+    a = build_demo_corpus(root / "a", workers=2, **kw)
+    b = build_demo_corpus(root / "b", workers=1, **kw)
+    return a, b, kw
+
+
+def _records(out: Path) -> dict[str, list[dict]]:
+    return {s: [json.loads(l) for l in (out / f"{s}.jsonl").read_text("utf-8").splitlines()] for s in demo.SPLITS}
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- the table
+
+_SCRIPTS = {
+    "eng": r"^[A-Za-z ,.'?!]+$",
+    "rus": r"[А-Яа-яЁё]",
+    "cmn": r"[\u4e00-\u9fff]",
+    "jpn": r"[\u3040-\u30ff]",
+    "kor": r"[\uac00-\ud7a3]",
+    "vie": r"[ăâđêôơưạảấầẩẫậắằẳẵặẹẻẽếềểễệỉịọỏốồổỗộớờởỡợụủứừửữựỳỵỷỹ]",
+}
+
+
+def test_sentence_table_is_complete_and_in_the_right_scripts():
+    langs = demo_sentences.LANGS
+    assert len(demo_sentences.SENTENCES) >= 80
+    assert len(langs) >= 8 and {"eng", "deu", "fra", "spa", "rus", "cmn", "jpn", "vie"} <= set(langs)
+    for i, row in enumerate(demo_sentences.SENTENCES):
+        assert set(row) == set(langs) | set(demo_sentences.SPEECH_KEYS.values()), f"row {i}: columns {sorted(row)}"
+        for key, text in row.items():
+            assert text and text == text.strip() and "  " not in text, f"row {i} {key}: {text!r}"
+        for lang, pattern in _SCRIPTS.items():
+            assert re.search(pattern, row[lang]), f"row {i} {lang}: {row[lang]!r} is not in the expected script"
+        assert 3 <= len(row["eng"].split()) <= 10, f"row {i}: {row['eng']!r} is not 3-10 words"
+        # espeak-ng reads no kanji: the spoken Japanese must be kana (and punctuation) only.
+        assert re.fullmatch(r"[\u3040-\u30ff、。]+", row["jpn_speech"]), f"row {i}: {row['jpn_speech']!r}"
+    for lang in langs:  # a sentence repeated would leak across splits
+        texts = [row[lang] for row in demo_sentences.SENTENCES]
+        assert len(set(texts)) == len(texts), f"{lang} has duplicate sentences"
+
+
+def test_every_language_has_an_espeak_voice():
+    assert set(demo_sentences.LANGS) <= set(demo.ESPEAK_VOICES)
+    assert len(set(demo.VOICE_VARIANTS)) == len(demo.VOICE_VARIANTS) >= 2
+
+
+def test_full_corpus_plan_counts():
+    """The full corpus's record plan (no synthesis): 80 x 9 languages x 2 voices x 8 targets."""
+    langs, variants, sentences = demo._select(None, 2, None, "flac")
+    recs = demo._records(langs, variants, sentences, "flac")
+    n, L = len(demo_sentences.SENTENCES), len(demo_sentences.LANGS)
+    n_split = {s: sum(demo.split_of(i) == s for i in range(n)) for s in demo.SPLITS}
+    assert n_split == {"train": 64, "dev": 8, "test": 8}
+    assert {s: len(r) for s, r in recs.items()} == {s: k * L * 2 * (L - 1) for s, k in n_split.items()}
+    ids = [r["id"] for rs in recs.values() for r in rs]
+    assert len(set(ids)) == len(ids)
+
+
+# ----------------------------------------------------------------------------- a built corpus
+
+
+def test_two_builds_are_byte_identical(builds):
+    a, b, _ = builds
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb)
+    assert [k for k in fa if fa[k] != fb[k]] == []
+    n_clips = SUB_SENTENCES * len(SUB_LANGS) * 2
+    assert sum(k.startswith("audio/") for k in fa) == n_clips
+
+
+def test_records_follow_the_schema(builds):
+    a, _, _ = builds
+    recs = _records(a)
+    seen_ids = set()
+    targets = defaultdict(set)
+    for split, rs in recs.items():
+        assert rs, f"{split}.jsonl is empty"
+        for r in rs:
+            assert SCHEMA_KEYS <= set(r), r
+            assert all(isinstance(r[k], str) and r[k] for k in SCHEMA_KEYS), r
+            assert r["id"] not in seen_ids
+            seen_ids.add(r["id"])
+            assert r["src"] in SUB_LANGS and r["tgt"] in SUB_LANGS and r["src"] != r["tgt"]
+            assert r["source"] == demo.CORPUS_NAME
+            row = demo_sentences.SENTENCES[r["sentence"]]
+            assert (r["asr"], r["s2tt"]) == (row[r["src"]], row[r["tgt"]])
+            assert not Path(r["audio"]).is_absolute() and (a / r["audio"]).is_file()
+            assert demo.split_of(r["sentence"]) == split
+            targets[r["audio"]].add(r["tgt"])
+    # one record per (utterance, target language != source language)
+    assert all(len(t) == len(SUB_LANGS) - 1 for t in targets.values())
+    assert len(targets) == SUB_SENTENCES * len(SUB_LANGS) * 2
+
+
+def test_splits_are_disjoint_by_sentence(builds):
+    a, _, _ = builds
+    recs = _records(a)
+    rows = {s: {r["sentence"] for r in rs} for s, rs in recs.items()}
+    texts = {s: {r["asr"] for r in rs} | {r["s2tt"] for r in rs} for s, rs in recs.items()}
+    for x, y in [("train", "dev"), ("train", "test"), ("dev", "test")]:
+        assert not rows[x] & rows[y], (x, y)
+        assert not texts[x] & texts[y], (x, y)
+    assert rows == {"train": set(range(8)), "dev": {8}, "test": {9}}
+
+
+def test_audio_is_16k_mono_speech_under_30s(builds):
+    a, _, _ = builds
+    for path in sorted((a / "audio").rglob("*.flac")):
+        info = sf.info(str(path))
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16"), path
+        x, _ = sf.read(str(path), dtype="float32")
+        assert 0.5 < len(x) / 16000 < 30.0, (path, len(x))
+        assert np.sqrt(np.mean(x**2)) > 0.01, f"{path} is (nearly) silent"
+        assert np.abs(x).max() < 1.0, f"{path} clips"
+
+
+def test_voices_per_language_and_speaker_ids(builds):
+    a, _, _ = builds
+    speakers = defaultdict(set)
+    for rs in _records(a).values():
+        for r in rs:
+            speakers[r["src"]].add(r["speaker"])
+            assert r["audio"].split("/")[-1].split("-")[2].split(".")[0] == r["speaker"].removeprefix("espeak-")
+    assert set(speakers) == set(SUB_LANGS)
+    # the same voice variants in every language: a speaker probe can learn voices across languages
+    assert all(s == {"espeak-m3", "espeak-f2"} for s in speakers.values()), speakers
+    # and the variants really sound different: same sentence, same language, different samples
+    x, _ = sf.read(str(a / "audio/eng/demo000-eng-m3.flac"))
+    y, _ = sf.read(str(a / "audio/eng/demo000-eng-f2.flac"))
+    assert len(x) != len(y) or not np.array_equal(x, y)
+
+
+def test_manifest_counts_and_hashes(builds):
+    a, _, _ = builds
+    m = json.loads((a / "manifest.json").read_text())
+    recs = _records(a)
+    assert m["corpus"] == demo.CORPUS_NAME and m["version"] == demo.VERSION
+    assert m["languages"] == list(SUB_LANGS) and m["voices"] == ["espeak-m3", "espeak-f2"]
+    assert m["counts"]["records"] == {s: len(rs) for s, rs in recs.items()}
+    assert m["counts"]["sentences"] == {"train": 8, "dev": 1, "test": 1}
+    assert m["counts"]["utterances"] == {"train": 48, "dev": 6, "test": 6}
+    assert m["counts"]["directions"] == 6
+    assert re.fullmatch(r"[0-9a-f]{64}", m["content_sha256"]) and re.fullmatch(r"[0-9a-f]{64}", m["config_hash"])
+    assert m["audio_seconds"] > 60 * 0.5
+
+
+def test_cached_build_returns_at_once(builds, capsys):
+    a, _, kw = builds
+    before = (a / "manifest.json").stat().st_mtime_ns
+    t = time.perf_counter()
+    assert build_demo_corpus(a, workers=2, **kw) == a
+    assert demo.main(["--out", str(a), "--langs", ",".join(SUB_LANGS), "--max-sentences", str(SUB_SENTENCES), "--quiet"]) == 0
+    assert time.perf_counter() - t < 5.0
+    assert (a / "manifest.json").stat().st_mtime_ns == before
+    assert json.loads(capsys.readouterr().out)["counts"]["records"]["dev"] == 6 * 2
+
+
+def test_changed_config_or_force_rebuilds(builds, tmp_path):
+    a, _, kw = builds
+    out = tmp_path / "c"
+    small = dict(kw, max_sentences=2, langs=("eng", "jpn"))
+    build_demo_corpus(out, **small)
+    m1 = json.loads((out / "manifest.json").read_text())
+    build_demo_corpus(out, **dict(small, voices_per_lang=1))
+    m2 = json.loads((out / "manifest.json").read_text())
+    assert m2["config_hash"] != m1["config_hash"] and m2["voices"] == ["espeak-m3"]
+    assert not list((out / "audio").rglob("*-f2.flac")), "stale clips of the previous build survived"
+    build_demo_corpus(out, force=True, **dict(small, voices_per_lang=1))
+    assert json.loads((out / "manifest.json").read_text())["content_sha256"] == m2["content_sha256"]
+    # the clips of a subset are the very bytes of the bigger build
+    for p in (out / "audio").rglob("*.flac"):
+        assert p.read_bytes() == (a / p.relative_to(out)).read_bytes(), p
+    assert not list(tmp_path.glob(".c.*")), "temporary build dirs left behind"
+
+
+def test_wav_output_and_jsonl_source_reads_it(tmp_path):
+    out = build_demo_corpus(tmp_path / "w", langs=("eng", "cmn"), max_sentences=1, voices_per_lang=1,
+                            audio_format="wav", progress=False)
+    (rec,) = _records(out)["train"][:1]
+    assert rec["audio"] == "audio/eng/demo000-eng-m3.wav"
+    info = sf.info(str(out / rec["audio"]))
+    assert (info.format, info.samplerate, info.channels) == ("WAV", 16000, 1)
+    from esrt_jax.data.records import JsonlSource, load_audio_of
+
+    src = JsonlSource(out / "train.jsonl", strict=True)
+    r = src[0]
+    assert (r.src, r.tgt, r.transcription, r.translation) == ("eng", "cmn", "Good morning, how are you?", "早上好，你好吗？")
+    assert load_audio_of(r).shape == (info.frames,)
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(DemoCorpusError, match=r"unknown demo language\(s\) \['xxx'\]"):
+        build_demo_corpus(tmp_path / "x", langs=("eng", "xxx"), progress=False)
+    with pytest.raises(DemoCorpusError, match="at least 2 languages"):
+        build_demo_corpus(tmp_path / "x", langs=("eng",), progress=False)
+    with pytest.raises(DemoCorpusError, match=r"voices_per_lang must be in \[1, 6\], got 7"):
+        build_demo_corpus(tmp_path / "x", voices_per_lang=7, progress=False)
+    with pytest.raises(DemoCorpusError, match="audio_format must be one of"):
+        build_demo_corpus(tmp_path / "x", audio_format="mp3", progress=False)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(DemoCorpusError, match="refusing to overwrite"):
+        build_demo_corpus(foreign, langs=("eng", "deu"), max_sentences=1, progress=False)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_default_dir_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("ESRT_JAX_DEMO_DIR", str(tmp_path / "d"))
+    assert demo.default_demo_dir() == tmp_path / "d"
+    monkeypatch.delenv("ESRT_JAX_DEMO_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert demo.default_demo_dir() == tmp_path / "cache" / "esrt_jax" / "demo"
