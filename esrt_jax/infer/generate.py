@@ -85,6 +85,12 @@ def _process(scores: jax.Array, seq: jax.Array, t: jax.Array, cfg: GenerateConfi
     return scores
 
 
+def reorder_cache(cache: dict, idx: jax.Array) -> dict:
+    """Gather cache rows: k/v (L, N, S, KV, Dh) on axis 1, mask (N, S) on axis 0; index shared."""
+    return {"k": cache["k"][:, idx], "v": cache["v"][:, idx], "mask": cache["mask"][idx],
+            "index": cache["index"]}
+
+
 def _is_eos(tok: jax.Array, cfg: GenerateConfig) -> jax.Array:
     return jnp.isin(tok, jnp.array(cfg.eos_ids, dtype=tok.dtype))
 
@@ -93,7 +99,8 @@ def _prefill(model, inputs_embeds, attention_mask, max_new_tokens):
     """Run the prompt through the model into a fresh cache; returns last logits, cache, next position."""
     B, P, _ = inputs_embeds.shape
     cache = model.init_cache(B, P + max_new_tokens, inputs_embeds.dtype)
-    logits, cache = model(inputs_embeds, _positions(attention_mask), attention_mask, cache=cache)
+    logits, cache = model(inputs_embeds, _positions(attention_mask), attention_mask, cache=cache,
+                          last_logits_only=True)
     next_pos = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)  # (B,)
     return logits[:, -1].astype(jnp.float32), cache, next_pos
 
@@ -132,17 +139,13 @@ def greedy(model, inputs_embeds: jax.Array, attention_mask: jax.Array, cfg: Gene
     return seq
 
 
-def beam_search(model, inputs_embeds: jax.Array, attention_mask: jax.Array, cfg: GenerateConfig,
-                reorder_cache=None) -> tuple[jax.Array, jax.Array]:
-    """HF-equivalent beam search. Returns best sequences (B, M) and their scores (B,).
-
-    `reorder_cache(cache, idx)` gathers cache rows (batch*beams axis) by `idx`; defaults to
-    `model.reorder_cache`.
-    """
+def beam_search(model, inputs_embeds: jax.Array, attention_mask: jax.Array, cfg: GenerateConfig
+                ) -> tuple[jax.Array, jax.Array]:
+    """HF-equivalent beam search. Returns best sequences (B, M) and their scores (B,)."""
     B = inputs_embeds.shape[0]
     K, M = cfg.num_beams, cfg.max_new_tokens
     keep = max(2, 1 + len(cfg.eos_ids)) * K
-    reorder = reorder_cache or model.reorder_cache
+    reorder = reorder_cache
     logits, cache, pos = _prefill(model, inputs_embeds, attention_mask, M)
     # Expand every row to K beams (HF expands the inputs; the prefill is identical per beam).
     rep = jnp.repeat(jnp.arange(B), K)

@@ -1,0 +1,133 @@
+"""`Translator`: the one inference front door (CLI, cloud service, eval, dev decodes).
+
+Edge half: `encode(mel (B, n_mels, 3000)) -> features` (numpy, per split point).
+Cloud half: `decode(features, src, tgt, task)` builds the task prompts, left-pads them to a
+bucket length, pads the batch to a bucket size, and runs embedding + generation in ONE jitted
+call, so a warm translator never recompiles for prompts or batches within its buckets.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from esrt_jax.data.tasks import TaskTokenizer, split_srt_output
+from esrt_jax.infer import generate as gen
+from esrt_jax.models.speech_llm import SpeechLLM
+
+
+@partial(jax.jit, static_argnames=("graphdef", "split"))
+def _encode(graphdef, state, mel, split):
+    return nnx.merge(graphdef, state).encode(mel, split=split)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "split", "cfg"))
+def _decode(graphdef, state, feats, tokens, mask, split, cfg: gen.GenerateConfig):
+    model = nnx.merge(graphdef, state)
+    embeds, full_mask = model.llm_inputs(model.speech_embeds(feats, split), tokens, mask)
+    if cfg.num_beams == 1:
+        return gen.greedy(model.llm, embeds, full_mask, cfg)
+    return gen.beam_search(model.llm, embeds, full_mask, cfg)[0]
+
+
+def _pow2_bucket(n: int, cap: int) -> int:
+    b = 1
+    while b < n:
+        b *= 2
+    return min(max(b, 1), max(cap, n))
+
+
+class Translator:
+    """Wraps a `SpeechLLM` + tokenizer for batched, bucketed, jitted inference."""
+
+    def __init__(self, model: SpeechLLM, tokenizer, *, gen_cfg: gen.GenerateConfig | None = None,
+                 prompt_buckets: Sequence[int] = (16, 32, 64, 128, 256), max_batch: int = 64,
+                 add_bos: bool | None = None, split: str | None = None):
+        self.task_tok = TaskTokenizer(tokenizer, add_bos=add_bos)
+        self.tokenizer = tokenizer
+        self.gen_cfg = gen_cfg or gen.GenerateConfig(eos_ids=(self.task_tok.eos_id,),
+                                                     pad_id=self.task_tok.pad_id)
+        self.prompt_buckets = tuple(sorted(prompt_buckets))
+        self.max_batch = max_batch
+        self.config = model.config
+        self.split = split or model.config.split
+        self.graphdef, self.state = nnx.split(model)
+
+    @property
+    def feature_shape(self) -> tuple[int, int]:
+        return self.config.feature_shape(self.split)
+
+    def update_params(self, state) -> None:
+        """Swap in new weights (same structure), e.g. after restoring a checkpoint."""
+        self.state = state
+
+    # -- edge -----------------------------------------------------------------------------
+    def encode(self, mel: np.ndarray) -> np.ndarray:
+        """(B, n_mels, 3000) -> features (B, *feature_shape) float32 (batch padded to a bucket)."""
+        mel = np.asarray(mel, np.float32)
+        B = mel.shape[0]
+        Bp = _pow2_bucket(B, self.max_batch)
+        if Bp != B:
+            mel = np.concatenate([mel, np.zeros((Bp - B,) + mel.shape[1:], np.float32)])
+        out = _encode(self.graphdef, self.state, jnp.asarray(mel), self.split)
+        return np.asarray(jax.device_get(out), np.float32)[:B]
+
+    # -- cloud ----------------------------------------------------------------------------
+    def prompts(self, src: Sequence[str], tgt: Sequence[str], task: str = "srt",
+                transcriptions: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded prompt ids (B, P) and mask, P the smallest fitting bucket."""
+        ids = [self.task_tok.prompt_ids(task, s, t, (transcriptions or [""] * len(src))[i])
+               for i, (s, t) in enumerate(zip(src, tgt))]
+        P = gen.bucket_length(max(len(x) for x in ids), self.prompt_buckets)
+        tokens = np.full((len(ids), P), self.task_tok.pad_id, np.int32)
+        mask = np.zeros((len(ids), P), bool)
+        for i, x in enumerate(ids):
+            if x:
+                tokens[i, P - len(x):], mask[i, P - len(x):] = x, True
+        return tokens, mask
+
+    def generate_ids(self, features: np.ndarray, src: Sequence[str], tgt: Sequence[str],
+                     task: str = "srt", transcriptions: Sequence[str] | None = None,
+                     gen_cfg: gen.GenerateConfig | None = None) -> list[list[int]]:
+        """Token ids per row, cut at EOS."""
+        cfg = gen_cfg or self.gen_cfg
+        feats = np.asarray(features, np.float32)
+        B = feats.shape[0]
+        if feats.shape[1:] != self.feature_shape:
+            raise ValueError(f"features of shape {feats.shape[1:]} do not match the model's "
+                             f"{self.feature_shape} for split {self.split!r}")
+        tokens, mask = self.prompts(src, tgt, task, transcriptions)
+        Bp = _pow2_bucket(B, self.max_batch)
+        if Bp != B:  # pad rows: a copy of row 0, results dropped
+            idx = np.r_[np.arange(B), np.zeros(Bp - B, int)]
+            feats, tokens, mask = feats[idx], tokens[idx], mask[idx]
+        out = _decode(self.graphdef, self.state, jnp.asarray(feats), jnp.asarray(tokens),
+                      jnp.asarray(mask), self.split, cfg)
+        return gen.trim(out, cfg)[:B]
+
+    def decode(self, features: np.ndarray, src: Sequence[str], tgt: Sequence[str], task: str = "srt",
+               transcriptions: Sequence[str] | None = None,
+               gen_cfg: gen.GenerateConfig | None = None) -> list[dict]:
+        """Features -> [{"response", "asr", "s2tt"}] per row (SRT output split at the marker)."""
+        ids = self.generate_ids(features, src, tgt, task, transcriptions, gen_cfg)
+        pad = self.task_tok.pad_id
+        out = []
+        for row, s, t in zip(ids, src, tgt):
+            text = self.tokenizer.decode([x for x in row if x != pad], skip_special_tokens=False)
+            if task == "srt":
+                asr, s2tt = split_srt_output(text, s, t)
+            elif task == "asr":
+                asr, s2tt = text.strip(), ""
+            else:
+                asr, s2tt = "", text.strip()
+            out.append({"response": text, "asr": asr, "s2tt": s2tt})
+        return out
+
+    def translate(self, mel: np.ndarray, src: Sequence[str], tgt: Sequence[str], **kw) -> list[dict]:
+        """Both halves in one process: mel -> results."""
+        return self.decode(self.encode(mel), src, tgt, **kw)
