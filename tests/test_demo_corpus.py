@@ -199,7 +199,28 @@ def test_changed_config_or_force_rebuilds(builds, tmp_path):
     # the clips of a subset are the very bytes of the bigger build
     for p in (out / "audio").rglob("*.flac"):
         assert p.read_bytes() == (a / p.relative_to(out)).read_bytes(), p
-    assert not list(tmp_path.glob(".c.*")), "temporary build dirs left behind"
+    assert not list(tmp_path.glob(".c.tmp-*")) + list(tmp_path.glob(".c.old-*")), "temporary build dirs left behind"
+
+
+def test_concurrent_builds_of_one_dir_build_once(tmp_path):
+    import threading
+
+    out, results, errors = tmp_path / "shared", [], []
+    kw = dict(langs=("deu", "vie"), max_sentences=1, voices_per_lang=1, workers=1, progress=False)
+
+    def run():
+        try:
+            results.append(build_demo_corpus(out, **kw))
+        except BaseException as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == [out, out]
+    assert sorted(p.name for p in (out / "audio").rglob("*.flac")) == ["demo000-deu-m3.flac", "demo000-vie-m3.flac"]
 
 
 def test_wav_output_and_jsonl_source_reads_it(tmp_path):

@@ -31,6 +31,7 @@ holds no JAX/XLA threads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import importlib.metadata
@@ -72,6 +73,7 @@ VOICE_VARIANTS = ("m3", "f2", "m1", "f4", "m7", "f5")
 
 # espeak-ng API constants (speak_lib.h).
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
+_INITIALIZE_DONT_EXIT = 0x8000  # report a bad data path instead of calling exit()
 _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
 _espeakRATE = 1
@@ -139,7 +141,7 @@ class _Espeak:
             ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
         ]
         self.sample_rate = lib.espeak_Initialize(
-            _AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0
+            _AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), _INITIALIZE_DONT_EXIT
         )
         if self.sample_rate <= 0:
             raise DemoCorpusError(
@@ -411,8 +413,9 @@ def build_demo_corpus(
 
     `langs`: subset of `demo_sentences.LANGS` (default all); `voices_per_lang`: espeak variants per
     language (the first n of `VOICE_VARIANTS`); `max_sentences`: use only the first n table rows
-    (tests); `audio_format`: "flac" (default) or "wav", both 16-bit PCM; `workers`: synthesis processes (default min(2, cpus)). A dir whose manifest has the same
-    version and config hash is returned at once unless `force`.
+    (tests); `audio_format`: "flac" (default) or "wav", both 16-bit PCM; `workers`: synthesis
+    processes (default min(2, cpus)). A dir whose manifest has the same version and config hash is
+    returned at once unless `force`. Concurrent builds of one dir wait for each other (file lock).
     """
     out_dir = Path(out_dir if out_dir is not None else default_demo_dir()).expanduser().resolve()
     chosen, variants, sentences = _select(langs, voices_per_lang, max_sentences, audio_format)
@@ -420,14 +423,36 @@ def build_demo_corpus(
     config_hash = _config_hash(config)
     if not force and _cached(out_dir, config_hash):
         return out_dir
-    _check_replaceable(out_dir)
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     if workers < 1:
         raise DemoCorpusError(f"workers must be >= 1, got {workers}")
-
-    start = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _dir_lock(out_dir):
+        if not force and _cached(out_dir, config_hash):  # built by a concurrent caller meanwhile
+            return out_dir
+        _check_replaceable(out_dir)
+        _build(out_dir, chosen, variants, sentences, audio_format, config, config_hash, workers, progress)
+    return out_dir
+
+
+@contextlib.contextmanager
+def _dir_lock(out_dir: Path):
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; concurrent builds are the caller's problem
+        yield
+        return
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(out_dir, chosen, variants, sentences, audio_format, config, config_hash, workers, progress) -> None:
+    start = time.perf_counter()
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -486,7 +511,6 @@ def build_demo_corpus(
             f"({time.perf_counter() - start:.1f} s)",
             file=sys.stderr,
         )
-    return out_dir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
