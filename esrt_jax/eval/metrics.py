@@ -55,6 +55,7 @@ def _normalizer():
     return BasicTextNormalizer()
 
 
+@functools.lru_cache(maxsize=1 << 17)  # each reference recurs once per target language
 def normalize_transcript(text: str) -> str:
     """Whisper's BasicTextNormalizer: lower-case, drop bracketed words, symbols -> spaces."""
     return _normalizer()(text)
