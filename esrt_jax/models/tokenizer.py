@@ -12,8 +12,8 @@ Two ways to write language tags (config `language_tags`):
 
     tok = load_tokenizer(model_dir)
     new_ids = add_language_tags(tok, mode="added")          # [] for mode="text"
-    model, cfg = resize_token_embeddings(model, cfg, tok, new_ids)
-    check_vocab(tok, cfg.vocab_size, where=model_dir)       # clear error on a mismatch
+    model = resize_token_embeddings(model, tok, new_ids)
+    check_vocab(tok, model.cfg.vocab_size, where=model_dir) # clear error on a mismatch
 """
 
 from __future__ import annotations
@@ -120,63 +120,59 @@ def _resized(arr: np.ndarray, axis: int, vocab: int, new_ids: Sequence[int], mea
     return np.moveaxis(arr, 0, axis)
 
 
-def resize_token_embeddings(model, cfg, tokenizer, new_ids: Sequence[int] = (),
+def resize_token_embeddings(model, tokenizer, new_ids: Sequence[int] = (),
                             pad_to_multiple_of: int = 1):
     """Fit a `CausalLM` to `tokenizer` after tokens were added (see `add_language_tags`).
 
     Every parameter with a `vocab` logical axis (the embedding table, an untied output head) is
     grown to `max(cfg.vocab_size, len(tokenizer))` rounded up to `pad_to_multiple_of`, and the
-    rows of `new_ids` are set to the mean of the rows of the tokens that existed before
-    (ids `< min(new_ids)`). LoRA factors along `vocab` get zero rows. Returns `(model, cfg)`;
-    the input model is not modified when the table grows (a new one is built).
+    rows of `new_ids` are set to the mean of the rows of the tokens that existed before (ids
+    `< min(new_ids)`), so a new tag starts as an "average token" rather than noise. Returns a
+    new model (`model.cfg.vocab_size` is the new size); the input model is left unchanged.
     """
     import dataclasses
 
-    import jax.numpy as jnp
+    import jax
     from flax import nnx
 
     from esrt_jax.sharding import variable_axes
 
+    cfg = model.cfg
     need = max(cfg.vocab_size, len(tokenizer))
     if pad_to_multiple_of > 1:
         need = -(-need // pad_to_multiple_of) * pad_to_multiple_of
-    new_ids = list(new_ids)
+    new_ids = sorted(int(i) for i in new_ids)
     if any(i >= need or i < 0 for i in new_ids):
         raise TokenizerError(f"new token ids {new_ids} do not fit a vocab of {need}")
-    mean_rows = min(new_ids) if new_ids else 0
+    mean_rows = new_ids[0] if new_ids else 0
     if new_ids and mean_rows == 0:
         raise TokenizerError("cannot initialise new rows from the mean: no existing tokens")
 
-    new_cfg = dataclasses.replace(cfg, vocab_size=need) if need != cfg.vocab_size else cfg
     graphdef, state = nnx.split(model)
-    if new_cfg is not cfg:
-        from esrt_jax.models import llm
+    if need != cfg.vocab_size:
+        from esrt_jax.convert.llm import abstract_model
 
-        target = nnx.eval_shape(lambda: llm.CausalLM(new_cfg, dtype=model_dtype(model),
-                                                     param_dtype=model_param_dtype(model),
-                                                     rngs=nnx.Rngs(0)))
-        graphdef, _ = nnx.split(target)
+        new_cfg = dataclasses.replace(cfg, vocab_size=need)
+        graphdef, _ = nnx.split(abstract_model(new_cfg, lora=model.lora, dtype=model.dtype,
+                                               param_dtype=model.param_dtype,
+                                               scan_layers=model.scan_layers, remat=model.remat))
     flat = dict(nnx.to_flat_state(state))
     for path, var in flat.items():
         axes = variable_axes(var)
         if not axes or "vocab" not in axes:
             continue
-        is_lora = not isinstance(var, nnx.Param) or type(var).__name__.lower().startswith("lora")
-        arr = _resized(np.asarray(var[...]), axes.index("vocab"), need, new_ids, mean_rows,
-                       fill_mean=not is_lora)
-        flat[path] = var.replace(jnp.asarray(arr, dtype=var[...].dtype))
-    new_state = nnx.from_flat_state(flat)
-    return nnx.merge(graphdef, new_state), new_cfg
+        old = var.get_value()
+        arr = _resized(np.asarray(jax.device_get(old)), axes.index("vocab"), need, new_ids,
+                       mean_rows, fill_mean=type(var) is nnx.Param)
+        sh = getattr(old, "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding):  # keep mesh placement
+            from esrt_jax.sharding import fit_spec
 
-
-def model_dtype(model):
-    """The compute dtype a CausalLM was built with (attribute `dtype`)."""
-    return getattr(model, "dtype", None) or np.float32
-
-
-def model_param_dtype(model):
-    """The storage dtype a CausalLM was built with (attribute `param_dtype`)."""
-    return getattr(model, "param_dtype", None) or np.float32
+            sh = jax.sharding.NamedSharding(sh.mesh, fit_spec(sh.spec, arr.shape, sh.mesh))
+            flat[path] = var.replace(jax.device_put(arr, sh))
+        else:
+            flat[path] = var.replace(jax.numpy.asarray(arr))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[Path]:
