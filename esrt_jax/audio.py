@@ -100,6 +100,11 @@ def prepare_audio(
         raise AudioError(
             f"{source}: audio must be 1-D (samples) or 2-D (samples x channels), got shape {x.shape}"
         )
+    if x.dtype.kind in "iu":  # integer PCM -> [-1, 1): int16 / 32768, (uint8 - 128) / 128
+        info = np.iinfo(x.dtype)
+        scale = (float(info.max) - float(info.min) + 1.0) / 2.0
+        offset = (float(info.max) + float(info.min) + 1.0) / 2.0
+        x = (x.astype(np.float64) - offset) / scale
     if x.ndim == 2:
         ch_axis = int(np.argmin(x.shape))
         if x.shape[ch_axis] > _MAX_CHANNELS:
@@ -110,14 +115,12 @@ def prepare_audio(
         x = x.astype(np.float32).mean(axis=ch_axis) if x.size else x.reshape(-1)
     if x.size == 0:
         raise AudioError(f"{source}: audio is empty (0 samples)")
-    if x.dtype.kind in "iu":  # integer PCM -> [-1, 1)
-        x = x.astype(np.float32) / float(np.iinfo(x.dtype).max + 1)
     x = x.astype(np.float32, copy=False)
     finite = np.isfinite(x)
     if not finite.all():
         bad = int(x.size - finite.sum())
         raise AudioError(f"{source}: audio has {bad} of {x.size} samples that are NaN or Inf")
-    if not isinstance(orig_sr, (int, np.integer)) or orig_sr <= 0:
+    if not isinstance(orig_sr, (int, float, np.integer, np.floating)) or orig_sr <= 0 or orig_sr != int(orig_sr):
         raise AudioError(f"{source}: invalid sampling rate {orig_sr!r}")
     if orig_sr != sr:
         import soxr

@@ -148,6 +148,9 @@ def test_prepare_audio_channel_layouts():
     np.testing.assert_allclose(A.prepare_audio(both.T, SR), mono, atol=1e-7)  # (T, C)
     pcm = (mono * 32767).astype(np.int16)
     np.testing.assert_allclose(A.prepare_audio(pcm, SR), mono, atol=1e-4)
+    np.testing.assert_allclose(A.prepare_audio(np.stack([pcm, pcm], 1), SR), mono, atol=1e-4)
+    u8 = np.round(mono * 127 + 128).astype(np.uint8)
+    np.testing.assert_allclose(A.prepare_audio(u8, SR), mono, atol=1e-2)
 
 
 # ---------------------------------------------------------------- bad audio
