@@ -120,7 +120,12 @@ def prepare_audio(
     if not finite.all():
         bad = int(x.size - finite.sum())
         raise AudioError(f"{source}: audio has {bad} of {x.size} samples that are NaN or Inf")
-    if not isinstance(orig_sr, (int, float, np.integer, np.floating)) or orig_sr <= 0 or orig_sr != int(orig_sr):
+    if (
+        not isinstance(orig_sr, (int, float, np.integer, np.floating))
+        or not np.isfinite(orig_sr)
+        or orig_sr <= 0
+        or orig_sr != int(orig_sr)
+    ):
         raise AudioError(f"{source}: invalid sampling rate {orig_sr!r}")
     if orig_sr != sr:
         import soxr

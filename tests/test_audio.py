@@ -194,6 +194,9 @@ def test_wrong_shape_audio():
         A.prepare_audio(np.array(["a", "b"]), SR, source="utt3")
     with pytest.raises(A.AudioError, match=r"utt4: invalid sampling rate 0"):
         A.prepare_audio(np.zeros(10, np.float32), 0, source="utt4")
+    with pytest.raises(A.AudioError, match=r"utt5: invalid sampling rate nan"):
+        A.prepare_audio(np.zeros(10, np.float32), float("nan"), source="utt5")
+    assert A.prepare_audio(np.zeros(10, np.float32), 16000.0).size == 10
 
 
 def test_long_audio_trim_warns_or_errors(tmp_path):
