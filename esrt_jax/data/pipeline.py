@@ -363,6 +363,11 @@ def make_train_dataset(cfg: DataConfig, tokenizer, source: rec_lib.RecordSource 
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                prefetch_buffer_size=cfg.prefetch))
     if cfg.workers > 0:
+        # Grain's worker processes read absl flags; outside an absl app they are unparsed.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         ids = ids.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=cfg.workers, per_worker_buffer_size=cfg.worker_buffer))
     return ids
