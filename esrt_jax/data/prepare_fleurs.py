@@ -1,0 +1,198 @@
+"""Turn a local FLEURS copy into many-to-many ESRT JSONL.
+
+    python -m esrt_jax.data.prepare_fleurs --root LOCAL_FLEURS_DIR --langs eng,deu,cmn --out DIR
+        [--splits train,dev,test] [--max-per-direction N] [--text raw|normalized] [--seed S]
+
+Input, FLEURS' own layout: one folder per language named by its FLEURS config (`en_us`,
+`de_de`, `cmn_hans_cn`, ...; `esrt_jax.languages` maps codes to them), each with
+`{train,dev,test}.tsv` and the audio under `audio/{split}/<file name>` (the extracted
+`audio/{split}.tar.gz`). TSV columns (no header): sentence id, file name, raw transcription,
+normalized transcription, characters, number of samples, gender. The sentence id is shared by
+all languages: the same sentence read in each of them.
+
+Output: `DIR/{split}.jsonl`, one record per (utterance, target language != source):
+`{id, audio, src, tgt, asr, s2tt, source: "fleurs"}` with `asr` the utterance's transcription
+and `s2tt` the transcription of the same sentence id in the target language (the first one in
+that language's TSV order, any split), `audio` relative to DIR. Utterances whose audio file is
+missing, and (utterance, target) pairs whose sentence the target language lacks, are left out
+and counted in the summary. `--max-per-direction` keeps a seeded random subset of at most N
+records per (src, tgt) and split. Languages asked for but not under `--root` are an error that
+lists what was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["FleursError", "Utterance", "read_language", "prepare", "main"]
+
+SPLITS = ("train", "dev", "test")
+
+
+class FleursError(ValueError):
+    """The FLEURS copy is missing languages or files, or a TSV is malformed."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    sentence: str   # FLEURS sentence id (shared across languages)
+    file: str       # absolute audio path
+    raw: str
+    normalized: str
+    split: str
+
+
+def _language_dirs(root: Path) -> dict[str, Path]:
+    """Our code -> folder for every FLEURS language folder under root that we know."""
+    from esrt_jax import languages
+
+    found = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            found[languages.from_fleurs(d.name).code] = d
+        except languages.LanguageError:
+            continue
+    return found
+
+
+def read_language(folder: Path, splits: Sequence[str]) -> list[Utterance]:
+    """All utterances of one FLEURS language folder, in TSV order."""
+    out = []
+    for split in splits:
+        tsv = folder / f"{split}.tsv"
+        if not tsv.is_file():
+            continue
+        with open(tsv, encoding="utf-8", newline="") as f:
+            for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
+                if not row or not "".join(row).strip():
+                    continue
+                if len(row) < 4:
+                    raise FleursError(f"{tsv}:{lineno}: expected >= 4 tab-separated columns "
+                                      f"(id, file name, raw, normalized, ...), got {len(row)}")
+                sid, name, raw, norm = (c.strip() for c in row[:4])
+                out.append(Utterance(sentence=sid, file=str((folder / "audio" / split / name)
+                                                           .absolute()),
+                                     raw=raw, normalized=norm, split=split))
+    return out
+
+
+def prepare(root: str | os.PathLike, langs: Sequence[str], out: str | os.PathLike,
+            splits: Sequence[str] = SPLITS, max_per_direction: int = 0, text: str = "raw",
+            seed: int = 0) -> dict:
+    """Write `out/{split}.jsonl`; returns a summary dict (counts per split, skips)."""
+    from esrt_jax import languages
+
+    root, out = Path(root), Path(out)
+    if not root.is_dir():
+        raise FleursError(f"--root {root} is not a folder")
+    if text not in ("raw", "normalized"):
+        raise FleursError(f"--text must be raw or normalized, got {text!r}")
+    bad_split = [s for s in splits if s not in SPLITS]
+    if bad_split:
+        raise FleursError(f"unknown split(s) {bad_split}; FLEURS has {list(SPLITS)}")
+    codes = []
+    for c in langs:
+        try:
+            languages.get(c)
+            codes.append(c.strip().lower())  # the spelling asked for (zho stays zho)
+        except languages.LanguageError as e:
+            raise FleursError(str(e)) from None
+    if len(set(codes)) < 2:
+        raise FleursError(f"need at least two languages, got {list(langs)}")
+    found = _language_dirs(root)
+    missing = [c for c in codes if languages.normalize(c) not in found]
+    if missing:
+        have = ", ".join(f"{c} ({found[c].name})" for c in sorted(found)) or "none"
+        raise FleursError(
+            f"language(s) {', '.join(missing)} not found under {root} (expected folders "
+            f"{', '.join(languages.get(c).fleurs for c in missing)}); found: {have}")
+    utts = {c: read_language(found[languages.normalize(c)], SPLITS) for c in codes}
+    for c, u in utts.items():
+        if not u:
+            raise FleursError(f"{found[languages.normalize(c)]}: no {'/'.join(SPLITS)}.tsv rows")
+    field = "raw" if text == "raw" else "normalized"
+    # sentence id -> text, per language: the first utterance of that sentence (any split).
+    sentence_text = {c: {} for c in codes}
+    for c, u in utts.items():
+        for x in u:
+            t = getattr(x, field)
+            if t and x.sentence not in sentence_text[c]:
+                sentence_text[c][x.sentence] = t
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"splits": {}, "missing_audio": 0, "missing_translation": 0, "examples": []}
+    base = os.path.abspath(out)
+    for split in splits:
+        by_dir: dict[tuple[str, str], list[dict]] = defaultdict(list)
+        for s in codes:
+            for x in (x for x in utts[s] if x.split == split):
+                if not os.path.isfile(x.file):
+                    summary["missing_audio"] += 1
+                    if len(summary["examples"]) < 5:
+                        summary["examples"].append(f"missing audio {x.file}")
+                    continue
+                src_text = getattr(x, field)
+                stem = Path(x.file).stem
+                for t in codes:
+                    if t == s:
+                        continue
+                    tr = sentence_text[t].get(x.sentence)
+                    if tr is None:
+                        summary["missing_translation"] += 1
+                        continue
+                    by_dir[(s, t)].append({
+                        "id": f"fleurs_{split}_{s}_{x.sentence}_{stem}_{t}",
+                        "audio": os.path.relpath(x.file, base), "src": s, "tgt": t,
+                        "asr": src_text, "s2tt": tr, "source": "fleurs"})
+        lines = []
+        for (s, t) in sorted(by_dir, key=lambda d: (codes.index(d[0]), codes.index(d[1]))):
+            recs = by_dir[(s, t)]
+            if max_per_direction and len(recs) > max_per_direction:
+                keep = sorted(random.Random(f"{seed}/{split}/{s}/{t}").sample(
+                    range(len(recs)), max_per_direction))
+                recs = [recs[i] for i in keep]
+            lines += recs
+        with open(out / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
+            for r in lines:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        summary["splits"][split] = len(lines)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 2)[2])
+    ap.add_argument("--root", required=True, help="local FLEURS folder (en_us/, de_de/, ...)")
+    ap.add_argument("--langs", required=True, help="comma-separated ISO 639-3 codes, e.g. eng,deu")
+    ap.add_argument("--out", required=True, help="output folder for {split}.jsonl")
+    ap.add_argument("--splits", default=",".join(SPLITS))
+    ap.add_argument("--max-per-direction", type=int, default=0, help="0 = no cap")
+    ap.add_argument("--text", default="raw", choices=("raw", "normalized"))
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    try:
+        s = prepare(a.root, [x for x in a.langs.split(",") if x.strip()], a.out,
+                    splits=[x for x in a.splits.split(",") if x.strip()],
+                    max_per_direction=a.max_per_direction, text=a.text, seed=a.seed)
+    except FleursError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(", ".join(f"{k}: {v} records" for k, v in s["splits"].items()) + f" -> {a.out}")
+    if s["missing_audio"] or s["missing_translation"]:
+        print(f"left out: {s['missing_audio']} utterances without audio, "
+              f"{s['missing_translation']} (utterance, target) pairs without a translation"
+              + (f"; e.g. {s['examples'][0]}" if s["examples"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

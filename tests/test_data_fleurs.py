@@ -1,0 +1,107 @@
+"""prepare_fleurs on a tiny fake FLEURS tree written here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from esrt_jax.data import prepare_fleurs as PF
+from esrt_jax.data.records import JsonlSource
+from test_data_helpers import write_wav
+
+# sentence id -> text per language; fra lacks sentence 12; deu has two speakers of 10.
+TEXT = {
+    "en_us": {10: "The cat sleeps.", 11: "A red house.", 12: "We eat bread."},
+    "de_de": {10: "Die Katze schläft.", 11: "Ein rotes Haus.", 12: "Wir essen Brot."},
+    "fr_fr": {10: "Le chat dort.", 11: "Une maison rouge."},
+}
+
+
+def write_fleurs(root: Path) -> Path:
+    for lang, sents in TEXT.items():
+        d = root / lang
+        rows = {"train": [], "dev": []}
+        for sid, text in sents.items():
+            split = "dev" if sid == 11 else "train"
+            speakers = 2 if (lang == "de_de" and sid == 10) else 1
+            for k in range(speakers):
+                name = f"{lang}_{sid}_{k}.wav"
+                write_wav(d / "audio" / split / name, seconds=0.1)
+                rows[split].append([str(sid), name, text, text.lower().strip("."), "x", "1600",
+                                    "MALE"])
+        for split, rs in rows.items():
+            (d / f"{split}.tsv").write_text("".join("\t".join(r) + "\n" for r in rs),
+                                            encoding="utf-8")
+    (root / "xx_unknown").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def fleurs(tmp_path_factory):
+    return write_fleurs(tmp_path_factory.mktemp("fleurs"))
+
+
+def test_prepare_joins_on_sentence_id(fleurs, tmp_path):
+    out = tmp_path / "out"
+    assert PF.main(["--root", str(fleurs), "--langs", "eng,deu,fra", "--out", str(out),
+                    "--splits", "train,dev"]) == 0
+    train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    # train utterances: eng 10,12; deu 10 (x2), 12; fra 10 -> targets where the sentence exists
+    pairs = sorted((r["src"], r["tgt"], r["id"].split("_")[3]) for r in train)
+    assert pairs == sorted([
+        ("eng", "deu", "10"), ("eng", "fra", "10"), ("eng", "deu", "12"),
+        ("deu", "eng", "10"), ("deu", "fra", "10"), ("deu", "eng", "10"), ("deu", "fra", "10"),
+        ("deu", "eng", "12"),
+        ("fra", "eng", "10"), ("fra", "deu", "10")])
+    by = {(r["src"], r["tgt"], r["id"].split("_")[3]): r for r in train}
+    r = by[("deu", "fra", "10")]
+    assert (r["asr"], r["s2tt"], r["source"]) == ("Die Katze schläft.", "Le chat dort.", "fleurs")
+    assert set(r) == {"id", "audio", "src", "tgt", "asr", "s2tt", "source"}
+    assert len({x["id"] for x in train}) == len(train)
+    # audio relative to the JSONL's folder; the sources read it back as absolute paths
+    recs = list(JsonlSource(out / "train.jsonl"))
+    assert all(Path(x.audio).is_file() for x in recs)
+    dev = [json.loads(x) for x in (out / "dev.jsonl").read_text().splitlines()]
+    assert len(dev) == 6 and {(x["src"], x["tgt"]) for x in dev} == {
+        ("eng", "deu"), ("eng", "fra"), ("deu", "eng"), ("deu", "fra"), ("fra", "eng"),
+        ("fra", "deu")}
+    assert not (out / "test.jsonl").exists()
+    # normalized text on request
+    s = PF.prepare(fleurs, ["eng", "deu"], tmp_path / "norm", splits=["dev"], text="normalized")
+    line = json.loads((tmp_path / "norm" / "dev.jsonl").read_text().splitlines()[0])
+    assert (line["asr"], line["s2tt"]) == ("a red house", "ein rotes haus")
+    assert s["splits"] == {"dev": 2}
+
+
+def test_cap_and_missing_audio(fleurs, tmp_path):
+    s = PF.prepare(fleurs, ["eng", "deu", "fra"], tmp_path / "cap", splits=["train"],
+                   max_per_direction=1)
+    recs = [json.loads(x) for x in (tmp_path / "cap" / "train.jsonl").read_text().splitlines()]
+    dirs = [(r["src"], r["tgt"]) for r in recs]
+    assert len(dirs) == len(set(dirs)) == 6 and s["splits"] == {"train": 6}
+    assert s["missing_translation"] == 2  # eng 12 and deu 12 -> fra
+    again = PF.prepare(fleurs, ["eng", "deu", "fra"], tmp_path / "cap2", splits=["train"],
+                       max_per_direction=1)
+    assert (tmp_path / "cap2" / "train.jsonl").read_text() == \
+        (tmp_path / "cap" / "train.jsonl").read_text() and again == s
+    gone = fleurs / "en_us" / "audio" / "train" / "en_us_12_0.wav"
+    data = gone.read_bytes()
+    gone.unlink()
+    try:
+        s = PF.prepare(fleurs, ["eng", "deu"], tmp_path / "gone", splits=["train"])
+        assert s["missing_audio"] == 1 and "en_us_12_0.wav" in s["examples"][0]
+    finally:
+        gone.write_bytes(data)
+
+
+def test_missing_language_lists_what_was_found(fleurs, tmp_path, capsys):
+    with pytest.raises(PF.FleursError, match=r"language\(s\) jpn, kor not found under .* "
+                       r"\(expected folders ja_jp, ko_kr\); found: deu \(de_de\), eng \(en_us\), "
+                       r"fra \(fr_fr\)"):
+        PF.prepare(fleurs, ["eng", "jpn", "kor"], tmp_path / "o")
+    assert PF.main(["--root", str(fleurs), "--langs", "eng,xxq", "--out", str(tmp_path)]) == 2
+    assert "unknown language code 'xxq'" in capsys.readouterr().err
+    with pytest.raises(PF.FleursError, match="need at least two languages"):
+        PF.prepare(fleurs, ["eng"], tmp_path / "o")
