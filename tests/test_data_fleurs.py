@@ -105,3 +105,30 @@ def test_missing_language_lists_what_was_found(fleurs, tmp_path, capsys):
     assert "unknown language code 'xxq'" in capsys.readouterr().err
     with pytest.raises(PF.FleursError, match="need at least two languages"):
         PF.prepare(fleurs, ["eng"], tmp_path / "o")
+
+
+def test_hf_datasets_copy_gives_the_same_records(fleurs, tmp_path):
+    import datasets
+
+    hf_root = tmp_path / "hf_fleurs"
+    for lang in ("en_us", "de_de"):
+        dd = {}
+        for split in ("train", "dev"):
+            rows = PF.read_language(fleurs / lang, [split])
+            ds = datasets.Dataset.from_dict({
+                "id": [int(u.sentence) for u in rows], "audio": [u.file for u in rows],
+                "raw_transcription": [u.raw for u in rows],
+                "transcription": [u.normalized for u in rows]})
+            dd[split] = ds.cast_column("audio", datasets.Audio(sampling_rate=16000))
+        datasets.DatasetDict(dd).save_to_disk(str(hf_root / lang))  # embeds the audio bytes
+    a = PF.prepare(fleurs, ["eng", "deu"], tmp_path / "tsv", splits=["train", "dev"])
+    b = PF.prepare(hf_root, ["eng", "deu"], tmp_path / "hf", splits=["train", "dev"])
+    assert a == b
+    for split in ("train", "dev"):
+        ra = list(JsonlSource(tmp_path / "tsv" / f"{split}.jsonl"))
+        rb = list(JsonlSource(tmp_path / "hf" / f"{split}.jsonl"))
+        assert [(x.id, x.src, x.tgt, x.transcription, x.translation) for x in ra] == \
+            [(x.id, x.src, x.tgt, x.transcription, x.translation) for x in rb]
+        for x, y in zip(ra, rb):
+            assert str(tmp_path / "hf" / "audio") in y.audio
+            assert Path(x.audio).read_bytes() == Path(y.audio).read_bytes()

@@ -10,6 +10,11 @@ Input, FLEURS' own layout: one folder per language named by its FLEURS config (`
 normalized transcription, characters, number of samples, gender. The sentence id is shared by
 all languages: the same sentence read in each of them.
 
+An HF `datasets` copy works too: per language folder the output of
+`load_dataset("google/fleurs", "en_us").save_to_disk("ROOT/en_us")` (columns id,
+raw_transcription, transcription, audio); embedded audio bytes are written to
+`DIR/audio/<config>/<split>/` as they are (no decoding, no torchcodec).
+
 Output: `DIR/{split}.jsonl`, one record per (utterance, target language != source):
 `{id, audio, src, tgt, asr, s2tt, source: "fleurs"}` with `asr` the utterance's transcription
 and `s2tt` the transcription of the same sentence id in the target language (the first one in
@@ -64,8 +69,54 @@ def _language_dirs(root: Path) -> dict[str, Path]:
     return found
 
 
-def read_language(folder: Path, splits: Sequence[str]) -> list[Utterance]:
-    """All utterances of one FLEURS language folder, in TSV order."""
+def _is_hf_copy(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file()
+
+
+def read_language_hf(folder: Path, splits: Sequence[str], extract_to: Path) -> list[Utterance]:
+    """Utterances of an HF `datasets` FLEURS copy (`load_dataset("google/fleurs", cfg)`
+    then `save_to_disk(folder)`): columns id, raw_transcription, transcription, audio.
+    Embedded audio is written out as files under `extract_to/<split>/` (decoded by nobody:
+    the bytes are copied as they are)."""
+    import datasets
+
+    dd = datasets.load_from_disk(str(folder))
+    out = []
+    for split in splits:
+        if split not in dd:
+            continue
+        ds = dd[split]
+        need = {"id", "raw_transcription", "transcription", "audio"}
+        if not need <= set(ds.column_names):
+            raise FleursError(f"{folder}[{split}]: FLEURS columns {sorted(need)} expected, got "
+                              f"{ds.column_names}")
+        if isinstance(ds.features["audio"], datasets.Audio):
+            ds = ds.cast_column("audio", datasets.Audio(decode=False))
+        for i, row in enumerate(ds):
+            a = row["audio"] or {}
+            data, p = (a.get("bytes"), a.get("path")) if isinstance(a, dict) else (None, a)
+            if data:
+                name = Path(p).name if p else f"{i}.wav"
+                dest = (extract_to / split / name).absolute()
+                if not dest.is_file() or dest.read_bytes() != data:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(data)
+                file = str(dest)
+            else:
+                file = str(Path(p).absolute()) if p else ""
+            out.append(Utterance(sentence=str(row["id"]), file=file,
+                                 raw=str(row["raw_transcription"]).strip(),
+                                 normalized=str(row["transcription"]).strip(), split=split))
+    return out
+
+
+def read_language(folder: Path, splits: Sequence[str], extract_to: Path | None = None
+                  ) -> list[Utterance]:
+    """All utterances of one FLEURS language folder (TSV layout or an HF copy), in order."""
+    if _is_hf_copy(folder):
+        if extract_to is None:
+            raise FleursError(f"{folder}: an HF datasets copy needs a folder to extract audio to")
+        return read_language_hf(folder, splits, extract_to)
     out = []
     for split in splits:
         tsv = folder / f"{split}.tsv"
@@ -115,7 +166,9 @@ def prepare(root: str | os.PathLike, langs: Sequence[str], out: str | os.PathLik
         raise FleursError(
             f"language(s) {', '.join(missing)} not found under {root} (expected folders "
             f"{', '.join(languages.get(c).fleurs for c in missing)}); found: {have}")
-    utts = {c: read_language(found[languages.normalize(c)], SPLITS) for c in codes}
+    utts = {c: read_language(found[languages.normalize(c)], SPLITS,
+                             extract_to=out / "audio" / found[languages.normalize(c)].name)
+            for c in codes}
     for c, u in utts.items():
         if not u:
             raise FleursError(f"{found[languages.normalize(c)]}: no {'/'.join(SPLITS)}.tsv rows")
