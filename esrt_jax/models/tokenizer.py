@@ -107,7 +107,7 @@ def _resized(arr: np.ndarray, axis: int, vocab: int, new_ids: Sequence[int], mea
              fill_mean: bool) -> np.ndarray:
     """Grow `arr` along `axis` to `vocab` and set the `new_ids` slices to the mean of the first
     `mean_rows` slices (or zeros when `fill_mean` is False, e.g. for LoRA factors)."""
-    arr = np.moveaxis(np.asarray(arr), axis, 0)
+    arr = np.array(np.moveaxis(np.asarray(arr), axis, 0))  # writable copy
     if vocab > arr.shape[0]:
         pad = np.zeros((vocab - arr.shape[0], *arr.shape[1:]), arr.dtype)
         arr = np.concatenate([arr, pad], 0)
