@@ -2,7 +2,8 @@
 
 HTTP API (aiohttp):
 - `POST /v1/translate?src=eng&tgt=deu` with an edge payload (`esrt_jax.infer.payload`) as the
-  body (`application/octet-stream`) -> `{"transcription", "translation", "text", "batch_size"}`.
+  body (`application/octet-stream`) -> `{"transcription", "translation", "src", "tgt", "scheme",
+  "batch_size"}` (`batch_size`: how many requests were decoded together with this one).
 - `GET /healthz` -> `{"status": "ok", ...}`; `GET /metrics` -> Prometheus text format.
 
 Requests need `Authorization: Bearer <token>` (token from `--token-file` or $ESRT_SERVE_TOKEN).
@@ -26,7 +27,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from esrt_jax import languages
 from esrt_jax.infer import payload as pl
@@ -76,7 +77,8 @@ class Batcher:
     def start(self):
         self.task = asyncio.get_running_loop().create_task(self._run())
 
-    async def submit(self, features, src, tgt) -> tuple[str, str]:
+    async def submit(self, features, src, tgt) -> tuple[tuple[str, str], int]:
+        """-> ((transcription, translation), size of the batch it was decoded in)."""
         fut = asyncio.get_running_loop().create_future()
         self.inflight += 1
         try:
@@ -105,7 +107,7 @@ class Batcher:
                 self.on_batch(len(jobs))
                 for j, out in zip(jobs, outs):
                     if not j.future.done():
-                        j.future.set_result(out)
+                        j.future.set_result((out, len(jobs)))
             except Exception as e:  # a failing batch must not kill the service
                 log.exception("decode failed for a batch of %d", len(jobs))
                 for j in jobs:
@@ -118,6 +120,10 @@ class Batcher:
         if self.task:
             self.task.cancel()
         self.pool.shutdown(wait=True)
+
+
+BATCHER = web.AppKey("batcher", Batcher)
+BATCH_SIZES = web.AppKey("batch_sizes", list)  # every decoded batch's size, in order (tests, debugging)
 
 
 def _json_error(status: int, message: str) -> web.Response:
@@ -141,7 +147,7 @@ def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
 
     batcher = Batcher(backend, cfg, on_batch)
     app = web.Application(client_max_size=cfg.max_payload_bytes)
-    app["batcher"], app["batch_sizes"] = batcher, batch_sizes
+    app[BATCHER], app[BATCH_SIZES] = batcher, batch_sizes
 
     async def start(app):
         batcher.start()
@@ -188,9 +194,9 @@ def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
             except pl.PayloadError as e:
                 status, resp = e.status, _json_error(e.status, str(e))
                 return resp
-            transcription, translation = await batcher.submit(p.features, src, tgt)
+            (transcription, translation), n = await batcher.submit(p.features, src, tgt)
             resp = web.json_response({"transcription": transcription, "translation": translation,
-                                      "src": src, "tgt": tgt, "scheme": p.scheme})
+                                      "src": src, "tgt": tgt, "scheme": p.scheme, "batch_size": n})
             return resp
         except Exception as e:
             log.exception("translate failed")
@@ -205,7 +211,7 @@ def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
                                   "split": backend.split, "feature_shape": list(backend.feature_shape)})
 
     async def metrics(request):
-        return web.Response(body=generate_latest(registry), content_type="text/plain")
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_post("/v1/translate", translate)
     app.router.add_get("/healthz", healthz)

@@ -1,0 +1,192 @@
+"""Edge client: `python -m esrt_jax.edge --config C --checkpoint CK --audio a.wav --src eng --tgt deu
+--server http://host:8080 [--scheme fp16|int8|int4] [--zstd] [--token-file F]`.
+
+Runs the front end (`esrt_jax.audio`: decode, resample, 30 s log-mel), the Whisper encoder and the
+adapter on this machine and POSTs only the resulting feature payload (`esrt_jax.infer.payload`) to
+the cloud service (`esrt_jax.serve`). The request body is the payload and nothing else; the
+request line carries src/tgt. Audio never leaves the device.
+
+Library use::
+
+    client = EdgeClient.from_checkpoint("configs/demo.yaml", "runs/demo", server=URL, token=T)
+    client.translate("a.wav", "eng", "deu")   # {"transcription", "translation", ..., "bytes_sent"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from esrt_jax import audio as audio_lib
+from esrt_jax.infer import payload as pl
+
+
+class EdgeError(RuntimeError):
+    """The cloud refused or failed a request; `status` is the HTTP status (0: no answer)."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
+def mel_for_model(audio: np.ndarray, n_mels: int, num_frames: int = audio_lib.N_FRAMES) -> np.ndarray:
+    """(T,) 16 kHz waveform -> (n_mels, num_frames) log-mel: 30 s Whisper features, cut to the
+    first `num_frames` frames for encoders smaller than Whisper's 3000 (tiny test models)."""
+    if num_frames > audio_lib.N_FRAMES:
+        raise ValueError(f"the encoder expects {num_frames} mel frames, more than Whisper's 30 s "
+                         f"({audio_lib.N_FRAMES})")
+    return audio_lib.log_mel_spectrogram(audio, n_mels, pad=True)[:, :num_frames]
+
+
+def mel_from_file(path: str | os.PathLike, n_mels: int, num_frames: int = audio_lib.N_FRAMES
+                  ) -> tuple[np.ndarray, float]:
+    """Audio file -> (log-mel (n_mels, num_frames), duration in seconds before padding)."""
+    wav = audio_lib.load_audio(path)
+    return mel_for_model(wav, n_mels, num_frames), wav.size / audio_lib.SAMPLE_RATE
+
+
+class EdgeEncoder:
+    """The edge half: audio -> features -> payload bytes, with a `Translator` doing the encode."""
+
+    def __init__(self, translator, fingerprint: str, *, scheme: str = "fp16", compress: bool = False,
+                 group_size: int = 32):
+        if scheme not in pl.SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; use one of {pl.SCHEMES}")
+        self.translator = translator
+        self.fingerprint = fingerprint
+        self.scheme, self.compress, self.group_size = scheme, compress, group_size
+        enc = translator.config.encoder
+        self.n_mels, self.num_frames = enc.num_mel_bins, enc.num_frames
+
+    @property
+    def split(self) -> str:
+        return self.translator.split
+
+    def features(self, mels: np.ndarray) -> np.ndarray:
+        """(B, n_mels, frames) -> (B, *feature_shape) float32."""
+        return self.translator.encode(mels)
+
+    def mel(self, path: str | os.PathLike) -> np.ndarray:
+        return mel_from_file(path, self.n_mels, self.num_frames)[0]
+
+    def payload(self, features: np.ndarray) -> bytes:
+        """One utterance's features (*feature_shape) -> payload bytes."""
+        return pl.encode(features, fingerprint=self.fingerprint, split=self.split, scheme=self.scheme,
+                         group_size=self.group_size, compress=self.compress)
+
+    def payloads(self, paths: Sequence[str | os.PathLike], batch: int = 8) -> list[bytes]:
+        out = []
+        for i in range(0, len(paths), batch):
+            mels = np.stack([self.mel(p) for p in paths[i:i + batch]])
+            out += [self.payload(f) for f in self.features(mels)]
+        return out
+
+
+class EdgeClient(EdgeEncoder):
+    """`EdgeEncoder` + HTTP: `translate(path, src, tgt)` encodes locally and asks the cloud."""
+
+    def __init__(self, translator, fingerprint: str, *, server: str, token: str, scheme: str = "fp16",
+                 compress: bool = False, group_size: int = 32, timeout: float = 120.0):
+        super().__init__(translator, fingerprint, scheme=scheme, compress=compress, group_size=group_size)
+        self.server, self.token, self.timeout = server.rstrip("/"), token, timeout
+
+    @classmethod
+    def from_checkpoint(cls, config, checkpoint, overrides: Sequence[str] = (), *, split: str | None = None,
+                        **kw) -> "EdgeClient":
+        from esrt_jax.infer.cloud import load_model, translator_for
+
+        loaded = load_model(config, checkpoint, overrides)
+        return cls(translator_for(loaded, split=split), loaded.fingerprint, **kw)
+
+    def send(self, body: bytes, src: str, tgt: str) -> dict:
+        """POST one payload; -> the service's JSON answer plus `bytes_sent` (the HTTP body)."""
+        if not body.startswith(pl.MAGIC):  # the body is a payload, never anything else
+            raise ValueError("refusing to send something that is not a feature payload")
+        url = f"{self.server}/v1/translate?" + urllib.parse.urlencode({"src": src, "tgt": tgt})
+        req = urllib.request.Request(url, data=body, method="POST", headers={
+            "Authorization": f"Bearer {self.token}", "Content-Type": "application/octet-stream"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                out = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            try:
+                msg = json.loads(e.read()).get("error", "")
+            except ValueError:
+                msg = ""
+            raise EdgeError(f"{url}: HTTP {e.code}: {msg or e.reason}", e.code) from None
+        except urllib.error.URLError as e:
+            raise EdgeError(f"{url}: cannot reach the server ({e.reason})") from None
+        out["bytes_sent"] = len(body)
+        return out
+
+    def translate(self, path: str | os.PathLike, src: str, tgt: str) -> dict:
+        """Audio file -> {"transcription", "translation", "src", "tgt", "scheme", "batch_size",
+        "bytes_sent"}; only the payload is sent."""
+        feats = self.features(self.mel(path)[None])[0]
+        return self.send(self.payload(feats), src, tgt)
+
+
+def read_token(token_file: str | None) -> str:
+    """Bearer token from a file (first line) or $ESRT_SERVE_TOKEN."""
+    if token_file:
+        p = Path(token_file)
+        if not p.is_file():
+            raise SystemExit(f"error: token file {p} does not exist")
+        lines = p.read_text().strip().splitlines()
+        token = lines[0].strip() if lines else ""
+    else:
+        token = os.environ.get("ESRT_SERVE_TOKEN", "")
+    if not token:
+        raise SystemExit("error: no bearer token: pass --token-file FILE or set ESRT_SERVE_TOKEN")
+    return token
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m esrt_jax.edge", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="run config YAML (the same as the server's)")
+    ap.add_argument("--checkpoint", required=True, help="run dir, stage dir or step dir (same as the server's)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--audio", required=True, nargs="+", help="audio file(s) (wav/flac/...)")
+    ap.add_argument("--src", required=True, help="source language (ISO 639-3)")
+    ap.add_argument("--tgt", required=True, help="target language (ISO 639-3)")
+    ap.add_argument("--server", required=True, help="service URL, e.g. http://127.0.0.1:8080")
+    ap.add_argument("--scheme", default="fp16", choices=pl.SCHEMES)
+    ap.add_argument("--zstd", action="store_true", help="zstd-compress the payload body")
+    ap.add_argument("--split", default=None, choices=pl.SPLITS,
+                    help="split point (must match the server's; default: the model config's)")
+    ap.add_argument("--token-file", default=None, help="bearer token file (default: $ESRT_SERVE_TOKEN)")
+    ap.add_argument("--timeout", type=float, default=120.0)
+    args = ap.parse_args(argv)
+    from esrt_jax import languages
+
+    try:
+        src, tgt = languages.get(args.src).code, languages.get(args.tgt).code
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    token = read_token(args.token_file)
+    client = EdgeClient.from_checkpoint(args.config, args.checkpoint, args.set, split=args.split,
+                                        server=args.server, token=token, scheme=args.scheme,
+                                        compress=args.zstd, timeout=args.timeout)
+    rc = 0
+    for path in args.audio:
+        try:
+            out = client.translate(path, src, tgt)
+        except (EdgeError, audio_lib.AudioError) as e:
+            print(f"error: {path}: {e}", file=sys.stderr)
+            rc = 1
+            continue
+        print(json.dumps({"audio": str(path), **out}, ensure_ascii=False))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

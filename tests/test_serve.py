@@ -1,0 +1,263 @@
+"""The cloud service on a real localhost socket with a tiny random speech LLM.
+
+Concurrency (answers identical to in-process decoding, real batching), bearer auth, malformed
+payloads (right 4xx, server keeps serving), /healthz, /metrics, the edge client, graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aiohttp")
+from aiohttp import web  # noqa: E402
+
+from esrt_jax import serve  # noqa: E402
+from esrt_jax.edge import EdgeClient, EdgeError, mel_from_file  # noqa: E402
+from esrt_jax.infer import payload as pl  # noqa: E402
+from esrt_jax.infer.cloud import CloudBackend  # noqa: E402
+from helpers_sllm import tiny_translator, write_tone  # noqa: E402
+
+TOKEN = "s3cret-token"
+MAX_BYTES = 64 * 1024
+PAIRS = [("eng", "deu"), ("deu", "eng"), ("cmn", "jpn"), ("fra", "spa")]
+
+
+class ServerThread:
+    """An aiohttp app on 127.0.0.1:<ephemeral> served by an event loop in a background thread."""
+
+    def __init__(self, app: web.Application):
+        self.app = app
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runner = web.AppRunner(app, shutdown_timeout=60)
+        self._run(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self._run(site.start())
+        self.port = self.runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stopped = False
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=120)
+
+    def stop(self):
+        if not self.stopped:
+            self.stopped = True
+            self._run(self.runner.cleanup())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+def post(url, body: bytes, token: str | None = TOKEN, src="eng", tgt="deu", timeout=120):
+    """-> (status, json)."""
+    headers = {"Content-Type": "application/octet-stream"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(f"{url}/v1/translate?src={src}&tgt={tgt}", data=body, method="POST",
+                                 headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tr, tok, fp = tiny_translator(max_new_tokens=6, max_batch=8)
+    return tr, fp
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    tr, fp = tiny
+    cfg = serve.ServeConfig(max_batch=8, max_wait_ms=300.0, max_payload_bytes=MAX_BYTES)
+    srv = ServerThread(serve.make_app(CloudBackend(tr, fp), cfg, TOKEN))
+    yield srv
+    srv.stop()
+
+
+def feats(tr, seed):
+    return np.random.default_rng(seed).standard_normal(tr.feature_shape).astype(np.float32)
+
+
+def expected(tr, x, src, tgt):
+    """In-process decode of what the server sees (the fp16-rounded features)."""
+    r = tr.decode(x.astype(np.float16).astype(np.float32)[None], [src], [tgt])[0]
+    return r["asr"], r["s2tt"]
+
+
+def good_payload(tr, fp, seed=0, scheme="fp16"):
+    return pl.encode(feats(tr, seed), fingerprint=fp, split=tr.split, scheme=scheme)
+
+
+def test_healthz_and_metrics(server, tiny):
+    tr, fp = tiny
+    with urllib.request.urlopen(server.url + "/healthz", timeout=30) as r:
+        h = json.loads(r.read())
+    assert h == {"status": "ok", "fingerprint": fp, "split": tr.split, "feature_shape": list(tr.feature_shape)}
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+        assert r.headers["Content-Type"].startswith("text/plain")
+    assert "esrt_batch_size" in text and "esrt_request_seconds" in text
+
+
+def test_auth_required(server, tiny):
+    tr, fp = tiny
+    body = good_payload(tr, fp)
+    for token in (None, "wrong", TOKEN + "x", ""):
+        status, out = post(server.url, body, token=token)
+        assert status == 401, token
+        assert "bearer token" in out["error"]
+    req = urllib.request.Request(f"{server.url}/v1/translate?src=eng&tgt=deu", data=body, method="POST",
+                                 headers={"Authorization": TOKEN})  # no "Bearer " scheme
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 401 and e.value.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_concurrent_requests_match_in_process_and_are_batched(server, tiny):
+    tr, fp = tiny
+    n = 32
+    jobs = [(i, *PAIRS[i % len(PAIRS)]) for i in range(n)]
+    want = {i: expected(tr, feats(tr, 100 + i), s, t) for i, s, t in jobs}
+    before = len(server.app[serve.BATCH_SIZES])
+
+    def one(job):
+        i, s, t = job
+        return i, post(server.url, good_payload(tr, fp, 100 + i), src=s, tgt=t)
+
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(one, jobs))
+    sizes = []
+    for i, (status, out) in results:
+        assert status == 200, out
+        assert (out["transcription"], out["translation"]) == want[i], i
+        assert (out["src"], out["tgt"]) == PAIRS[i % len(PAIRS)]
+        sizes.append(out["batch_size"])
+    batches = server.app[serve.BATCH_SIZES][before:]
+    assert sum(batches) == n
+    assert max(batches) > 1 and max(sizes) > 1, batches  # the batcher really batched
+    assert max(batches) <= 8
+
+
+@pytest.mark.parametrize("case", ["truncated", "cut_header", "corrupted", "bad_magic", "wrong_shape",
+                                  "wrong_fingerprint", "wrong_split", "oversize", "bad_language"])
+def test_bad_requests_get_4xx_and_server_keeps_serving(server, tiny, case):
+    tr, fp = tiny
+    good = good_payload(tr, fp, 7)
+    src, tgt = "eng", "deu"
+    if case == "truncated":
+        body, status, msg = good[:-10], 400, "does not match its header"
+    elif case == "cut_header":
+        body, status, msg = good[:9], 400, "shorter than the fixed prefix"
+    elif case == "corrupted":
+        b = bytearray(good)
+        b[len(b) // 2 + 20] ^= 0xFF
+        body, status, msg = bytes(b), 400, "checksum mismatch"
+    elif case == "bad_magic":
+        body, status, msg = b"RIFF" + good[4:], 400, "not an esrt-jax payload"
+    elif case == "wrong_shape":
+        x = np.zeros((tr.feature_shape[0] + 1, tr.feature_shape[1]), np.float32)
+        body, status, msg = pl.encode(x, fingerprint=fp, split=tr.split), 422, "does not match the served model"
+    elif case == "wrong_fingerprint":
+        body, status, msg = pl.encode(feats(tr, 7), fingerprint="0" * 16, split=tr.split), 422, "made by model"
+    elif case == "wrong_split":
+        other = "qformer" if tr.split == "projector" else "projector"
+        body, status, msg = pl.encode(feats(tr, 7), fingerprint=fp, split=other), 422, "split point"
+    elif case == "oversize":
+        body, status, msg = good + b"\0" * MAX_BYTES, 413, "larger than"
+    else:
+        body, status, msg, src = good, 400, "bad src/tgt", "xxq"
+    got, out = post(server.url, body, src=src, tgt=tgt)
+    assert got == status, out
+    assert msg in out["error"], out
+    # ... and the next good request is answered correctly
+    got, out = post(server.url, good)
+    assert got == 200 and (out["transcription"], out["translation"]) == expected(tr, feats(tr, 7), "eng", "deu")
+
+
+def test_quantised_and_compressed_payloads_are_served(server, tiny):
+    tr, fp = tiny
+    for scheme in ("int8", "int4"):
+        body = pl.encode(feats(tr, 3), fingerprint=fp, split=tr.split, scheme=scheme, compress=True)
+        x = pl.decode(body).features
+        status, out = post(server.url, body)
+        want = tr.decode(x[None], ["eng"], ["deu"])[0]
+        assert status == 200 and out["scheme"] == scheme
+        assert (out["transcription"], out["translation"]) == (want["asr"], want["s2tt"])
+
+
+def test_edge_client_sends_only_the_payload(server, tiny, tmp_path):
+    tr, fp = tiny
+    wav = write_tone(tmp_path / "a.wav", 1.5, 220.0)
+    client = EdgeClient(tr, fp, server=server.url, token=TOKEN, scheme="fp16")
+    sent = []
+    orig = client.send
+    client.send = lambda body, s, t: sent.append(body) or orig(body, s, t)
+    out = client.translate(wav, "eng", "deu")
+    mel, dur = mel_from_file(wav, 80, 64)
+    x = tr.encode(mel[None])[0]
+    assert len(sent) == 1 and sent[0].startswith(pl.MAGIC) and out["bytes_sent"] == len(sent[0])
+    assert len(sent[0]) < 0.1 * dur * 16000 * 2  # far smaller than the PCM it replaces
+    assert (out["transcription"], out["translation"]) == expected(tr, x, "eng", "deu")
+    with pytest.raises(ValueError, match="not a feature payload"):
+        orig(b"RIFF....WAVEfmt ", "eng", "deu")
+    bad = EdgeClient(tr, fp, server=server.url, token="nope")
+    with pytest.raises(EdgeError, match="HTTP 401") as e:
+        bad.translate(wav, "eng", "deu")
+    assert e.value.status == 401
+
+
+class SlowBackend(CloudBackend):
+    """Decodes like CloudBackend, but slowly, so that shutdown surely meets an in-flight request."""
+
+    def __init__(self, translator, fingerprint, delay):
+        super().__init__(translator, fingerprint)
+        self.delay, self.started = delay, threading.Event()
+
+    def decode_batch(self, features, src, tgt):
+        self.started.set()
+        time.sleep(self.delay)
+        return super().decode_batch(features, src, tgt)
+
+
+def test_graceful_shutdown_finishes_inflight_requests(tiny):
+    tr, fp = tiny
+    backend = SlowBackend(tr, fp, delay=1.5)
+    srv = ServerThread(serve.make_app(backend, serve.ServeConfig(max_wait_ms=1.0), TOKEN))
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            futs = [ex.submit(post, srv.url, good_payload(tr, fp, 40 + i)) for i in range(2)]
+            assert backend.started.wait(60)
+            deadline = time.time() + 60
+            while srv.app[serve.BATCHER].inflight < 2 and time.time() < deadline:
+                time.sleep(0.01)
+            assert srv.app[serve.BATCHER].inflight == 2
+            t0 = time.perf_counter()
+            srv.stop()  # returns only after the in-flight requests were answered
+            assert time.perf_counter() - t0 > 0.2
+            for i, f in enumerate(futs):
+                status, out = f.result(timeout=60)
+                assert status == 200, out
+                assert (out["transcription"], out["translation"]) == expected(tr, feats(tr, 40 + i), "eng", "deu")
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(srv.url + "/healthz", timeout=5)
+    finally:
+        srv.stop()
+
+
+def test_make_app_requires_a_token(tiny):
+    tr, fp = tiny
+    with pytest.raises(ValueError, match="bearer token is required"):
+        serve.make_app(CloudBackend(tr, fp), serve.ServeConfig(), "")
