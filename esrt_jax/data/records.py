@@ -356,12 +356,12 @@ class HFSource(RecordSource):
         import pyarrow as pa
 
         col = self._ds.data.column(self._audio)
-        if pa.types.is_struct(col.type):
-            raw = col.combine_chunks().field("path").to_pylist() if len(col) else []
+        if pa.types.is_struct(col.type):  # per chunk, zero-copy field views of the mmap
+            raw = [p for ch in col.chunks for p in ch.field("path").to_pylist()]
+            has_bytes = [h for ch in col.chunks for h in ch.field("bytes").is_valid().to_pylist()]
         else:
             raw = col.to_pylist()
-        has_bytes = (col.combine_chunks().field("bytes").is_valid().to_pylist()
-                     if pa.types.is_struct(col.type) and len(col) else [False] * len(raw))
+            has_bytes = [False] * len(raw)
         paths = [self._audio_ref({"path": v, "bytes": b"x" if hb else None}, i)[0]
                  for i, (v, hb) in enumerate(zip(raw, has_bytes))]
         return RecordIndex(src=src, tgt=tgt, audio_key=np.array(paths, dtype=object))
