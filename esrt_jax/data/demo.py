@@ -176,6 +176,7 @@ class _Espeak:
 
 
 def espeak_version() -> str:
+    """Version of the bundled libespeak-ng (e.g. "1.52.0"); loads the library, starts nothing."""
     lib = ctypes.CDLL(__import__("espeakng_loader").get_library_path())
     lib.espeak_Info.restype = ctypes.c_char_p
     lib.espeak_Info.argtypes = [ctypes.c_void_p]
@@ -325,6 +326,7 @@ def _config(langs: list[str], variants: list[str], sentences: list[int], audio_f
         "margin_samples": _MARGIN,
         "rate_wpm": _SPEECH_RATE_WPM,
         "espeakng_loader": importlib.metadata.version("espeakng-loader"),
+        "espeak_ng": espeak_version(),
         "soxr": soxr.__version__,
         "libsndfile": soundfile.__libsndfile_version__,
     }
