@@ -54,6 +54,10 @@ def test_llm_srt_schema_gives_same_records(corpus, tmp_path):
     q.write_text(json.dumps({"audio": "/x/a.wav", "source": "eng", "prompt": "<|eng|>",
                              "gt": "hello there"}) + "\n")
     (r,) = list(R.JsonlSource(q))
+    # An LLM-SRT line with an `asr` hypothesis (its cascaded mode) is still LLM-SRT.
+    line = {"audio": "a.wav", "source": "x", "prompt": "<|eng|><|deu|>", "asr": "hypo",
+            "gt": "ref<|eng|><|deu|>Ref"}
+    assert R.record_from_json(line, "/d", "k").transcription == "ref"
     assert (r.id, r.src, r.tgt, r.transcription, r.translation, r.source) == (
         "asr:1", "eng", "eng", "hello there", "", "eng")
 

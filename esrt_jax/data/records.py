@@ -178,7 +178,9 @@ def record_from_json(obj: Mapping[str, Any], base_dir: str, default_id: str) -> 
     """One JSONL object (either schema) -> Record. Raises ValueError/KeyError naming the problem."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if "prompt" in obj and "gt" in obj and "asr" not in obj:
+    if "prompt" in obj and "gt" in obj and "src" not in obj:
+        # LLM-SRT lines may also carry `asr` (an ASR hypothesis for its cascaded SMT mode);
+        # the reference transcription is the part of `gt` before the tags.
         return _record_from_llm_srt(obj, base_dir, default_id)
     missing = [k for k in ("audio", "src", "tgt", "asr") if k not in obj]
     if missing:
@@ -248,8 +250,10 @@ class JsonlSource(ListSource):
                     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
                     if strict:
                         raise SourceError(f"{where}: {msg}") from None
-                    log.warning("skipping %s: %s", where, msg)
                     errors.append((where, f"malformed line: {msg}"))
+        if errors:  # each is logged with its reason when the pipeline counts it
+            log.warning("%s: %d malformed line(s) skipped (first: %s: %s)", path, len(errors),
+                        *errors[0])
         super().__init__(records, name=str(path), load_errors=errors)
 
 
