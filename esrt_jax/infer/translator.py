@@ -29,7 +29,7 @@ def _encode(graphdef, state, mel, split):
 @partial(jax.jit, static_argnames=("graphdef", "split", "cfg"))
 def _decode(graphdef, state, feats, tokens, mask, split, cfg: gen.GenerateConfig):
     model = nnx.merge(graphdef, state)
-    embeds, full_mask = model.llm_inputs(model.speech_embeds(feats, split), tokens, mask)
+    embeds, full_mask = model.llm_inputs(model.speech_embeds(feats, split), tokens, mask, left_pad=True)
     if cfg.num_beams == 1:
         return gen.greedy(model.llm, embeds, full_mask, cfg)
     return gen.beam_search(model.llm, embeds, full_mask, cfg)[0]

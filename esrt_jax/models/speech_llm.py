@@ -8,9 +8,8 @@ Two halves with a narrow interface:
 - cloud: the LLM consumes `[speech embeddings][text tokens]`.
 
 LLM input layout (DESIGN.md): `[speech (Q')][bos?][prompt][answer][eos][pad]` for training
-(right padding) and `[speech (Q')][pad][bos?][prompt]` for decoding (left-padded prompts). Padding
-is masked and rotary positions count only real positions, so `[speech][pad][prompt]` computes
-exactly what `[pad][speech][prompt]` does, and the speech always sits at slots 0..Q'-1.
+(right padding) and `[pad][speech (Q')][bos?][prompt]` for decoding (left padding). Padding is
+masked and rotary positions count only real positions, so padding never shifts positions.
 Prompt tokens are embedded with `llm.embed` (Gemma's sqrt(d) scale included); speech embeddings
 enter unscaled, as the reference passes them through `inputs_embeds`.
 """
@@ -109,12 +108,21 @@ class SpeechLLM(nnx.Module):
         return features.astype(self.llm.dtype)
 
     # -- cloud ----------------------------------------------------------------------------
-    def llm_inputs(self, speech: jax.Array, tokens: jax.Array, text_mask: jax.Array
-                   ) -> tuple[jax.Array, jax.Array]:
-        """speech (B, Q', D), tokens (B, T), text_mask (B, T) -> embeds (B, Q'+T, D), mask (B, Q'+T)."""
+    def llm_inputs(self, speech: jax.Array, tokens: jax.Array, text_mask: jax.Array, *,
+                   left_pad: bool = False) -> tuple[jax.Array, jax.Array]:
+        """speech (B, Q', D), tokens (B, T), text_mask (B, T) -> embeds (B, Q'+T, D), mask (B, Q'+T).
+
+        `left_pad` moves every padding position to the front (stable), giving the decoding layout
+        `[pad][speech][prompt]`: sliding-window attention counts slots, so padding must not sit
+        between the speech and the prompt.
+        """
         B, Q = speech.shape[:2]
         embeds = jnp.concatenate([speech.astype(self.llm.dtype), self.llm.embed(tokens)], axis=1)
         mask = jnp.concatenate([jnp.ones((B, Q), bool), text_mask.astype(bool)], axis=1)
+        if left_pad:
+            order = jnp.argsort(mask, axis=1, stable=True)
+            embeds = jnp.take_along_axis(embeds, order[..., None], axis=1)
+            mask = jnp.take_along_axis(mask, order, axis=1)
         return embeds, mask
 
     def text_logits(self, speech: jax.Array, tokens: jax.Array, text_mask: jax.Array, *,
