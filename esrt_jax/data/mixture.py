@@ -145,37 +145,44 @@ def build_components(index: RecordIndex, tasks: Sequence[str], cap: int = 0, see
         except langs_lib.LanguageError:
             return str(code).strip().lower()
 
+    def canon_all(codes: np.ndarray) -> np.ndarray:  # per distinct code, not per record
+        codes = np.asarray(codes, dtype=str)
+        uniq, inv = np.unique(codes, return_inverse=True)
+        return np.array([canon(c) if c else "" for c in uniq], dtype=str)[inv.reshape(-1)] \
+            if len(uniq) else codes
+
     keep = {canon(c) for c in languages}
-    src = np.array([canon(c) for c in index.src], dtype=object)
-    tgt = np.array([canon(c) if c else "" for c in index.tgt], dtype=object)
+    src, tgt = canon_all(index.src), canon_all(index.tgt)
+    n = len(src)
     out: dict[str, list[Component]] = {}
     for task in tasks:
         if task not in TASK_IDS:
             raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
-        groups: dict[tuple[str, str], list[int]] = {}
-        seen: set = set()
-        for i in range(len(src)):
-            s = src[i]
-            if task == "asr":
-                t = ""
-                k = (s, index.audio_key[i])
-                if k in seen:
-                    continue
-                seen.add(k)
-            else:
-                t = tgt[i]
-                if not t or t == s:
-                    continue
-            if keep and (s not in keep or (t and t not in keep)):
-                continue
-            groups.setdefault((s, t), []).append(i)
+        if task == "asr":
+            # first record of every (src, utterance): the others differ only by target
+            ukey = np.char.add(np.char.add(src, "\x1f"), np.asarray(index.audio_key, dtype=str))
+            _, first = np.unique(ukey, return_index=True)
+            sel = np.zeros(n, bool)
+            sel[first] = True
+            t_of = np.full(n, "", dtype=str)
+        else:
+            sel = (tgt != "") & (tgt != src)
+            t_of = tgt
+        if keep:
+            sel &= np.isin(src, list(keep)) & ((t_of == "") | np.isin(t_of, list(keep)))
+        idx = np.nonzero(sel)[0]
+        gkey = np.char.add(np.char.add(src[idx], "\x1f"), t_of[idx])
+        names, inv = np.unique(gkey, return_inverse=True)
+        order = np.argsort(inv, kind="stable")
+        bounds = np.searchsorted(inv[order], np.arange(len(names) + 1))
         comps = []
-        for (s, t), idx in sorted(groups.items()):
-            arr = np.asarray(idx, np.int64)
+        for g, name in enumerate(names):
+            s_, t_ = str(name).split("\x1f")
+            arr = idx[order[bounds[g]:bounds[g + 1]]].astype(np.int64)
             if cap and len(arr) > cap:
-                rng = np.random.default_rng(_stable_seed(seed, "cap", task, s, t))
+                rng = np.random.default_rng(_stable_seed(seed, "cap", task, s_, t_))
                 arr = np.sort(rng.permutation(arr)[:cap])
-            comps.append(Component(task, s, t, arr))
+            comps.append(Component(task, s_, t_, arr))
         out[task] = comps
     return out
 
