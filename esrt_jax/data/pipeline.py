@@ -59,6 +59,7 @@ __all__ = [
     "BadRecordBudgetError",
     "BadRecordTracker",
     "ExampleBuilder",
+    "open_sources",
     "make_plan",
     "make_train_dataset",
     "make_train_iterator",
