@@ -179,12 +179,15 @@ def load_model(config: str | Path, checkpoint: str | Path | None, overrides: Seq
 
 def translator_for(loaded: LoadedModel, *, split: str | None = None, max_batch: int = 8,
                    gen_overrides: dict | None = None) -> Translator:
-    """A `Translator` with the run config's `infer` settings (if any) and `gen_overrides`."""
+    """A `Translator` with the run config's `model.decode` / `model.infer` generation settings
+    (max_new_tokens, num_beams, length_penalty, no_repeat_ngram_size, min_new_tokens,
+    prompt_buckets) and `gen_overrides` on top."""
     from esrt_jax.infer.generate import GenerateConfig
     from esrt_jax.data.tasks import TaskTokenizer
 
     tt = TaskTokenizer(loaded.tokenizer)
-    infer_cfg = dict(loaded.run_config.model.get("infer", {}) or {})
+    m = loaded.run_config.model  # `decode` (dev decodes in training), overridden by `infer`
+    infer_cfg = {**(m.get("decode", {}) or {}), **(m.get("infer", {}) or {})}
     gen_kw = {k: infer_cfg[k] for k in ("max_new_tokens", "num_beams", "length_penalty",
                                         "no_repeat_ngram_size", "min_new_tokens") if k in infer_cfg}
     gen_kw.update(gen_overrides or {})

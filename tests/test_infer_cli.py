@@ -1,0 +1,198 @@
+"""Inference CLI (`python -m esrt_jax.infer`): one-process path, edge-only / from-embeds split
+(the two halves run apart and give the same output), file formats, mismatches, and loading a
+run config + Orbax checkpoint."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from esrt_jax.infer import __main__ as cli
+from esrt_jax.infer import payload as pl
+from helpers_sllm import tiny_translator, write_tone
+from helpers_tokenizer import save_tiny_tokenizer
+
+PAIRS = [("eng", "deu"), ("deu", "fra"), ("fra", "eng")]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("infer")
+    (d / "audio").mkdir()
+    lines = []
+    for i, (s, t) in enumerate(PAIRS):
+        write_tone(d / "audio" / f"u{i}.wav", 0.8 + 0.3 * i, 180.0 + 110 * i, seed=i)
+        lines.append(json.dumps({"id": f"u{i}", "audio": f"audio/u{i}.wav", "src": s, "tgt": t}))
+    (d / "set.jsonl").write_text("\n".join(lines) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tr, tok, fp = tiny_translator(max_new_tokens=6, max_batch=4)
+    return tr, fp
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny, corpus):
+    tr, _ = tiny
+    utts = cli.utterances(jsonl=str(corpus / "set.jsonl"))
+    return utts, cli.translate(tr, utts, batch_size=4)
+
+
+def test_utterances_inputs(corpus):
+    utts = cli.utterances(jsonl=str(corpus / "set.jsonl"))
+    assert [(u.id, u.src, u.tgt) for u in utts] == [(f"u{i}", s, t) for i, (s, t) in enumerate(PAIRS)]
+    assert utts[0].audio == str(corpus / "audio" / "u0.wav")
+    one = cli.utterances(audio=[str(corpus / "audio" / "u1.wav")], src="ENG", tgt="zho")
+    assert (one[0].id, one[0].src, one[0].tgt) == ("u1", "eng", "cmn")
+    with pytest.raises(cli.InferError, match="needs --src and --tgt"):
+        cli.utterances(audio=["a.wav"])
+    with pytest.raises(cli.InferError, match="nothing to do"):
+        cli.utterances()
+    bad = corpus / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "audio": "a.wav", "src": "eng"}) + "\n")
+    with pytest.raises(cli.InferError, match=r"bad.jsonl:1: .*tgt"):
+        cli.utterances(jsonl=str(bad))
+
+
+def test_edge_only_npz_then_from_embeds_is_exactly_the_one_process_output(tiny, corpus, one_process, tmp_path):
+    tr, fp = tiny
+    utts, want = one_process
+    feats = cli.encode_utterances(tr, utts, 4)  # edge process
+    out = cli.write_embeds(tmp_path / "e.npz", feats, utts, fingerprint=fp, split=tr.split)
+    got_feats, got_utts = cli.read_embeds(out, fingerprint=fp, split=tr.split, shape=tr.feature_shape)  # cloud
+    assert np.array_equal(got_feats, feats) and got_utts == [cli.Utterance(u.id, u.audio, u.src, u.tgt) for u in utts]
+    assert cli.decode_features(tr, got_feats, got_utts, 4) == want
+    assert all(r["transcription"] or r["translation"] for r in want)  # the tiny model does say something
+
+
+def test_edge_only_fp16_payloads_then_from_embeds(tiny, corpus, one_process, tmp_path):
+    tr, fp = tiny
+    utts, want = one_process
+    feats = cli.encode_utterances(tr, utts, 4)
+    out = cli.write_embeds(tmp_path / "e.jsonl", feats, utts, fingerprint=fp, split=tr.split, scheme="fp16")
+    got_feats, got_utts = cli.read_embeds(out, fingerprint=fp, split=tr.split, shape=tr.feature_shape)
+    assert np.array_equal(got_feats, feats.astype(np.float16).astype(np.float32))  # exact fp16 round trip
+    got = cli.decode_features(tr, got_feats, got_utts, 4)
+    # The cloud decodes exactly what was sent; for this model fp16 rounding changes no token either.
+    assert got == want
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 and base64.b64decode(json.loads(lines[0])["payload"]).startswith(pl.MAGIC)
+
+
+def test_single_raw_payload_needs_languages(tiny, corpus, tmp_path):
+    tr, fp = tiny
+    utts = cli.utterances(audio=[str(corpus / "audio" / "u2.wav")], src="fra", tgt="eng")
+    feats = cli.encode_utterances(tr, utts)
+    raw = cli.write_embeds(tmp_path / "u2.bin", feats, utts, fingerprint=fp, split=tr.split, scheme="int8",
+                           compress=True)
+    assert raw.read_bytes().startswith(pl.MAGIC)
+    with pytest.raises(cli.InferError, match="pass --src and --tgt"):
+        cli.read_embeds(raw, fingerprint=fp, split=tr.split, shape=tr.feature_shape)
+    x, u = cli.read_embeds(raw, fingerprint=fp, split=tr.split, shape=tr.feature_shape, src="fra", tgt="eng")
+    assert np.abs(x - feats).max() <= pl.error_bound(feats[0], "int8").max() + 1e-6
+    assert cli.decode_features(tr, x, u)[0]["src"] == "fra"
+    with pytest.raises(cli.InferError, match="holds one utterance"):
+        cli.write_embeds(tmp_path / "two.bin", np.concatenate([feats, feats]), utts * 2, fingerprint=fp,
+                         split=tr.split)
+
+
+def test_from_embeds_rejects_files_for_another_model(tiny, corpus, one_process, tmp_path):
+    tr, fp = tiny
+    utts, _ = one_process
+    feats = cli.encode_utterances(tr, utts[:1])
+    for name in ("a.jsonl", "a.npz"):
+        f = cli.write_embeds(tmp_path / name, feats, utts[:1], fingerprint="feedfacefeedface", split=tr.split)
+        with pytest.raises(cli.InferError, match="made by model"):
+            cli.read_embeds(f, fingerprint=fp, split=tr.split, shape=tr.feature_shape)
+    f = cli.write_embeds(tmp_path / "b.jsonl", feats[:, :-1], utts[:1], fingerprint=fp, split=tr.split)
+    with pytest.raises(cli.InferError, match=r"b.jsonl:1: payload shape"):
+        cli.read_embeds(f, fingerprint=fp, split=tr.split, shape=tr.feature_shape)
+    rec = json.loads(cli.write_embeds(tmp_path / "c.jsonl", feats, utts[:1], fingerprint=fp,
+                                      split=tr.split).read_text())
+    blob = bytearray(base64.b64decode(rec["payload"]))
+    blob[-9] ^= 1
+    rec["payload"] = base64.b64encode(bytes(blob)).decode()
+    (tmp_path / "c.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(cli.InferError, match=r"c.jsonl:1: payload checksum mismatch"):
+        cli.read_embeds(tmp_path / "c.jsonl", fingerprint=fp, split=tr.split, shape=tr.feature_shape)
+    (tmp_path / "d.jsonl").write_text('{"id": "x", "src": "eng", "tgt": "deu", "payload": "%%%"}\n')
+    with pytest.raises(cli.InferError, match=r"d.jsonl:1: not an edge-features record"):
+        cli.read_embeds(tmp_path / "d.jsonl", fingerprint=fp, split=tr.split, shape=tr.feature_shape)
+
+
+# ----------------------------------------------------------------------------- config + checkpoint
+
+RUN_CONFIG = """
+run_dir: {run_dir}
+model:
+  whisper_config: {{num_mel_bins: 80, d_model: 32, encoder_layers: 2, encoder_attention_heads: 4,
+                   encoder_ffn_dim: 64, max_source_positions: 32}}
+  llm_config: {{model_type: qwen2, vocab_size: 320, hidden_size: 64, intermediate_size: 128,
+               num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}}
+  tokenizer: {tok_dir}
+  adapter: {{num_hidden_layers: 2, hidden_size: 32, num_attention_heads: 4, intermediate_size: 64,
+            num_queries: 6}}
+  seed: 3
+  infer: {{max_new_tokens: 6, prompt_buckets: [16, 32]}}
+data: {{text_buckets: [32]}}
+train: {{steps: 5}}
+"""
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run config and an srt checkpoint whose adapter params differ from the seeded init."""
+    from esrt_jax.train.checkpoint import Checkpointer
+    from esrt_jax.train.config import load_run_config
+    from esrt_jax.train.speech import build_model
+
+    d = tmp_path_factory.mktemp("run")
+    save_tiny_tokenizer(d / "tok", vocab_size=320)
+    cfg_path = d / "run.yaml"
+    cfg_path.write_text(RUN_CONFIG.format(run_dir=d / "runs", tok_dir=d / "tok"))
+    bundle = build_model(load_run_config(cfg_path).for_stage("srt"))
+    trained = jax.tree.map(lambda x: x + 0.01 * jax.numpy.sign(x), bundle.trainable)
+    ck = Checkpointer(d / "runs" / "srt" / "checkpoints", async_save=False)
+    ck.save(5, trained, {"count": np.zeros((), np.int32)})
+    ck.close()
+    return cfg_path, d / "runs", trained
+
+
+def test_load_model_restores_the_trained_params(trained_run):
+    from flax import nnx
+
+    from esrt_jax.infer.cloud import load_model, resolve_checkpoint
+
+    cfg_path, run_dir, trained = trained_run
+    assert resolve_checkpoint(run_dir)[1:] == ("srt", None)
+    assert resolve_checkpoint(run_dir / "srt" / "checkpoints" / "5")[1:] == ("srt", 5)
+    loaded = load_model(cfg_path, run_dir)
+    assert (loaded.stage, loaded.step) == ("srt", 5)
+    ours = nnx.to_pure_dict(nnx.state(loaded.model.adapter, nnx.Param))
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(trained["adapter"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    untrained = load_model(cfg_path, None)
+    assert untrained.step is None and untrained.fingerprint != loaded.fingerprint
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
+        load_model(cfg_path, cfg_path.parent)
+
+
+def test_cli_main_edge_only_then_from_embeds(trained_run, corpus, tmp_path, capsys):
+    cfg_path, run_dir, _ = trained_run
+    base = ["--config", str(cfg_path), "--checkpoint", str(run_dir), "--batch-size", "4"]
+    assert cli.main(base + ["--jsonl", str(corpus / "set.jsonl"), "--output", str(tmp_path / "one.jsonl")]) == 0
+    one = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in one] == ["u0", "u1", "u2"] and set(one[0]) >= {"transcription", "translation"}
+    assert cli.main(base + ["--jsonl", str(corpus / "set.jsonl"), "--edge-only", str(tmp_path / "e.npz")]) == 0
+    assert cli.main(base + ["--from-embeds", str(tmp_path / "e.npz"), "--output", str(tmp_path / "two.jsonl")]) == 0
+    two = [json.loads(x) for x in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert two == one
+    capsys.readouterr()
+    assert cli.main(base + ["--from-embeds", str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
