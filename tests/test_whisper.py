@@ -129,9 +129,27 @@ def test_parity_full_30s_input():
     # HF stores the table (loaded as is); ours, for random init, is the same sinusoid up to
     # transformers' f32 rounding.
     np.testing.assert_allclose(sinusoids(1500, 32), tensors["embed_positions.weight"], atol=2e-4)
-    diffs = max_diffs(model, hf_enc, mel_for(cfg, batch=1))
-    print(f"\nparity 3000 frames: max abs diff {diffs}")
-    assert max(diffs.values()) <= TOL, diffs
+    mel = mel_for(cfg, batch=2)
+    params = nnx.to_pure_dict(nnx.state(model))
+    for attention in ("blocked", "xla"):  # blocked: 10 query blocks of 150 here
+        m = encoder_from_params(dataclasses.replace(ecfg, attention=attention), params)
+        diffs = max_diffs(m, hf_enc, mel)
+        print(f"\nparity 3000 frames, {attention} attention: max abs diff {diffs}")
+        assert max(diffs.values()) <= TOL, diffs
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_blocked_attention_matches_reference(dtype):
+    from esrt_jax.models.whisper import _query_block, blocked_attention
+    assert _query_block(1500, 8, 5 * 2**19) == 50
+    assert _query_block(1500, 20, 5 * 2**19) == 20
+    assert _query_block(16, 4, 5 * 2**19) == 16
+    q, k, v = (jax.random.normal(key, (3, 60, 4, 8), dtype) for key in jax.random.split(jax.random.key(0), 3))
+    ref = jax.nn.dot_product_attention(q, k, v, scale=1.0)
+    got = blocked_attention(q, k, v, budget_bytes=4 * 12 * 60 * 4)  # blocks of 12 queries
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=tol)
 
 
 def perturbed(model: WhisperEncoder, seed: int) -> WhisperEncoder:

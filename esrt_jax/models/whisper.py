@@ -50,7 +50,8 @@ class WhisperEncoderConfig:
     """Whisper encoder shape (HF `WhisperConfig` names) plus runtime settings.
 
     Defaults are whisper-base. `layer_norm_eps` is fixed at 1e-5 in HF (torch's default) and not
-    part of `WhisperConfig`; `dtype`, `param_dtype`, `remat`, `scan_layers` are ours only.
+    part of `WhisperConfig`; `dtype`, `param_dtype`, `remat`, `scan_layers`, `attention` are ours
+    only.
     """
 
     num_mel_bins: int = 80
@@ -66,6 +67,9 @@ class WhisperEncoderConfig:
     param_dtype: str = "float32"    # storage dtype
     remat: bool = False             # jax.checkpoint around each block
     scan_layers: bool = True        # jax.lax.scan over the stacked layers (else a Python loop)
+    # "blocked": query blocks in cache (fastest on CPU); "xla": jax.nn.dot_product_attention
+    # (TPU/GPU); "auto": blocked on the CPU backend, xla elsewhere.
+    attention: str = "auto"
 
     def validate(self) -> None:
         for k in ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads",
@@ -75,6 +79,8 @@ class WhisperEncoderConfig:
               f"d_model {self.d_model} is not divisible by {self.encoder_attention_heads} heads")
         check(self.d_model % 2 == 0, "d_model", "must be even (sinusoidal positions)")
         check(self.layer_norm_eps > 0, "layer_norm_eps", "must be positive")
+        check(self.attention in ("auto", "blocked", "xla"), "attention",
+              f"must be 'auto', 'blocked' or 'xla', got {self.attention!r}")
         try:
             activation(self.activation_function)
         except ValueError as e:
@@ -161,6 +167,7 @@ class WhisperAttention(nnx.Module):
         kw = dict(dtype=dtype_from_name(cfg.dtype), param_dtype=dtype_from_name(cfg.param_dtype),
                   rngs=rngs)
         self.num_heads, self.head_dim = cfg.encoder_attention_heads, cfg.head_dim
+        self.attention = cfg.attention
         self.q_proj = Dense(D, D, axes=("enc_embed", "heads"), **kw)
         self.k_proj = Dense(D, D, axes=("enc_embed", "heads"), use_bias=False, **kw)
         self.v_proj = Dense(D, D, axes=("enc_embed", "heads"), **kw)
@@ -173,9 +180,54 @@ class WhisperAttention(nnx.Module):
         q = (self.q_proj(x) * self.head_dim ** -0.5).reshape(shape)
         k = self.k_proj(x).reshape(shape)
         v = self.v_proj(x).reshape(shape)
-        # (B, T, N, H) layout needs no transposes; XLA softmax runs in f32.
-        o = jax.nn.dot_product_attention(q, k, v, scale=1.0)
+        impl = self.attention
+        if impl == "auto":
+            impl = "blocked" if jax.default_backend() == "cpu" else "xla"
+        if impl == "blocked":
+            o = blocked_attention(q, k, v)
+        else:  # fused/XLA attention; softmax in f32
+            o = jax.nn.dot_product_attention(q, k, v, scale=1.0)
         return self.out_proj(o.reshape(B, T, -1))
+
+
+def _query_block(t: int, heads: int, budget_bytes: int) -> int:
+    """Largest divisor of `t` whose f32 logits block (heads, block, t) fits `budget_bytes`."""
+    best = 1
+    for bs in range(1, t + 1):
+        if t % bs == 0 and heads * bs * t * 4 <= budget_bytes:
+            best = bs
+    return best
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                      budget_bytes: int = 5 * 2**19) -> jax.Array:
+    """Unscaled, unmasked softmax attention, one example and one block of queries at a time.
+
+    q, k, v (B, T, N, H) -> (B, T, N, H). On CPU the (N, T, T) logits of a 30 s clip are 72 MB
+    per example for whisper-base; computing them in blocks that stay in cache (2.5 MB) is ~3x
+    faster than XLA's dot_product_attention there (bench/bench_whisper.py). Logits, exp and the
+    row sums are f32; the softmax is normalised after the value product (one pass fewer).
+    """
+    B, T, N, H = q.shape
+    S = k.shape[1]
+    bs = _query_block(T, N, budget_bytes) if S == T else T
+    q = q.transpose(0, 2, 1, 3).reshape(B, N, T // bs, bs, H).transpose(0, 2, 1, 3, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, N, S, H)
+
+    def one_example(args):
+        qb, kb, vb = args  # (nb, N, bs, H), (N, S, H), (N, S, H)
+
+        def one_block(qi):
+            s = jnp.einsum("nqh,nkh->nqk", qi, kb, preferred_element_type=jnp.float32)
+            e = jnp.exp(s - s.max(-1, keepdims=True))
+            o = jnp.einsum("nqk,nkh->nqh", e.astype(vb.dtype), vb,
+                           preferred_element_type=jnp.float32)
+            return (o / e.sum(-1, keepdims=True)).astype(vb.dtype)
+
+        return jax.lax.map(one_block, qb)  # (nb, N, bs, H)
+
+    o = jax.lax.map(one_example, (q, k, v))  # (B, nb, N, bs, H)
+    return o.transpose(0, 1, 3, 2, 4).reshape(B, T, N, H)
 
 
 class WhisperEncoderBlock(nnx.Module):
@@ -397,17 +449,14 @@ def encoder_from_params(cfg: WhisperEncoderConfig, params: Mapping) -> WhisperEn
     return nnx.merge(graphdef, state)
 
 
-def load_whisper_encoder(model_dir: str | os.PathLike, *, dtype: str = "float32",
-                         param_dtype: str = "float32", remat: bool = False,
-                         scan_layers: bool = True) -> WhisperEncoder:
+def load_whisper_encoder(model_dir: str | os.PathLike, **runtime: Any) -> WhisperEncoder:
     """A local HF Whisper directory (config.json + safetensors, single or sharded with index)
-    -> `WhisperEncoder` (config from config.json). Decoder tensors are ignored; tensors are read
-    one at a time. A hub id gets an error explaining how to fetch the files elsewhere."""
+    -> `WhisperEncoder` (config from config.json; `runtime` sets dtype, param_dtype, remat,
+    scan_layers, attention). Decoder tensors are ignored; tensors are read one at a time and
+    cast to `param_dtype`. A hub id gets an error explaining how to fetch the files elsewhere."""
     d = hf_io.resolve_local_dir(model_dir)
     try:
-        cfg = WhisperEncoderConfig.from_hf_config(hf_io.read_config(d), dtype=dtype,
-                                                  param_dtype=param_dtype, remat=remat,
-                                                  scan_layers=scan_layers)
+        cfg = WhisperEncoderConfig.from_hf_config(hf_io.read_config(d), **runtime)
     except ConfigError as e:
         raise CheckpointError(f"{d / 'config.json'}: {e}") from None
     files = hf_io.weight_files(d)
