@@ -5,8 +5,10 @@ Gemma specifics, all config flags of the shared `esrt_jax.models.llm.CausalLM`: 
 attention scale `query_pre_attn_scalar ** -0.5`, GeLU-tanh MLP, per-layer sliding/global
 attention (`layer_types`, or the older `sliding_window_pattern`) where sliding layers use their
 own rope base (`rope_local_base_freq` / `rope_parameters['sliding_attention']`) without scaling
-and global layers the (possibly linearly scaled) `rope_theta`; optional attention and final
-logit soft-capping (None in released Gemma-3 configs).
+and global layers the (possibly linearly scaled) `rope_theta`; optional final logit soft-capping
+(None in released Gemma-3 configs). `attn_logit_softcapping` is read but NOT applied, exactly as in
+transformers' Gemma3Attention (which never passes it to the attention kernel); the shared layer
+supports attention soft-capping for families that do use it.
 
 Multimodal `gemma3` checkpoints (ESRT-4B/12B start from gemma-3-4b/12b) keep the text model
 under `language_model.model.` (hub files) or `model.language_model.` (transformers 5 saves);
@@ -72,7 +74,9 @@ class Gemma3TextConfig(LLMConfig):
             tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
             qkv_bias=bias, o_bias=bias, qk_norm=True, sandwich_norm=True, embed_scale=True,
             query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
-            attn_logit_softcapping=d.get("attn_logit_softcapping"),
+            # transformers' Gemma-3 never passes attn_logit_softcapping to its attention (only
+            # Gemma-2 does); we follow the reference implementation, so it is not applied.
+            attn_logit_softcapping=None,
             final_logit_softcapping=d.get("final_logit_softcapping"),
             sliding_window=d.get("sliding_window", 4096), layer_types=tuple(layer_types),
             bos_token_id=d.get("bos_token_id", 2), eos_token_id=eos_tuple(d.get("eos_token_id", 1)),

@@ -570,13 +570,15 @@ class ParamMap:
     hf_name: e.g. 'model.layers.3.self_attn.q_proj.weight'; path: our nnx path, e.g.
     ('layers', 'self_attn', 'q_proj', 'kernel'); layer: index into the leading stacked `layers`
     axis (None for unstacked params); transform: numpy function HF tensor -> our slice
-    (`hf_to_ours`) or our slice -> HF tensor (`ours_to_hf`); shape: the output shape of transform.
+    (`hf_to_ours`) or our slice -> HF tensor (`ours_to_hf`); shape: the output shape of transform;
+    hf_shape: the HF tensor's shape (torch layout).
     """
     hf_name: str
     path: tuple[str, ...]
     layer: int | None
     transform: Callable[[np.ndarray], np.ndarray]
     shape: tuple[int, ...]
+    hf_shape: tuple[int, ...]
 
 
 def _maps(cfg: LLMConfig, prefix: str, direction: str) -> list[ParamMap]:
@@ -590,19 +592,20 @@ def _maps(cfg: LLMConfig, prefix: str, direction: str) -> list[ParamMap]:
         ours = (in_dim,) + tuple(out_shape)
         hf = (int(np.prod(out_shape)), in_dim)
         if to_ours:
-            return (lambda w: np.ascontiguousarray(w.T).reshape(ours)), ours
-        return (lambda w: np.ascontiguousarray(w.reshape(in_dim, -1).T)), hf
+            return (lambda w: np.ascontiguousarray(w.T).reshape(ours)), ours, hf
+        return (lambda w: np.ascontiguousarray(w.reshape(in_dim, -1).T)), hf, hf
 
     def o_lin():
-        ours = (h, dh, d)
+        ours, hf = (h, dh, d), (d, h * dh)
         if to_ours:
-            return (lambda w: np.ascontiguousarray(w.T).reshape(ours)), ours
-        return (lambda w: np.ascontiguousarray(w.reshape(h * dh, d).T)), (d, h * dh)
+            return (lambda w: np.ascontiguousarray(w.T).reshape(ours)), ours, hf
+        return (lambda w: np.ascontiguousarray(w.reshape(h * dh, d).T)), hf, hf
 
     def vec(shape_ours, shape_hf):
+        shape_ours, shape_hf = tuple(shape_ours), tuple(shape_hf)
         if to_ours:
-            return (lambda w: np.asarray(w).reshape(shape_ours)), tuple(shape_ours)
-        return (lambda w: np.asarray(w).reshape(shape_hf)), tuple(shape_hf)
+            return (lambda w: np.asarray(w).reshape(shape_ours)), shape_ours, shape_hf
+        return (lambda w: np.asarray(w).reshape(shape_hf)), shape_hf, shape_hf
 
     out = [ParamMap(f"{prefix}embed_tokens.weight", ("embed_tokens", "embedding"), None,
                     *vec((v, d), (v, d))),
@@ -612,18 +615,18 @@ def _maps(cfg: LLMConfig, prefix: str, direction: str) -> list[ParamMap]:
             name = f"{prefix}layers.{i}.{suffix}"
             path = ("layers",) + sub
             if kind in ("q_in", "k_in", "v_in"):
-                fn, shp = lin(d, (heads[kind[0]], dh))
+                t = lin(d, (heads[kind[0]], dh))
             elif kind == "o_in":
-                fn, shp = o_lin()
+                t = o_lin()
             elif kind in ("q_bias", "k_bias", "v_bias"):
                 n = heads[kind[0]]
-                fn, shp = vec((n, dh), (n * dh,))
+                t = vec((n, dh), (n * dh,))
             elif kind == "linear":
-                fn, shp = lin(d, (f,)) if sub[1] != "down_proj" else lin(f, (d,))
+                t = lin(d, (f,)) if sub[1] != "down_proj" else lin(f, (d,))
             else:  # vector: norms, biases of o / mlp
                 size = {"q_norm": dh, "k_norm": dh, "gate_proj": f, "up_proj": f}.get(sub[-2], d)
-                fn, shp = vec((size,), (size,))
-            out.append(ParamMap(name, path, i, fn, shp))
+                t = vec((size,), (size,))
+            out.append(ParamMap(name, path, i, *t))
     if not cfg.tie_word_embeddings:
         out.append(ParamMap("lm_head.weight", ("lm_head", "kernel"), None, *lin(d, (v,))))
     return out
@@ -656,11 +659,29 @@ def detect_hf_prefix(names: Sequence[str] | Mapping[str, Any]) -> str:
         f"is this a decoder LLM checkpoint?")
 
 
+def flatten_params(params: Any) -> dict[tuple[str, ...], Any]:
+    """nnx.State, nested dict of arrays, or {path tuple: array} -> {path tuple: Variable or array}."""
+    if isinstance(params, nnx.State):
+        return {tuple(map(str, k)): v for k, v in nnx.to_flat_state(params)}
+    if isinstance(params, Mapping) and params and all(isinstance(k, tuple) for k in params):
+        return dict(params)
+    out: dict[tuple[str, ...], Any] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, prefix + (str(k),))
+        else:
+            out[prefix] = node
+    walk(params, ())
+    return out
+
+
 def params_to_hf(params: nnx.State | Mapping, cfg: LLMConfig, prefix: str = "model."
                  ) -> Iterator[tuple[str, np.ndarray]]:
     """Stream our params as (HF name, numpy tensor in torch layout). LoRA factors are not part of
     the base model: merge them first (`merge_lora`) or export them as an adapter."""
-    flat = {k: v for k, v in nnx.to_flat_state(params)} if not isinstance(params, Mapping) else params
+    flat = flatten_params(params)
     for m in ours_to_hf(cfg, prefix):
         var = flat[m.path]
         arr = var[...] if isinstance(var, nnx.Variable) else var
@@ -700,11 +721,11 @@ def load_params_from_hf_dir(model_dir: str, cfg: LLMConfig, *, param_dtype: Any 
     place = place or (lambda path, a: jnp.asarray(a))
     for name, arr in hf_io.iter_tensors(model_dir, list(by_name)):
         m = by_name[name]
-        x = m.transform(np.asarray(arr))
-        if x.shape != m.shape:
+        if tuple(arr.shape) != m.hf_shape:
             raise hf_io.CheckpointError(
-                f"{model_dir}: tensor {name} has shape {tuple(arr.shape)}, which does not fit "
-                f"{'/'.join(m.path)} {m.shape} of this config (check config.json)")
+                f"{model_dir}: tensor {name} has shape {tuple(arr.shape)}, expected {m.hf_shape} "
+                f"for {'/'.join(m.path)} of this config (check config.json)")
+        x = m.transform(np.asarray(arr))
         x = x.astype(np_dtype)
         if m.layer is None:
             out[m.path] = place(m.path, x)
