@@ -1,4 +1,5 @@
-"""Greedy decoding speed: esrt-jax (jitted, KV cache, lax.while_loop) vs transformers.generate.
+"""Greedy decoding speed: esrt-jax (`llm.greedy_generate`: jitted prefill + KV-cache decode steps
+inside one `lax.while_loop`) vs `transformers.generate`.
 
 For each family (Qwen2, Qwen3, Gemma-3 text, Llama) at a ~100M-parameter config with random
 weights: batch 8, prompt 96 tokens, 64 new tokens, greedy, EOS disabled so both produce exactly
@@ -63,10 +64,8 @@ def bench_family(name, hf_cfg, args) -> dict:
 
     import jax
     import jax.numpy as jnp
-    from flax import nnx
-
     from esrt_jax.convert.llm import model_from_hf_state
-    from esrt_jax.infer.generate import GenerateConfig, generate
+    from esrt_jax.models import llm
 
     torch.manual_seed(0)
     hf = T.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
@@ -92,27 +91,21 @@ def bench_family(name, hf_cfg, args) -> dict:
 
     # Ours: same weights, converted in memory.
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    model, cfg = model_from_hf_state(hf_cfg.to_dict(), state, dtype=jnp.float32,
+    model, _ = model_from_hf_state(hf_cfg.to_dict(), state, dtype=jnp.float32,
                                      param_dtype=jnp.float32)
     del state
-    graphdef, params = nnx.split(model)
-    # eos id beyond the vocab: never produced, so every row runs all M steps like HF above.
-    gcfg = GenerateConfig(max_new_tokens=M, no_repeat_ngram_size=0, eos_ids=(cfg.vocab_size,),
-                          pad_id=0)
+    # EOS disabled (None): every row runs all M steps, like HF above.
+    def run(model, ids, mask):
+        return llm.greedy_generate(model, ids, mask, M, eos_token_id=None, pad_token_id=0)
 
-    @jax.jit
-    def run(params, ids, mask):
-        emb = nnx.merge(graphdef, params).embed(ids)
-        return generate(graphdef, params, emb, mask.astype(bool), gcfg)
-
-    j_ids, j_mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+    j_ids, j_mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool)
     t0 = time.perf_counter()
-    first = jax.block_until_ready(run(params, j_ids, j_mask))
+    first = jax.block_until_ready(run(model, j_ids, j_mask))
     first_s = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        ours = jax.block_until_ready(run(params, j_ids, j_mask))
+        ours = jax.block_until_ready(run(model, j_ids, j_mask))
         times.append(time.perf_counter() - t0)
     ours_s = min(times)
     ours_tokens = np.asarray(ours)

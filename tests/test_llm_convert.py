@@ -216,7 +216,7 @@ def test_lora_merged_export_and_peft_adapter(family, hf_dirs, tmp_path):
     assert np.abs(hf_logits(plain, ids, mask) - base_ref).max() <= 1e-5
 
 
-def test_mesh_placement_on_8_devices(hf_dirs):
+def test_mesh_placement_on_8_devices(hf_dirs, tmp_path):
     src, ref_model = hf_dirs["qwen2"]
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     lora = LoraConfig(rank=4, alpha=8.0)
@@ -242,6 +242,9 @@ def test_mesh_placement_on_8_devices(hf_dirs):
     np.testing.assert_allclose(our_logits(model, ids, mask), our_logits(plain, ids, mask), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(q), np.asarray(
         dict(nnx.to_flat_state(nnx.state(plain)))[("layers", "self_attn", "q_proj", "kernel")].get_value()))
+    # Export gathers sharded params tensor by tensor.
+    back = T.AutoModelForCausalLM.from_pretrained(export_hf(model, tmp_path / "from_mesh")).eval()
+    assert np.abs(hf_logits(back, ids, mask) - hf_logits(ref_model, ids, mask)).max() <= 1e-5
 
 
 def test_in_memory_state_dict_matches_directory(hf_dirs):
