@@ -255,17 +255,29 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
             return StageResult(cfg.stage, stage_dir, start, read_losses(stage_dir), {}, latest, skipped=True)
 
         step_fn = jit_train_step(make_train_step(bundle.loss_fn, optimizer), sh)
-        first = next(data_iter)
-        gbatch = host_batch_to_global(first, tc.grad_accum, sh["batch"])
         base_key = jax.random.key(tc.seed)
-        t0 = time.perf_counter()
-        compiled = step_fn.lower(trainable, opt_state, frozen, gbatch, base_key).compile()
-        log0(f"[{cfg.stage}] compiled train step in {time.perf_counter() - t0:.1f}s")
-        bundle.trainable, bundle.frozen = trainable, frozen
-        log0(f"[{cfg.stage}] per-device memory: "
-             f"{format_memory(memory_report(compiled, sh, bundle, sh['abstract_opt']))}")
-        flops = step_flops(compiled, jax.device_count(), bundle, gb)
-        bundle.trainable = bundle.frozen = None
+        compiled_steps: dict = {}
+        flops_by_shape: dict = {}
+
+        def compiled_for(batch):
+            """AOT-compiled step per batch shape (text buckets give a few shapes)."""
+            key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+            if key not in compiled_steps:
+                t0 = time.perf_counter()
+                c = step_fn.lower(trainable, opt_state, frozen, batch, base_key).compile()
+                shapes = {k: tuple(v.shape) for k, v in batch.items()}
+                log0(f"[{cfg.stage}] compiled train step for batch {shapes} in {time.perf_counter() - t0:.1f}s")
+                if not compiled_steps:
+                    bundle.trainable, bundle.frozen = trainable, frozen
+                    log0(f"[{cfg.stage}] per-device memory: "
+                         f"{format_memory(memory_report(c, sh, bundle, sh['abstract_opt']))}")
+                    bundle.trainable = bundle.frozen = None
+                compiled_steps[key] = c
+                flops_by_shape[key] = step_flops(c, jax.device_count(), bundle, gb)
+            return compiled_steps[key], flops_by_shape[key]
+
+        first = host_batch_to_global(next(data_iter), tc.grad_accum, sh["batch"])
+        compiled_for(first)
 
         eval_fn = None
         if make_dev is not None:
@@ -310,6 +322,7 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
             bar = tqdm(total=tc.steps, initial=start, desc=cfg.stage or "train", file=sys.stderr,
                        dynamic_ncols=True, mininterval=1.0)
         pending: list[tuple[int, dict]] = []
+        pending_flops: list[float] = []
         window = {"t": time.perf_counter(), "steps": 0, "tokens": 0.0}
         last_saved = latest
 
@@ -321,7 +334,7 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
             dt = max(now - window["t"], 1e-9)
             toks = sum(float(m.get("tokens", 0.0)) for m in got)
             tok_s = toks / dt
-            tflops = flops * len(got) / dt / 1e12
+            tflops = sum(f for f in pending_flops) / dt / 1e12
             for (s, _), m in zip(pending, got):
                 if not int(m["finite"]):
                     raise NonFiniteError(
@@ -337,15 +350,18 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
                                 tok_s=f"{tok_s:.0f}", tflops=f"{tflops:.3g}", refresh=False)
                 bar.update(len(got))
             pending.clear()
+            pending_flops.clear()
             window.update(t=now)
 
-        batch = gbatch
+        batch = first
         try:
             for step in range(start + 1, tc.steps + 1):
                 if batch is None:
                     batch = host_batch_to_global(next(data_iter), tc.grad_accum, sh["batch"])
                 rng = jax.random.fold_in(base_key, step)
-                trainable, opt_state, metrics = compiled(trainable, opt_state, frozen, batch, rng)
+                step_c, step_fl = compiled_for(batch)
+                trainable, opt_state, metrics = step_c(trainable, opt_state, frozen, batch, rng)
+                pending_flops.append(step_fl)
                 batch = None
                 pending.append((step, metrics))
                 if step % tc.log_every == 0:

@@ -66,9 +66,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation) ->
 
 
 def make_eval_step(loss_fn: LossFn) -> Callable:
-    """(trainable, frozen, batch (B, ...)) -> metrics; deterministic rng."""
+    """(trainable, frozen, batch (B, ...)) -> metrics; rng None = deterministic (no dropout)."""
     def evaluate(trainable, frozen, batch):
-        loss, aux = _f32(loss_fn(trainable, frozen, batch, jax.random.key(0)))
+        loss, aux = _f32(loss_fn(trainable, frozen, batch, None))
         return {"loss": loss, **aux}
     return evaluate
 

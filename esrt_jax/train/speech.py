@@ -1,0 +1,349 @@
+"""Training wiring of the speech LLM: the default `model.builder` and `data.builder`.
+
+Model block of a run config (`model:`):
+
+    whisper: /models/whisper-large-v3        # local HF dir, or
+    whisper_config: {num_mel_bins: 80, d_model: 64, ...}    # tiny random encoder
+    llm: /models/gemma-3-4b-it               # local HF dir, or
+    llm_config: {model_type: qwen2, vocab_size: 512, ...}   # tiny random LLM (HF config keys)
+    # With both a dir and a *_config, the config is used only while the dir is absent: that
+    # lets `--dry-run` plan a real model on a machine without its weights.
+    tokenizer: /models/gemma-3-4b-it         # default: the llm dir; "demo": a byte-level BPE
+    tokenizer_vocab: 512                     #   trained on the demo corpus text (offline)
+    adapter: {num_queries: 80, pool_k: null, ...}   # QFormerConfig (encoder/llm dims filled in)
+    llm_dtype: bfloat16   llm_param_dtype: float32   encoder_dtype: float32
+    scan_layers: true   remat: false   split: projector   seed: 0
+    decode: {max_new_tokens: 64, num_beams: 1}      # dev decodes during training
+
+Trainable by default: the adapter (Q-Former + projector) and, with `lora.enabled`, the LoRA
+factors; the encoder and the LLM base weights are frozen (`train.trainable` overrides).
+
+Data block (`data:`): the keys of `esrt_jax.data.pipeline.DataConfig` (batch size comes from
+`train.batch_size`) plus `dev: [sources]` for dev loss / decodes and `demo: true` to use the
+offline demo corpus (built on first use) for both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from esrt_jax.config import ConfigError, from_dict
+from esrt_jax.train.bundle import TrainBundle, split_nnx
+from esrt_jax.train.config import RunConfig
+
+MODEL_KEYS = {"builder", "whisper", "whisper_config", "llm", "llm_config", "tokenizer", "tokenizer_vocab",
+              "adapter", "llm_dtype", "llm_param_dtype", "encoder_dtype", "scan_layers", "remat", "split",
+              "seed", "decode", "infer"}
+DATA_EXTRA = {"builder", "dev", "demo", "demo_dir", "dev_task"}
+BATCH_KEYS = ("mel", "audio", "tokens", "loss_mask", "attention_mask")
+
+
+def _check_keys(block: dict, allowed: set, where: str) -> None:
+    bad = sorted(set(block) - allowed)
+    if bad:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in bad)}; "
+                          f"valid keys here: {', '.join(sorted(allowed))}")
+
+
+# ----------------------------------------------------------------------------- configs
+
+def _is_local(path: str) -> bool:
+    return (Path(path).expanduser() / "config.json").is_file()
+
+
+def speech_config(cfg: RunConfig):
+    """RunConfig -> SpeechLLMConfig (reads only config.json files of local HF dirs)."""
+    from esrt_jax.convert import hf_io
+    from esrt_jax.models.llm import LoraConfig, config_from_hf
+    from esrt_jax.models.qformer import QFormerConfig
+    from esrt_jax.models.speech_llm import SpeechLLMConfig
+    from esrt_jax.models.whisper import WhisperEncoderConfig
+
+    m = cfg.model
+    _check_keys(m, MODEL_KEYS, "model")
+    enc_rt = {"dtype": m.get("encoder_dtype", "float32"), "scan_layers": m.get("scan_layers", True)}
+    if m.get("whisper") and (_is_local(m["whisper"]) or not m.get("whisper_config")):
+        enc = WhisperEncoderConfig.from_hf_config(hf_io.read_config(hf_io.resolve_local_dir(m["whisper"])),
+                                                  **enc_rt)
+    elif m.get("whisper_config"):
+        enc = from_dict(WhisperEncoderConfig, {**enc_rt, **m["whisper_config"]}, prefix="model.whisper_config")
+    else:
+        raise ConfigError("model: set model.whisper (a local HF dir) or model.whisper_config (a tiny config)")
+    if m.get("llm") and (_is_local(m["llm"]) or not m.get("llm_config")):
+        llm = config_from_hf(hf_io.read_config(hf_io.resolve_local_dir(m["llm"])))
+    elif m.get("llm_config"):
+        llm = config_from_hf(dict(m["llm_config"]))
+    else:
+        raise ConfigError("model: set model.llm (a local HF dir) or model.llm_config (HF config keys)")
+    adapter = from_dict(QFormerConfig, {**m.get("adapter", {}), "encoder_hidden_size": enc.d_model,
+                                        "llm_dim": llm.hidden_size}, prefix="model.adapter")
+    lora = None
+    if cfg.lora.enabled:
+        lora = LoraConfig(targets=tuple(cfg.lora.targets), rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                          dropout=cfg.lora.dropout)
+    return SpeechLLMConfig(enc, adapter, llm, lora=lora, llm_dtype=m.get("llm_dtype", "float32"),
+                           llm_param_dtype=m.get("llm_param_dtype", "float32"),
+                           scan_layers=m.get("scan_layers", True), remat=m.get("remat", False),
+                           split=m.get("split", "projector"))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def _demo_dir(cfg: RunConfig) -> Path:
+    from esrt_jax.data.demo import build_demo_corpus, default_demo_dir
+
+    d = cfg.data.get("demo_dir")
+    return build_demo_corpus(d if d else default_demo_dir(), progress=jax.process_index() == 0)
+
+
+@functools.lru_cache(maxsize=4)
+def demo_tokenizer(demo_dir: str, vocab_size: int):
+    """A byte-level BPE trained (deterministically, offline) on the demo corpus text + tags."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts: list[str] = []
+    tags = set()
+    for line in (Path(demo_dir) / "train.jsonl").read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        texts += [r["asr"], r["s2tt"]]
+        tags.add(f"<|{r['src']}|><|{r['tgt']}|>")
+    texts += sorted(tags)
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+
+
+def tokenizer_for(cfg: RunConfig):
+    from esrt_jax.models.tokenizer import check_vocab, load_tokenizer
+
+    m = cfg.model
+    spec = m.get("tokenizer") or m.get("llm")
+    if spec == "demo":
+        tok = demo_tokenizer(str(_demo_dir(cfg)), int(m.get("tokenizer_vocab", 512)))
+    elif spec:
+        tok = load_tokenizer(spec)
+    else:
+        raise ConfigError("model.tokenizer: needed when model.llm is not a local HF dir "
+                          "(a tokenizer dir, or 'demo')")
+    check_vocab(tok, speech_config(cfg).llm.vocab_size, where=spec)
+    return tok
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_inference(cfg: RunConfig, *, abstract: bool = False):
+    """(SpeechLLM with its pretrained / seeded random weights, tokenizer)."""
+    model = _build_module(cfg, abstract=abstract)
+    return model, (None if abstract else tokenizer_for(cfg))
+
+
+def _build_module(cfg: RunConfig, *, abstract: bool):
+    from esrt_jax.models.layers import dtype_from_name
+    from esrt_jax.models.llm import load_causal_lm
+    from esrt_jax.models.qformer import SpeechAdapter
+    from esrt_jax.models.speech_llm import SpeechLLM
+    from esrt_jax.models.whisper import load_whisper_encoder, WhisperEncoder
+
+    scfg = speech_config(cfg)
+    seed = int(cfg.model.get("seed", 0))
+    make = lambda: SpeechLLM(scfg, rngs=nnx.Rngs(seed))  # noqa: E731
+    if abstract:
+        return nnx.eval_shape(make)
+    m = cfg.model
+    if not m.get("whisper") and not m.get("llm"):
+        return make()
+    rngs = nnx.Rngs(seed)
+    enc = (load_whisper_encoder(m["whisper"], dtype=scfg.encoder.dtype, scan_layers=scfg.encoder.scan_layers)
+           if m.get("whisper") else WhisperEncoder(scfg.encoder, rngs=rngs))
+    adapter = SpeechAdapter(scfg.adapter, rngs=rngs)
+    if m.get("llm"):
+        llm = load_causal_lm(m["llm"], scfg.llm, lora=scfg.lora, dtype=dtype_from_name(scfg.llm_dtype),
+                             param_dtype=dtype_from_name(scfg.llm_param_dtype), scan_layers=scfg.scan_layers,
+                             remat=scfg.remat, rngs=rngs)
+    else:
+        llm = make().llm
+    return SpeechLLM.from_parts(scfg, enc, adapter, llm)
+
+
+def default_trainable(cfg: RunConfig) -> tuple[str, ...]:
+    pats = ("^adapter/",)
+    return pats + (r"/lora_[ab]$",) if cfg.lora.enabled else pats
+
+
+def _model_flops_per_example(scfg, text_len: int) -> float:
+    """6 N T for the trained path + 2 N T for the frozen encoder (fwd only), + attention."""
+    e, a, l = scfg.encoder, scfg.adapter, scfg.llm
+    T_enc = e.max_source_positions
+    enc_params = e.encoder_layers * (4 * e.d_model ** 2 + 2 * e.d_model * e.encoder_ffn_dim)
+    enc = 2 * enc_params * T_enc + e.encoder_layers * 4 * T_enc ** 2 * e.d_model
+    T_llm = a.num_output_tokens + text_len
+    d, f, L = l.hidden_size, l.intermediate_size, l.num_hidden_layers
+    hd = getattr(l, "head_dim", None) or d // l.num_attention_heads
+    attn_p = d * hd * (l.num_attention_heads * 2 + l.num_key_value_heads * 2)
+    llm_params = L * (attn_p + 3 * d * f) + d * l.vocab_size
+    q = a.hidden_size
+    ad_params = a.num_hidden_layers * (4 * q * q + 2 * q * a.intermediate_size) + \
+        (a.num_hidden_layers + 1) // a.cross_attention_frequency * 2 * q * e.d_model
+    # LLM: forward + backward through activations (weights frozen unless LoRA): ~4 N T; adapter 6 N T.
+    return enc + 4 * llm_params * T_llm + 4 * L * T_llm ** 2 * d + 6 * ad_params * a.num_queries
+
+
+def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
+    """model.builder: the speech LLM as a TrainBundle (loss = speech_llm.loss_fn)."""
+    from esrt_jax.models import speech_llm
+
+    model = _build_module(cfg, abstract=abstract)
+    scfg = model.config
+
+    def module_loss(m, batch, rng):
+        loss, aux = speech_llm.loss_fn(m, batch, dropout_rng=rng)
+        return loss, {"accuracy": aux["accuracy"], "tokens": aux["tokens"]}
+
+    frozen_dtype = jnp.bfloat16 if cfg.train.frozen_dtype == "bfloat16" else None
+    bundle, graphdef = split_nnx(model, cfg.train.trainable or default_trainable(cfg), module_loss,
+                                 frozen_dtype=frozen_dtype)
+    buckets = tuple(cfg.data.get("text_buckets", (64, 128, 256)))
+    n_mels = scfg.encoder.num_mel_bins
+    frames = 2 * scfg.encoder.max_source_positions
+    bundle.batch_spec = lambda rows: {
+        "mel": jax.ShapeDtypeStruct((rows, n_mels, frames), jnp.float32),
+        "tokens": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32),
+        "loss_mask": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32),
+        "attention_mask": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32)}
+    bundle.flops_per_example = _model_flops_per_example(scfg, max(buckets))
+    if not abstract:
+        bundle.decode_fn = _decoder(cfg, graphdef, nnx.state(model))
+    return bundle
+
+
+def _decoder(cfg: RunConfig, graphdef, state_template):
+    """decode_fn(trainable, frozen, n) -> {'bleu', 'wer', 'samples'} on the first n dev records."""
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), state_template)
+    dev = _dev_source(cfg)
+    if dev is None:
+        return None
+
+    def decode(trainable, frozen, n):
+        from esrt_jax.data.pipeline import make_eval_batches
+        from esrt_jax.eval.metrics import asr_error, bleu
+        from esrt_jax.infer.generate import GenerateConfig
+        from esrt_jax.infer.translator import Translator
+        from esrt_jax import languages
+        from esrt_jax.data.tasks import TaskTokenizer
+        from esrt_jax.train.bundle import _merge_dicts
+
+        st = jax.tree.map(lambda x: x, template)
+        nnx.replace_by_pure_dict(st, _merge_dicts(trainable, frozen))
+        model = nnx.merge(graphdef, st)
+        tok = tokenizer_for(cfg)
+        dcfg = dict(cfg.model.get("decode", {}) or {})
+        tt = TaskTokenizer(tok)
+        gen = GenerateConfig(eos_ids=(tt.eos_id,), pad_id=tt.pad_id, **{"max_new_tokens": 64, **dcfg})
+        tr = Translator(model, tok, gen_cfg=gen, max_batch=max(n, 1))
+        dc = _data_config(cfg, batch_size=n)
+        batch = next(make_eval_batches(dc, tok, dev, _dev_task(cfg, dc), batch_size=n))
+        rows = [int(i) for i in batch["record"] if i >= 0]
+        recs = [dev[i] for i in rows]
+        if "mel" in batch:
+            mel = batch["mel"][:len(rows)]
+        else:
+            from esrt_jax.audio import log_mel_spectrogram_jax
+            mel = np.asarray(log_mel_spectrogram_jax(jnp.asarray(batch["audio"][:len(rows)]), dc.n_mels))
+        task = _dev_task(cfg, dc)
+        outs = tr.translate(mel, [r.src for r in recs], [r.tgt for r in recs], task=task,
+                            transcriptions=[r.transcription for r in recs] if task == "smt" else None)
+        rep: dict = {}
+        if task != "smt":
+            rep["wer"] = float(asr_error([r.transcription for r in recs], [o["asr"] for o in outs], "wer"))
+        if task != "asr":
+            tokz = {languages.get(r.tgt).bleu_tokenize for r in recs}
+            rep["bleu"] = float(bleu([o["s2tt"] for o in outs], [r.translation for r in recs],
+                                     "char" if "char" in tokz else "13a")[0])
+        rep["samples"] = [f"{task} {r.src}->{r.tgt} ref: {r.transcription if task != 'smt' else ''}"
+                          f"{' | ' + r.translation if task != 'asr' else ''}\n"
+                          f"           hyp: {o['asr'] if task != 'smt' else ''}"
+                          f"{' | ' + o['s2tt'] if task != 'asr' else ''}" for r, o in zip(recs, outs)]
+        return rep
+
+    return decode
+
+
+# ----------------------------------------------------------------------------- data
+
+def _data_config(cfg: RunConfig, batch_size: int | None = None):
+    from esrt_jax.data.pipeline import DataConfig
+
+    d = {k: v for k, v in cfg.data.items() if k not in DATA_EXTRA}
+    _check_keys(d, {f.name for f in dataclasses.fields(DataConfig)}, "data")
+    if cfg.data.get("demo") and not d.get("train"):
+        d["train"] = [str(_demo_dir(cfg) / "train.jsonl")]
+    d["batch_size"] = batch_size or cfg.train.batch_size
+    d.setdefault("n_mels", speech_config(cfg).encoder.num_mel_bins)
+    return from_dict(DataConfig, d, prefix="data")
+
+
+def _dev_source(cfg: RunConfig):
+    """Dev records in data.languages, in a fixed shuffled order (so the first batches mix
+    directions), or None when no dev set is configured."""
+    from esrt_jax.data.pipeline import open_sources
+    from esrt_jax.data.records import ListSource
+
+    specs = cfg.data.get("dev") or ([str(_demo_dir(cfg) / "dev.jsonl")] if cfg.data.get("demo") else None)
+    if not specs:
+        return None
+    src = open_sources(list(specs))
+    langs = set(cfg.data.get("languages") or ())
+    keep = [i for i in range(len(src)) if not langs or (src[i].src in langs and src[i].tgt in langs)]
+    if not keep:
+        raise ConfigError(f"data.dev: no dev record in data.languages {sorted(langs)}")
+    order = np.random.default_rng(0).permutation(len(keep))
+    return ListSource([src[keep[i]] for i in order], name=f"dev({src.name})")
+
+
+def _dev_task(cfg: RunConfig, dc) -> str:
+    """data.dev_task, else the stage's most weighted task."""
+    return cfg.data.get("dev_task") or max(dc.tasks, key=dc.tasks.get)
+
+
+class _Select:
+    """Keep the keys the loss uses (drops int64 bookkeeping columns before device transfer)."""
+
+    def __call__(self, batch):
+        return {k: v for k, v in batch.items() if k in BATCH_KEYS}
+
+
+def build_data(cfg: RunConfig, split: str, *, process_index: int, process_count: int):
+    """data.builder: 'train' -> checkpointable Grain iterator; 'dev' -> iterable of batches."""
+    from esrt_jax.data.pipeline import make_eval_batches, make_train_dataset
+
+    tok = tokenizer_for(cfg)
+    dc = _data_config(cfg)
+    if split == "train":
+        dc = dataclasses.replace(dc, shard_index=process_index, shard_count=process_count)
+        return iter(make_train_dataset(dc, tok).map(_Select()))
+    dev = _dev_source(cfg)
+    if dev is None:
+        return iter(())
+    task = _dev_task(cfg, dc)
+    per = cfg.train.batch_size // process_count
+
+    def gen():
+        for b in make_eval_batches(dc, tok, dev, task):
+            yield {k: v[process_index * per:(process_index + 1) * per] for k, v in _Select()(b).items()}
+    return gen()
