@@ -306,3 +306,27 @@ def test_tokenizer_vocab_mismatch(hf_dirs, tmp_path):
     with pytest.raises(TokenizerError, match=r"tokenizer/vocab-size mismatch.*320 tokens.*300 rows"):
         load_hf_model(d)
     load_hf_model(d, check_tokenizer=False)  # explicit opt-out still loads the weights
+
+
+def test_gemma3_multimodal_checkpoint_loads_text_part(tmp_path):
+    """ESRT's bases (gemma-3-4b/12b) are Gemma3ForConditionalGeneration checkpoints: the text
+    model lives under `language_model.model.` next to a vision tower; we load the text part and
+    export it as a text-only Gemma3ForCausalLM."""
+    tc = dict(vocab_size=320, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+              layer_types=["sliding_attention", "full_attention"], **COMMON)
+    vc = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+              image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    mm = _randomize(T.Gemma3ForConditionalGeneration(T.Gemma3Config(
+        text_config=tc, vision_config=vc, mm_tokens_per_image=4, image_token_index=300,
+        boi_token_index=301, eoi_token_index=302))).eval()
+    src = tmp_path / "gemma3_mm"
+    mm.save_pretrained(src)
+    model = load_hf_model(src)
+    assert model.cfg.model_type == "gemma3_text" and model.cfg.sliding_window == 4
+    ids, mask = _batch()
+    ref = hf_logits(mm, ids, mask)
+    assert np.abs(_valid(our_logits(model, ids, mask), mask) - _valid(ref, mask)).max() <= 1e-4
+    back = T.AutoModelForCausalLM.from_pretrained(export_hf(model, tmp_path / "text")).eval()
+    assert type(back).__name__ == "Gemma3ForCausalLM"
+    assert np.abs(hf_logits(back, ids, mask) - ref).max() <= 1e-5
