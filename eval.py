@@ -1,4 +1,8 @@
-"""Evaluate speech-translation results: `python eval.py --score results.jsonl [--out DIR] [--compare other.jsonl]`.
+"""Evaluate speech translation.
+
+    python eval.py --config CONFIG --checkpoint RUN_DIR [--data test.jsonl] [--src ..] [--tgt ..]
+                   [--beam 5] [--batch 64] [--limit N] [--out DIR]     # decode a test set, then score it
+    python eval.py --score results.jsonl [--out DIR] [--compare other.jsonl]   # score an existing file
 
 See esrt_jax/eval/cli.py for the options.
 """

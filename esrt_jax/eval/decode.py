@@ -1,0 +1,415 @@
+"""Decode a test set into a results file (public ESRT schema), resumably.
+
+    items, issues = read_items("test.jsonl", src={"eng"}, tgt=None, limit=None, task="srt")
+    stats = decode_to_file(translator, items, "out/results.jsonl", batch=64)
+
+Input: ESRT (`{id, audio, src, tgt, asr, s2tt}`) or LLM-SRT (`{audio, source, prompt, gt}`) JSONL,
+one (utterance, target language) record a line, read with `esrt_jax.data.records.record_from_json`.
+Bad records (malformed JSON, missing keys, unknown language codes, missing audio files,
+duplicate ids) are returned as `results.Issue`s with their line numbers and skipped; audio that
+exists but cannot be decoded is found at encode time and reported the same way. Nothing in the
+data makes decoding crash.
+
+Audio is encoded ONCE per utterance and reused for all its target languages: records are grouped
+by audio path (first appearance order); up to `batch` utterances are loaded, turned into log-mel
+(`esrt_jax.edge.mel_from_file`, the same front end the edge client uses: the 30 s Whisper
+log-mel, cut to the encoder's `num_frames` for test-sized encoders, so features are identical to
+what a deployed edge would send) and encoded by `Translator.encode`; their records are then
+decoded `batch` at a time by `Translator.decode` (bucketed, jitted; SRT output split at
+`<|src|><|tgt|>`). Results are written grouped by utterance in that order.
+
+Resume: the output is appended to one decode batch at a time (one write + flush). A rerun reads
+the ids already present (a truncated last line from a kill is cut off and redone), checks that
+the file was made by the same model, task and generation settings (`<name>.decode.json` next to
+it), and decodes only what is missing. Batches are planned from the whole selection, not from
+what is left, so a resumed record is decoded in exactly the batch (same companions, same padded
+shapes) it would have had in an uninterrupted run: the final file is byte-identical.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from esrt_jax import languages
+from esrt_jax.eval.results import RESULT_FIELDS, Issue
+
+__all__ = [
+    "EvalItem",
+    "DecodeError",
+    "DecodeStats",
+    "TASKS",
+    "read_items",
+    "plan_chunks",
+    "read_done",
+    "decode_to_file",
+    "translator_fingerprint",
+    "meta_path",
+]
+
+TASKS = ("srt", "asr", "smt")
+
+
+class DecodeError(ValueError):
+    """A decode that cannot start: unreadable data file, results made by another model, ..."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalItem:
+    """One (utterance, target) to decode; `src`/`tgt` as spelled in the data (prompt tags)."""
+
+    line: int
+    id: str
+    audio: str  # as written in the data (goes into the results file)
+    path: str  # resolved path of the audio file
+    src: str
+    tgt: str
+    asr: str  # reference transcription
+    s2tt: str  # reference translation ("" for ASR)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.id, languages.normalize(self.src), languages.normalize(self.tgt))
+
+    def prompt(self, task: str) -> str:
+        """The task prompt as text (the tokens the LLM sees after the speech)."""
+        from esrt_jax.data.tasks import marker
+
+        if task == "asr":
+            return languages.tag(self.src)
+        if task == "smt":
+            return self.asr.strip() + marker(self.src, self.tgt)
+        return marker(self.src, self.tgt)
+
+
+@dataclasses.dataclass
+class DecodeStats:
+    selected: int = 0  # records in the selection
+    already_done: int = 0  # found in the results file at start
+    decoded: int = 0  # written by this run
+    failed: int = 0  # records skipped because their audio could not be loaded
+    audio_encoded: int = 0  # utterances encoded by this run
+    encode_s: float = 0.0  # mel + encode wall time (compiles included)
+    decode_s: float = 0.0  # decode wall time (compiles included)
+    issues: list[Issue] = dataclasses.field(default_factory=list)  # audio failures at encode time
+
+    @property
+    def complete(self) -> bool:
+        return self.already_done + self.decoded + self.failed >= self.selected
+
+
+def _codes(spec) -> Optional[set[str]]:
+    """None / "all" -> None (every language); "eng,deu" or an iterable -> canonical codes."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec.strip().lower() in ("", "all"):
+            return None
+        spec = spec.split(",")
+    return {languages.normalize(c) for c in spec if str(c).strip()}
+
+
+def read_items(path: str | os.PathLike, *, src=None, tgt=None, langs=None, limit: int | None = None,
+               task: str = "srt") -> tuple[list[EvalItem], list[Issue]]:
+    """Read a test JSONL -> (items to decode, issues of the skipped lines).
+
+    `src`/`tgt`/`langs`: language codes ("eng,deu", a list, or None/"all"); `langs` keeps records
+    whose source AND target are in it. `limit`: at most that many records per direction (per
+    source language for `task="asr"`), the first ones in file order. `task="asr"` keeps one item
+    per (audio, source language) with `tgt = src`; `task="srt"` skips records with src == tgt
+    (nothing to translate) and `task="smt"` those without a reference transcription (its prompt).
+    """
+    from esrt_jax.data.records import record_from_json
+
+    if task not in TASKS:
+        raise DecodeError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    src_set, tgt_set, lang_set = _codes(src), _codes(tgt), _codes(langs)
+    p = Path(path)
+    if not p.is_file():
+        raise DecodeError(f"{p}: data file does not exist")
+    base = os.path.abspath(p.parent)
+    items: list[EvalItem] = []
+    issues: list[Issue] = []
+    seen: dict[tuple, int] = {}
+    per_dir: collections.Counter = collections.Counter()
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                issues.append(Issue(lineno, "malformed_json", f"not UTF-8 ({e.reason} at byte {e.start})"))
+                continue
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                issues.append(Issue(lineno, "malformed_json", f"not valid JSON ({e.msg} at column {e.colno})"))
+                continue
+            try:
+                rec = record_from_json(obj, base, f"{p.stem}:{lineno}")
+            except (ValueError, KeyError, TypeError) as e:
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+                issues.append(Issue(lineno, "missing_field", f"not a test record: {msg}"))
+                continue
+            try:
+                s, t = languages.normalize(rec.src), languages.normalize(rec.tgt)
+            except languages.LanguageError as e:
+                issues.append(Issue(lineno, "unknown_language", str(e)))
+                continue
+            if task == "asr":
+                t = s
+            elif s == t:
+                issues.append(Issue(lineno, "same_language",
+                                    f"{s}->{t} has nothing to translate; skipped for task {task} (use --task asr)"))
+                continue
+            if (src_set is not None and s not in src_set) or (tgt_set is not None and t not in tgt_set) or \
+                    (lang_set is not None and (s not in lang_set or t not in lang_set)):
+                continue
+            if task == "smt" and not rec.transcription.strip():
+                issues.append(Issue(lineno, "missing_field", "no reference transcription ('asr'): task smt needs it"))
+                continue
+            key = (rec.audio, s) if task == "asr" else (rec.id, s, t)
+            if key in seen:
+                if task != "asr":  # for ASR the other targets of an utterance are expected
+                    issues.append(Issue(lineno, "duplicate", f"record id={rec.id!r} {s}->{t} already on line "
+                                                            f"{seen[key]}; skipped"))
+                continue
+            seen[key] = lineno
+            if not rec.audio_bytes and not os.path.isfile(rec.audio):
+                issues.append(Issue(lineno, "missing_audio", f"audio file {rec.audio} does not exist"))
+                continue
+            if limit is not None and per_dir[(s, t)] >= limit:
+                continue
+            per_dir[(s, t)] += 1
+            written = obj.get("audio") if isinstance(obj.get("audio"), str) else rec.audio
+            tgt_code = rec.src if task == "asr" else rec.tgt
+            items.append(EvalItem(lineno, rec.id, written, rec.audio, rec.src.lower(), tgt_code.lower(),
+                                  rec.transcription, "" if task == "asr" else rec.translation))
+    return items, issues
+
+
+def plan_chunks(items: Sequence[EvalItem], batch: int) -> list[tuple[list[str], list[int]]]:
+    """Group items by audio (first appearance order) into chunks of at most `batch` utterances.
+
+    Returns [(audio paths, item indices ordered by utterance then file order)]; each chunk's
+    records are decoded `batch` at a time in that order.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.path, []).append(i)
+    paths = list(groups)
+    return [(paths[c:c + batch], [i for p in paths[c:c + batch] for i in groups[p]])
+            for c in range(0, len(paths), batch)]
+
+
+def _result_key(obj) -> tuple[str, str, str] | None:
+    try:
+        return (str(obj["id"]), languages.normalize(obj["src"]), languages.normalize(obj["tgt"]))
+    except (KeyError, TypeError, languages.LanguageError):
+        return None
+
+
+def read_done(path: str | os.PathLike, *, repair: bool = True) -> tuple[set, list[str]]:
+    """Keys `(id, src, tgt)` already in a results file, and warnings.
+
+    A last line without its newline is what a kill during a write leaves: it is cut off (the file
+    truncated to the last complete line, with `repair`) and its record decoded again. Unreadable
+    complete lines are reported and left in place (scoring reports them too).
+    """
+    p = Path(path)
+    if not p.exists():
+        return set(), []
+    data = p.read_bytes()
+    warnings = []
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        line = data.count(b"\n") + 1
+        warnings.append(f"{p}: dropped an incomplete last line (line {line}, {len(data) - cut} bytes) "
+                        f"left by an interrupted write; its record is decoded again")
+        data = data[:cut]
+        if repair:
+            with open(p, "r+b") as f:
+                f.truncate(cut)
+    done = set()
+    for lineno, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            key = _result_key(json.loads(raw))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            key = None
+        if key is None:
+            warnings.append(f"{p}:{lineno}: not a result record; left in place, its record (if any) is decoded again")
+            continue
+        done.add(key)
+    return done, warnings
+
+
+def meta_path(results: str | os.PathLike) -> Path:
+    p = Path(results)
+    return p.with_name(p.stem + ".decode.json")
+
+
+def translator_fingerprint(translator) -> str:
+    """The served model's id (config + trained adapter weights), as the edge/cloud use it."""
+    from flax import nnx
+
+    from esrt_jax.infer.cloud import model_fingerprint
+
+    return model_fingerprint(nnx.merge(translator.graphdef, translator.state))
+
+
+# Settings a results file must share with the run that appends to it.
+_MATCH_KEYS = ("fingerprint", "task", "split", "generate")
+
+
+def _check_meta(results: Path, meta: dict, overwrite: bool) -> None:
+    mp = meta_path(results)
+    if results.exists() and results.stat().st_size and not overwrite:
+        if mp.exists():
+            try:
+                old = json.loads(mp.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise DecodeError(f"{mp}: unreadable ({e}); pass overwrite=True (--overwrite) to start over")
+            diff = [k for k in _MATCH_KEYS if old.get(k) != meta.get(k)]
+            if diff:
+                detail = "; ".join(f"{k}: file {old.get(k)!r}, now {meta.get(k)!r}" for k in diff)
+                raise DecodeError(f"{results} was decoded with other settings ({detail}); resuming would mix "
+                                  f"them. Use another output folder (--out) or --overwrite to start over")
+        else:
+            raise DecodeError(f"{results} exists but has no {mp.name} saying how it was made; use another "
+                              f"output folder (--out) or --overwrite to start over")
+    if overwrite and results.exists():
+        results.unlink()
+    results.parent.mkdir(parents=True, exist_ok=True)
+    mp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def _default_mel_fn(translator) -> Callable[[str], np.ndarray]:
+    from esrt_jax.edge import mel_from_file
+
+    enc = translator.config.encoder
+    return lambda path: mel_from_file(path, enc.num_mel_bins, enc.num_frames)[0]
+
+
+def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.PathLike, *,
+                   task: str = "srt", batch: int = 64, progress: bool = True, overwrite: bool = False,
+                   info: dict | None = None, fingerprint: str | None = None,
+                   mel_fn: Callable[[str], np.ndarray] | None = None,
+                   on_batch: Callable[[int], None] | None = None, log=sys.stderr) -> DecodeStats:
+    """Decode `items` with `translator` into `results` (JSONL, public ESRT schema), resuming.
+
+    `batch`: utterances per encode chunk and records per decode call (the translator pads both
+    to its power-of-two buckets, capped at its `max_batch`). `info`: extra facts recorded in the
+    `.decode.json` sidecar (config, checkpoint, data). `mel_fn(path) -> (n_mels, frames)`
+    replaces the audio front end (tests). `on_batch(n_written)` is called after each write.
+    """
+    from tqdm.auto import tqdm
+
+    from esrt_jax.audio import AudioError
+
+    if task not in TASKS:
+        raise DecodeError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    if batch < 1:
+        raise DecodeError(f"batch must be >= 1, got {batch}")
+    results = Path(results)
+    gen = dataclasses.asdict(translator.gen_cfg)
+    meta = {"fingerprint": fingerprint or translator_fingerprint(translator), "task": task,
+            "split": translator.split, "generate": json.loads(json.dumps(gen)), **(info or {})}
+    _check_meta(results, meta, overwrite)
+    done, warnings = read_done(results)
+    for w in warnings:
+        print(f"warning: {w}", file=log)
+    mel_fn = mel_fn or _default_mel_fn(translator)
+    enc_step = max(1, min(batch, translator.max_batch))
+    stats = DecodeStats(selected=len(items))
+    stats.already_done = sum(it.key in done for it in items)
+    bar = tqdm(total=len(items), initial=stats.already_done, unit="rec", desc="decode",
+               disable=not progress, dynamic_ncols=True, file=log)
+    try:
+        with open(results, "a", encoding="utf-8") as out:
+            for paths, idx in plan_chunks(items, batch):
+                if all(items[i].key in done for i in idx):
+                    continue
+                t0 = time.perf_counter()
+                mels, ok = [], []
+                for p in paths:
+                    try:
+                        mels.append(np.asarray(mel_fn(p), np.float32))
+                        ok.append(p)
+                    except (AudioError, OSError, ValueError) as e:
+                        bad = [i for i in idx if items[i].path == p]
+                        for i in bad:
+                            stats.issues.append(Issue(items[i].line, "bad_audio", f"cannot load audio: {e}"))
+                        stats.failed += sum(items[i].key not in done for i in bad)
+                        bar.update(sum(items[i].key not in done for i in bad))
+                if not ok:
+                    continue
+                feats = np.concatenate([translator.encode(np.stack(mels[j:j + enc_step]))
+                                        for j in range(0, len(mels), enc_step)])
+                row_of = {p: r for r, p in enumerate(ok)}
+                stats.audio_encoded += len(ok)
+                t1 = time.perf_counter()
+                stats.encode_s += t1 - t0
+                idx = [i for i in idx if items[i].path in row_of]
+                for b in range(0, len(idx), batch):
+                    chunk = [items[i] for i in idx[b:b + batch]]
+                    if all(it.key in done for it in chunk):
+                        continue
+                    t2 = time.perf_counter()
+                    outs = translator.decode(
+                        feats[[row_of[it.path] for it in chunk]], [it.src for it in chunk],
+                        [it.tgt for it in chunk], task=task,
+                        transcriptions=[it.asr for it in chunk] if task == "smt" else None)
+                    lines = []
+                    for it, o in zip(chunk, outs):
+                        if it.key in done:
+                            continue
+                        lines.append(json.dumps(_result(it, o, task), ensure_ascii=False) + "\n")
+                        done.add(it.key)
+                    out.write("".join(lines))
+                    out.flush()
+                    stats.decoded += len(lines)
+                    stats.decode_s += time.perf_counter() - t2
+                    bar.update(len(lines))
+                    if on_batch is not None:
+                        on_batch(len(lines))
+    finally:
+        bar.close()
+    return stats
+
+
+def _result(it: EvalItem, out: dict, task: str) -> dict:
+    """One line of the public ESRT result schema (`RESULT_FIELDS`, in order)."""
+    row = {
+        "id": it.id, "audio": it.audio, "prompt": it.prompt(task), "src": it.src, "tgt": it.tgt,
+        "asr": it.asr, "s2tt": it.s2tt,
+        # SMT is given the transcription: it produces none, so none is scored.
+        "asr_r": None if task == "smt" else out["asr"],
+        "s2tt_r": out["s2tt"],
+        "response": out["response"],
+    }
+    assert tuple(row) == RESULT_FIELDS
+    return row
+
+
+def summarize_issues(issues: Iterable[Issue], data: str, max_lines: int = 5) -> str:
+    """'N records skipped (kind n, ...)' plus the first few, each as `data:line: message`."""
+    issues = list(issues)
+    if not issues:
+        return ""
+    counts = collections.Counter(i.kind for i in issues)
+    head = f"{len(issues)} record(s) skipped (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")"
+    lines = [f"  {data}:{i.line}: {i.message}" for i in issues[:max_lines]]
+    if len(issues) > max_lines:
+        lines.append(f"  ... ({len(issues) - max_lines} more)")
+    return "\n".join([head] + lines)
