@@ -39,6 +39,11 @@ def _hf_configs():
                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                              "original_max_position_embeddings": 16}),
             transformers.LlamaForCausalLM),
+        # Dynamic NTK rope: max_position_embeddings 8 < sequence 16, so the base really grows.
+        "llama_dynamic": (transformers.LlamaConfig(
+            **{**COMMON, "max_position_embeddings": 8}, num_hidden_layers=2,
+            rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+            transformers.LlamaForCausalLM),
         # Window 4 < sequence 16; sliding + global layers with different rope bases; final softcap.
         "gemma3": (transformers.Gemma3TextConfig(
             **COMMON, num_hidden_layers=3, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
@@ -101,7 +106,7 @@ def _torch_logits(tm, ids, mask, pos):
                   position_ids=torch.tensor(pos, dtype=torch.long)).logits.numpy()
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("fam", FAMILIES + ["llama_dynamic"])
 def test_logits_parity_left_padded(families, fam):
     tm, _, cfg, model = families[fam]
     ids, mask, pos = _batch()
