@@ -6,10 +6,11 @@
     export_peft_adapter(model, adapter_dir, base_model_name_or_path=model_dir)  # see convert/peft.py
 
 Loading streams tensor by tensor (`hf_io.iter_tensors`, one shard open at a time) through the
-family's name mapping (`llm.hf_to_ours`); each finished parameter is cast to `param_dtype` and
+family's name mapping (`llm.hf_to_ours`); each tensor is cast to `param_dtype` on the host and
 placed at once: with a mesh, `jax.device_put` onto the `NamedSharding` derived from the
-parameter's logical axes (`esrt_jax.sharding`), so the full model never sits on one device and
-host memory holds at most one copy. The model is built abstractly (`nnx.eval_shape`), so no
+parameter's logical axes (`esrt_jax.sharding`). Stacked layer params (L, ...) are allocated on
+their devices once and filled layer by layer with a donated in-place update, so the host holds
+one tensor at a time and no device ever holds more than its shard of one model. The model is built abstractly (`nnx.eval_shape`), so no
 random init of the base weights is ever materialised; only the (small) LoRA factors are
 initialised, inside a jit that computes nothing else.
 
@@ -54,20 +55,6 @@ def abstract_model(cfg: llm.LLMConfig, *, lora: llm.LoraConfig | None = None,
                                                rngs=nnx.Rngs(0)))
 
 
-def _placer(abstract_flat: Mapping, mesh, rules: Rules | None):
-    """place(path, host array) -> jax.Array on its sharding (or the default device)."""
-    if mesh is None:
-        return lambda path, a: jnp.asarray(a)
-    rules = DEFAULT_RULES if rules is None else rules
-
-    def place(path, a):
-        var = abstract_flat.get(path)
-        axes = variable_axes(var) if var is not None else None
-        return jax.device_put(a, named_sharding(axes, a.shape, mesh, rules))
-
-    return place
-
-
 def param_shardings(model_or_state, mesh, rules: Rules | None = None):
     """{path: NamedSharding} for every variable of a model/state, from its logical axes."""
     rules = DEFAULT_RULES if rules is None else rules
@@ -92,6 +79,68 @@ def _init_lora(cfg, lora, dtype, param_dtype, scan_layers, remat, seed, abstract
         out_sh = {p: named_sharding(variable_axes(abstract_flat[p]), s.shape, mesh, rules)
                   for p, s in shapes.items()}
     return jax.jit(make, out_shardings=out_sh)()
+
+
+def _layer_setter(sharding):
+    """Jitted `buf.at[i].set(x)` with `buf` donated: stacked params are filled in place."""
+    def set_layer(buf, x, i):
+        return jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, 0)
+
+    return jax.jit(set_layer, donate_argnums=0, out_shardings=sharding)
+
+
+def stream_params(items, maps: list, cfg: llm.LLMConfig, abs_flat: Mapping, *, param_dtype: Any,
+                  mesh=None, rules: Rules | None = None, where: str = "checkpoint") -> dict:
+    """(HF name, numpy tensor) stream -> {our path: jax.Array}, each on its final placement.
+
+    Every tensor is transformed to our layout, cast to `param_dtype` on the host and placed at
+    once (with `mesh`: onto the `NamedSharding` of the parameter's logical axes). Stacked layer
+    params are allocated once on their devices and filled layer by layer (a donated in-place
+    update), so the host holds one tensor at a time and devices hold exactly one model.
+    """
+    rules = DEFAULT_RULES if rules is None else rules
+    np_dtype = np.dtype(jnp.dtype(param_dtype))
+    by_name = {m.hf_name: m for m in maps}
+    L = cfg.num_hidden_layers
+
+    def sharding_of(path, shape):
+        if mesh is None:
+            return None
+        var = abs_flat.get(path)
+        return named_sharding(variable_axes(var) if var is not None else None, shape, mesh, rules)
+
+    out: dict[tuple, Any] = {}
+    filled: dict[tuple, int] = {}
+    setters: dict[tuple, Any] = {}
+    for name, arr in items:
+        m = by_name.get(name)
+        if m is None:
+            continue
+        x = m.transform(np.asarray(arr))
+        if x.shape != tuple(m.shape):
+            raise hf_io.CheckpointError(
+                f"{where}: tensor {name} has shape {tuple(np.shape(arr))}, which does not fit "
+                f"{'/'.join(m.path)} {tuple(m.shape)} of this config (check config.json)")
+        x = x.astype(np_dtype, copy=False)
+        if m.layer is None:
+            sh = sharding_of(m.path, x.shape)
+            out[m.path] = jax.device_put(x, sh) if sh is not None else jnp.asarray(x)
+            continue
+        if m.path not in out:
+            full = (L,) + x.shape
+            sh = sharding_of(m.path, full)
+            out[m.path] = jnp.zeros(full, np_dtype, device=sh)
+            setters[m.path] = _layer_setter(sh)
+            filled[m.path] = 0
+        if mesh is not None:  # the slice arrives already split like its destination
+            sl = out[m.path].sharding.spec
+            x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*tuple(sl)[1:])))
+        out[m.path] = setters[m.path](out[m.path], x, m.layer)
+        filled[m.path] += 1
+    short = {p: n for p, n in filled.items() if n != L}
+    if short:
+        raise hf_io.CheckpointError(f"{where}: stacked parameter(s) got {short} of {L} layers")
+    return out
 
 
 def _check_tokenizer(model_dir: Path, cfg: llm.LLMConfig) -> None:
@@ -125,8 +174,15 @@ def load_hf_model(model_dir: str | os.PathLike, *, lora: llm.LoraConfig | None =
                               scan_layers=scan_layers, remat=remat)
     graphdef, abs_state = nnx.split(abstract)
     abs_flat = dict(nnx.to_flat_state(abs_state))
-    loaded = llm.load_params_from_hf_dir(str(d), cfg, param_dtype=param_dtype,
-                                         place=_placer(abs_flat, mesh, rules))
+    files = hf_io.weight_files(d)
+    maps = llm.hf_to_ours(cfg, llm.detect_hf_prefix(files))
+    missing = [m.hf_name for m in maps if m.hf_name not in files]
+    if missing:
+        raise hf_io.CheckpointError(
+            f"{d}: missing tensor(s) for {cfg.model_type} with {cfg.num_hidden_layers} layers: "
+            f"{missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} missing)")
+    loaded = stream_params(hf_io.iter_tensors(d, [m.hf_name for m in maps]), maps, cfg, abs_flat,
+                           param_dtype=param_dtype, mesh=mesh, rules=rules, where=str(d))
     lora_vals = (_init_lora(cfg, lora, dtype, param_dtype, scan_layers, remat, seed, abs_flat,
                             mesh, rules) if lora is not None else {})
     return _assemble(graphdef, abs_flat, {**loaded, **lora_vals}, where=str(d))
@@ -157,27 +213,12 @@ def model_from_hf_state(hf_config: Any, tensors: Mapping[str, np.ndarray], *,
                               scan_layers=scan_layers, remat=remat)
     graphdef, abs_state = nnx.split(abstract)
     abs_flat = dict(nnx.to_flat_state(abs_state))
-    place = _placer(abs_flat, mesh, rules)
     maps = llm.hf_to_ours(cfg, llm.detect_hf_prefix(tensors))
     missing = [m.hf_name for m in maps if m.hf_name not in tensors]
     if missing:
         raise hf_io.CheckpointError(f"state dict: missing tensor(s) {missing[:8]} ({len(missing)} missing)")
-    np_dtype = np.dtype(jnp.dtype(param_dtype))
-    L = cfg.num_hidden_layers
-    stacked: dict[tuple, np.ndarray] = {}
-    values: dict[tuple, Any] = {}
-    for m in maps:
-        x = m.transform(np.asarray(tensors[m.hf_name]))
-        if x.shape != m.shape:
-            raise hf_io.CheckpointError(f"state dict: tensor {m.hf_name} has shape "
-                                        f"{tuple(tensors[m.hf_name].shape)}, expected {m.shape} after transform")
-        if m.layer is None:
-            values[m.path] = place(m.path, x.astype(np_dtype))
-        else:
-            buf = stacked.setdefault(m.path, np.empty((L,) + m.shape, np_dtype))
-            buf[m.layer] = x
-    for path, buf in stacked.items():
-        values[path] = place(path, buf)
+    values = stream_params(((m.hf_name, tensors[m.hf_name]) for m in maps), maps, cfg, abs_flat,
+                           param_dtype=param_dtype, mesh=mesh, rules=rules, where="state dict")
     if lora is not None:
         values.update(_init_lora(cfg, lora, dtype, param_dtype, scan_layers, remat, seed, abs_flat,
                                  mesh, rules))
