@@ -194,6 +194,9 @@ def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
             except pl.PayloadError as e:
                 status, resp = e.status, _json_error(e.status, str(e))
                 return resp
+            if not np.all(np.isfinite(p.features)):  # well-formed fp16 can still hold NaN/Inf bits
+                status, resp = 400, _json_error(400, "payload features contain NaN or Inf")
+                return resp
             (transcription, translation), n = await batcher.submit(p.features, src, tgt)
             resp = web.json_response({"transcription": transcription, "translation": translation,
                                       "src": src, "tgt": tgt, "scheme": p.scheme, "batch_size": n})
@@ -246,11 +249,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
     ap.add_argument("--max-payload-bytes", type=int, default=pl.DEFAULT_MAX_BYTES)
     ap.add_argument("--token-file", default=None)
+    ap.add_argument("--split", default=None, choices=pl.SPLITS,
+                    help="split point the edge sends (default: the model config's `split`)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = read_token(args.token_file)
     cfg = ServeConfig(args.host, args.port, args.max_batch, args.max_wait_ms, args.max_payload_bytes)
-    backend = load_backend(args.config, args.checkpoint, args.set)
+    backend = load_backend(args.config, args.checkpoint, args.set, split=args.split, max_batch=args.max_batch)
+    log.info("serving model %s, split %s, features %s", backend.fingerprint, backend.split, backend.feature_shape)
     web.run_app(make_app(backend, cfg, token), host=cfg.host, port=cfg.port, shutdown_timeout=60)
 
 

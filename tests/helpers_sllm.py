@@ -52,3 +52,45 @@ def write_tone(path, seconds: float, freq: float, sr: int = 16000, seed: int = 0
     x = 0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(t.size)
     sf.write(str(path), x.astype(np.float32), sr, subtype="PCM_16")
     return path
+
+
+RUN_CONFIG = """
+run_dir: {run_dir}
+model:
+  whisper_config: {{num_mel_bins: 80, d_model: 32, encoder_layers: 2, encoder_attention_heads: 4,
+                   encoder_ffn_dim: 64, max_source_positions: 32}}
+  llm_config: {{model_type: qwen2, vocab_size: 320, hidden_size: 64, intermediate_size: 128,
+               num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}}
+  tokenizer: {tok_dir}
+  adapter: {{num_hidden_layers: 2, hidden_size: 32, num_attention_heads: 4, intermediate_size: 64,
+            num_queries: 6}}
+  seed: 3
+  infer: {{max_new_tokens: 6, prompt_buckets: [16, 32]}}
+data: {{text_buckets: [32]}}
+train: {{steps: 5}}
+"""
+
+
+def make_tiny_run(d):
+    """A tiny run config (d/run.yaml, tokenizer in d/tok) and an srt checkpoint at step 5
+    (d/runs/srt/checkpoints/5) whose trainable params differ from the seeded init.
+    -> (config path, run dir, the saved trainable params)."""
+    import jax
+
+    from esrt_jax.train.checkpoint import Checkpointer
+    from esrt_jax.train.config import load_run_config
+    from esrt_jax.train.speech import build_model
+    from helpers_tokenizer import save_tiny_tokenizer
+
+    from pathlib import Path
+
+    d = Path(d)
+    save_tiny_tokenizer(d / "tok", vocab_size=320)
+    cfg_path = d / "run.yaml"
+    cfg_path.write_text(RUN_CONFIG.format(run_dir=d / "runs", tok_dir=d / "tok"))
+    bundle = build_model(load_run_config(cfg_path).for_stage("srt"))
+    trained = jax.tree.map(lambda x: x + 0.01 * jax.numpy.sign(x), bundle.trainable)
+    ck = Checkpointer(d / "runs" / "srt" / "checkpoints", async_save=False)
+    ck.save(5, trained, {"count": np.zeros((), np.int32)})
+    ck.close()
+    return cfg_path, d / "runs", trained

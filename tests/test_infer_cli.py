@@ -13,8 +13,7 @@ import pytest
 
 from esrt_jax.infer import __main__ as cli
 from esrt_jax.infer import payload as pl
-from helpers_sllm import tiny_translator, write_tone
-from helpers_tokenizer import save_tiny_tokenizer
+from helpers_sllm import make_tiny_run, tiny_translator, write_tone
 
 PAIRS = [("eng", "deu"), ("deu", "fra"), ("fra", "eng")]
 
@@ -128,40 +127,9 @@ def test_from_embeds_rejects_files_for_another_model(tiny, corpus, one_process, 
 
 # ----------------------------------------------------------------------------- config + checkpoint
 
-RUN_CONFIG = """
-run_dir: {run_dir}
-model:
-  whisper_config: {{num_mel_bins: 80, d_model: 32, encoder_layers: 2, encoder_attention_heads: 4,
-                   encoder_ffn_dim: 64, max_source_positions: 32}}
-  llm_config: {{model_type: qwen2, vocab_size: 320, hidden_size: 64, intermediate_size: 128,
-               num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}}
-  tokenizer: {tok_dir}
-  adapter: {{num_hidden_layers: 2, hidden_size: 32, num_attention_heads: 4, intermediate_size: 64,
-            num_queries: 6}}
-  seed: 3
-  infer: {{max_new_tokens: 6, prompt_buckets: [16, 32]}}
-data: {{text_buckets: [32]}}
-train: {{steps: 5}}
-"""
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A run config and an srt checkpoint whose adapter params differ from the seeded init."""
-    from esrt_jax.train.checkpoint import Checkpointer
-    from esrt_jax.train.config import load_run_config
-    from esrt_jax.train.speech import build_model
-
-    d = tmp_path_factory.mktemp("run")
-    save_tiny_tokenizer(d / "tok", vocab_size=320)
-    cfg_path = d / "run.yaml"
-    cfg_path.write_text(RUN_CONFIG.format(run_dir=d / "runs", tok_dir=d / "tok"))
-    bundle = build_model(load_run_config(cfg_path).for_stage("srt"))
-    trained = jax.tree.map(lambda x: x + 0.01 * jax.numpy.sign(x), bundle.trainable)
-    ck = Checkpointer(d / "runs" / "srt" / "checkpoints", async_save=False)
-    ck.save(5, trained, {"count": np.zeros((), np.int32)})
-    ck.close()
-    return cfg_path, d / "runs", trained
+    return make_tiny_run(tmp_path_factory.mktemp("run"))
 
 
 def test_load_model_restores_the_trained_params(trained_run):

@@ -152,7 +152,8 @@ def test_concurrent_requests_match_in_process_and_are_batched(server, tiny):
 
 
 @pytest.mark.parametrize("case", ["truncated", "cut_header", "corrupted", "bad_magic", "wrong_shape",
-                                  "wrong_fingerprint", "wrong_split", "oversize", "bad_language"])
+                                  "wrong_fingerprint", "wrong_split", "nonfinite", "oversize",
+                                  "bad_language"])
 def test_bad_requests_get_4xx_and_server_keeps_serving(server, tiny, case):
     tr, fp = tiny
     good = good_payload(tr, fp, 7)
@@ -175,6 +176,13 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server, tiny, case):
     elif case == "wrong_split":
         other = "qformer" if tr.split == "projector" else "projector"
         body, status, msg = pl.encode(feats(tr, 7), fingerprint=fp, split=other), 422, "split point"
+    elif case == "nonfinite":  # a well-formed, correctly checksummed payload of NaNs
+        import zlib
+
+        blob = bytearray(pl.encode(np.zeros(tr.feature_shape, np.float32), fingerprint=fp, split=tr.split)[:-4])
+        n = 2 * int(np.prod(tr.feature_shape))
+        blob[-n:] = np.full(n // 2, np.nan, np.float16).tobytes()
+        body, status, msg = bytes(blob) + zlib.crc32(bytes(blob)).to_bytes(4, "little"), 400, "NaN or Inf"
     elif case == "oversize":
         body, status, msg = good + b"\0" * MAX_BYTES, 413, "larger than"
     else:
@@ -261,3 +269,73 @@ def test_make_app_requires_a_token(tiny):
     tr, fp = tiny
     with pytest.raises(ValueError, match="bearer token is required"):
         serve.make_app(CloudBackend(tr, fp), serve.ServeConfig(), "")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_and_edge_commands_end_to_end(tmp_path, capsys):
+    """`python -m esrt_jax.serve` as a real process on a run config + checkpoint, the edge CLI
+    (`esrt_jax.edge.main`) against it; SIGTERM stops the server cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from esrt_jax.edge import main as edge_main
+    from esrt_jax.infer import __main__ as cli
+    from esrt_jax.infer.cloud import load_model, translator_for
+    from helpers_sllm import make_tiny_run
+
+    cfg_path, run_dir, _ = make_tiny_run(tmp_path)
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    wav = write_tone(tmp_path / "a.wav", 1.2, 300.0)
+    port = _free_port()
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    common = ["--config", str(cfg_path), "--checkpoint", str(run_dir)]
+    server = subprocess.Popen([sys.executable, "-m", "esrt_jax.serve", *common, "--port", str(port),
+                               "--token-file", str(tmp_path / "token"), "--max-wait-ms", "5"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        loaded = load_model(cfg_path, run_dir)  # meanwhile: the in-process reference
+        tr = translator_for(loaded)
+        utts = cli.utterances(audio=[str(wav)], src="eng", tgt="deu")
+        feats = cli.encode_utterances(tr, utts)
+        x = pl.decode(pl.encode(feats[0], fingerprint=loaded.fingerprint, split=tr.split, scheme="int8",
+                                compress=True)).features
+        want = cli.decode_features(tr, x[None], utts)[0]
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+                    health = json.loads(r.read())
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert server.poll() is None, server.stdout.read()
+                assert time.time() < deadline, "server did not come up"
+                time.sleep(0.5)
+        assert health["fingerprint"] == loaded.fingerprint  # edge and cloud agree on the model
+        capsys.readouterr()
+        rc = edge_main([*common, "--audio", str(wav), "--src", "eng", "--tgt", "deu", "--server", url,
+                        "--token-file", str(tmp_path / "token"), "--scheme", "int8", "--zstd"])
+        assert rc == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (out["transcription"], out["translation"]) == (want["transcription"], want["translation"])
+        assert out["scheme"] == "int8" and 0 < out["bytes_sent"] < 2 * np.prod(tr.feature_shape)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            rc = server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise
+    assert rc == 0, server.stdout.read()
