@@ -323,6 +323,13 @@ def test_cli_decodes_resumes_and_scores(run, corpus, capsys):
     rows = [json.loads(x) for x in (out_dir / "results.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["u1-eng", "u2-eng", "u3-eng"]
     assert json.loads((out_dir / "results.decode.json").read_text())["generate"]["num_beams"] == 2
+    # a narrower selection over the same folder decodes nothing and scores only its own records
+    capsys.readouterr()
+    assert cli.main(base[:4] + ["--data", str(corpus / "test.jsonl"), "--tgt", "eng", "--src", "deu", "--beam", "2",
+                                "--out", str(out_dir), "--no-progress", "--batch", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "decoded 0 records (1 already done" in err and "scoring the 1 records of this selection" in err
+    assert json.loads((out_dir / "summary.json").read_text())["records"] == 1
 
     with pytest.raises(SystemExit):
         cli.main(["--score", str(ev / "results.jsonl"), "--config", str(cfg_path)])

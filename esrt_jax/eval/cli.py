@@ -83,7 +83,10 @@ def default_out_dir(results: str) -> Path:
     return path.with_name(path.stem + "_scores")
 
 
-def run_score(args: argparse.Namespace) -> int:
+def run_score(args: argparse.Namespace, keep: Optional[set] = None) -> int:
+    """Score args.score into args.out; `keep`: score only records with these (id, src, tgt) keys."""
+    import dataclasses
+
     from esrt_jax.eval import compare as cmp
     from esrt_jax.eval import metrics, report, results
 
@@ -93,6 +96,12 @@ def run_score(args: argparse.Namespace) -> int:
     except results.ResultsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if keep is not None:
+        mine = [r for r in rf.records if (r.id, r.src, r.tgt) in keep]
+        if len(mine) != len(rf.records):
+            print(f"scoring the {len(mine)} records of this selection ({rf.path} holds {len(rf.records)})",
+                  file=sys.stderr)
+            rf = dataclasses.replace(rf, records=mine)
     if not rf.records:
         print(
             f"error: {rf.path}: no scorable records in {rf.n_lines} lines "
@@ -195,7 +204,7 @@ def run_decode(args: argparse.Namespace) -> int:
           f"{stats.decode_s:.1f}s ({rate:.1f} rec/s, compiles included); total {time.perf_counter() - t_start:.1f}s",
           file=sys.stderr)
     score_args = argparse.Namespace(score=str(results_path), out=str(out_dir), compare=args.compare)
-    return run_score(score_args)
+    return run_score(score_args, keep={it.key for it in items})
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

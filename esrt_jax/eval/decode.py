@@ -268,8 +268,10 @@ def translator_fingerprint(translator) -> str:
     return model_fingerprint(nnx.merge(translator.graphdef, translator.state))
 
 
-# Settings a results file must share with the run that appends to it.
-_MATCH_KEYS = ("fingerprint", "task", "split", "generate")
+# Settings a results file must share with the run that appends to it. The fingerprint covers the
+# config and the adapter weights; stage/step (from `info`, when given) also catch a checkpoint that
+# only changed LLM/LoRA weights.
+_MATCH_KEYS = ("fingerprint", "stage", "step", "task", "split", "generate")
 
 
 def _check_meta(results: Path, meta: dict, overwrite: bool) -> None:
