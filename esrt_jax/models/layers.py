@@ -4,7 +4,7 @@ Conventions (see DESIGN.md):
 - Modules are built as `Module(..., *, rngs)`; `param_dtype` (storage, f32 by default) and
   `dtype` (compute; bf16 on TPU/GPU, f32 in parity tests) are separate.
 - Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, `q_len`,
-  `layers`, ...) in its `out_sharding` metadata; `esrt_jax.train.sharding` maps them to mesh
+  `layers`, ...) in its `out_sharding` metadata; `esrt_jax.sharding` maps them to mesh
   axes. Variables are created without eager sharding so that modules build without a mesh.
 - Dense kernels are stored (in_features, out_features), i.e. the transpose of torch's Linear.
 """
