@@ -17,7 +17,8 @@ API (other modules code against this):
         With a cache the T new tokens are written at slots [index, index + T), their mask bits set
         from attention_mask; every query attends to the valid slots <= its own slot (sliding
         windows are measured in slots, as in HF); index += T. Shapes are static and index is an
-        array, so decoding never recompiles per step.
+        array, so decoding never recompiles per step. The caller keeps index + T <= S (jax
+        clamps out-of-range dynamic slices silently).
     tokens = greedy_generate(model, ids, mask, max_new_tokens, eos_token_id=..., pad_token_id=...)
 
 Parameter tree (`nnx.state(model)`; every leaf an `nnx.Param` with logical axes, LoRA factors
@@ -754,10 +755,17 @@ def load_causal_lm(model_dir: str, cfg: LLMConfig | None = None, *, lora: LoraCo
     flat = dict(nnx.to_flat_state(state))
     lora_init = None
     if lora is not None:
-        # LoRA factors are not in HF checkpoints: take them from a real init (cheap: small).
-        lora_init = dict(nnx.to_flat_state(nnx.state(
-            CausalLM(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
-                     remat=remat, rngs=rngs or nnx.Rngs(0)), LoraParam)))
+        # LoRA factors are not in HF checkpoints: take them from a real init. Under jit only the
+        # LoRA outputs are live, so XLA drops the (large) base-weight init.
+        seed_rngs = rngs or nnx.Rngs(0)
+
+        @jax.jit
+        def init_lora(key):
+            m = CausalLM(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype,
+                         scan_layers=scan_layers, remat=remat, rngs=nnx.Rngs(key))
+            return nnx.state(m, LoraParam)
+
+        lora_init = dict(nnx.to_flat_state(init_lora(seed_rngs.params())))
     new = {}
     for path, var in flat.items():
         if path in loaded:
