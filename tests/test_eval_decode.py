@@ -6,6 +6,7 @@ scoring from a run config + Orbax checkpoint."""
 from __future__ import annotations
 
 import collections
+import io
 import json
 
 import jax
@@ -185,7 +186,9 @@ def test_interrupted_decode_resumes_to_the_same_file(tiny, full_run, tmp_path):
     partial = full_path.read_text().splitlines()[4]
     with open(path, "a") as f:
         f.write(partial[:37])
-    c, stats = _decode(tiny, items, path)
+    log = io.StringIO()
+    c, stats = _decode(tiny, items, path, log=log)
+    assert "dropped an incomplete last line (line 5, 37 bytes)" in log.getvalue()
     assert (stats.already_done, stats.decoded) == (4, N_GOOD - 4)
     assert path.read_bytes() == full_path.read_bytes()
     # every utterance of a chunk with work left is encoded once in this run; done chunks not at all

@@ -307,13 +307,14 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
                    task: str = "srt", batch: int = 64, progress: bool = True, overwrite: bool = False,
                    info: dict | None = None, fingerprint: str | None = None,
                    mel_fn: Callable[[str], np.ndarray] | None = None,
-                   on_batch: Callable[[int], None] | None = None, log=sys.stderr) -> DecodeStats:
+                   on_batch: Callable[[int], None] | None = None, log=None) -> DecodeStats:
     """Decode `items` with `translator` into `results` (JSONL, public ESRT schema), resuming.
 
     `batch`: utterances per encode chunk and records per decode call (the translator pads both
     to its power-of-two buckets, capped at its `max_batch`). `info`: extra facts recorded in the
     `.decode.json` sidecar (config, checkpoint, data). `mel_fn(path) -> (n_mels, frames)`
     replaces the audio front end (tests). `on_batch(n_written)` is called after each write.
+    `log`: stream for warnings and the progress bar (default stderr).
     """
     from tqdm.auto import tqdm
 
@@ -323,6 +324,7 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
         raise DecodeError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
     if batch < 1:
         raise DecodeError(f"batch must be >= 1, got {batch}")
+    log = log or sys.stderr
     results = Path(results)
     gen = dataclasses.asdict(translator.gen_cfg)
     meta = {"fingerprint": fingerprint or translator_fingerprint(translator), "task": task,
