@@ -207,6 +207,8 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     per example for whisper-base; computing them in blocks that stay in cache (2.5 MB) is ~3x
     faster than XLA's dot_product_attention there (bench/bench_whisper.py). Logits, exp and the
     row sums are f32; the softmax is normalised after the value product (one pass fewer).
+    Meant for the CPU backend ("auto" picks it there only): the loop over examples would
+    serialise a batch sharded across accelerators.
     """
     B, T, N, H = q.shape
     S = k.shape[1]
@@ -281,7 +283,8 @@ class WhisperEncoder(nnx.Module):
         cfg = self.config
         if mel.ndim != 3 or mel.shape[1] != cfg.num_mel_bins or mel.shape[2] != cfg.num_frames:
             raise ValueError(f"Whisper encoder expects mel of shape (B, {cfg.num_mel_bins}, "
-                             f"{cfg.num_frames}) (pad/trim audio to {cfg.num_frames // 100} s), "
+                             f"{cfg.num_frames}) (100 frames per second: pad/trim the audio to "
+                             f"{cfg.num_frames / 100:g} s), "
                              f"got {tuple(mel.shape)}")
         gelu = activation("gelu")  # HF hard-codes exact GELU in the stem
         x = gelu(self.conv1(mel, channels_first=True))
