@@ -284,3 +284,25 @@ def test_bf16_checkpoint_loads(families, tmp_path):
     b = nnx.state(m16)["layers"]["mlp"]["up_proj"]["kernel"][...]
     assert b.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-2)
+
+
+def test_gemma3_multimodal_checkpoint_text_part(tmp_path):
+    """ESRT starts from multimodal gemma-3 checkpoints: we load only the text decoder from them."""
+    tc = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+              query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"])
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+              image_size=28, patch_size=14)
+    hc = transformers.Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4,
+                                   image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    hc._attn_implementation = "eager"
+    torch.manual_seed(0)
+    tm = transformers.Gemma3ForConditionalGeneration(hc).eval()
+    tm.save_pretrained(tmp_path)
+    prefix = llm.detect_hf_prefix(hf_io.weight_files(tmp_path))
+    assert prefix in ("language_model.model.", "model.language_model.")
+    m = llm.load_causal_lm(str(tmp_path))  # config.json model_type 'gemma3' -> text_config
+    assert m.cfg.model_type == "gemma3_text" and m.cfg.vocab_size == 300
+    ids, mask, pos = _batch()
+    ref = _torch_logits(tm, ids, mask, pos)
+    assert np.abs(forward(m, ids, pos, mask) - ref)[mask].max() <= 1e-4
