@@ -307,6 +307,9 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
         def dev_decode(step: int) -> dict:
             if bundle.decode_fn is None:
                 return {}
+            if jax.process_count() > 1:  # the Translator works on host-local arrays
+                log0(f"[{cfg.stage}] dev decode skipped in multi-process runs (use eval.py on the checkpoint)")
+                return {}
             rep = bundle.decode_fn(trainable, frozen, tc.decode_samples)
             for line in rep.get("samples", []):
                 log0(f"[{cfg.stage}]   {line}")
