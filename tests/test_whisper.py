@@ -214,20 +214,23 @@ def test_scan_loop_remat_identical(ckpts):
     for scan in (True, False):
         for remat in (False, True):
             c = dataclasses.replace(base.config, scan_layers=scan, remat=remat)
-            m = encoder_from_params(c, params)
-            graphdef, state = nnx.split(m)
+            y, hs = ours(encoder_from_params(c, params), np.asarray(mel))
+            g = None
+            if (scan, remat) in ((True, False), (False, True)):  # grad compiles are slow on CPU
+                graphdef, state = nnx.split(encoder_from_params(c, params))
 
-            def loss(state, graphdef=graphdef):
-                return jnp.sum(nnx.merge(graphdef, state)(mel) ** 2)
+                def loss(state, graphdef=graphdef):
+                    return jnp.sum(nnx.merge(graphdef, state)(mel) ** 2)
 
-            y, hs = ours(m, np.asarray(mel))
-            g = jax.jit(jax.grad(loss))(state)
-            results[(scan, remat)] = (y, hs, nnx.to_pure_dict(g))
+                g = nnx.to_pure_dict(jax.jit(jax.grad(loss))(state))
+            results[(scan, remat)] = (y, hs, g)
     ref = results[(True, False)]
     for key, (y, hs, g) in results.items():
         np.testing.assert_array_equal(y, ref[0], err_msg=str(key))
         np.testing.assert_array_equal(hs, ref[1], err_msg=str(key))
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g, ref[2])
+    # scan vs loop and remat vs not, through the backward pass
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 results[(False, True)][2], ref[2])
 
 
 def test_sharded_checkpoint_loads_same(ckpts, tmp_path):
