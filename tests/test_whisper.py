@@ -317,3 +317,21 @@ def test_hub_id_and_bad_input_errors(ckpts, tmp_path):
     (tmp_path / "nod" / "config.json").write_text(json.dumps(cfg_json))
     with pytest.raises(CheckpointError, match=r"config.json: Whisper config lacks key\(s\) \['d_model'\]"):
         load_whisper_encoder(tmp_path / "nod")
+
+
+def test_fp16_checkpoint_keeps_its_dtype(ckpts, tmp_path):
+    """Real Whisper checkpoints are fp16: we load them into f32 params and write fp16 back."""
+    d, cfg, _ = ckpts[80]
+    WhisperModel.from_pretrained(d).half().save_pretrained(tmp_path / "fp16", safe_serialization=True)
+    src = load_file(str(tmp_path / "fp16" / "model.safetensors"))
+    assert src["encoder.layers.0.fc1.weight"].dtype == np.float16
+    model = load_whisper_encoder(tmp_path / "fp16")
+    k = model.blocks.fc1.kernel[...]
+    assert k.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(k[0]), src["encoder.layers.0.fc1.weight"].astype(np.float32).T)
+    write_whisper_encoder_checkpoint(model, model.config, tmp_path / "fp16", tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(out) == set(src)
+    for name, arr in src.items():
+        assert out[name].dtype == arr.dtype, name
+        np.testing.assert_array_equal(out[name], arr, err_msg=name)
