@@ -30,8 +30,10 @@ def _hf_configs():
     return {
         "qwen2": (transformers.Qwen2Config(**COMMON, num_hidden_layers=2, tie_word_embeddings=False),
                   transformers.Qwen2ForCausalLM),
-        "qwen3": (transformers.Qwen3Config(**COMMON, num_hidden_layers=2, head_dim=16,
-                                           tie_word_embeddings=True),
+        "qwen3": (transformers.Qwen3Config(
+            **COMMON, num_hidden_layers=2, head_dim=16, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 32}),
                   transformers.Qwen3ForCausalLM),
         "llama": (transformers.LlamaConfig(
             **COMMON, num_hidden_layers=2, tie_word_embeddings=False, attention_bias=True,
@@ -254,9 +256,9 @@ def test_gemma3_legacy_and_multimodal_configs():
 def test_unsupported_model_type_error():
     with pytest.raises(ConfigError, match=r"model_type 'mamba' is not supported.*gemma3_text.*llama.*qwen2.*qwen3"):
         llm.config_from_hf({"model_type": "mamba", "hidden_size": 8})
-    with pytest.raises(ConfigError, match="rope type 'yarn' is not supported"):
+    with pytest.raises(ConfigError, match="rope type 'longrope' is not supported"):
         llm.config_from_hf(dict(model_type="llama", **COMMON, num_hidden_layers=2,
-                                rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+                                rope_scaling={"rope_type": "longrope", "factor": 4.0}))
 
 
 def test_missing_and_misshaped_tensor_errors(families, tmp_path):

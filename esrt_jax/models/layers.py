@@ -157,9 +157,10 @@ class RMSNorm(nnx.Module):
 class RopeSpec:
     """Rotary embedding settings of one layer kind (hashable, static under jit).
 
-    rope_type: 'default' | 'linear' | 'llama3' | 'dynamic' (HF names); `factor`,
-    `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings` as in HF's
-    `rope_parameters`; `max_position_embeddings` is used by 'dynamic' (NTK) scaling.
+    rope_type: 'default' | 'linear' | 'llama3' | 'dynamic' | 'yarn' (HF names); `factor`,
+    `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`, `beta_fast`,
+    `beta_slow`, `truncate` as in HF's `rope_parameters`; `attention_factor` scales cos/sin
+    (yarn); `max_position_embeddings` is used by 'dynamic' (NTK) scaling.
     """
     head_dim: int
     theta: float = 10000.0
@@ -169,8 +170,12 @@ class RopeSpec:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
     max_position_embeddings: int = 2048
+    attention_factor: float = 1.0   # yarn: cos/sin multiplier
+    beta_fast: float = 32.0         # yarn
+    beta_slow: float = 1.0          # yarn
+    truncate: bool = True           # yarn
 
-    SUPPORTED = ("default", "linear", "llama3", "dynamic")
+    SUPPORTED = ("default", "linear", "llama3", "dynamic", "yarn")
 
     def __post_init__(self):
         if self.rope_type not in self.SUPPORTED:
@@ -192,6 +197,24 @@ class RopeSpec:
             smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
             medium = ~(wl < high_wl) & ~(wl > low_wl)
             inv = _np.where(medium, smoothed, scaled).astype(_np.float32)
+        elif self.rope_type == "yarn":
+            old = float(self.original_max_position_embeddings or self.max_position_embeddings)
+            base = float(self.theta)
+
+            def corr_dim(rot):
+                return (dim * _math.log(old / (rot * 2 * _math.pi))) / (2 * _math.log(base))
+
+            low, high = corr_dim(self.beta_fast), corr_dim(self.beta_slow)
+            if self.truncate:
+                low, high = _math.floor(low), _math.ceil(high)
+            low, high = max(low, 0), min(high, dim - 1)
+            if low == high:
+                high += 0.001
+            ramp = _np.clip((_np.arange(dim // 2, dtype=_np.float32) - low) / (high - low), 0, 1)
+            extra = (1 - ramp).astype(_np.float32)
+            pos_freqs = _np.float32(base) ** exps
+            inv = ((1.0 / (self.factor * pos_freqs)) * (1 - extra) + (1.0 / pos_freqs) * extra)
+            inv = inv.astype(_np.float32)
         return inv
 
 
@@ -210,6 +233,8 @@ def rope_cos_sin(positions: jax.Array, spec: RopeSpec) -> tuple[jax.Array, jax.A
         inv = jnp.asarray(spec.inv_freq())
     freqs = positions.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
+    if spec.attention_factor != 1.0:
+        return jnp.cos(emb) * spec.attention_factor, jnp.sin(emb) * spec.attention_factor
     return jnp.cos(emb), jnp.sin(emb)
 
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
@@ -114,11 +115,15 @@ class LLMConfig:
     rms_norm_eps: float = 1e-6
     norm_plus_one: bool = False            # Gemma: norm(x) * (1 + w)
     rope_theta: float = 10000.0
-    rope_type: str = "default"             # default | linear | llama3 | dynamic (global layers)
+    rope_type: str = "default"             # default | linear | llama3 | dynamic | yarn (global layers)
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position_embeddings: int | None = None
+    rope_attention_factor: float = 1.0     # yarn (from attention_factor or mscale)
+    rope_beta_fast: float = 32.0           # yarn
+    rope_beta_slow: float = 1.0            # yarn
+    rope_truncate: bool = True             # yarn
     local_rope_theta: float | None = None  # Gemma-3 sliding layers (default rope, this base)
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
@@ -176,13 +181,19 @@ class LLMConfig:
                         factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
                         high_freq_factor=self.rope_high_freq_factor,
                         original_max_position_embeddings=self.rope_original_max_position_embeddings,
-                        max_position_embeddings=self.max_position_embeddings)
+                        max_position_embeddings=self.max_position_embeddings,
+                        attention_factor=self.rope_attention_factor, beta_fast=self.rope_beta_fast,
+                        beta_slow=self.rope_beta_slow, truncate=self.rope_truncate)
 
     def rope_parameters_hf(self) -> dict:
         """The global rope settings in HF's `rope_parameters` form."""
         d: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
-        if self.rope_type in ("linear", "dynamic", "llama3"):
+        if self.rope_type in ("linear", "dynamic", "llama3", "yarn"):
             d["factor"] = self.rope_factor
+        if self.rope_type == "yarn":
+            d.update(original_max_position_embeddings=self.rope_original_max_position_embeddings,
+                     attention_factor=self.rope_attention_factor, beta_fast=self.rope_beta_fast,
+                     beta_slow=self.rope_beta_slow, truncate=self.rope_truncate)
         if self.rope_type == "llama3":
             d.update(low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
                      original_max_position_embeddings=self.rope_original_max_position_embeddings)
@@ -275,6 +286,25 @@ def rope_from_hf(d: Mapping, key: str | None = None, default_theta: float = 1000
         out["rope_low_freq_factor"] = float(rp["low_freq_factor"])
         out["rope_high_freq_factor"] = float(rp["high_freq_factor"])
         out["rope_original_max_position_embeddings"] = int(rp["original_max_position_embeddings"])
+    if rt == "yarn":
+        orig = int(rp["original_max_position_embeddings"])
+        factor = rp.get("factor")
+        if factor is None:
+            factor = d.get("max_position_embeddings", orig) / orig
+        factor = float(factor)
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        af = rp.get("attention_factor")
+        if af is None:
+            ms, msa = rp.get("mscale"), rp.get("mscale_all_dim")
+            af = mscale(factor, ms) / mscale(factor, msa) if ms and msa else mscale(factor)
+        out.update(rope_factor=factor, rope_original_max_position_embeddings=orig,
+                   rope_attention_factor=float(af),
+                   rope_beta_fast=float(rp.get("beta_fast") or 32.0),
+                   rope_beta_slow=float(rp.get("beta_slow") or 1.0),
+                   rope_truncate=bool(rp.get("truncate", True)))
     return out
 
 
