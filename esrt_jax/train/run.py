@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--coordinator", default=None, help="jax.distributed coordinator host:port")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--compile-cache", default=os.environ.get("ESRT_JAX_COMPILE_CACHE", "~/.cache/esrt_jax/xla"),
+                   help="persistent XLA compilation cache dir ('' disables); stages and reruns reuse "
+                        "compiled steps (default: $ESRT_JAX_COMPILE_CACHE or ~/.cache/esrt_jax/xla)")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() with no arguments (TPU pods, SLURM)")
     return p.parse_args(argv)
@@ -101,6 +104,9 @@ def main(argv=None) -> list:
                                auto=args.distributed)
 
     import jax
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", str(Path(args.compile_cache).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
     from esrt_jax.config import ConfigError
     from esrt_jax.train.bundle import import_object
     from esrt_jax.train.checkpoint import abstract_like, restore_params
