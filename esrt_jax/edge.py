@@ -24,10 +24,16 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
+from functools import partial
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from esrt_jax import audio as audio_lib
 from esrt_jax.infer import payload as pl
+from esrt_jax.models.speech_llm import SpeechLLM, SpeechLLMConfig
 
 
 class EdgeError(RuntimeError):
@@ -54,8 +60,87 @@ def mel_from_file(path: str | os.PathLike, n_mels: int, num_frames: int = audio_
     return mel_for_model(wav, n_mels, num_frames), wav.size / audio_lib.SAMPLE_RATE
 
 
+class EdgeHalf(nnx.Module):
+    """Only the edge's parts of a `SpeechLLM` (encoder + adapter): no LLM weights on the device.
+
+    `encode` is `SpeechLLM.encode` itself, so edge features are computed by the same code as
+    the one-process path.
+    """
+
+    encode = SpeechLLM.encode
+
+    def __init__(self, config: SpeechLLMConfig, encoder, adapter):
+        self.config, self.encoder, self.adapter = config, encoder, adapter
+
+
+@partial(jax.jit, static_argnames=("graphdef", "split"))
+def _edge_encode(graphdef, state, mel, split):
+    return nnx.merge(graphdef, state).encode(mel, split=split)
+
+
+class EdgeModel:
+    """The edge half with the `Translator.encode` interface (config, split, feature_shape, encode)."""
+
+    def __init__(self, half: EdgeHalf, split: str | None = None, max_batch: int = 8):
+        self.config = half.config
+        self.split = split or half.config.split
+        self.max_batch = max_batch
+        self.graphdef, self.state = nnx.split(half)
+
+    @property
+    def feature_shape(self) -> tuple[int, int]:
+        return self.config.feature_shape(self.split)
+
+    def encode(self, mel: np.ndarray) -> np.ndarray:
+        """(B, n_mels, frames) -> (B, *feature_shape) float32 (batch padded to a power of 2)."""
+        mel = np.asarray(mel, np.float32)
+        B = mel.shape[0]
+        Bp = min(max(1 << (B - 1).bit_length(), 1), max(self.max_batch, B))
+        if Bp != B:
+            mel = np.concatenate([mel, np.zeros((Bp - B,) + mel.shape[1:], np.float32)])
+        out = _edge_encode(self.graphdef, self.state, jnp.asarray(mel), self.split)
+        return np.asarray(jax.device_get(out), np.float32)[:B]
+
+
+def load_edge(config, checkpoint, overrides: Sequence[str] = (), *, split: str | None = None
+              ) -> tuple[EdgeModel, str]:
+    """Run config + checkpoint -> (EdgeModel, model fingerprint) without loading the LLM.
+
+    With `model.whisper` (a local HF dir) the encoder is read from it and the trained adapter from
+    the checkpoint; the LLM is never built. A config whose encoder is a seeded random init (the
+    demo) is rebuilt with the whole model (tiny), so that the encoder weights are the same.
+    """
+    from esrt_jax.infer import cloud
+
+    ck = step = None
+    stage = None
+    if checkpoint is not None:
+        ck, stage, step = cloud.resolve_checkpoint(checkpoint)
+    from esrt_jax.train.config import load_run_config
+
+    cfg = load_run_config(config, overrides).for_stage(stage or "srt")
+    if not cfg.model.get("whisper"):
+        loaded = cloud.load_model(config, checkpoint, overrides)
+        m = loaded.model
+        half = EdgeHalf(m.config, m.encoder, m.adapter)
+    else:
+        from esrt_jax.models.qformer import SpeechAdapter
+        from esrt_jax.models.whisper import load_whisper_encoder
+        from esrt_jax.train.speech import speech_config
+
+        scfg = speech_config(cfg)
+        enc = load_whisper_encoder(cfg.model["whisper"], dtype=scfg.encoder.dtype,
+                                   scan_layers=scfg.encoder.scan_layers)
+        half = EdgeHalf(scfg, enc, SpeechAdapter(scfg.adapter, rngs=nnx.Rngs(int(cfg.model.get("seed", 0)))))
+        if ck is not None:
+            trained = cloud.restore_adapter(cfg, ck, step)
+            cloud.merge_params(half, {"adapter": trained})
+    return EdgeModel(half, split), cloud.model_fingerprint(half)
+
+
 class EdgeEncoder:
-    """The edge half: audio -> features -> payload bytes, with a `Translator` doing the encode."""
+    """The edge half: audio -> features -> payload bytes. `translator` is an `EdgeModel` (or a
+    `Translator`, whose `encode` is the same computation)."""
 
     def __init__(self, translator, fingerprint: str, *, scheme: str = "fp16", compress: bool = False,
                  group_size: int = 32):
@@ -102,10 +187,8 @@ class EdgeClient(EdgeEncoder):
     @classmethod
     def from_checkpoint(cls, config, checkpoint, overrides: Sequence[str] = (), *, split: str | None = None,
                         **kw) -> "EdgeClient":
-        from esrt_jax.infer.cloud import load_model, translator_for
-
-        loaded = load_model(config, checkpoint, overrides)
-        return cls(translator_for(loaded, split=split), loaded.fingerprint, **kw)
+        model, fingerprint = load_edge(config, checkpoint, overrides, split=split)
+        return cls(model, fingerprint, **kw)
 
     def send(self, body: bytes, src: str, tgt: str) -> dict:
         """POST one payload; -> the service's JSON answer plus `bytes_sent` (the HTTP body)."""

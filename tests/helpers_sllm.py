@@ -71,7 +71,22 @@ train: {{steps: 5}}
 """
 
 
-def make_tiny_run(d):
+def save_tiny_whisper(d):
+    """A tiny random HF WhisperModel (80 mels, 64 frames, d 32) saved as safetensors in `d`."""
+    import torch
+    from transformers import WhisperConfig, WhisperModel
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=2, encoder_attention_heads=4,
+                        encoder_ffn_dim=64, max_source_positions=32, decoder_layers=1,
+                        decoder_attention_heads=4, decoder_ffn_dim=64, max_target_positions=16,
+                        vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=3)
+    WhisperModel(cfg).save_pretrained(d, safe_serialization=True)
+    return d
+
+
+def make_tiny_run(d, whisper_dir=None):
     """A tiny run config (d/run.yaml, tokenizer in d/tok) and an srt checkpoint at step 5
     (d/runs/srt/checkpoints/5) whose trainable params differ from the seeded init.
     -> (config path, run dir, the saved trainable params)."""
@@ -87,7 +102,11 @@ def make_tiny_run(d):
     d = Path(d)
     save_tiny_tokenizer(d / "tok", vocab_size=320)
     cfg_path = d / "run.yaml"
-    cfg_path.write_text(RUN_CONFIG.format(run_dir=d / "runs", tok_dir=d / "tok"))
+    text = RUN_CONFIG.format(run_dir=d / "runs", tok_dir=d / "tok")
+    if whisper_dir is not None:  # the encoder from a local HF dir instead of a seeded random init
+        head, rest = text.split("  whisper_config:", 1)
+        text = head + f"  whisper: {whisper_dir}\n" + rest.split("\n", 2)[2]
+    cfg_path.write_text(text)
     bundle = build_model(load_run_config(cfg_path).for_stage("srt"))
     trained = jax.tree.map(lambda x: x + 0.01 * jax.numpy.sign(x), bundle.trainable)
     ck = Checkpointer(d / "runs" / "srt" / "checkpoints", async_save=False)

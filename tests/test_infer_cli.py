@@ -164,3 +164,30 @@ def test_cli_main_edge_only_then_from_embeds(trained_run, corpus, tmp_path, caps
     capsys.readouterr()
     assert cli.main(base + ["--from-embeds", str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("encoder", ["seeded", "hf_dir"])
+def test_edge_loads_only_encoder_and_adapter_and_matches_the_full_model(encoder, trained_run, tmp_path):
+    from esrt_jax.edge import EdgeModel, load_edge
+    from esrt_jax.infer.cloud import load_model, translator_for
+
+    if encoder == "hf_dir":
+        pytest.importorskip("torch")
+        from helpers_sllm import save_tiny_whisper
+
+        cfg_path, run_dir, _ = make_tiny_run(tmp_path, whisper_dir=save_tiny_whisper(tmp_path / "whisper"))
+    else:
+        cfg_path, run_dir, _ = trained_run
+    for split in ("qformer", "projector"):
+        edge, fp = load_edge(cfg_path, run_dir, split=split)
+        assert isinstance(edge, EdgeModel) and edge.split == split
+        loaded = load_model(cfg_path, run_dir)
+        tr = translator_for(loaded, split=split)
+        assert fp == loaded.fingerprint
+        mel = np.random.default_rng(1).standard_normal((3, 80, 64)).astype(np.float32)
+        np.testing.assert_array_equal(edge.encode(mel), tr.encode(mel))
+    if encoder == "hf_dir":  # no LLM params were built on the edge
+        from flax import nnx
+
+        names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(edge.state)}
+        assert not any(n.startswith("llm") for n in names) and any(n.startswith("encoder") for n in names)

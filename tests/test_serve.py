@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -271,14 +272,6 @@ def test_make_app_requires_a_token(tiny):
         serve.make_app(CloudBackend(tr, fp), serve.ServeConfig(), "")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_serve_and_edge_commands_end_to_end(tmp_path, capsys):
     """`python -m esrt_jax.serve` as a real process on a run config + checkpoint, the edge CLI
@@ -297,14 +290,12 @@ def test_serve_and_edge_commands_end_to_end(tmp_path, capsys):
     cfg_path, run_dir, _ = make_tiny_run(tmp_path)
     (tmp_path / "token").write_text(TOKEN + "\n")
     wav = write_tone(tmp_path / "a.wav", 1.2, 300.0)
-    port = _free_port()
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"}
     common = ["--config", str(cfg_path), "--checkpoint", str(run_dir)]
-    server = subprocess.Popen([sys.executable, "-m", "esrt_jax.serve", *common, "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "esrt_jax.serve", *common, "--port", "0",
                                "--token-file", str(tmp_path / "token"), "--max-wait-ms", "5"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
     try:
         loaded = load_model(cfg_path, run_dir)  # meanwhile: the in-process reference
         tr = translator_for(loaded)
@@ -313,17 +304,18 @@ def test_serve_and_edge_commands_end_to_end(tmp_path, capsys):
         x = pl.decode(pl.encode(feats[0], fingerprint=loaded.fingerprint, split=tr.split, scheme="int8",
                                 compress=True)).features
         want = cli.decode_features(tr, x[None], utts)[0]
-        deadline = time.time() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
-                    health = json.loads(r.read())
+        seen = []
+        while True:  # the server binds port 0 itself and prints where it listens
+            line = server.stdout.readline()
+            assert line, "server exited:\n" + "".join(seen)
+            seen.append(line)
+            m = re.search(r"Running on (http://127\.0\.0\.1:\d+)", line)
+            if m:
+                url = m.group(1)
                 break
-            except (urllib.error.URLError, ConnectionError):
-                assert server.poll() is None, server.stdout.read()
-                assert time.time() < deadline, "server did not come up"
-                time.sleep(0.5)
-        assert health["fingerprint"] == loaded.fingerprint  # edge and cloud agree on the model
+        with urllib.request.urlopen(url + "/healthz", timeout=30) as r:
+            health = json.loads(r.read())
+        assert health["fingerprint"] == loaded.fingerprint, (health, loaded.step, loaded.checkpoint_dir)
         capsys.readouterr()
         rc = edge_main([*common, "--audio", str(wav), "--src", "eng", "--tgt", "deu", "--server", url,
                         "--token-file", str(tmp_path / "token"), "--scheme", "int8", "--zstd"])

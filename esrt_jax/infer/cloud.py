@@ -111,7 +111,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, str | None, int | 
     return ck, stage, step
 
 
-def _merge_trainable(model: nnx.Module, trained: Any) -> None:
+def merge_params(model: nnx.Module, trained: Any) -> None:
     """Write a nested dict of trained arrays (paths as in `nnx.state(model)`) into `model`."""
     state = nnx.state(model)
     flat = dict(nnx.to_flat_state(state))
@@ -137,6 +137,22 @@ def _merge_trainable(model: nnx.Module, trained: Any) -> None:
 
 def _key_of(k):
     return getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+
+
+def restore_adapter(cfg, ck: Path, step: int | None = None) -> Any:
+    """Only the trained adapter params of a checkpoint (nested dict under `adapter/`)."""
+    from esrt_jax.train.bundle import import_object
+    from esrt_jax.train.checkpoint import restore_params
+    from esrt_jax.train.run import DEFAULT_MODEL_BUILDER
+
+    builder = import_object(cfg.model.get("builder", DEFAULT_MODEL_BUILDER), "model.builder")
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
+                          builder(cfg, abstract=True).trainable)
+    trained, _ = restore_params(ck, target, step)
+    if "adapter" not in trained:
+        raise KeyError(f"checkpoint {ck} holds no adapter params (trainable: {sorted(trained)})")
+    return trained["adapter"]
 
 
 def load_model(config: str | Path, checkpoint: str | Path | None, overrides: Sequence[str] = (),
@@ -173,7 +189,7 @@ def load_model(config: str | Path, checkpoint: str | Path | None, overrides: Seq
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
                               bundle.trainable)
         trained, step = restore_params(ck, target, step)
-        _merge_trainable(model, trained)
+        merge_params(model, trained)
     return LoadedModel(model, tokenizer, cfg, stage, step, ck)
 
 
