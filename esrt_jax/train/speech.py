@@ -275,10 +275,12 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
             tokz = {languages.get(r.tgt).bleu_tokenize for r in recs}
             rep["bleu"] = float(bleu([o["s2tt"] for o in outs], [r.translation for r in recs],
                                      "char" if "char" in tokz else "13a")[0])
-        rep["samples"] = [f"{task} {r.src}->{r.tgt} ref: {r.transcription if task != 'smt' else ''}"
-                          f"{' | ' + r.translation if task != 'asr' else ''}\n"
-                          f"           hyp: {o['asr'] if task != 'smt' else ''}"
-                          f"{' | ' + o['s2tt'] if task != 'asr' else ''}" for r, o in zip(recs, outs)]
+        def show(asr: str, s2tt: str) -> str:
+            return asr if task == "asr" else s2tt if task == "smt" else f"{asr} | {s2tt}"
+
+        rep["samples"] = [f"{task} {r.src}->{r.tgt} ref: {show(r.transcription, r.translation)}\n"
+                          f"{' ' * (len(task) + len(r.src) + len(r.tgt) + 3)}hyp: {show(o['asr'], o['s2tt'])}"
+                          for r, o in zip(recs, outs)]
         return rep
 
     return decode
