@@ -20,7 +20,6 @@ transformers = pytest.importorskip("transformers")
 from esrt_jax.config import ConfigError  # noqa: E402
 from esrt_jax.convert import hf_io  # noqa: E402
 from esrt_jax.models import llm  # noqa: E402
-from esrt_jax.models.layers import LoraParam  # noqa: E402
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128)

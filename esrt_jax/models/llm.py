@@ -49,11 +49,9 @@ stream tensor by tensor. `load_params_from_hf_dir` and `load_causal_lm` use them
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import jax
@@ -478,10 +476,10 @@ class CausalLM(nnx.Module):
 
         any_sliding = any(cfg.is_sliding)
         cos_g, sin_g = rope_cos_sin(positions, cfg.rope_spec(local=False))
-        mask_g = attention_mask_fn(q_slots, kv_valid, None)
+        mask_g = _mask_fn(q_slots, kv_valid, None)
         if any_sliding:
             cos_l, sin_l = rope_cos_sin(positions, cfg.rope_spec(local=True))
-            mask_l = attention_mask_fn(q_slots, kv_valid, cfg.sliding_window)
+            mask_l = _mask_fn(q_slots, kv_valid, cfg.sliding_window)
         else:
             cos_l, sin_l, mask_l = cos_g, sin_g, mask_g
 
@@ -545,7 +543,8 @@ class CausalLM(nnx.Module):
         return logits, new_cache
 
 
-def attention_mask_fn(q_slots, kv_valid, window):
+def _mask_fn(q_slots, kv_valid, window):
+    # `attention_mask` is shadowed by the argument of the same name inside CausalLM.__call__.
     return attention_mask(q_slots, kv_valid, window)
 
 
