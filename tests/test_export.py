@@ -32,7 +32,7 @@ torch.set_num_threads(1)
 
 OVERRIDES = [
     "stages.asr.train.steps=3", "lora.enabled=true", "train.trainable=[]", "train.warmup_steps=0",
-    "train.eval_batches=1", "train.decode_samples=2", "train.log_every=1", "train.progress=false",
+    "train.eval_batches=1", "train.decode_samples=4", "train.log_every=1", "train.progress=false",
     "model.decode.max_new_tokens=12", "model.decode.no_repeat_ngram_size=2",
 ]
 ROWS = 4
@@ -116,18 +116,21 @@ def _torch_greedy(parts, ref, gen_dir: Path):
 
 def test_export_layout_and_config(trained, exports):
     merged, peft = exports
+    run_cfg = yaml.safe_load((trained[1] / "config.yaml").read_text())
+    q = run_cfg["model"]["adapter"]["num_queries"]
     for out in exports:
         ec = json.loads((out / "esrt_config.json").read_text())
-        assert ec["model"]["num_queries"] == 16 and ec["model"]["num_speech_tokens"] == 16
+        assert ec["model"]["num_queries"] == q and ec["model"]["num_speech_tokens"] == q
         assert ec["model"]["split"] == "projector" and ec["model"]["pool_k"] is None
-        assert ec["languages"] == ["eng", "deu", "fra", "spa"]
+        assert ec["languages"] == run_cfg["data"]["languages"]
+        assert ec["run_config"]["train"]["lr"] == run_cfg["train"]["lr"]
         assert ec["tokenizer"]["language_tags"] == "text"
         assert ec["source"]["stage"] == "asr" and ec["source"]["step"] == 3
         assert ec["encoder"]["format"] == "weights"  # tiny random encoder: no base dir to point to
         assert {"model.safetensors", "config.json", "llm_srt_adapter.safetensors", "llm_srt_adapter.pt"} <= \
             {p.name for p in (out / "adapter").iterdir()}
         card = (out / "README.md").read_text()
-        assert "stage `asr`, step 3" in card and "dev_loss" in card and "16 queries" in card
+        assert "stage `asr`, step 3" in card and "dev_loss" in card and f"{q} queries" in card
     assert json.loads((merged / "esrt_config.json").read_text())["llm"]["format"] == "merged"
     assert (peft / "llm" / "adapter" / "adapter_config.json").is_file()
     g = json.loads((merged / "llm" / "generation_config.json").read_text())
@@ -219,6 +222,50 @@ def test_import_gives_a_checkpoint_with_identical_eval(trained, exports, referen
     assert res["meta"]["step"] == 3 and res["meta"]["imported_from"] == str(out.absolute())
     assert len(jax.tree.leaves(res["params"])) == len(jax.tree.leaves(bundle.trainable))
     next(it)  # the restored iterator yields batches
+
+
+def test_eval_py_output_identical_after_import(trained, exports):
+    """`eval.py --config --checkpoint` on the original run and on the imported export."""
+    from esrt_jax.eval import cli as eval_cli
+
+    root, run_dir = trained
+    new = root / "imported_merged"
+    if not new.is_dir():
+        ex.import_export(exports[0], new)
+    rows = {}
+    for name, cfg, ck in (("orig", run_dir / "config.yaml", run_dir), ("imported", new / "config.yaml", new)):
+        out = root / f"eval_{name}"
+        assert eval_cli.main(["--config", str(cfg), "--checkpoint", str(ck), "--langs", "eng,deu",
+                              "--limit", "1", "--batch", "8", "--out", str(out), "--no-progress"]) == 0
+        lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
+        rows[name] = [(r["id"], r["tgt"], r["response"], r["asr_r"], r["s2tt_r"]) for r in lines if "id" in r]
+    assert len(rows["orig"]) == 2 and rows["orig"] == rows["imported"]
+
+
+def test_import_config_with_base_pointers(tmp_path):
+    """Frozen encoder / untouched PEFT base: the new run points at the base dirs."""
+    out = tmp_path / "out"
+    out.mkdir()
+    ec = {"format": ex.FORMAT, "version": ex.VERSION, "source": {"stage": "srt", "step": 5},
+          "encoder": {"format": "pointer", "path": "/models/whisper-large-v3"}, "adapter": {"path": "adapter"},
+          "llm": {"format": "peft", "base": {"format": "pointer", "path": "/models/gemma-3-4b-it"},
+                  "lora": {"rank": 16, "alpha": 32.0, "targets": ["q_proj", "v_proj"]}},
+          "run_config": {"model": {"whisper": "/elsewhere/w", "llm": "/elsewhere/l", "adapter": {"num_queries": 80}},
+                         "lora": {"enabled": False, "dropout": 0.05},
+                         "stages": {"srt": {"model": {"llm": "/x"}, "train": {"lr": 1e-5}}}}}
+    (out / "esrt_config.json").write_text(json.dumps(ec))
+    cfg = ex.import_config(out, tmp_path / "new")
+    assert cfg["model"]["whisper"] == "/models/whisper-large-v3"
+    assert cfg["model"]["llm"] == "/models/gemma-3-4b-it"
+    assert cfg["model"]["tokenizer"] == str(out.absolute() / "llm" / "adapter")
+    assert cfg["lora"] == {"enabled": True, "dropout": 0.05, "rank": 16, "alpha": 32.0,
+                           "targets": ["q_proj", "v_proj"]}
+    assert cfg["stages"]["srt"] == {"model": {}, "train": {"lr": 1e-5}}
+    assert cfg["run_dir"] == str((tmp_path / "new").absolute())
+    ec["version"] = 99
+    (out / "esrt_config.json").write_text(json.dumps(ec))
+    with pytest.raises(ex.ExportError, match="version 99 is not supported"):
+        ex.import_config(out, tmp_path / "new")
 
 
 def test_cli_errors(trained, tmp_path, capsys):
