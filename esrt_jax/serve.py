@@ -27,7 +27,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from esrt_jax import languages
 from esrt_jax.infer import payload as pl
@@ -140,12 +140,14 @@ def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
                            buckets=(1, 2, 4, 8, 16, 32, 64))
     latency = Histogram("esrt_request_seconds", "translate request latency", registry=registry)
     batch_sizes: list[int] = []
+    inflight = Gauge("esrt_inflight_requests", "translate requests queued or decoding", registry=registry)
 
     def on_batch(n):
         batch_hist.observe(n)
         batch_sizes.append(n)
 
     batcher = Batcher(backend, cfg, on_batch)
+    inflight.set_function(lambda: batcher.inflight)
     app = web.Application(client_max_size=cfg.max_payload_bytes)
     app[BATCHER], app[BATCH_SIZES] = batcher, batch_sizes
 
@@ -156,7 +158,9 @@ def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
         await batcher.close()
 
     app.on_startup.append(start)
-    app.on_shutdown.append(stop)
+    # on_cleanup runs after aiohttp has waited for every in-flight handler (shutdown_timeout), so
+    # a request still being read when shutdown began is decoded too, not stranded in the queue.
+    app.on_cleanup.append(stop)
 
     @web.middleware
     async def auth(request, handler):

@@ -110,7 +110,7 @@ def test_healthz_and_metrics(server, tiny):
     with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
         text = r.read().decode()
         assert r.headers["Content-Type"].startswith("text/plain")
-    assert "esrt_batch_size" in text and "esrt_request_seconds" in text
+    assert "esrt_batch_size" in text and "esrt_request_seconds" in text and "esrt_inflight_requests" in text
 
 
 def test_auth_required(server, tiny):
@@ -194,6 +194,16 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server, tiny, case):
     # ... and the next good request is answered correctly
     got, out = post(server.url, good)
     assert got == 200 and (out["transcription"], out["translation"]) == expected(tr, feats(tr, 7), "eng", "deu")
+
+
+def test_metrics_count_requests_by_status_and_batch_sizes(server):
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    for status in ("200", "401", "400", "413", "422"):  # after the tests above
+        m = re.search(r'esrt_requests_total\{status="%s"\} (\d+\.\d+)' % status, text)
+        assert m and float(m.group(1)) >= 1, status
+    n = float(re.search(r"esrt_batch_size_count (\d+\.\d+)", text).group(1))
+    assert n == len(server.app[serve.BATCH_SIZES])
 
 
 def test_quantised_and_compressed_payloads_are_served(server, tiny):
