@@ -176,9 +176,12 @@ def test_peft_export_matches_in_pytorch(exports, reference):
 
     _, out = exports
     base = AutoModelForCausalLM.from_pretrained(out / "llm", attn_implementation="eager")
+    q = reference["loaded"].model.config.num_speech_tokens
+    # Without the adapter the loss is clearly off: the 1e-4 tolerance does tell LoRA apart.
+    base_loss = _torch_loss(_torch_parts(out, base), reference["batch"], q)
+    assert abs(base_loss - reference["loss"]) > 1e-3, (base_loss, reference["loss"])
     llm = PeftModel.from_pretrained(base, out / "llm" / "adapter")
     parts = _torch_parts(out, llm)
-    q = reference["loaded"].model.config.num_speech_tokens
     assert abs(_torch_loss(parts, reference["batch"], q) - reference["loss"]) <= 1e-4
     assert _torch_greedy(parts, reference, out / "llm") == reference["ids"]
 
