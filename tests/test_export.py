@@ -245,6 +245,40 @@ def test_eval_py_output_identical_after_import(trained, exports):
     assert len(rows["orig"]) == 2 and rows["orig"] == rows["imported"]
 
 
+def test_local_base_dirs_become_pointers(trained, exports, reference):
+    """A run on local base dirs (here: the exported tiny encoder and PEFT base) with a frozen
+    encoder and LLM: OUT/encoder and the PEFT base are pointers; PyTorch and the import still match."""
+    from peft import PeftModel
+
+    root, run_dir = trained
+    merged, peft = exports
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    m = cfg["model"]
+    m.pop("whisper_config"), m.pop("llm_config"), m.pop("tokenizer_vocab")
+    m.update(whisper=str(merged / "encoder"), llm=str(peft / "llm"), tokenizer=str(peft / "llm"))
+    cfg_path = root / "local_bases.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    out = ex.export_run(run_dir, root / "out_pointers", config=cfg_path, peft=True).out
+    ec = json.loads((out / "esrt_config.json").read_text())
+    assert ec["encoder"]["format"] == "pointer" and ec["llm"]["base"]["format"] == "pointer"
+    assert json.loads((out / "encoder" / ex.POINTER).read_text())["base_model"] == str(merged / "encoder")
+    assert sorted(p.name for p in (out / "llm").iterdir()) == [ex.POINTER, "adapter"]
+    adapter_cfg = json.loads((out / "llm" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(peft / "llm")
+    base = AutoModelForCausalLM.from_pretrained(adapter_cfg["base_model_name_or_path"], attn_implementation="eager")
+    parts = _torch_parts(merged, PeftModel.from_pretrained(base, out / "llm" / "adapter"))
+    q = reference["loaded"].model.config.num_speech_tokens
+    assert abs(_torch_loss(parts, reference["batch"], q) - reference["loss"]) <= 1e-4
+    new = root / "imported_pointers"
+    ex.import_export(out, new)
+    new_cfg = yaml.safe_load((new / "config.yaml").read_text())
+    assert new_cfg["model"]["whisper"] == str(merged / "encoder") and new_cfg["model"]["llm"] == str(peft / "llm")
+    loaded = load_model(new / "config.yaml", new)
+    tr = translator_for(loaded, max_batch=ROWS)
+    assert tr.generate_ids(tr.encode(reference["batch"]["mel"]), reference["src"], reference["tgt"],
+                           task="asr") == reference["ids"]
+
+
 def test_import_config_with_base_pointers(tmp_path):
     """Frozen encoder / untouched PEFT base: the new run points at the base dirs."""
     out = tmp_path / "out"
