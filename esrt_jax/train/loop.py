@@ -379,6 +379,9 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
                 if tc.decode_every and step % tc.decode_every == 0 and step != tc.steps:
                     dev_decode(step)
             flush()
+            if bar is not None:  # so the final dev report is not interleaved with the bar
+                bar.close()
+                bar = None
             dev = dev_eval(tc.steps)
             dev.update(dev_decode(tc.steps))
         finally:
