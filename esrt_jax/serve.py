@@ -243,7 +243,7 @@ def read_token(token_file: str | None) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     from esrt_jax.infer.cloud import load_backend
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m esrt_jax.serve", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="run config YAML (same as train.py)")
     ap.add_argument("--checkpoint", required=True, help="run dir, stage dir or step dir")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
