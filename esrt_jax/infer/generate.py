@@ -118,25 +118,27 @@ def greedy(model, inputs_embeds: jax.Array, attention_mask: jax.Array, cfg: Gene
     M = cfg.max_new_tokens
     logits, cache, pos = _prefill(model, inputs_embeds, attention_mask, M)
     seq = jnp.full((B, M), cfg.pad_id, jnp.int32)
-    done = jnp.zeros((B,), bool)
 
-    def cond(state):
-        t, _, done, *_ = state
-        return (t < M) & ~jnp.all(done)
-
-    def body(state):
-        t, seq, done, logits, pos, cache = state
-        scores = _process(logits, seq, t, cfg)
-        tok = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    def pick(t, seq, done, logits):
+        tok = jnp.argmax(_process(logits, seq, t, cfg), axis=-1).astype(jnp.int32)
         tok = jnp.where(done, cfg.pad_id, tok)
         seq = jax.lax.dynamic_update_slice_in_dim(seq, tok[:, None], t, axis=1)
-        done = done | _is_eos(tok, cfg)
-        logits, cache = _step(model, tok, pos, cache)
-        return t + 1, seq, done, logits, pos + 1, cache
+        return tok, seq, done | _is_eos(tok, cfg)
 
-    state = (jnp.int32(0), seq, done, logits, pos, cache)
-    _, seq, *_ = jax.lax.while_loop(cond, body, state)
-    return seq
+    tok, seq, done = pick(jnp.int32(0), seq, jnp.zeros((B,), bool), logits)
+
+    def cond(state):
+        t, _, _, done, *_ = state
+        return (t < M) & ~jnp.all(done)
+
+    def body(state):  # feed the previous token, then pick the next: no forward is wasted
+        t, tok, seq, done, pos, cache = state
+        logits, cache = _step(model, tok, pos, cache)
+        tok, seq, done = pick(t, seq, done, logits)
+        return t + 1, tok, seq, done, pos + 1, cache
+
+    state = (jnp.int32(1), tok, seq, done, pos, cache)
+    return jax.lax.while_loop(cond, body, state)[2]
 
 
 def beam_search(model, inputs_embeds: jax.Array, attention_mask: jax.Array, cfg: GenerateConfig

@@ -806,41 +806,6 @@ def load_causal_lm(model_dir: str, cfg: LLMConfig | None = None, *, lora: LoraCo
     return nnx.merge(graphdef, nnx.from_flat_state(new))
 
 
-# ---------------------------------------------------------------------------------------------
-# Greedy decoding (the full generate module with beam search lives in esrt_jax/infer/generate.py)
-# ---------------------------------------------------------------------------------------------
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "pad_id"))
-def _greedy(graphdef, state, embeds, mask, *, max_new_tokens, eos_ids, pad_id):
-    model = nnx.merge(graphdef, state)
-    b, t, _ = embeds.shape
-    cache = model.init_cache(b, t + max_new_tokens)
-    positions = positions_from_mask(mask)
-    logits, cache = model(embeds, positions, mask, cache, last_logits_only=True)
-    tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    next_pos = jnp.sum(mask.astype(jnp.int32), axis=-1)
-    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
-    done = jnp.isin(tok, eos)
-
-    def cond(s):
-        step, _, _, _, done, _ = s
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(s):
-        step, tok, pos, cache, done, out = s
-        x = model.embed(tok[:, None])
-        logits, cache = model(x, pos[:, None], jnp.ones((b, 1), bool), cache, last_logits_only=True)
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        nxt = jnp.where(done, pad_id, nxt)
-        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
-        done = done | jnp.isin(nxt, eos)
-        return step + 1, nxt, pos + 1, cache, done, out
-
-    init = (jnp.asarray(1, jnp.int32), tok, next_pos, cache, done, out)
-    return jax.lax.while_loop(cond, body, init)[-1]
-
-
 def greedy_generate(model: CausalLM, input_ids: jax.Array | None, attention_mask: jax.Array,
                     max_new_tokens: int, *, inputs_embeds: jax.Array | None = None,
                     eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0) -> jax.Array:
@@ -850,9 +815,11 @@ def greedy_generate(model: CausalLM, input_ids: jax.Array | None, attention_mask
     input_ids (B, T) int32 LEFT-padded (or inputs_embeds (B, T, D)), attention_mask (B, T) bool
     -> (B, max_new_tokens) int32 new tokens.
     """
+    from esrt_jax.infer import generate as gen  # the one decoding implementation
+
     if inputs_embeds is None:
         inputs_embeds = model.embed(jnp.asarray(input_ids, jnp.int32))
-    eos = eos_tuple(eos_token_id)
+    cfg = gen.GenerateConfig(max_new_tokens=int(max_new_tokens), no_repeat_ngram_size=0,
+                             eos_ids=eos_tuple(eos_token_id), pad_id=int(pad_token_id))
     graphdef, state = nnx.split(model)
-    return _greedy(graphdef, state, inputs_embeds, jnp.asarray(attention_mask, bool),
-                   max_new_tokens=int(max_new_tokens), eos_ids=eos, pad_id=int(pad_token_id))
+    return gen.generate(graphdef, state, inputs_embeds, jnp.asarray(attention_mask, bool), cfg)
