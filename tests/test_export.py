@@ -225,6 +225,12 @@ def test_import_gives_a_checkpoint_with_identical_eval(trained, exports, referen
     assert res["meta"]["step"] == 3 and res["meta"]["imported_from"] == str(out.absolute())
     assert len(jax.tree.leaves(res["params"])) == len(jax.tree.leaves(bundle.trainable))
     next(it)  # the restored iterator yields batches
+    if which == "merged":  # train.py itself resumes the imported run for one more step
+        from esrt_jax.train import run
+
+        [r] = run.main(["--stage", "asr", "--config", str(new / "config.yaml"), "--run-dir", str(new),
+                        "--set", "stages.asr.train.steps=4"])
+        assert r.resumed_from == 3 and r.final_step == 4 and np.isfinite(r.losses[4])
 
 
 def test_eval_py_output_identical_after_import(trained, exports):
@@ -232,9 +238,8 @@ def test_eval_py_output_identical_after_import(trained, exports):
     from esrt_jax.eval import cli as eval_cli
 
     root, run_dir = trained
-    new = root / "imported_merged"
-    if not new.is_dir():
-        ex.import_export(exports[0], new)
+    new = root / "imported_for_eval"
+    ex.import_export(exports[0], new)
     rows = {}
     for name, cfg, ck in (("orig", run_dir / "config.yaml", run_dir), ("imported", new / "config.yaml", new)):
         out = root / f"eval_{name}"
