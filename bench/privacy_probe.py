@@ -11,8 +11,9 @@ centroid, written in numpy — on
       as per-dimension mean+std over the queries and as the flat vector;
   (c) for reference, the Whisper encoder output (never transmitted; mean+std over speech frames),
 
-and report held-out accuracy (sentences not seen in training, so content cannot identify the
-speaker) against chance. Whatever the numbers are, they are the result.
+and report held-out accuracy against chance, twice: on sentences not seen in training (content
+cannot identify the speaker) and on a language not seen in training (the last of --langs: the
+voice must be recognised across languages). Whatever the numbers are, they are the result.
 
     python bench/privacy_probe.py --quick                      # smoke: 2 languages, 3 voices, 8 sentences
     python bench/privacy_probe.py --config configs/demo.yaml --checkpoint runs/demo   # 6 voices, 40 sentences
@@ -144,9 +145,11 @@ def main(argv=None) -> dict:
     sent = np.array([r["sentence"] for r in items])
     test = sent % 4 == 3  # held-out sentences
     train = ~test
+    lang = np.array([r["src"] for r in items])
+    xl_test = lang == langs[-1]  # held-out language: the voice must be recognised in a new language
     print(f"model: {args.config}, {note}")
     print(f"probe corpus: {corpus} — {len(items)} utterances, {len(speakers)} speakers {speakers}, "
-          f"languages {langs}; train {train.sum()} / held-out {test.sum()} (by sentence)")
+          f"languages {langs}")
 
     enc = loaded.model.config.encoder
     mels, n_real = [], []
@@ -180,12 +183,18 @@ def main(argv=None) -> dict:
            "n_test": int(test.sum()), "chance": chance, "majority": majority, "payload_bytes": sizes,
            "probes": {}}
     print(f"\nchance {chance:.3f} (1/{k}); majority class of the held-out set {majority:.3f}\n")
-    hdr = f"{'features':48} {'dims':>6} {'logreg':>7} {'centroid':>8}"
+    print(f"held-out sentences: train {train.sum()} / test {test.sum()}; held-out language "
+          f"{langs[-1]}: train {(~xl_test).sum()} / test {xl_test.sum()}\n")
+    hdr = (f"{'features':48} {'dims':>6} | held-out sentences: {'logreg':>6} {'centroid':>8} "
+           f"| held-out language: {'logreg':>6} {'centroid':>8}")
     print(hdr + "\n" + "-" * len(hdr))
     for name, x in feats.items():
         acc = probe(x.astype(np.float64), y, train, test, k, args.seed)
-        res["probes"][name] = {"dims": int(x.shape[1]), **acc}
-        print(f"{name:48} {x.shape[1]:6d} {acc['logreg']:7.3f} {acc['centroid']:8.3f}")
+        xl = probe(x.astype(np.float64), y, ~xl_test, xl_test, k, args.seed) if len(langs) > 1 else \
+            {"logreg": float("nan"), "centroid": float("nan")}
+        res["probes"][name] = {"dims": int(x.shape[1]), **acc, "held_out_language": xl}
+        print(f"{name:48} {x.shape[1]:6d} | {'':20}{acc['logreg']:6.3f} {acc['centroid']:8.3f} "
+              f"| {'':19}{xl['logreg']:6.3f} {xl['centroid']:8.3f}")
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
