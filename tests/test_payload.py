@@ -86,6 +86,8 @@ def test_wrong_model_and_oversize(feats):
 def test_encode_rejects_bad_input(feats):
     with pytest.raises(ValueError, match="NaN"):
         pl.encode(np.full((2, 4), np.nan), fingerprint=FP)
+    with pytest.raises(ValueError, match="float16's range"):
+        pl.encode(np.full((2, 4), 1e6, np.float32), fingerprint=FP, scheme="int8")
     with pytest.raises(ValueError, match="group_size"):
         pl.encode(feats, fingerprint=FP, scheme="int4", group_size=7)
     with pytest.raises(ValueError, match="split point"):

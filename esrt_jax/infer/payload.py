@@ -139,6 +139,9 @@ def encode(features: np.ndarray, *, fingerprint: str, split: str = "projector", 
         raise ValueError(f"features must be a non-empty array, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
         raise ValueError("features contain NaN or Inf")
+    if np.abs(x).max() > np.finfo(np.float16).max:
+        raise ValueError(f"features reach {np.abs(x).max():.4g}, beyond float16's range: the fp16 "
+                         f"payload and the float16 quantisation scales cannot represent them")
     if split not in SPLITS:
         raise ValueError(f"unknown split point {split!r}; use one of {SPLITS}")
     if scheme == "int4" and (group_size <= 0 or group_size % 2 or x.shape[-1] % group_size):
