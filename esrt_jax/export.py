@@ -189,7 +189,6 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, config: st
                max_shard_bytes: int = 2 * 1024**3) -> ExportResult:
     """Write OUT/{llm,adapter,encoder}/, OUT/esrt_config.json and OUT/README.md (module docstring)."""
     import jax.numpy as jnp
-    from flax import nnx
 
     from esrt_jax.config import ConfigError, to_dict
     from esrt_jax.convert.llm import export_hf

@@ -1,10 +1,8 @@
 """The Colab notebook runs top to bottom on the CPU with the demo config (2 steps per stage)."""
 
-import os
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
