@@ -423,7 +423,7 @@ def model_card(ec: dict, cfg, dev: dict, summary: dict | None) -> str:
         f"- Stage `{src['stage']}`: {tc.steps} steps, batch {tc.batch_size}, lr {tc.lr} ({tc.schedule}, "
         f"{tc.warmup_steps} warm-up), weight decay {tc.weight_decay}; tasks "
         f"{cfg.data.get('tasks', {})}",
-        f"- LoRA: " + (f"r {cfg.lora.rank}, alpha {cfg.lora.alpha}, targets {list(cfg.lora.targets)}"
+        "- LoRA: " + (f"r {cfg.lora.rank}, alpha {cfg.lora.alpha}, targets {list(cfg.lora.targets)}"
                        if cfg.lora.enabled else "off"),
     ]
     if dev:

@@ -86,10 +86,10 @@ def save_tiny_whisper(d):
     return d
 
 
-def make_tiny_run(d, whisper_dir=None):
-    """A tiny run config (d/run.yaml, tokenizer in d/tok) and an srt checkpoint at step 5
-    (d/runs/srt/checkpoints/5) whose trainable params differ from the seeded init.
-    -> (config path, run dir, the saved trainable params)."""
+def make_tiny_run(d, whisper_dir=None, overrides=()):
+    """A tiny run config (d/run.yaml, tokenizer in d/tok; `overrides` as `--set` items) and an
+    srt checkpoint at step 5 (d/runs/srt/checkpoints/5) whose trainable params differ from the
+    seeded init. -> (config path, run dir, the saved trainable params)."""
     import jax
 
     from esrt_jax.train.checkpoint import Checkpointer
@@ -106,6 +106,12 @@ def make_tiny_run(d, whisper_dir=None):
     if whisper_dir is not None:  # the encoder from a local HF dir instead of a seeded random init
         head, rest = text.split("  whisper_config:", 1)
         text = head + f"  whisper: {whisper_dir}\n" + rest.split("\n", 2)[2]
+    if overrides:
+        import yaml
+
+        from esrt_jax.config import apply_overrides
+
+        text = yaml.safe_dump(apply_overrides(yaml.safe_load(text), overrides))
     cfg_path.write_text(text)
     bundle = build_model(load_run_config(cfg_path).for_stage("srt"))
     trained = jax.tree.map(lambda x: x + 0.01 * jax.numpy.sign(x), bundle.trainable)

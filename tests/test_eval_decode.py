@@ -9,8 +9,6 @@ import collections
 import io
 import json
 
-import jax
-import numpy as np
 import pytest
 
 from esrt_jax.eval import cli
@@ -19,7 +17,7 @@ from esrt_jax.eval.results import RESULT_FIELDS, read_results
 from esrt_jax.infer.generate import GenerateConfig
 from esrt_jax.infer.translator import Translator
 from helpers_sllm import tiny_speech_llm, write_tone
-from helpers_tokenizer import save_tiny_tokenizer, tiny_tokenizer
+from helpers_tokenizer import tiny_tokenizer
 
 # (utterance, source, targets): 4 utterances, 9 (utterance, target) records.
 UTTS = [("u0", "eng", ["deu", "fra", "spa"]), ("u1", "deu", ["eng", "fra", "spa"]),
@@ -255,40 +253,14 @@ def test_asr_and_smt_tasks(tiny, corpus, tmp_path):
 
 # ----------------------------------------------------------------------------- CLI
 
-RUN_CONFIG = """
-run_dir: {run_dir}
-model:
-  whisper_config: {{num_mel_bins: 80, d_model: 32, encoder_layers: 2, encoder_attention_heads: 4,
-                   encoder_ffn_dim: 64, max_source_positions: 32}}
-  llm_config: {{model_type: qwen2, vocab_size: 320, hidden_size: 64, intermediate_size: 128,
-               num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}}
-  tokenizer: {tok_dir}
-  adapter: {{num_hidden_layers: 2, hidden_size: 32, num_attention_heads: 4, intermediate_size: 64,
-            num_queries: 6}}
-  seed: 3
-  infer: {{max_new_tokens: 5, prompt_buckets: [16, 32]}}
-data: {{text_buckets: [32], languages: [eng, deu, fra]}}
-train: {{steps: 5}}
-"""
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A run config and an srt checkpoint (trained params = seeded init + a nudge)."""
-    from esrt_jax.train.checkpoint import Checkpointer
-    from esrt_jax.train.config import load_run_config
-    from esrt_jax.train.speech import build_model
+    from helpers_sllm import make_tiny_run
 
-    d = tmp_path_factory.mktemp("evalrun")
-    save_tiny_tokenizer(d / "tok", vocab_size=320)
-    cfg_path = d / "run.yaml"
-    cfg_path.write_text(RUN_CONFIG.format(run_dir=d / "runs", tok_dir=d / "tok"))
-    bundle = build_model(load_run_config(cfg_path).for_stage("srt"))
-    trained = jax.tree.map(lambda x: x + 0.01 * jax.numpy.sign(x), bundle.trainable)
-    ck = Checkpointer(d / "runs" / "srt" / "checkpoints", async_save=False)
-    ck.save(5, trained, {"count": np.zeros((), np.int32)})
-    ck.close()
-    return cfg_path, d / "runs"
+    cfg_path, run_dir, _ = make_tiny_run(tmp_path_factory.mktemp("evalrun"), overrides=[
+        "model.infer.max_new_tokens=5", "data.languages=[eng, deu, fra]"])
+    return cfg_path, run_dir
 
 
 def test_cli_decodes_resumes_and_scores(run, corpus, capsys):

@@ -49,7 +49,6 @@ stream tensor by tensor. `load_params_from_hf_dir` and `load_causal_lm` use them
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence

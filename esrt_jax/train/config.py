@@ -103,6 +103,7 @@ class TrainConfig:
         check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         check(self.decode_every >= 0, "decode_every", f"must be >= 0, got {self.decode_every}")
+        check(self.decode_samples >= 1, "decode_samples", f"must be >= 1, got {self.decode_samples}")
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,14 @@ def main(argv=None) -> list:
     model_builder = import_object(cfg.model.get("builder", DEFAULT_MODEL_BUILDER), "model.builder")
     data_builder = import_object(cfg.data.get("builder", DEFAULT_DATA_BUILDER), "data.builder")
 
+    if not args.dry_run and jax.process_index() == 0:
+        # The resolved config (overrides applied) next to the stages: export/eval/serve read it.
+        import yaml
+
+        from esrt_jax.config import to_dict
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
     results = []
     for i, stage in enumerate(stages):
         scfg = cfg.for_stage(stage)

@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
