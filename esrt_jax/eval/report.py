@@ -237,10 +237,9 @@ def format_terminal(
         out.append("")
         out += _text_table(["lang", "ASR %", "n"], [[a.lang, f"{_fmt(a.error)} {a.metric.upper()}", str(a.n)] for a in scores.asr.values()])
     if scores.asr:
-        out.append(
-            f"ASR average: {_fmt(scores.asr_average(), 2)} (WER {_fmt(scores.asr_average('wer'), 2)}, "
-            f"CER {_fmt(scores.asr_average('cer'), 2)})"
-        )
+        parts = [f"{m.upper()} {_fmt(scores.asr_average(m), 2)}" for m in ("wer", "cer")
+                 if any(a.metric == m for a in scores.asr.values())]
+        out.append(f"ASR average: {_fmt(scores.asr_average(), 2)} ({', '.join(parts)})")
     out.append(scores.spbleu_note)
     if comparison is not None:
         out.append("")
