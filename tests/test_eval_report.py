@@ -204,7 +204,7 @@ def test_original_llm_srt_outputs_are_read(tmp_path):
         {"key": "u1", "prompt": "<|eng|><|zho|>", "gt": "hello world<|eng|><|zho|>你好世界",
          "response": "hello word<|eng|><|zho|>你好世界"},
         {"key": "u2", "prompt": "<|eng|><|zho|>", "gt": "good morning<|eng|><|zho|>早上好",
-         "response": "早上好"},  # no separator: the whole response is the translation
+         "response": "早上好"},  # no separator: as LLM-SRT's scorer, whole text = ASR and translation
         {"key": "u3", "prompt": "hello<|eng|><|deu|>", "gt": "Hallo", "response": "Hallo"},  # SMT
         {"key": "u4", "prompt": "<|jpn|>", "gt": "こんにちは", "response": "こんにちわ"},  # ASR
     ]  # fmt: skip
@@ -215,7 +215,7 @@ def test_original_llm_srt_outputs_are_read(tmp_path):
     assert r1.id == "u1"
     assert (r1.src, r1.tgt, r1.asr_ref, r1.ref, r1.asr_hyp, r1.hyp) == (
         "eng", "cmn", "hello world", "你好世界", "hello word", "你好世界")
-    assert (r2.hyp, r2.asr_hyp, r2.asr_ref) == ("早上好", None, None)
+    assert (r2.hyp, r2.asr_hyp, r2.asr_ref) == ("早上好", "早上好", "good morning")
     assert (r3.src, r3.tgt, r3.ref, r3.hyp) == ("eng", "deu", "Hallo", "Hallo")
     assert (r4.src, r4.tgt, r4.asr_ref, r4.asr_hyp, r4.ref) == ("jpn", "jpn", "こんにちは", "こんにちわ", None)
     scores = metrics.score_records(rf.records)
@@ -223,8 +223,14 @@ def test_original_llm_srt_outputs_are_read(tmp_path):
     assert scores.asr["jpn"].metric == "cer" and scores.asr["jpn"].error == pytest.approx(20.0)
 
 
-def test_split_srt_output():
-    assert results.split_srt_output("hi<|eng|><|deu|>Hallo", "eng", "deu") == ("hi", "Hallo")
-    assert results.split_srt_output("<|x|>Hallo", "eng", "deu") == (None, "Hallo")
-    assert results.split_srt_output(" Hallo ", "eng", "deu") == (None, "Hallo")
+def test_original_outputs_split_like_the_reference_scorer():
+    gt = "hi there<|eng|><|deu|>Hallo"
+    rec, _ = results.parse_record({"prompt": "<|eng|><|deu|>", "gt": gt, "response": "hi<|eng|><|deu|>Hallo"}, 1)
+    assert (rec.asr_ref, rec.ref, rec.asr_hyp, rec.hyp) == ("hi there", "Hallo", "hi", "Hallo")
+    # no marker in the response: LLM-SRT's eval scores the whole text as ASR, the tail as translation
+    rec, _ = results.parse_record({"prompt": "<|eng|><|deu|>", "gt": gt, "response": "x<|deu|>Hallo"}, 2)
+    assert (rec.asr_hyp, rec.hyp) == ("x<|deu|>Hallo", "Hallo")
+    # a gt without the marker is a translation reference only
+    rec, _ = results.parse_record({"prompt": "<|eng|><|deu|>", "gt": "Hallo", "response": "Hallo"}, 3)
+    assert (rec.asr_ref, rec.ref) == (None, "Hallo")
     assert SENTS  # the shared fixture data is importable

@@ -23,6 +23,7 @@ import re
 from typing import Optional
 
 from esrt_jax import languages
+from esrt_jax.data.tasks import split_srt_output
 
 __all__ = [
     "RESULT_FIELDS",
@@ -32,7 +33,6 @@ __all__ = [
     "ResultsError",
     "read_results",
     "parse_record",
-    "split_srt_output",
     "TAG_RE",
 ]
 
@@ -86,21 +86,6 @@ class ResultsFile:
         return self.n_lines - len(self.records)
 
 
-def split_srt_output(text: str, src: str, tgt: str) -> tuple[Optional[str], str]:
-    """Split `transcription<|src|><|tgt|>translation` -> (transcription, translation).
-
-    Without the separator the whole text is the translation (after the last `|>` when stray
-    tags are present) and the transcription is None.
-    """
-    sep = f"<|{src}|><|{tgt}|>"
-    if sep in text:
-        asr, _, st = text.partition(sep)
-        return asr.strip(), st.strip()
-    if "|>" in text:
-        return None, text.rsplit("|>", 1)[-1].strip()
-    return None, text.strip()
-
-
 def _str_field(obj: dict, key: str, line: int, issues: list[Issue]) -> Optional[str]:
     """obj[key] if it is a string; None if absent/null; a `bad_field` issue otherwise."""
     v = obj.get(key)
@@ -149,15 +134,16 @@ def parse_record(obj: object, line: int) -> tuple[Optional[Record], list[Issue]]
         if src == tgt:
             asr_ref = gt.strip()
         else:
-            a, t = split_srt_output(gt, src_raw, tgt_raw)
-            asr_ref, ref = a, t
+            # A gt without the marker is a plain translation reference: no ASR reference.
+            sep = f"<|{src_raw}|><|{tgt_raw}|>"
+            asr_ref, ref = ((p.strip() for p in gt.split(sep, 1)) if sep in gt else (None, gt.strip()))
     hyp = _str_field(obj, "s2tt_r", line, issues)
     asr_hyp = _str_field(obj, "asr_r", line, issues)
     if hyp is None and asr_hyp is None and response is not None:
         if src == tgt:
             asr_hyp = response.strip()
         else:
-            asr_hyp, hyp = split_srt_output(response, src_raw, tgt_raw)
+            asr_hyp, hyp = split_srt_output(response, src_raw, tgt_raw)  # the reference's fallbacks
             if asr_ref is None:
                 asr_hyp = None
 
