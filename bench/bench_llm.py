@@ -69,6 +69,7 @@ def bench_family(name, hf_cfg, args) -> dict:
 
     torch.manual_seed(0)
     hf = T.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
+    hf = hf.to(getattr(torch, args.dtype))  # both sides compute in --dtype on the same weights
     B, P, M = args.batch, args.prompt, args.new_tokens
     rng = np.random.default_rng(0)
     ids = rng.integers(3, hf_cfg.vocab_size, size=(B, P)).astype(np.int64)
@@ -90,9 +91,9 @@ def bench_family(name, hf_cfg, args) -> dict:
     hf_s = min(times)
 
     # Ours: same weights, converted in memory.
-    state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    model, _ = model_from_hf_state(hf_cfg.to_dict(), state, dtype=jnp.float32,
-                                     param_dtype=jnp.float32)
+    state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    dt = jnp.dtype(args.dtype)
+    model, _ = model_from_hf_state(hf_cfg.to_dict(), state, dtype=dt, param_dtype=dt)
     del state
     # EOS disabled (None): every row runs all M steps, like HF above.
     def run(model, ids, mask):
@@ -125,6 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=96)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per side (best is kept)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and compute dtype of BOTH sides")
     ap.add_argument("--threads", type=int, default=None, help="pin to this many cores (both sides)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -144,7 +147,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown families {unknown}; choose from {sorted(cfgs)}")
     print(f"greedy decode: batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens, "
-          f"fp32, {threads} CPU threads, jax {jax.__version__} ({jax.default_backend()}), "
+          f"{args.dtype}, {threads} CPU threads, jax {jax.__version__} ({jax.default_backend()}), "
           f"torch {torch.__version__}")
     header = (f"{'family':<12} {'params':>8} {'compile s':>10} {'ours tok/s':>11} "
               f"{'HF tok/s':>10} {'ratio':>7} {'same tokens':>12}")
