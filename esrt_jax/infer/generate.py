@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from esrt_jax.config import ConfigError, check
+from esrt_jax.config import check
+from esrt_jax.models.llm import positions_from_mask
 
 NEG_INF = -1.0e9
 
@@ -45,11 +46,6 @@ class GenerateConfig:
         check(0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens",
               f"must be in [0, max_new_tokens], got {self.min_new_tokens}")
         check(len(self.eos_ids) > 0, "eos_ids", "at least one EOS token id is required")
-
-
-def _positions(mask: jax.Array) -> jax.Array:
-    """Rotary positions that ignore padding: (B, T) bool -> (B, T) int32."""
-    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
 def banned_ngram_mask(seq: jax.Array, t: jax.Array, n: int, vocab: int) -> jax.Array:
@@ -99,7 +95,7 @@ def _prefill(model, inputs_embeds, attention_mask, max_new_tokens):
     """Run the prompt through the model into a fresh cache; returns last logits, cache, next position."""
     B, P, _ = inputs_embeds.shape
     cache = model.init_cache(B, P + max_new_tokens, inputs_embeds.dtype)
-    logits, cache = model(inputs_embeds, _positions(attention_mask), attention_mask, cache=cache,
+    logits, cache = model(inputs_embeds, positions_from_mask(attention_mask), attention_mask, cache=cache,
                           last_logits_only=True)
     next_pos = jnp.sum(attention_mask, axis=-1).astype(jnp.int32)  # (B,)
     return logits[:, -1].astype(jnp.float32), cache, next_pos
@@ -237,12 +233,3 @@ def trim(tokens, cfg: GenerateConfig) -> list[list[int]]:
         cut = next((i for i, tok in enumerate(row) if tok in cfg.eos_ids), len(row))
         out.append(row[:cut])
     return out
-
-
-def bucket_length(n: int, buckets: tuple[int, ...]) -> int:
-    """Smallest bucket >= n (static prompt lengths, so varied prompts do not recompile)."""
-    for b in sorted(buckets):
-        if n <= b:
-            return b
-    raise ConfigError(f"prompt of {n} positions exceeds the largest bucket {max(buckets)}; "
-                      f"add a larger bucket to infer.prompt_buckets")

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from esrt_jax.data.tasks import TaskTokenizer, split_srt_output
+from esrt_jax.config import ConfigError
+from esrt_jax.data.tasks import TaskTokenizer, bucket_for, split_srt_output
 from esrt_jax.infer import generate as gen
 from esrt_jax.models.speech_llm import SpeechLLM
 
@@ -83,7 +84,10 @@ class Translator:
         """Left-padded prompt ids (B, P) and mask, P the smallest fitting bucket."""
         ids = [self.task_tok.prompt_ids(task, s, t, (transcriptions or [""] * len(src))[i])
                for i, (s, t) in enumerate(zip(src, tgt))]
-        P = gen.bucket_length(max(len(x) for x in ids), self.prompt_buckets)
+        try:
+            P = bucket_for(max(len(x) for x in ids), self.prompt_buckets)
+        except ValueError as e:
+            raise ConfigError(f"prompt too long: {e}; add a larger bucket to model.infer.prompt_buckets") from None
         tokens = np.full((len(ids), P), self.task_tok.pad_id, np.int32)
         mask = np.zeros((len(ids), P), bool)
         for i, x in enumerate(ids):
