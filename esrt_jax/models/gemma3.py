@@ -84,13 +84,8 @@ class Gemma3TextConfig(LLMConfig):
 
     def to_hf_config(self) -> dict:
         return {
-            "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
-            "hidden_activation": self.hidden_act, "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
+            **self._hf_common("gemma3_text", "Gemma3ForCausalLM"),
+            "head_dim": self.head_dim, "hidden_activation": self.hidden_act,
             "attention_bias": self.qkv_bias,
             "query_pre_attn_scalar": (int(self.query_pre_attn_scalar)
                                       if float(self.query_pre_attn_scalar).is_integer()
@@ -102,7 +97,4 @@ class Gemma3TextConfig(LLMConfig):
                 "full_attention": self.rope_parameters_hf(),
                 "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta},
             },
-            "bos_token_id": self.bos_token_id, "pad_token_id": self.pad_token_id,
-            "eos_token_id": (list(self.eos_token_id) if len(self.eos_token_id) > 1
-                             else (self.eos_token_id[0] if self.eos_token_id else None)),
         }

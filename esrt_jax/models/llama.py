@@ -41,16 +41,8 @@ class LlamaConfig(LLMConfig):
 
     def to_hf_config(self) -> dict:
         return {
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
-            "hidden_act": self.hidden_act, "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
+            **self._hf_common("llama", "LlamaForCausalLM"),
+            "head_dim": self.head_dim, "hidden_act": self.hidden_act,
             "attention_bias": self.qkv_bias, "mlp_bias": self.mlp_bias,
             "rope_parameters": self.rope_parameters_hf(),
-            "bos_token_id": self.bos_token_id, "pad_token_id": self.pad_token_id,
-            "eos_token_id": (list(self.eos_token_id) if len(self.eos_token_id) > 1
-                             else (self.eos_token_id[0] if self.eos_token_id else None)),
         }

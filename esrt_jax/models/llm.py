@@ -204,6 +204,21 @@ class LLMConfig:
     def to_hf_config(self) -> dict:
         raise NotImplementedError(f"{type(self).__name__} has no HF form; use a family config")
 
+    def _hf_common(self, model_type: str, architecture: str) -> dict:
+        """The HF config keys every family shares; families add their own on top."""
+        eos = self.eos_token_id
+        return {
+            "model_type": model_type, "architectures": [architecture],
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id, "pad_token_id": self.pad_token_id,
+            "eos_token_id": list(eos) if len(eos) > 1 else (eos[0] if eos else None),
+        }
+
     def hf_layer_names(self) -> list[tuple[str, tuple[str, ...], str]]:
         """(HF suffix under `layers.{i}.`, our path under `layers`, kind) for one layer."""
         names = [("input_layernorm.weight", ("input_layernorm", "scale"), "vector")]

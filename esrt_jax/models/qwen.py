@@ -55,23 +55,14 @@ class QwenConfig(LLMConfig):
     def to_hf_config(self) -> dict:
         qwen3 = self.model_type == "qwen3"
         d = {
-            "model_type": self.model_type,
-            "architectures": ["Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"],
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads, "hidden_act": self.hidden_act,
-            "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings,
+            **self._hf_common(self.model_type, "Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"),
+            "hidden_act": self.hidden_act,
             "rope_parameters": self.rope_parameters_hf(),
             "use_sliding_window": self.sliding_window is not None,
             "sliding_window": self.sliding_window,
             "max_window_layers": self.max_window_layers if self.max_window_layers is not None
             else self.num_hidden_layers,
             "layer_types": list(self.layer_types),
-            "bos_token_id": self.bos_token_id, "pad_token_id": self.pad_token_id,
-            "eos_token_id": (list(self.eos_token_id) if len(self.eos_token_id) > 1
-                             else (self.eos_token_id[0] if self.eos_token_id else None)),
         }
         if qwen3:
             d["head_dim"] = self.head_dim
