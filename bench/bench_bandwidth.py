@@ -221,7 +221,7 @@ def main(argv=None) -> dict:
     for name, (q, p) in PUBLISHED.items():
         parts = []
         for split, (n, d) in (("qformer", q), ("projector", p)):
-            fp16, int8, int4 = 2 * n * d, n * d + 2 * d, n * d // 2 + 2 * (n * d // 32)
+            fp16, int8, int4 = (sum(pl.expected_sizes((n, d), s)) for s in ("fp16", "int8", "int4"))
             parts.append(f"{split} {n}x{d}: fp16 {fp16} B, int8 {int8} B, int4 {int4} B")
         print(f"  {name}: " + "; ".join(parts))
     print(f"\n({time.perf_counter() - t0:.0f} s)")

@@ -121,7 +121,7 @@ def _dequantise(scales: bytes, data: bytes, shape: tuple[int, ...], scheme: str,
     return (q * np.frombuffer(scales, np.float16).astype(np.float32)[:, None]).reshape(shape)
 
 
-def _expected_sizes(shape: tuple[int, ...], scheme: str, group_size: int) -> tuple[int, int]:
+def expected_sizes(shape: tuple[int, ...], scheme: str, group_size: int = 32) -> tuple[int, int]:
     """(scales bytes, data bytes) that a well-formed payload of this shape carries."""
     n = int(np.prod(shape))
     if scheme == "fp16":
@@ -201,7 +201,7 @@ def decode(buf: bytes, *, fingerprint: str | None = None, split: str | None = No
         raise PayloadError(f"payload header names unknown scheme/compression/split: {scheme}/{comp}/{sp}")
     if not shp or any(d <= 0 for d in shp) or (scheme == "int4" and (gs <= 0 or gs % 2 or shp[-1] % gs)):
         raise PayloadError(f"payload header has an invalid shape {shp} for scheme {scheme}")
-    if (s_n, d_n) != _expected_sizes(shp, scheme, gs):
+    if (s_n, d_n) != expected_sizes(shp, scheme, gs):
         raise PayloadError(f"payload sizes {s_n}+{d_n} do not match shape {shp} and scheme {scheme}")
     if fingerprint is not None and fp != fingerprint:
         raise Mismatch(f"payload was made by model {fp}, this server runs {fingerprint}")
