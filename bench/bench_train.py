@@ -61,7 +61,6 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
     import torch
     from flax import nnx
     from peft import LoraConfig as PeftLora, get_peft_model

@@ -7,9 +7,7 @@ import json
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import train_toy

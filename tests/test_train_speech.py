@@ -1,6 +1,5 @@
 """The speech-LLM wiring of training (esrt_jax/train/speech.py), abstractly: no weights, no data."""
 
-import jax
 import pytest
 
 from esrt_jax.config import ConfigError
