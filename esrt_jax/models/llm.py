@@ -56,7 +56,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from esrt_jax.config import ConfigError, check
 from esrt_jax.convert import hf_io
@@ -709,16 +709,7 @@ def flatten_params(params: Any) -> dict[tuple[str, ...], Any]:
         return {tuple(map(str, k)): v for k, v in nnx.to_flat_state(params)}
     if isinstance(params, Mapping) and params and all(isinstance(k, tuple) for k in params):
         return dict(params)
-    out: dict[tuple[str, ...], Any] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                walk(v, prefix + (str(k),))
-        else:
-            out[prefix] = node
-    walk(params, ())
-    return out
+    return {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(params).items()}
 
 
 def params_to_hf(params: nnx.State | Mapping, cfg: LLMConfig, prefix: str = "model."

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from esrt_jax.config import ConfigError, check
 from esrt_jax.convert import hf_io
@@ -329,26 +330,6 @@ def _abstract_encoder(cfg: WhisperEncoderConfig) -> WhisperEncoder:
     return nnx.eval_shape(lambda: WhisperEncoder(cfg, rngs=nnx.Rngs(0)))
 
 
-def _flat(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflat(flat: Mapping[tuple, Any]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
-
-
 def _hf_leaf(path: tuple) -> tuple[str, str]:
     """Our param path (without 'blocks') -> (HF dotted name, transform kind)."""
     *mods, leaf = path
@@ -372,7 +353,7 @@ def hf_name_map(cfg: WhisperEncoderConfig) -> dict[str, tuple[tuple, int | None,
     """HF encoder tensor name (no prefix) -> (our path, layer index or None, kind, HF shape)."""
     abstract = nnx.to_pure_dict(nnx.state(_abstract_encoder(cfg)))
     out = {}
-    for path, leaf in _flat(abstract).items():
+    for path, leaf in flatten_dict(abstract).items():
         if path[0] == "blocks":
             name, kind = _hf_leaf(path[1:])
             shape = _to_hf(np.empty(leaf.shape[1:], dtype=np.int8), kind).shape
@@ -420,7 +401,7 @@ def params_from_hf(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.n
     if missing:
         raise CheckpointError(f"{where}: missing Whisper encoder tensor(s) {missing[:10]}")
     pdtype = np.dtype(dtype_from_name(cfg.param_dtype))
-    abstract = _flat(nnx.to_pure_dict(nnx.state(_abstract_encoder(cfg))))
+    abstract = flatten_dict(nnx.to_pure_dict(nnx.state(_abstract_encoder(cfg))))
     out = {path: np.empty(leaf.shape, pdtype) for path, leaf in abstract.items()}
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     seen = set()
@@ -442,7 +423,7 @@ def params_from_hf(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.n
     not_read = sorted(prefix + n for n in mapping if n not in seen)
     if not_read:
         raise CheckpointError(f"{where}: missing Whisper encoder tensor(s) {not_read[:10]}")
-    return _unflat(out)
+    return unflatten_dict(out)
 
 
 def encoder_from_params(cfg: WhisperEncoderConfig, params: Mapping) -> WhisperEncoder:
@@ -487,7 +468,7 @@ def export_whisper_encoder(model_or_params: WhisperEncoder | Any, cfg: WhisperEn
     `prefix`: 'model.encoder.' for WhisperForConditionalGeneration, 'encoder.' for WhisperModel,
     '' for a bare WhisperEncoder. `dtype=None` keeps the stored dtype.
     """
-    flat = _flat(_pure_params(model_or_params))
+    flat = flatten_dict(_pure_params(model_or_params))
     out = {}
     for name, (path, layer, kind, shape) in hf_name_map(cfg).items():
         if path not in flat:
