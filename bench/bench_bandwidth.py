@@ -57,7 +57,7 @@ def parse_args(argv=None):
 
 def load_records(args, cfg):
     from esrt_jax.data.demo import build_demo_corpus, default_demo_dir
-    from esrt_jax.infer.__main__ import utterances
+    from esrt_jax.infer.batch import utterances
 
     path = args.jsonl
     if path is None:
@@ -112,7 +112,7 @@ def texts(tr, ids, utts):
 def quality(outs, utts):
     """(BLEU of translations, WER/CER of transcriptions) over all records (grouped by metric)."""
     from esrt_jax import languages
-    from esrt_jax.eval.metrics import asr_error, bleu
+    from esrt_jax.metrics import asr_error, bleu
 
     bleus, errs = [], []
     for tok in sorted({languages.get(u.tgt).bleu_tokenize for u in utts}):
@@ -139,8 +139,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from esrt_jax.edge import EdgeEncoder
     from esrt_jax.infer import payload as pl
-    from esrt_jax.infer.__main__ import encode_utterances
-    from esrt_jax.infer.cloud import load_model, translator_for
+    from esrt_jax.infer.batch import encode_utterances
+    from esrt_jax.infer.cloud import translator_for
+    from esrt_jax.train.restore import load_model
 
     ckpt = args.checkpoint
     if ckpt is None and Path("runs/demo").is_dir():

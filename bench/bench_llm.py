@@ -1,4 +1,4 @@
-"""Greedy decoding speed: esrt-jax (`llm.greedy_generate`: jitted prefill + KV-cache decode steps
+"""Greedy decoding speed: esrt-jax (`infer.generate.generate`: jitted prefill + KV-cache decode steps
 inside one `lax.while_loop`) vs `transformers.generate`.
 
 For each family (Qwen2, Qwen3, Gemma-3 text, Llama) at a ~100M-parameter config with random
@@ -65,7 +65,9 @@ def bench_family(name, hf_cfg, args) -> dict:
     import jax
     import jax.numpy as jnp
     from esrt_jax.convert.llm import model_from_hf_state
-    from esrt_jax.models import llm
+    from flax import nnx
+
+    from esrt_jax.infer import generate as gen
 
     torch.manual_seed(0)
     hf = T.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
@@ -96,8 +98,11 @@ def bench_family(name, hf_cfg, args) -> dict:
     model, _ = model_from_hf_state(hf_cfg.to_dict(), state, dtype=dt, param_dtype=dt)
     del state
     # EOS disabled (None): every row runs all M steps, like HF above.
+    gcfg = gen.GenerateConfig(max_new_tokens=M, no_repeat_ngram_size=0, eos_ids=(), pad_id=0)
+
     def run(model, ids, mask):
-        return llm.greedy_generate(model, ids, mask, M, eos_token_id=None, pad_token_id=0)
+        g, s = nnx.split(model)
+        return gen.generate(g, s, model.embed(ids), mask, gcfg)
 
     j_ids, j_mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool)
     t0 = time.perf_counter()

@@ -113,9 +113,11 @@ def main(argv=None) -> dict:
 
     from esrt_jax import audio as audio_lib
     from esrt_jax.data.demo import VOICE_VARIANTS, build_demo_corpus, default_demo_dir
-    from esrt_jax.edge import EdgeEncoder, mel_for_model
+    from esrt_jax.audio import mel_for_model
+    from esrt_jax.edge import EdgeEncoder
     from esrt_jax.infer import payload as pl
-    from esrt_jax.infer.cloud import load_model, translator_for
+    from esrt_jax.infer.cloud import translator_for
+    from esrt_jax.train.restore import load_model
 
     if args.quick:
         args.voices, args.sentences = 3, 8

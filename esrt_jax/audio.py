@@ -18,7 +18,11 @@ import os
 import warnings
 from typing import Literal, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import soundfile as sf
+import soxr
 
 __all__ = [
     "AudioError",
@@ -35,6 +39,8 @@ __all__ = [
     "log_mel_spectrogram",
     "log_mel_spectrogram_batch",
     "log_mel_spectrogram_jax",
+    "mel_for_model",
+    "mel_from_file",
 ]
 
 SAMPLE_RATE = 16000
@@ -65,8 +71,6 @@ def load_audio(
     (`on_long="trim"`) or rejected (`on_long="error"`); `max_seconds=None` keeps everything.
     Raises AudioError naming the file for unreadable, empty or non-finite audio.
     """
-    import soundfile as sf
-
     name = os.fspath(path)
     if not os.path.exists(name):
         raise AudioError(f"{name}: audio file does not exist")
@@ -128,8 +132,6 @@ def prepare_audio(
     ):
         raise AudioError(f"{source}: invalid sampling rate {orig_sr!r}")
     if orig_sr != sr:
-        import soxr
-
         x = soxr.resample(x, int(orig_sr), int(sr), quality="HQ").astype(np.float32, copy=False)
         if x.size == 0:
             raise AudioError(f"{source}: audio is empty after resampling from {orig_sr} Hz")
@@ -156,8 +158,6 @@ def pad_or_trim(audio, n_samples: int = N_SAMPLES, *, axis: int = -1):
         widths[axis] = (0, n_samples - length)
         if isinstance(audio, np.ndarray):
             return np.pad(audio, widths)
-        import jax.numpy as jnp
-
         return jnp.pad(audio, widths)
     return audio
 
@@ -263,9 +263,6 @@ def log_mel_spectrogram_jax(audio, n_mels: int = 80):
     `jax.default_matmul_precision("highest")` (or the global setting) to match the numpy
     version to ~1e-5.
     """
-    import jax
-    import jax.numpy as jnp
-
     x = jnp.asarray(audio, jnp.float32)
     if x.ndim != 2 or x.shape[1] != N_SAMPLES:
         raise AudioError(
@@ -293,3 +290,21 @@ def log_mel_spectrogram_jax(audio, n_mels: int = 80):
     peak = jnp.max(log_spec, axis=(1, 2), keepdims=True)
     log_spec = jnp.maximum(log_spec, peak - 8.0)
     return (log_spec + 4.0) / 4.0
+
+
+# The front end both halves share (edge client, inference and evaluation CLIs).
+
+def mel_for_model(audio: np.ndarray, n_mels: int, num_frames: int = N_FRAMES) -> np.ndarray:
+    """(T,) 16 kHz waveform -> (n_mels, num_frames) log-mel: 30 s Whisper features, cut to the
+    first `num_frames` frames for encoders smaller than Whisper's 3000 (tiny test models)."""
+    if num_frames > N_FRAMES:
+        raise ValueError(f"the encoder expects {num_frames} mel frames, more than Whisper's 30 s "
+                         f"({N_FRAMES})")
+    return log_mel_spectrogram(audio, n_mels, pad=True)[:, :num_frames]
+
+
+def mel_from_file(path: str | os.PathLike, n_mels: int, num_frames: int = N_FRAMES
+                  ) -> tuple[np.ndarray, float]:
+    """Audio file -> (log-mel (n_mels, num_frames), duration in seconds before padding)."""
+    wav = load_audio(path)
+    return mel_for_model(wav, n_mels, num_frames), wav.size / SAMPLE_RATE

@@ -8,6 +8,7 @@ checks it strictly: an unknown key, a wrong type or a value that `validate()` re
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -21,6 +22,22 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or impossible."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or tensor is missing, unexpected or mis-shaped.
+
+    Defined here, in the lowest layer, because both the pure model modules (name maps that find a
+    tensor missing) and the IO in `esrt_jax.convert` raise it."""
+
+
+def hf_dict(hf: Any) -> dict:
+    """A transformers config object or a plain config.json dict -> dict."""
+    if isinstance(hf, Mapping):
+        return dict(hf)
+    if hasattr(hf, "to_dict"):
+        return hf.to_dict()
+    raise ConfigError(f"expected a Hugging Face config (object or dict), got {type(hf).__name__}")
 
 
 def check(cond: bool, key: str, msg: str) -> None:
@@ -172,7 +189,6 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     """Return a copy of nested `data` with each 'a.b=value' override set."""
-    import copy
 
     data = copy.deepcopy(data)
     for item in overrides:

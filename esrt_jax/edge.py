@@ -21,19 +21,22 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Sequence
 
-from functools import partial
-
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from esrt_jax import audio as audio_lib
+from esrt_jax import languages
+from esrt_jax.convert.whisper import load_whisper_encoder
 from esrt_jax.infer import payload as pl
+from esrt_jax.infer.cloud import model_fingerprint
+from esrt_jax.infer.translator import encode_batch
+from esrt_jax.models.qformer import SpeechAdapter
 from esrt_jax.models.speech_llm import SpeechLLM, SpeechLLMConfig
+from esrt_jax.train import restore
+from esrt_jax.train.config import load_run_config
+from esrt_jax.train.speech import speech_config
 
 
 class EdgeError(RuntimeError):
@@ -42,22 +45,6 @@ class EdgeError(RuntimeError):
     def __init__(self, message: str, status: int = 0):
         super().__init__(message)
         self.status = status
-
-
-def mel_for_model(audio: np.ndarray, n_mels: int, num_frames: int = audio_lib.N_FRAMES) -> np.ndarray:
-    """(T,) 16 kHz waveform -> (n_mels, num_frames) log-mel: 30 s Whisper features, cut to the
-    first `num_frames` frames for encoders smaller than Whisper's 3000 (tiny test models)."""
-    if num_frames > audio_lib.N_FRAMES:
-        raise ValueError(f"the encoder expects {num_frames} mel frames, more than Whisper's 30 s "
-                         f"({audio_lib.N_FRAMES})")
-    return audio_lib.log_mel_spectrogram(audio, n_mels, pad=True)[:, :num_frames]
-
-
-def mel_from_file(path: str | os.PathLike, n_mels: int, num_frames: int = audio_lib.N_FRAMES
-                  ) -> tuple[np.ndarray, float]:
-    """Audio file -> (log-mel (n_mels, num_frames), duration in seconds before padding)."""
-    wav = audio_lib.load_audio(path)
-    return mel_for_model(wav, n_mels, num_frames), wav.size / audio_lib.SAMPLE_RATE
 
 
 class EdgeHalf(nnx.Module):
@@ -71,11 +58,6 @@ class EdgeHalf(nnx.Module):
 
     def __init__(self, config: SpeechLLMConfig, encoder, adapter):
         self.config, self.encoder, self.adapter = config, encoder, adapter
-
-
-@partial(jax.jit, static_argnames=("graphdef", "split"))
-def _edge_encode(graphdef, state, mel, split):
-    return nnx.merge(graphdef, state).encode(mel, split=split)
 
 
 class EdgeModel:
@@ -93,13 +75,7 @@ class EdgeModel:
 
     def encode(self, mel: np.ndarray) -> np.ndarray:
         """(B, n_mels, frames) -> (B, *feature_shape) float32 (batch padded to a power of 2)."""
-        mel = np.asarray(mel, np.float32)
-        B = mel.shape[0]
-        Bp = min(max(1 << (B - 1).bit_length(), 1), max(self.max_batch, B))
-        if Bp != B:
-            mel = np.concatenate([mel, np.zeros((Bp - B,) + mel.shape[1:], np.float32)])
-        out = _edge_encode(self.graphdef, self.state, jnp.asarray(mel), self.split)
-        return np.asarray(jax.device_get(out), np.float32)[:B]
+        return encode_batch(self.graphdef, self.state, mel, self.split, self.max_batch)
 
 
 def load_edge(config, checkpoint, overrides: Sequence[str] = (), *, split: str | None = None
@@ -110,32 +86,24 @@ def load_edge(config, checkpoint, overrides: Sequence[str] = (), *, split: str |
     the checkpoint; the LLM is never built. A config whose encoder is a seeded random init (the
     demo) is rebuilt with the whole model (tiny), so that the encoder weights are the same.
     """
-    from esrt_jax.infer import cloud
-
     ck = step = None
     stage = None
     if checkpoint is not None:
-        ck, stage, step = cloud.resolve_checkpoint(checkpoint)
-    from esrt_jax.train.config import load_run_config
-
+        ck, stage, step = restore.resolve_checkpoint(checkpoint)
     cfg = load_run_config(config, overrides).for_stage(stage or "srt")
     if not cfg.model.get("whisper"):
-        loaded = cloud.load_model(config, checkpoint, overrides)
+        loaded = restore.load_model(config, checkpoint, overrides)
         m = loaded.model
         half = EdgeHalf(m.config, m.encoder, m.adapter)
     else:
-        from esrt_jax.models.qformer import SpeechAdapter
-        from esrt_jax.models.whisper import load_whisper_encoder
-        from esrt_jax.train.speech import speech_config
-
         scfg = speech_config(cfg)
         enc = load_whisper_encoder(cfg.model["whisper"], dtype=scfg.encoder.dtype,
                                    scan_layers=scfg.encoder.scan_layers)
         half = EdgeHalf(scfg, enc, SpeechAdapter(scfg.adapter, rngs=nnx.Rngs(int(cfg.model.get("seed", 0)))))
         if ck is not None:
-            trained = cloud.restore_adapter(cfg, ck, step)
-            cloud.merge_params(half, {"adapter": trained})
-    return EdgeModel(half, split), cloud.model_fingerprint(half)
+            trained = restore.restore_adapter(cfg, ck, step)
+            restore.merge_params(half, {"adapter": trained})
+    return EdgeModel(half, split), model_fingerprint(half)
 
 
 class EdgeEncoder:
@@ -161,7 +129,7 @@ class EdgeEncoder:
         return self.translator.encode(mels)
 
     def mel(self, path: str | os.PathLike) -> np.ndarray:
-        return mel_from_file(path, self.n_mels, self.num_frames)[0]
+        return audio_lib.mel_from_file(path, self.n_mels, self.num_frames)[0]
 
     def payload(self, features: np.ndarray) -> bytes:
         """One utterance's features (*feature_shape) -> payload bytes."""
@@ -218,21 +186,6 @@ class EdgeClient(EdgeEncoder):
         return self.send(self.payload(feats), src, tgt)
 
 
-def read_token(token_file: str | None) -> str:
-    """Bearer token from a file (first line) or $ESRT_SERVE_TOKEN."""
-    if token_file:
-        p = Path(token_file)
-        if not p.is_file():
-            raise SystemExit(f"error: token file {p} does not exist")
-        lines = p.read_text().strip().splitlines()
-        token = lines[0].strip() if lines else ""
-    else:
-        token = os.environ.get("ESRT_SERVE_TOKEN", "")
-    if not token:
-        raise SystemExit("error: no bearer token: pass --token-file FILE or set ESRT_SERVE_TOKEN")
-    return token
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m esrt_jax.edge", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="run config YAML (the same as the server's)")
@@ -249,13 +202,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--token-file", default=None, help="bearer token file (default: $ESRT_SERVE_TOKEN)")
     ap.add_argument("--timeout", type=float, default=120.0)
     args = ap.parse_args(argv)
-    from esrt_jax import languages
 
     try:
         src, tgt = languages.get(args.src).code, languages.get(args.tgt).code
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    token = read_token(args.token_file)
+    token = pl.read_token(args.token_file)
     client = EdgeClient.from_checkpoint(args.config, args.checkpoint, args.set, split=args.split,
                                         server=args.server, token=token, scheme=args.scheme,
                                         compress=args.zstd, timeout=args.timeout)

@@ -59,7 +59,7 @@ class Language:
 
     @property
     def tag(self) -> str:
-        return f"<|{self.code}|>"
+        return tag_text(self.code)
 
 
 # Languages written without spaces between words: BLEU on characters, CER for ASR.
@@ -182,6 +182,16 @@ def get(code: str) -> Language:
     )
 
 
+def tag_text(code: str) -> str:
+    """`<|code|>` exactly as spelled, unchecked: the one place the tag syntax is written."""
+    return f"<|{code}|>"
+
+
+def srt_marker(src: str, tgt: str) -> str:
+    """`<|src|><|tgt|>` as spelled, unchecked: the SRT separator and the SMT/SRT prompt tail."""
+    return tag_text(src) + tag_text(tgt)
+
+
 def tag(code: str) -> str:
     """The prompt tag `<|code|>` for a known code, keeping the spelling asked for.
 
@@ -189,7 +199,7 @@ def tag(code: str) -> str:
     `tag("cmn") == "<|cmn|>"` (ESRT's). Unknown codes raise LanguageError.
     """
     get(code)
-    return f"<|{code.strip().lower()}|>"
+    return tag_text(code.strip().lower())
 
 
 def from_fleurs(config: str) -> Language:

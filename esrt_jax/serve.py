@@ -18,11 +18,9 @@ import argparse
 import asyncio
 import hmac
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -31,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from esrt_jax import languages
 from esrt_jax.infer import payload as pl
+from esrt_jax.train.restore import load_backend
 
 log = logging.getLogger("esrt_jax.serve")
 
@@ -226,23 +225,7 @@ def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
     return app
 
 
-def read_token(token_file: str | None) -> str:
-    """Bearer token from a file (first line) or $ESRT_SERVE_TOKEN."""
-    if token_file:
-        path = Path(token_file)
-        if not path.is_file():
-            raise SystemExit(f"token file {path} does not exist")
-        token = path.read_text().strip().splitlines()[0] if path.read_text().strip() else ""
-    else:
-        token = os.environ.get("ESRT_SERVE_TOKEN", "")
-    if not token:
-        raise SystemExit("no bearer token: pass --token-file FILE or set ESRT_SERVE_TOKEN")
-    return token
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    from esrt_jax.infer.cloud import load_backend
-
     ap = argparse.ArgumentParser(prog="python -m esrt_jax.serve", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="run config YAML (same as train.py)")
     ap.add_argument("--checkpoint", required=True, help="run dir, stage dir or step dir")
@@ -257,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="split point the edge sends (default: the model config's `split`)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    token = read_token(args.token_file)
+    token = pl.read_token(args.token_file)
     cfg = ServeConfig(args.host, args.port, args.max_batch, args.max_wait_ms, args.max_payload_bytes)
     backend = load_backend(args.config, args.checkpoint, args.set, split=args.split, max_batch=args.max_batch)
     log.info("serving model %s, split %s, features %s", backend.fingerprint, backend.split, backend.feature_shape)

@@ -34,6 +34,9 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxis], ...] = (
     ("enc_embed", None),
     ("conv_in", None),
     ("conv_k", None),
+    ("kv", "tensor"),
+    ("length", None),
+    ("lora_rank", None),
 )
 
 
@@ -121,4 +124,8 @@ def make_mesh(shape: dict[str, int], devices: Iterable[jax.Device] | None = None
     n = int(np.prod(list(shape.values())))
     if n > len(devs):
         raise ValueError(f"mesh {shape} needs {n} devices, only {len(devs)} available")
-    return Mesh(np.asarray(devs[:n]).reshape(tuple(shape.values())), tuple(shape))
+    dims, names = tuple(shape.values()), tuple(shape)
+    auto = (jax.sharding.AxisType.Auto,) * len(names)
+    if devs == jax.devices():  # every device: let jax pick a topology-aware order
+        return jax.make_mesh(dims, names, axis_types=auto)
+    return Mesh(np.asarray(devs[:n]).reshape(dims), names, axis_types=auto)

@@ -1,4 +1,4 @@
-"""Task formats (DESIGN.md table), BOS/EOS handling, label masks, SRT output splitting."""
+"""Task formats (docs/design.md table), BOS/EOS handling, label masks, SRT output splitting."""
 
 from __future__ import annotations
 

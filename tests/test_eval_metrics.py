@@ -12,7 +12,8 @@ import jiwer
 import pytest
 
 from esrt_jax import languages
-from esrt_jax.eval import metrics, results
+from esrt_jax import metrics
+from esrt_jax.eval import results
 
 # Parallel sentences (FLEURS-like) for a hand-made three-language results file.
 SENTS = {

@@ -22,7 +22,8 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhi
 from esrt_jax import export as ex
 from esrt_jax.config import apply_overrides, load_yaml
 from esrt_jax.infer import generate as gen
-from esrt_jax.infer.cloud import load_model, translator_for
+from esrt_jax.infer.cloud import translator_for
+from esrt_jax.train.restore import load_model
 from esrt_jax.models.speech_llm import loss_fn
 from test_qformer import EncoderProjectorQFormer, SlamModel
 from test_speech_llm import _torch_embeds
@@ -192,7 +193,7 @@ def test_import_gives_a_checkpoint_with_identical_eval(trained, exports, referen
     from esrt_jax.train.checkpoint import Checkpointer, abstract_like
     from esrt_jax.train.config import load_run_config
     from esrt_jax.train.optimizer import make_optimizer
-    from esrt_jax.train.run import DEFAULT_DATA_BUILDER, DEFAULT_MODEL_BUILDER
+    from esrt_jax.train.config import DEFAULT_DATA_BUILDER, DEFAULT_MODEL_BUILDER
 
     root, _ = trained
     out = exports[0] if which == "merged" else exports[1]

@@ -135,7 +135,7 @@ def trained_run(tmp_path_factory):
 def test_load_model_restores_the_trained_params(trained_run):
     from flax import nnx
 
-    from esrt_jax.infer.cloud import load_model, resolve_checkpoint
+    from esrt_jax.train.restore import load_model, resolve_checkpoint
 
     cfg_path, run_dir, trained = trained_run
     assert resolve_checkpoint(run_dir)[1:] == ("srt", None)
@@ -169,7 +169,8 @@ def test_cli_main_edge_only_then_from_embeds(trained_run, corpus, tmp_path, caps
 @pytest.mark.parametrize("encoder", ["seeded", "hf_dir"])
 def test_edge_loads_only_encoder_and_adapter_and_matches_the_full_model(encoder, trained_run, tmp_path):
     from esrt_jax.edge import EdgeModel, load_edge
-    from esrt_jax.infer.cloud import load_model, translator_for
+    from esrt_jax.infer.cloud import translator_for
+    from esrt_jax.train.restore import load_model
 
     if encoder == "hf_dir":
         pytest.importorskip("torch")

@@ -19,6 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 from esrt_jax.config import ConfigError  # noqa: E402
 from esrt_jax.convert import hf_io  # noqa: E402
+from esrt_jax.convert.llm import load_hf_model  # noqa: E402
+from esrt_jax.infer import generate as gen  # noqa: E402
 from esrt_jax.models import llm  # noqa: E402
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -85,8 +87,16 @@ def families(tmp_path_factory):
         d = tmp_path_factory.mktemp(name)
         tm.save_pretrained(d)
         cfg = llm.config_from_hf(hc)
-        out[name] = (tm, d, cfg, llm.load_causal_lm(str(d), cfg))
+        out[name] = (tm, d, cfg, load_hf_model(d, cfg=cfg))
     return out
+
+
+def greedy_generate(model, ids, mask, max_new_tokens, eos_token_id=None, pad_token_id=0):
+    """The one decoding implementation (`infer.generate`), greedy, on a bare LLM."""
+    cfg = gen.GenerateConfig(max_new_tokens=max_new_tokens, no_repeat_ngram_size=0,
+                             eos_ids=llm.eos_tuple(eos_token_id), pad_id=pad_token_id)
+    g, s = nnx.split(model)
+    return gen.generate(g, s, model.embed(jnp.asarray(ids, jnp.int32)), jnp.asarray(mask, bool), cfg)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -123,7 +133,7 @@ def test_logits_parity_left_padded(families, fam):
 def test_greedy_generation_matches_transformers(families, fam):
     tm, _, cfg, model = families[fam]
     ids, mask, _ = _batch()
-    ours = np.asarray(llm.greedy_generate(model, ids, mask, 20, eos_token_id=None, pad_token_id=0))
+    ours = np.asarray(greedy_generate(model, ids, mask, 20, eos_token_id=None, pad_token_id=0))
     with torch.no_grad():
         ref = tm.generate(input_ids=torch.tensor(ids, dtype=torch.long),
                           attention_mask=torch.tensor(mask.astype(np.int64)), max_new_tokens=20,
@@ -136,9 +146,9 @@ def test_greedy_generation_matches_transformers(families, fam):
 def test_greedy_stops_at_eos_and_pads(families):
     _, _, _, model = families["qwen2"]
     ids, mask, _ = _batch()
-    free = np.asarray(llm.greedy_generate(model, ids, mask, 8, eos_token_id=None))
+    free = np.asarray(greedy_generate(model, ids, mask, 8, eos_token_id=None))
     eos = int(free[0, 2])  # row 0 emits this at step 2 -> it must stop there
-    out = np.asarray(llm.greedy_generate(model, ids, mask, 8, eos_token_id=eos, pad_token_id=255))
+    out = np.asarray(greedy_generate(model, ids, mask, 8, eos_token_id=eos, pad_token_id=255))
     for r in range(B):
         hit = np.flatnonzero(free[r] == eos)
         if len(hit):
@@ -268,19 +278,19 @@ def test_missing_and_misshaped_tensor_errors(families, tmp_path):
     del bad["model.layers.1.self_attn.k_proj.weight"]
     save_file(bad, str(tmp_path / "model.safetensors"))
     with pytest.raises(hf_io.CheckpointError, match=r"missing tensor\(s\).*model\.layers\.1\.self_attn\.k_proj\.weight"):
-        llm.load_params_from_hf_dir(str(tmp_path), cfg)
+        load_hf_model(tmp_path, cfg=cfg)
     bad = dict(tensors)
     bad["model.norm.weight"] = np.ones(32, np.float32)
     save_file(bad, str(tmp_path / "model.safetensors"))
     with pytest.raises(hf_io.CheckpointError, match=r"model\.norm\.weight has shape \(32,\)"):
-        llm.load_params_from_hf_dir(str(tmp_path), cfg)
+        load_hf_model(tmp_path, cfg=cfg)
 
 
 def test_bf16_checkpoint_loads(families, tmp_path):
     tm, _, cfg, model = families["llama"]
     tm.to(torch.bfloat16).save_pretrained(tmp_path)
     tm.to(torch.float32)
-    m16 = llm.load_causal_lm(str(tmp_path), cfg)
+    m16 = load_hf_model(tmp_path, cfg=cfg)
     a = nnx.state(model)["layers"]["mlp"]["up_proj"]["kernel"][...]
     b = nnx.state(m16)["layers"]["mlp"]["up_proj"]["kernel"][...]
     assert b.dtype == jnp.float32
@@ -302,8 +312,8 @@ def test_gemma3_multimodal_checkpoint_text_part(tmp_path):
     tm.save_pretrained(tmp_path)
     prefix = llm.detect_hf_prefix(hf_io.weight_files(tmp_path))
     assert prefix in ("language_model.model.", "model.language_model.")
-    m = llm.load_causal_lm(str(tmp_path))  # config.json model_type 'gemma3' -> text_config
-    assert m.cfg.model_type == "gemma3_text" and m.cfg.vocab_size == 300
+    m = load_hf_model(tmp_path)  # config.json model_type 'gemma3' -> text_config
+    assert m.config.model_type == "gemma3_text" and m.config.vocab_size == 300
     ids, mask, pos = _batch()
     ref = _torch_logits(tm, ids, mask, pos)
     assert np.abs(forward(m, ids, pos, mask) - ref)[mask].max() <= 1e-4

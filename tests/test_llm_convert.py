@@ -25,7 +25,7 @@ from esrt_jax.convert.peft import (export_peft_adapter, load_peft_adapter,  # no
                                    read_peft_config)
 from esrt_jax.models.layers import LoraParam  # noqa: E402
 from esrt_jax.models.llm import LoraConfig, positions_from_mask  # noqa: E402
-from esrt_jax.models.tokenizer import TokenizerError  # noqa: E402
+from esrt_jax.convert.tokenizer import TokenizerError  # noqa: E402
 from esrt_jax.sharding import DEFAULT_RULES, fit_spec, logical_to_mesh, make_mesh, variable_axes  # noqa: E402
 
 from helpers_tokenizer import save_tiny_tokenizer  # noqa: E402
@@ -107,7 +107,7 @@ def test_round_trip_hf_ours_hf(family, hf_dirs, tmp_path):
     ref = hf_logits(ref_model, ids, mask)
 
     model = load_hf_model(src)
-    assert model.cfg.model_type == family
+    assert model.config.model_type == family
     ours = our_logits(model, ids, mask)
     assert np.abs(_valid(ours, mask) - _valid(ref, mask)).max() <= 1e-4
 
@@ -323,7 +323,7 @@ def test_gemma3_multimodal_checkpoint_loads_text_part(tmp_path):
     src = tmp_path / "gemma3_mm"
     mm.save_pretrained(src)
     model = load_hf_model(src)
-    assert model.cfg.model_type == "gemma3_text" and model.cfg.sliding_window == 4
+    assert model.config.model_type == "gemma3_text" and model.config.sliding_window == 4
     ids, mask = _batch()
     ref = hf_logits(mm, ids, mask)
     assert np.abs(_valid(our_logits(model, ids, mask), mask) - _valid(ref, mask)).max() <= 1e-4

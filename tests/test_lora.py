@@ -115,3 +115,17 @@ def test_lora_config_errors():
     with pytest.raises(ConfigError, match="rank: must be > 0"):
         from_dict(llm.LoraConfig, {"rank": 0})
     assert from_dict(llm.LoraConfig, {"targets": ["q_proj", "o_proj"], "rank": 8}).targets == ("q_proj", "o_proj")
+
+
+def test_run_config_lora_block_is_the_model_lora_config():
+    """The run config's `lora:` block reuses the model's LoraConfig: same defaults, same checks."""
+    from esrt_jax.train.config import RunLoraConfig, load_run_config
+
+    off = RunLoraConfig()
+    assert off.model_lora() is None
+    on = load_run_config(None, ["lora.enabled=true", "lora.rank=4"]).lora
+    assert on.model_lora() == llm.LoraConfig(rank=4) and type(on.model_lora()) is llm.LoraConfig
+    assert {k: getattr(off, k) for k in ("targets", "rank", "alpha", "dropout")} == \
+        {k: getattr(llm.LoraConfig(), k) for k in ("targets", "rank", "alpha", "dropout")}
+    with pytest.raises(ConfigError, match=r"lora.targets: unknown LoRA target"):
+        load_run_config(None, ["lora.targets=[qkv]"])

@@ -15,13 +15,8 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from esrt_jax.config import ConfigError, from_dict
 from esrt_jax.convert import llm_srt
 from esrt_jax.convert.hf_io import CheckpointError
-from esrt_jax.models.qformer import (
-    QFormerConfig,
-    SpeechAdapter,
-    flat_params,
-    load_hf_qformer,
-    save_hf_qformer,
-)
+from esrt_jax.convert.qformer import load_hf_qformer, save_hf_qformer
+from esrt_jax.models.qformer import QFormerConfig, SpeechAdapter, flat_params
 
 D_ENC, T_ENC, B = 24, 50, 2
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, encoder_hidden_size=D_ENC)

@@ -22,7 +22,8 @@ pytest.importorskip("aiohttp")
 from aiohttp import web  # noqa: E402
 
 from esrt_jax import serve  # noqa: E402
-from esrt_jax.edge import EdgeClient, EdgeError, mel_from_file  # noqa: E402
+from esrt_jax.audio import mel_from_file  # noqa: E402
+from esrt_jax.edge import EdgeClient, EdgeError  # noqa: E402
 from esrt_jax.infer import payload as pl  # noqa: E402
 from esrt_jax.infer.cloud import CloudBackend  # noqa: E402
 from helpers_sllm import tiny_translator, write_tone  # noqa: E402
@@ -294,7 +295,8 @@ def test_serve_and_edge_commands_end_to_end(tmp_path, capsys):
 
     from esrt_jax.edge import main as edge_main
     from esrt_jax.infer import __main__ as cli
-    from esrt_jax.infer.cloud import load_model, translator_for
+    from esrt_jax.infer.cloud import translator_for
+    from esrt_jax.train.restore import load_model
     from helpers_sllm import make_tiny_run
 
     cfg_path, run_dir, _ = make_tiny_run(tmp_path)

@@ -12,7 +12,7 @@ from flax import nnx
 from esrt_jax import languages
 from esrt_jax.convert.hf_io import CheckpointError
 from esrt_jax.models import llm
-from esrt_jax.models.tokenizer import (TokenizerError, add_language_tags, check_vocab, load_tokenizer,
+from esrt_jax.convert.tokenizer import (TokenizerError, add_language_tags, check_vocab, load_tokenizer,
                                        resize_token_embeddings, tag_ids)
 
 from helpers_tokenizer import save_tiny_tokenizer, tiny_tokenizer
@@ -82,14 +82,14 @@ def test_resize_grows_table_with_mean_rows(tie):
     tok = tiny_tokenizer()
     new = add_language_tags(tok, "added")
     with pytest.raises(TokenizerError, match="mismatch"):
-        check_vocab(tok, model.cfg.vocab_size)
+        check_vocab(tok, model.config.vocab_size)
     old_emb = np.asarray(model.embed_tokens.embedding.get_value())
     old_head = None if tie else np.asarray(model.lm_head.kernel.get_value())
 
     resized = resize_token_embeddings(model, tok, new, pad_to_multiple_of=8)
     V = 368  # 365 rounded up to a multiple of 8
-    assert resized.cfg.vocab_size == V and model.cfg.vocab_size == 320  # input model untouched
-    check_vocab(tok, resized.cfg.vocab_size)
+    assert resized.config.vocab_size == V and model.config.vocab_size == 320  # input model untouched
+    check_vocab(tok, resized.config.vocab_size)
     emb = np.asarray(resized.embed_tokens.embedding.get_value())
     assert emb.shape == (V, 16)
     np.testing.assert_array_equal(emb[:320], old_emb)
@@ -112,7 +112,7 @@ def test_resize_reuses_spare_rows():
     tok = tiny_tokenizer()
     new = add_language_tags(tok, "added", ["deu", "eng"])
     resized = resize_token_embeddings(model, tok, new)
-    assert resized.cfg.vocab_size == 384
+    assert resized.config.vocab_size == 384
     emb = np.asarray(resized.embed_tokens.embedding.get_value())
     old = np.asarray(model.embed_tokens.embedding.get_value())
     np.testing.assert_allclose(emb[new], np.broadcast_to(old[:320].mean(0), (2, 16)), atol=1e-7)

@@ -21,9 +21,9 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhi
 
 from esrt_jax.config import ConfigError
 from esrt_jax.convert.hf_io import CheckpointError
+from esrt_jax.convert.whisper import load_whisper_encoder, save_whisper_encoder, write_whisper_encoder_checkpoint
 from esrt_jax.models.whisper import (
-    WhisperEncoder, WhisperEncoderConfig, encoder_from_params, export_whisper_encoder,
-    load_whisper_encoder, save_whisper_encoder, sinusoids, write_whisper_encoder_checkpoint)
+    WhisperEncoder, WhisperEncoderConfig, encoder_from_params, export_whisper_encoder, sinusoids)
 
 TOL = 1e-4
 torch.set_num_threads(1)

@@ -16,12 +16,14 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from esrt_jax.config import CheckpointError
+
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory or tensor is missing, unexpected or mis-shaped."""
+__all__ = ["CheckpointError", "INDEX", "SINGLE", "iter_tensors", "read_config", "resolve_local_dir",
+           "save_sharded", "weight_files"]
 
 
 def resolve_local_dir(path_or_id: str | os.PathLike) -> Path:

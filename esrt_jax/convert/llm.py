@@ -32,7 +32,9 @@ import numpy as np
 from flax import nnx
 
 from esrt_jax.convert import hf_io
+from esrt_jax.convert.tokenizer import TOKENIZER_FILES, check_vocab, copy_tokenizer_files, load_tokenizer
 from esrt_jax.models import llm
+from esrt_jax.models.llm import abstract_model
 from esrt_jax.models.layers import LoraParam
 from esrt_jax.sharding import DEFAULT_RULES, Rules, named_sharding, variable_axes
 
@@ -44,15 +46,6 @@ def _dtype_name(dtype: Any) -> str:
     if name not in _TORCH_DTYPE_NAMES:
         raise ValueError(f"export dtype {name!r} not supported; use float32, bfloat16 or float16")
     return name
-
-
-def abstract_model(cfg: llm.LLMConfig, *, lora: llm.LoraConfig | None = None,
-                   dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                   scan_layers: bool = True, remat: bool = False) -> llm.CausalLM:
-    """A `CausalLM` of ShapeDtypeStructs (no memory, no init compute), with logical axes."""
-    return nnx.eval_shape(lambda: llm.CausalLM(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                                               scan_layers=scan_layers, remat=remat,
-                                               rngs=nnx.Rngs(0)))
 
 
 def param_shardings(model_or_state, mesh, rules: Rules | None = None):
@@ -116,11 +109,11 @@ def stream_params(items, maps: list, cfg: llm.LLMConfig, abs_flat: Mapping, *, p
         m = by_name.get(name)
         if m is None:
             continue
-        x = m.transform(np.asarray(arr))
-        if x.shape != tuple(m.shape):
+        if tuple(np.shape(arr)) != tuple(m.hf_shape):  # checked before the layout transform
             raise hf_io.CheckpointError(
-                f"{where}: tensor {name} has shape {tuple(np.shape(arr))}, which does not fit "
-                f"{'/'.join(m.path)} {tuple(m.shape)} of this config (check config.json)")
+                f"{where}: tensor {name} has shape {tuple(np.shape(arr))}, expected {tuple(m.hf_shape)}, "
+                f"which does not fit {'/'.join(m.path)} {tuple(m.shape)} of this config (check config.json)")
+        x = m.transform(np.asarray(arr))
         x = x.astype(np_dtype, copy=False)
         if m.layer is None:
             sh = sharding_of(m.path, x.shape)
@@ -144,8 +137,6 @@ def stream_params(items, maps: list, cfg: llm.LLMConfig, abs_flat: Mapping, *, p
 
 
 def _check_tokenizer(model_dir: Path, cfg: llm.LLMConfig) -> None:
-    from esrt_jax.models.tokenizer import TOKENIZER_FILES, check_vocab, load_tokenizer
-
     if any((model_dir / f).is_file() for f in TOKENIZER_FILES):
         check_vocab(load_tokenizer(model_dir), cfg.vocab_size, where=model_dir)
 
@@ -155,7 +146,7 @@ def load_hf_model(model_dir: str | os.PathLike, *, lora: llm.LoraConfig | None =
                   mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None,
                   scan_layers: bool = True, remat: bool = False, seed: int = 0,
                   cfg: llm.LLMConfig | None = None, check_tokenizer: bool = True) -> llm.CausalLM:
-    """Local HF directory -> `CausalLM` (`model.cfg` holds its config).
+    """Local HF directory -> `CausalLM` (`model.config` holds its config).
 
     Single or sharded safetensors (+ index); tied embeddings (no `lm_head.weight`); bf16 / f16 /
     f32 tensors are cast to `param_dtype`. With `mesh`, every parameter is created directly on
@@ -278,11 +269,9 @@ def export_hf(model: llm.CausalLM, out_dir: str | os.PathLike, *, source_dir: st
     the base weights are written; export the adapter with `convert.peft.export_peft_adapter`).
     Streams tensor by tensor: one shard is in host memory at a time.
     """
-    from esrt_jax.models.tokenizer import copy_tokenizer_files
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg
+    cfg = model.config
     np_dtype = np.dtype(jnp.dtype(dtype))
     _dtype_name(dtype)
     state = base_state(model, merge_lora)

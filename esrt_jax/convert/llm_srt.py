@@ -21,8 +21,10 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 from esrt_jax.convert.hf_io import CheckpointError
 from esrt_jax.models.qformer import (
@@ -181,8 +183,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not p.is_file():
         raise CheckpointError(f"{p}: no such checkpoint file")
     if p.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
         return dict(load_file(str(p)))
     if p.suffix not in _TORCH_SUFFIXES:
         raise CheckpointError(f"{p}: unknown checkpoint format {p.suffix!r}; expected .safetensors "
@@ -203,8 +203,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             continue
         t = t.detach().cpu()
         if t.dtype == torch.bfloat16:
-            import ml_dtypes
-
             out[name] = t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         else:
             out[name] = t.numpy()
@@ -216,8 +214,6 @@ def write_state_dict(tensors: Mapping[str, np.ndarray], path: str | os.PathLike)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     if p.suffix == ".safetensors":
-        from safetensors.numpy import save_file
-
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(p),
                   metadata={"format": "pt"})
         return p

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+import jax
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
@@ -46,7 +47,7 @@ def _module_names(cfg: llm.LLMConfig) -> dict[tuple[tuple[str, ...], int], str]:
 
 def adapter_tensors(model: llm.CausalLM, dtype: Any = np.float32) -> Iterator[tuple[str, np.ndarray]]:
     """Stream PEFT-named LoRA tensors of `model`: (name, (r, in) or (out, r) numpy array)."""
-    cfg = model.cfg
+    cfg = model.config
     names = _module_names(cfg)
     flat = dict(nnx.to_flat_state(nnx.state(model, LoraParam)))
     for path, var in sorted(flat.items(), key=lambda kv: tuple(map(str, kv[0]))):
@@ -103,7 +104,7 @@ def export_peft_adapter(model: llm.CausalLM, out_dir: str | os.PathLike, *,
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     base = None if base_model_name_or_path is None else str(base_model_name_or_path)
     (out / ADAPTER_CONFIG).write_text(
-        json.dumps(peft_config_dict(model.lora, base, model.cfg), indent=2) + "\n")
+        json.dumps(peft_config_dict(model.lora, base, model.config), indent=2) + "\n")
     return out
 
 
@@ -146,7 +147,7 @@ def load_peft_adapter(model: llm.CausalLM, adapter_dir: str | os.PathLike) -> ll
     f = d / ADAPTER_WEIGHTS
     if not f.is_file():
         raise hf_io.CheckpointError(f"{d} has no {ADAPTER_WEIGHTS}")
-    names = _module_names(model.cfg)
+    names = _module_names(model.config)
     flat = dict(nnx.to_flat_state(nnx.state(model, LoraParam)))
     updated = {}
     with safe_open(str(f), framework="numpy") as sf:
@@ -156,7 +157,7 @@ def load_peft_adapter(model: llm.CausalLM, adapter_dir: str | os.PathLike) -> ll
             cur = np.asarray(var.get_value())
             new = np.empty_like(cur)
             r = want.rank
-            for i in range(model.cfg.num_hidden_layers):
+            for i in range(model.config.num_hidden_layers):
                 key = f"{PEFT_PREFIX}{names[(mod, i)]}.lora_{'A' if which == 'lora_a' else 'B'}.weight"
                 if key not in keys:
                     raise hf_io.CheckpointError(f"{f}: missing tensor {key}")
@@ -175,8 +176,6 @@ def load_peft_adapter(model: llm.CausalLM, adapter_dir: str | os.PathLike) -> ll
 
 def jax_array(x: np.ndarray, like: nnx.Variable):
     """x as a jax array with `like`'s sharding (keeps mesh placement of a loaded model)."""
-    import jax
-
     old = like.get_value()
     sharding = getattr(old, "sharding", None)
     return jax.device_put(x, sharding) if sharding is not None else jax.numpy.asarray(x)

@@ -46,7 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import espeakng_loader
 import numpy as np
+import soundfile
+import soxr
+from tqdm.auto import tqdm
 
 from esrt_jax.data import demo_sentences
 
@@ -129,8 +133,6 @@ class _Espeak:
     )
 
     def __init__(self) -> None:
-        import espeakng_loader
-
         self.lib = lib = ctypes.CDLL(espeakng_loader.get_library_path())
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
@@ -185,8 +187,6 @@ def espeak_version() -> str:
 
 def _to_16k_pcm(wav: np.ndarray, sample_rate: int) -> np.ndarray:
     """int16 (T,) at `sample_rate` -> int16 (T',) at 16 kHz."""
-    import soxr
-
     x = wav.astype(np.float32) / 32768.0
     y = soxr.resample(x, sample_rate, SAMPLE_RATE, quality="HQ")
     y = np.clip(np.round(y * 32768.0), -32768, 32767).astype(np.int16)
@@ -195,8 +195,6 @@ def _to_16k_pcm(wav: np.ndarray, sample_rate: int) -> np.ndarray:
 
 
 def _write_clip(engine: _Espeak, clip: _Clip, out_dir: Path) -> None:
-    import soundfile
-
     audio = _to_16k_pcm(engine.synth(f"{ESPEAK_VOICES[clip.lang]}+{clip.variant}", clip.text), engine.sample_rate)
     path = out_dir / clip.rel_path
     tmp = path.with_name(path.name + ".part")
@@ -226,8 +224,6 @@ def _synth_worker(clips: Sequence[_Clip], out_dir: str, queue) -> None:
 
 
 def _synthesise(clips: Sequence[_Clip], out_dir: Path, workers: int, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
     for lang in sorted({c.lang for c in clips}):
         (out_dir / "audio" / lang).mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
@@ -309,9 +305,6 @@ def _select(langs: Iterable[str] | None, voices_per_lang: int, max_sentences: in
 
 
 def _config(langs: list[str], variants: list[str], sentences: list[int], audio_format: str) -> dict:
-    import soundfile
-    import soxr
-
     rows = [{l: demo_sentences.SENTENCES[i][l] for l in langs} for i in sentences]
     speech = [{l: demo_sentences.speech_text(i, l) for l in langs} for i in sentences]
     return {
@@ -441,7 +434,7 @@ def build_demo_corpus(
 @contextlib.contextmanager
 def _dir_lock(out_dir: Path):
     try:
-        import fcntl
+        import fcntl  # POSIX only: the lock is skipped where it is missing
     except ImportError:  # Windows: no advisory locks; concurrent builds are the caller's problem
         yield
         return
@@ -474,8 +467,6 @@ def _build(out_dir, chosen, variants, sentences, audio_format, config, config_ha
         content = hashlib.sha256()
         for rel in files:
             content.update(f"{rel}\0{_sha256_file(tmp / rel)}\n".encode())
-        import soundfile
-
         seconds = sum(soundfile.info(str(tmp / c.rel_path)).frames for c in clips) / SAMPLE_RATE
         manifest = {
             "corpus": CORPUS_NAME,

@@ -28,9 +28,10 @@ import sys
 import zlib
 from typing import Mapping, Sequence
 
-import numpy as np
 import grain
+import numpy as np
 
+from esrt_jax import languages as langs_lib
 from esrt_jax.data.records import RecordIndex
 from esrt_jax.data.tasks import TASK_IDS, TASKS
 
@@ -137,8 +138,6 @@ def build_components(index: RecordIndex, tasks: Sequence[str], cap: int = 0, see
     only directions whose languages are all listed (empty: keep all). `cap > 0` keeps a fixed
     seeded subset of at most `cap` records per direction.
     """
-    from esrt_jax import languages as langs_lib
-
     def canon(code: str) -> str:  # zho and cmn are one direction; unknown codes stay as written
         try:
             return langs_lib.normalize(code)

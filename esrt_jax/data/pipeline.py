@@ -43,12 +43,15 @@ import sys
 import threading
 from typing import Any, Literal, Mapping, Sequence
 
-import numpy as np
 import grain
+import jax
+import numpy as np
 
+from esrt_jax import audio as audio_lib
+from esrt_jax import languages
 from esrt_jax.config import ConfigError, check
 from esrt_jax.data import records as rec_lib
-from esrt_jax.data.mixture import MixturePlan, build_components
+from esrt_jax.data.mixture import MixturePlan, PlanItem, build_components
 from esrt_jax.data.tasks import TASK_IDS, TASKS, TaskError, TaskTokenizer, collate
 
 log = logging.getLogger(__name__)
@@ -154,8 +157,6 @@ class DataConfig:
     def shard(self) -> tuple[int, int]:
         if self.shard_count is not None:
             return int(self.shard_index), int(self.shard_count)
-        import jax
-
         return jax.process_index(), jax.process_count()
 
 
@@ -228,9 +229,6 @@ class ExampleBuilder:
         self.max_len = max(cfg.text_buckets)
 
     def build(self, task: str, record: rec_lib.Record):
-        from esrt_jax import audio as audio_lib
-        from esrt_jax import languages
-
         for code in (record.src,) + ((record.tgt,) if task != "asr" else ()):
             if not languages.is_known(code):
                 self.tracker.add(record.id, "unknown language", repr(code))
@@ -281,8 +279,6 @@ class _Collate:
         self.cfg, self.pad_id = cfg, pad_id
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
-        from esrt_jax import audio as audio_lib
-
         out = collate([e["text"] for e in examples], self.cfg.text_buckets, self.pad_id)
         shape = ((self.cfg.n_mels, audio_lib.N_FRAMES) if self.cfg.features == "mel"
                  else (audio_lib.N_SAMPLES,))
@@ -389,8 +385,6 @@ def make_eval_batches(cfg: DataConfig, tokenizer, source: rec_lib.RecordSource, 
     empty rows; bad records are empty rows too). A finite generator of batch dicts."""
     if task not in TASK_IDS:
         raise ConfigError(f"unknown task {task!r}; tasks are {list(TASKS)}")
-    from esrt_jax.data.mixture import PlanItem
-
     b = batch_size or cfg.batch_size
     task_tok = TaskTokenizer(tokenizer, add_bos=cfg.add_bos)
     # Eval data is small and fixed: never stop on bad records, just count them.

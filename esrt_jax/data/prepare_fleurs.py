@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from esrt_jax import languages
+
 __all__ = ["FleursError", "Utterance", "read_language", "prepare", "main"]
 
 SPLITS = ("train", "dev", "test")
@@ -58,8 +60,6 @@ class Utterance:
 
 def _language_dirs(root: Path) -> dict[str, Path]:
     """Our code -> folder for every FLEURS language folder under root that we know."""
-    from esrt_jax import languages
-
     found = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         try:
@@ -78,7 +78,7 @@ def read_language_hf(folder: Path, splits: Sequence[str], extract_to: Path) -> l
     then `save_to_disk(folder)`): columns id, raw_transcription, transcription, audio.
     Embedded audio is written out as files under `extract_to/<split>/` (decoded by nobody:
     the bytes are copied as they are)."""
-    import datasets
+    import datasets  # heavy (seconds): only this command needs it
 
     dd = datasets.load_from_disk(str(folder))
     out = []
@@ -140,8 +140,6 @@ def prepare(root: str | os.PathLike, langs: Sequence[str], out: str | os.PathLik
             splits: Sequence[str] = SPLITS, max_per_direction: int = 0, text: str = "raw",
             seed: int = 0) -> dict:
     """Write `out/{split}.jsonl`; returns a summary dict (counts per split, skips)."""
-    from esrt_jax import languages
-
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise FleursError(f"--root {root} is not a folder")

@@ -47,6 +47,10 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+import soundfile as sf
+
+from esrt_jax import audio as audio_lib
+from esrt_jax import languages
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +111,7 @@ class RecordIndex:
 
 def load_audio_of(record: Record, sr: int = 16000) -> np.ndarray:
     """Decode a record's audio to mono float32 at `sr`: (T,). Raises `audio.AudioError`."""
-    from esrt_jax import audio as audio_lib
-
     if record.audio_bytes:
-        import soundfile as sf
-
         try:
             data, file_sr = sf.read(io.BytesIO(record.audio_bytes), dtype="float32", always_2d=True)
         except Exception as e:
@@ -208,7 +208,7 @@ def _record_from_llm_srt(obj: Mapping[str, Any], base_dir: str, default_id: str)
     if not isinstance(prompt, str) or not isinstance(gt, str):
         raise ValueError("prompt and gt must be strings")
     tags = _TAG.findall(prompt)
-    if not tags or len(tags) > 2 or "".join(f"<|{t}|>" for t in tags) != prompt.strip():
+    if not tags or len(tags) > 2 or "".join(languages.tag_text(t) for t in tags) != prompt.strip():
         raise ValueError(f"prompt {prompt!r} is not <|src|><|tgt|> or <|src|>")
     src = tags[0]
     tgt = tags[1] if len(tags) == 2 else src
@@ -280,7 +280,7 @@ class HFSource(RecordSource):
     def __init__(self, path: str | os.PathLike, split: str | None = None,
                  columns: Mapping[str, str] | None = None, audio_column: str = "audio",
                  source_name: str | None = None):
-        import datasets
+        import datasets  # heavy (seconds): imported only for a Hugging Face source
 
         path = Path(path)
         self.name = str(path)
@@ -357,7 +357,7 @@ class HFSource(RecordSource):
                else src.copy())
         tgt = np.where(tgt == "", src, tgt) if len(tgt) else tgt
         # Only the `path` field of the audio column: embedded bytes are never materialised.
-        import pyarrow as pa
+        import pyarrow as pa  # comes with datasets; only for its Arrow files
 
         col = self._ds.data.column(self._audio)
         if pa.types.is_struct(col.type):  # per chunk, zero-copy field views of the mmap
@@ -378,7 +378,7 @@ class TfdsSource(RecordSource):
     """A TFDS array_record data set written by `esrt_jax.data.tfds_builder` (one split)."""
 
     def __init__(self, path: str | os.PathLike, split: str = "train"):
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # heavy (imports TensorFlow): only for a TFDS source
 
         path = Path(path)
         self.name = f"{path}[{split}]"

@@ -1,4 +1,4 @@
-"""Task formats (DESIGN.md) and their tokenisation: the TEXT part of the LLM input.
+"""Task formats (docs/design.md) and their tokenisation: the TEXT part of the LLM input.
 
 | task | prompt                         | target                                 |
 |------|--------------------------------|----------------------------------------|
@@ -43,6 +43,8 @@ from typing import Sequence
 
 import numpy as np
 
+from esrt_jax import languages
+
 __all__ = [
     "TASKS",
     "TASK_IDS",
@@ -66,8 +68,6 @@ class TaskError(ValueError):
 
 
 def _tag(code: str) -> str:
-    from esrt_jax import languages
-
     try:
         return languages.tag(code)
     except languages.LanguageError as e:
@@ -209,7 +209,7 @@ def split_srt_output(text: str, src: str, tgt: str) -> tuple[str, str]:
     than once) the transcription is the whole text and the translation is what follows the last
     `|>` (the whole text when there is no `|>` at all).
     """
-    m = f"<|{src.strip().lower()}|><|{tgt.strip().lower()}|>"
+    m = languages.srt_marker(src.strip().lower(), tgt.strip().lower())
     parts = text.split(m)
     if len(parts) == 2:
         return parts[0].strip(), parts[1].strip()

@@ -26,10 +26,20 @@ the second file is scored the same way and the first is compared with it directi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+from esrt_jax import metrics
+from esrt_jax.config import ConfigError
+from esrt_jax.data.demo import build_demo_corpus, default_demo_dir
+from esrt_jax.eval import compare as cmp
+from esrt_jax.eval import decode as dec
+from esrt_jax.eval import report, results
+from esrt_jax.infer.cloud import translator_for
+from esrt_jax.train.restore import load_model
 
 __all__ = ["build_parser", "main", "run_score", "run_decode", "default_out_dir"]
 
@@ -85,11 +95,6 @@ def default_out_dir(results: str) -> Path:
 
 def run_score(args: argparse.Namespace, keep: Optional[set] = None) -> int:
     """Score args.score into args.out; `keep`: score only records with these (id, src, tgt) keys."""
-    import dataclasses
-
-    from esrt_jax.eval import compare as cmp
-    from esrt_jax.eval import metrics, report, results
-
     try:
         rf = results.read_results(args.score)
         other_rf = results.read_results(args.compare) if args.compare else None
@@ -132,17 +137,11 @@ def _default_data(cfg) -> str | None:
     """The demo corpus' test set when the run config trains on the demo corpus (built if needed)."""
     if not cfg.data.get("demo"):
         return None
-    from esrt_jax.data.demo import build_demo_corpus, default_demo_dir
-
     return str(build_demo_corpus(cfg.data.get("demo_dir") or default_demo_dir()) / "test.jsonl")
 
 
 def run_decode(args: argparse.Namespace) -> int:
     """Load the model, decode the test set into OUT/results.jsonl (resuming), then score it."""
-    from esrt_jax.config import ConfigError
-    from esrt_jax.eval import decode as dec
-    from esrt_jax.infer.cloud import load_model, translator_for
-
     t_start = time.perf_counter()
     try:
         loaded = load_model(args.config, args.checkpoint, args.set)

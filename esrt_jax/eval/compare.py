@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from esrt_jax.eval.metrics import Scores, mean
+from esrt_jax.metrics import Scores, mean
 
 __all__ = ["DirectionDelta", "LanguageDelta", "Comparison", "compare_scores", "TIE_EPS"]
 

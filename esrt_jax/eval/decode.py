@@ -12,7 +12,7 @@ data makes decoding crash.
 
 Audio is encoded ONCE per utterance and reused for all its target languages: records are grouped
 by audio path (first appearance order); up to `batch` utterances are loaded, turned into log-mel
-(`esrt_jax.edge.mel_from_file`, the same front end the edge client uses: the 30 s Whisper
+(`esrt_jax.audio.mel_from_file`, the same front end the edge client uses: the 30 s Whisper
 log-mel, cut to the encoder's `num_frames` for test-sized encoders, so features are identical to
 what a deployed edge would send) and encoded by `Translator.encode`; their records are then
 decoded `batch` at a time by `Translator.decode` (bucketed, jitted; SRT output split at
@@ -38,9 +38,15 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
 
 from esrt_jax import languages
+from esrt_jax.audio import AudioError, mel_from_file
+from esrt_jax.data.records import record_from_json
+from esrt_jax.data.tasks import TASKS, marker
 from esrt_jax.eval.results import RESULT_FIELDS, Issue
+from esrt_jax.infer.cloud import model_fingerprint
 
 __all__ = [
     "EvalItem",
@@ -55,7 +61,6 @@ __all__ = [
     "meta_path",
 ]
 
-TASKS = ("srt", "asr", "smt")
 
 
 class DecodeError(ValueError):
@@ -81,8 +86,6 @@ class EvalItem:
 
     def prompt(self, task: str) -> str:
         """The task prompt as text (the tokens the LLM sees after the speech)."""
-        from esrt_jax.data.tasks import marker
-
         if task == "asr":
             return languages.tag(self.src)
         if task == "smt":
@@ -127,8 +130,6 @@ def read_items(path: str | os.PathLike, *, src=None, tgt=None, langs=None, limit
     per (audio, source language) with `tgt = src`; `task="srt"` skips records with src == tgt
     (nothing to translate) and `task="smt"` those without a reference transcription (its prompt).
     """
-    from esrt_jax.data.records import record_from_json
-
     if task not in TASKS:
         raise DecodeError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
     src_set, tgt_set, lang_set = _codes(src), _codes(tgt), _codes(langs)
@@ -261,10 +262,6 @@ def meta_path(results: str | os.PathLike) -> Path:
 
 def translator_fingerprint(translator) -> str:
     """The served model's id (config + trained adapter weights), as the edge/cloud use it."""
-    from flax import nnx
-
-    from esrt_jax.infer.cloud import model_fingerprint
-
     return model_fingerprint(nnx.merge(translator.graphdef, translator.state))
 
 
@@ -297,8 +294,6 @@ def _check_meta(results: Path, meta: dict, overwrite: bool) -> None:
 
 
 def _default_mel_fn(translator) -> Callable[[str], np.ndarray]:
-    from esrt_jax.edge import mel_from_file
-
     enc = translator.config.encoder
     return lambda path: mel_from_file(path, enc.num_mel_bins, enc.num_frames)[0]
 
@@ -316,10 +311,6 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
     replaces the audio front end (tests). `on_batch(n_written)` is called after each write.
     `log`: stream for warnings and the progress bar (default stderr).
     """
-    from tqdm.auto import tqdm
-
-    from esrt_jax.audio import AudioError
-
     if task not in TASKS:
         raise DecodeError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
     if batch < 1:

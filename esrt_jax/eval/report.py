@@ -14,10 +14,14 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
 from esrt_jax import languages
 from esrt_jax.eval.compare import Comparison
-from esrt_jax.eval.metrics import Scores
 from esrt_jax.eval.results import ResultsFile
+from esrt_jax.metrics import Scores
 
 __all__ = [
     "summary_dict",
@@ -258,9 +262,6 @@ def heatmap_size(n: int) -> tuple[int, int]:
 
 def plot_heatmap(scores: Scores, path: str | os.PathLike, metric: str = "bleu") -> None:
     """N x N heatmap (rows = source, columns = target); the diagonal and missing cells blank."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
     langs = scores.languages
     n = len(langs)
     data = np.array([[np.nan if v is None else v for v in row] for row in scores.matrix(metric)], float).reshape(n, n)
@@ -290,9 +291,6 @@ def plot_heatmap(scores: Scores, path: str | os.PathLike, metric: str = "bleu") 
 
 def plot_asr_bars(scores: Scores, path: str | os.PathLike) -> None:
     """Bar chart of WER (or CER) per source language."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
     items = list(scores.asr.values())
     n = max(len(items), 1)
     fig = Figure(figsize=(max(4.0, 0.4 * n + 1.5), 3.5), dpi=_DPI, layout="constrained")

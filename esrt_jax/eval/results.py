@@ -135,7 +135,7 @@ def parse_record(obj: object, line: int) -> tuple[Optional[Record], list[Issue]]
             asr_ref = gt.strip()
         else:
             # A gt without the marker is a plain translation reference: no ASR reference.
-            sep = f"<|{src_raw}|><|{tgt_raw}|>"
+            sep = languages.srt_marker(src_raw, tgt_raw)
             asr_ref, ref = ((p.strip() for p in gt.split(sep, 1)) if sep in gt else (None, gt.strip()))
     hyp = _str_field(obj, "s2tt_r", line, issues)
     asr_hyp = _str_field(obj, "asr_r", line, issues)

@@ -23,11 +23,14 @@ Everything malformed is rejected with a `PayloadError` subclass before any array
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import zstandard
 
 MAGIC = b"ESRTPL"
 VERSION = 1
@@ -151,8 +154,6 @@ def encode(features: np.ndarray, *, fingerprint: str, split: str = "projector", 
     body = scales + data
     compression = "none"
     if compress:
-        import zstandard
-
         body = zstandard.ZstdCompressor(level=10).compress(body)
         compression = "zstd"
     header = json.dumps({
@@ -213,8 +214,6 @@ def decode(buf: bytes, *, fingerprint: str | None = None, split: str | None = No
     if len(body) != b_n:
         raise Truncated(f"payload body is {len(body)} bytes, header says {b_n}")
     if comp == "zstd":
-        import zstandard
-
         try:
             body = zstandard.ZstdDecompressor().decompress(body, max_output_size=s_n + d_n)
         except zstandard.ZstdError as e:
@@ -236,3 +235,20 @@ def error_bound(features: np.ndarray, scheme: str, group_size: int = 32) -> np.n
     g = x.reshape(-1, group_size)
     scale = _f16_scale_up(np.abs(g).max(axis=1) / 7.0).astype(np.float32)
     return np.broadcast_to((scale / 2)[:, None], g.shape).reshape(x.shape)
+
+
+# The wire's authentication: the service and the edge client read the bearer token alike.
+
+def read_token(token_file: str | None) -> str:
+    """Bearer token from a file (first line) or $ESRT_SERVE_TOKEN."""
+    if token_file:
+        p = Path(token_file)
+        if not p.is_file():
+            raise SystemExit(f"error: token file {p} does not exist")
+        lines = p.read_text().strip().splitlines()
+        token = lines[0].strip() if lines else ""
+    else:
+        token = os.environ.get("ESRT_SERVE_TOKEN", "")
+    if not token:
+        raise SystemExit("error: no bearer token: pass --token-file FILE or set ESRT_SERVE_TOKEN")
+    return token

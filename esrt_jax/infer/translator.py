@@ -43,6 +43,19 @@ def _pow2_bucket(n: int, cap: int) -> int:
     return min(max(b, 1), max(cap, n))
 
 
+def encode_batch(graphdef, state, mel: np.ndarray, split: str, max_batch: int) -> np.ndarray:
+    """The edge computation: (B, n_mels, frames) -> features (B, *feature_shape) float32, the
+    batch padded to a power-of-2 bucket so that a warm model never recompiles. Shared by
+    `Translator.encode` and the edge client (`esrt_jax.edge.EdgeModel`, encoder + adapter only)."""
+    mel = np.asarray(mel, np.float32)
+    B = mel.shape[0]
+    Bp = _pow2_bucket(B, max_batch)
+    if Bp != B:
+        mel = np.concatenate([mel, np.zeros((Bp - B,) + mel.shape[1:], np.float32)])
+    out = _encode(graphdef, state, jnp.asarray(mel), split)
+    return np.asarray(jax.device_get(out), np.float32)[:B]
+
+
 class Translator:
     """Wraps a `SpeechLLM` + tokenizer for batched, bucketed, jitted inference."""
 
@@ -63,20 +76,10 @@ class Translator:
     def feature_shape(self) -> tuple[int, int]:
         return self.config.feature_shape(self.split)
 
-    def update_params(self, state) -> None:
-        """Swap in new weights (same structure), e.g. after restoring a checkpoint."""
-        self.state = state
-
     # -- edge -----------------------------------------------------------------------------
     def encode(self, mel: np.ndarray) -> np.ndarray:
         """(B, n_mels, 3000) -> features (B, *feature_shape) float32 (batch padded to a bucket)."""
-        mel = np.asarray(mel, np.float32)
-        B = mel.shape[0]
-        Bp = _pow2_bucket(B, self.max_batch)
-        if Bp != B:
-            mel = np.concatenate([mel, np.zeros((Bp - B,) + mel.shape[1:], np.float32)])
-        out = _encode(self.graphdef, self.state, jnp.asarray(mel), self.split)
-        return np.asarray(jax.device_get(out), np.float32)[:B]
+        return encode_batch(self.graphdef, self.state, mel, self.split, self.max_batch)
 
     # -- cloud ----------------------------------------------------------------------------
     def prompts(self, src: Sequence[str], tgt: Sequence[str], task: str = "srt",

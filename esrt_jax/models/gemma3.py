@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from esrt_jax.config import ConfigError
-from esrt_jax.models.llm import LLMConfig, _hf_dict, eos_tuple, rope_from_hf
+from esrt_jax.config import ConfigError, hf_dict
+from esrt_jax.models.llm_config import LLMConfig, eos_tuple, rope_from_hf
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,13 @@ class Gemma3TextConfig(LLMConfig):
 
     @classmethod
     def from_hf_config(cls, hf: Any) -> "Gemma3TextConfig":
-        d = _hf_dict(hf)
+        d = hf_dict(hf)
         mt = d.get("model_type")
         if mt == "gemma3":
             tc = d.get("text_config")
             if tc is None:
                 raise ConfigError("gemma3 config has no text_config")
-            d = _hf_dict(tc)
+            d = hf_dict(tc)
             mt = "gemma3_text"
         if mt not in cls.MODEL_TYPES:
             raise ConfigError(f"Gemma3TextConfig: model_type {mt!r} is not one of {list(cls.MODEL_TYPES)}")

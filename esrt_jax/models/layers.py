@@ -1,6 +1,6 @@
 """Shared building blocks for every model family.
 
-Conventions (see DESIGN.md):
+Conventions (see docs/design.md):
 - Modules are built as `Module(..., *, rngs)`; `param_dtype` (storage, f32 by default) and
   `dtype` (compute; bf16 on TPU/GPU, f32 in parity tests) are separate.
 - Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, `q_len`,
@@ -11,10 +11,13 @@ Conventions (see DESIGN.md):
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Dtype = Any
@@ -119,12 +122,6 @@ def dtype_from_name(name: str | Any) -> Any:
 # serves full-sequence training and KV-cache decoding.
 # ---------------------------------------------------------------------------------------------
 
-import dataclasses as _dc  # noqa: E402
-import math as _math  # noqa: E402
-
-import numpy as _np  # noqa: E402
-
-
 class LoraParam(nnx.Param):
     """A LoRA factor. Subclass of `nnx.Param` so generic code (checkpoints, sharding) sees it,
     yet filterable on its own: `nnx.split(model, LoraParam, nnx.Param)` or
@@ -153,7 +150,7 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
 
 
-@_dc.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RopeSpec:
     """Rotary embedding settings of one layer kind (hashable, static under jit).
 
@@ -181,40 +178,40 @@ class RopeSpec:
         if self.rope_type not in self.SUPPORTED:
             raise ValueError(f"unsupported rope_type {self.rope_type!r}; supported: {list(self.SUPPORTED)}")
 
-    def inv_freq(self) -> _np.ndarray:
+    def inv_freq(self) -> np.ndarray:
         """(head_dim/2,) f32 inverse frequencies, computed as HF does (f32 powers)."""
         dim = self.head_dim
-        exps = (_np.arange(0, dim, 2, dtype=_np.int64).astype(_np.float32) / _np.float32(dim))
-        inv = (_np.float32(1.0) / (_np.float32(self.theta) ** exps)).astype(_np.float32)
+        exps = (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim))
+        inv = (np.float32(1.0) / (np.float32(self.theta) ** exps)).astype(np.float32)
         if self.rope_type == "linear":
-            inv = inv / _np.float32(self.factor)
+            inv = inv / np.float32(self.factor)
         elif self.rope_type == "llama3":
             old = float(self.original_max_position_embeddings or self.max_position_embeddings)
             low_wl, high_wl = old / self.low_freq_factor, old / self.high_freq_factor
-            wl = 2 * _math.pi / inv
-            scaled = _np.where(wl > low_wl, inv / self.factor, inv)
+            wl = 2 * math.pi / inv
+            scaled = np.where(wl > low_wl, inv / self.factor, inv)
             smooth = (old / wl - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
             smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
             medium = ~(wl < high_wl) & ~(wl > low_wl)
-            inv = _np.where(medium, smoothed, scaled).astype(_np.float32)
+            inv = np.where(medium, smoothed, scaled).astype(np.float32)
         elif self.rope_type == "yarn":
             old = float(self.original_max_position_embeddings or self.max_position_embeddings)
             base = float(self.theta)
 
             def corr_dim(rot):
-                return (dim * _math.log(old / (rot * 2 * _math.pi))) / (2 * _math.log(base))
+                return (dim * math.log(old / (rot * 2 * math.pi))) / (2 * math.log(base))
 
             low, high = corr_dim(self.beta_fast), corr_dim(self.beta_slow)
             if self.truncate:
-                low, high = _math.floor(low), _math.ceil(high)
+                low, high = math.floor(low), math.ceil(high)
             low, high = max(low, 0), min(high, dim - 1)
             if low == high:
                 high += 0.001
-            ramp = _np.clip((_np.arange(dim // 2, dtype=_np.float32) - low) / (high - low), 0, 1)
-            extra = (1 - ramp).astype(_np.float32)
-            pos_freqs = _np.float32(base) ** exps
+            ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+            extra = (1 - ramp).astype(np.float32)
+            pos_freqs = np.float32(base) ** exps
             inv = ((1.0 / (self.factor * pos_freqs)) * (1 - extra) + (1.0 / pos_freqs) * extra)
-            inv = inv.astype(_np.float32)
+            inv = inv.astype(np.float32)
         return inv
 
 
@@ -309,8 +306,8 @@ class Linear(nnx.Module):
         self.lora_scale = (lora_alpha / lora_rank) if lora_rank else 0.0
         self.lora_dropout = lora_dropout
         if lora_rank:
-            n_in = int(_np.prod(self.in_shape))
-            bound = 1.0 / _math.sqrt(n_in)  # PEFT's kaiming_uniform(a=sqrt(5)) bound
+            n_in = int(np.prod(self.in_shape))
+            bound = 1.0 / math.sqrt(n_in)  # PEFT's kaiming_uniform(a=sqrt(5)) bound
             a_init = nnx.initializers.uniform(2 * bound)
             key = rngs.params() if rngs is not None else jax.random.key(0)
             a = a_init(key, self.in_shape + (lora_rank,), param_dtype) - jnp.asarray(bound, param_dtype)

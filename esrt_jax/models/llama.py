@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from esrt_jax.config import ConfigError
-from esrt_jax.models.llm import LLMConfig, _hf_dict, eos_tuple, rope_from_hf
+from esrt_jax.config import ConfigError, hf_dict
+from esrt_jax.models.llm_config import LLMConfig, eos_tuple, rope_from_hf
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class LlamaConfig(LLMConfig):
 
     @classmethod
     def from_hf_config(cls, hf: Any) -> "LlamaConfig":
-        d = _hf_dict(hf)
+        d = hf_dict(hf)
         if d.get("model_type") not in cls.MODEL_TYPES:
             raise ConfigError(f"LlamaConfig: model_type {d.get('model_type')!r} is not 'llama'")
         hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])

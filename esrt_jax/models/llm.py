@@ -1,5 +1,9 @@
 """Decoder-only LLMs (Llama, Qwen2/2.5, Qwen3, Gemma-3 text) in Flax NNX: one implementation.
 
+Files: this module holds the modules, `config_from_hf`, `abstract_model` and `merge_lora`; the
+configs and HF rope parsing are in `llm_config.py`, the HF tensor-name maps in `llm_hf.py` (both
+re-exported here); loading / exporting HF directories is `esrt_jax.convert.llm`.
+
 API (other modules code against this):
 
     cfg   = config_from_hf(hf_config_or_dict)         # family picked by `model_type`
@@ -19,7 +23,6 @@ API (other modules code against this):
         windows are measured in slots, as in HF); index += T. Shapes are static and index is an
         array, so decoding never recompiles per step. The caller keeps index + T <= S (jax
         clamps out-of-range dynamic slices silently).
-    tokens = greedy_generate(model, ids, mask, max_new_tokens, eos_token_id=..., pad_token_id=...)
 
 Parameter tree (`nnx.state(model)`; every leaf an `nnx.Param` with logical axes, LoRA factors
 `LoraParam`). Decoder layers are STACKED: one module whose params have a leading `layers` axis
@@ -44,288 +47,47 @@ Parameter tree (`nnx.state(model)`; every leaf an `nnx.Param` with logical axes,
 Names mirror HF's (`model.layers.{i}.self_attn.q_proj.weight` -> `layers/self_attn/q_proj/kernel`
 slice i). `hf_to_ours(cfg)` / `ours_to_hf(cfg)` yield one `ParamMap` per HF tensor (hf_name, our
 path, layer index into the stacked axis or None, and the numpy transform), so converters can
-stream tensor by tensor. `load_params_from_hf_dir` and `load_causal_lm` use them.
+stream tensor by tensor (`esrt_jax.convert.llm.load_hf_model`, the one loader).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
-from esrt_jax.config import ConfigError, check
-from esrt_jax.convert import hf_io
-from esrt_jax.models.layers import (Embed, GatedMLP, Linear, LoraParam, RMSNorm, RopeSpec,
-                                    apply_rope, attend, attention_mask, rope_cos_sin)
+from esrt_jax.config import ConfigError, hf_dict
+from esrt_jax.models import gemma3, llama, qwen
+from esrt_jax.models.layers import (Embed, GatedMLP, Linear, RMSNorm, apply_rope, attend,
+                                    attention_mask, rope_cos_sin)
+# The config and the HF name maps live in their own modules; they are part of this module's API.
+from esrt_jax.models.llm_config import LAYER_TYPES, LLMConfig, LoraConfig, eos_tuple, rope_from_hf  # noqa: F401
+from esrt_jax.models.llm_hf import (HF_PREFIXES, ParamMap, detect_hf_prefix, flatten_params,  # noqa: F401
+                                    hf_to_ours, ours_to_hf, params_to_hf)
 
-LAYER_TYPES = ("full_attention", "sliding_attention")
-
-
-# ---------------------------------------------------------------------------------------------
-# Configs
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LoraConfig:
-    """LoRA on the LLM projections. targets: any of q_proj k_proj v_proj o_proj gate_proj up_proj
-    down_proj. scale = alpha / rank. Dropout acts on the LoRA input only, only with a dropout rng."""
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-
-    TARGETS: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj",
-                                          "gate_proj", "up_proj", "down_proj")
-
-    def validate(self):
-        check(self.rank > 0, "rank", f"must be > 0, got {self.rank}")
-        check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
-        bad = [t for t in self.targets if t not in self.TARGETS]
-        check(not bad, "targets", f"unknown LoRA target(s) {bad}; choose from {list(self.TARGETS)}")
-        check(len(self.targets) > 0, "targets", "at least one target is needed")
-
-    def __post_init__(self):
-        self.validate()
-
-
-@dataclass(frozen=True)
-class LLMConfig:
-    """Architecture of a decoder LLM, family-independent (hashable: static under jit).
-
-    Families subclass it (`QwenConfig`, `Gemma3TextConfig`, `LlamaConfig`) and add
-    `from_hf_config` / `to_hf_config` plus their HF tensor names.
-    """
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    norm_plus_one: bool = False            # Gemma: norm(x) * (1 + w)
-    rope_theta: float = 10000.0
-    rope_type: str = "default"             # default | linear | llama3 | dynamic | yarn (global layers)
-    rope_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_position_embeddings: int | None = None
-    rope_attention_factor: float = 1.0     # yarn (from attention_factor or mscale)
-    rope_beta_fast: float = 32.0           # yarn
-    rope_beta_slow: float = 1.0            # yarn
-    rope_truncate: bool = True             # yarn
-    local_rope_theta: float | None = None  # Gemma-3 sliding layers (default rope, this base)
-    max_position_embeddings: int = 32768
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False                  # Qwen3, Gemma-3: RMSNorm over head_dim on q and k
-    sandwich_norm: bool = False            # Gemma: post-attn / pre-ffn / post-ffn norms
-    embed_scale: bool = False              # Gemma: embeddings * sqrt(hidden_size)
-    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (else head_dim)
-    attn_logit_softcapping: float | None = None
-    final_logit_softcapping: float | None = None
-    sliding_window: int | None = None
-    layer_types: tuple[str, ...] = ()      # per layer: full_attention | sliding_attention
-    bos_token_id: int | None = None
-    eos_token_id: tuple[int, ...] = ()
-    pad_token_id: int | None = None
-
-    # Family registry hooks (class-level).
-    MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
-
-    def __post_init__(self):
-        if not self.layer_types:
-            object.__setattr__(self, "layer_types", ("full_attention",) * self.num_hidden_layers)
-        self.validate()
-
-    def validate(self):
-        check(self.hidden_size > 0 and self.num_hidden_layers > 0, "hidden_size",
-              "hidden_size and num_hidden_layers must be positive")
-        check(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-              f"{self.num_key_value_heads} must divide num_attention_heads={self.num_attention_heads}")
-        check(self.head_dim % 2 == 0, "head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
-        check(len(self.layer_types) == self.num_hidden_layers, "layer_types",
-              f"has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
-        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
-        check(not bad, "layer_types", f"unsupported layer type(s) {bad}; supported: {list(LAYER_TYPES)}")
-        check(self.sliding_window is not None or "sliding_attention" not in self.layer_types,
-              "sliding_window", "sliding_attention layers need a sliding_window")
-        check(self.rope_type in RopeSpec.SUPPORTED, "rope_type",
-              f"unsupported rope type {self.rope_type!r}; supported: {list(RopeSpec.SUPPORTED)}")
-
-    # -- derived --------------------------------------------------------------------------
-    @property
-    def is_sliding(self) -> tuple[bool, ...]:
-        return tuple(t == "sliding_attention" for t in self.layer_types)
-
-    @property
-    def attn_scale(self) -> float:
-        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
-
-    def rope_spec(self, local: bool = False) -> RopeSpec:
-        if local and self.local_rope_theta is not None:
-            return RopeSpec(head_dim=self.head_dim, theta=self.local_rope_theta)
-        return RopeSpec(head_dim=self.head_dim, theta=self.rope_theta, rope_type=self.rope_type,
-                        factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
-                        high_freq_factor=self.rope_high_freq_factor,
-                        original_max_position_embeddings=self.rope_original_max_position_embeddings,
-                        max_position_embeddings=self.max_position_embeddings,
-                        attention_factor=self.rope_attention_factor, beta_fast=self.rope_beta_fast,
-                        beta_slow=self.rope_beta_slow, truncate=self.rope_truncate)
-
-    def rope_parameters_hf(self) -> dict:
-        """The global rope settings in HF's `rope_parameters` form."""
-        d: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
-        if self.rope_type in ("linear", "dynamic", "llama3", "yarn"):
-            d["factor"] = self.rope_factor
-        if self.rope_type == "yarn":
-            d.update(original_max_position_embeddings=self.rope_original_max_position_embeddings,
-                     attention_factor=self.rope_attention_factor, beta_fast=self.rope_beta_fast,
-                     beta_slow=self.rope_beta_slow, truncate=self.rope_truncate)
-        if self.rope_type == "llama3":
-            d.update(low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
-                     original_max_position_embeddings=self.rope_original_max_position_embeddings)
-        return d
-
-    # -- HF conversion: implemented per family ---------------------------------------------
-    @classmethod
-    def from_hf_config(cls, hf: Any) -> "LLMConfig":
-        raise NotImplementedError(f"{cls.__name__} is the family-independent base; use config_from_hf")
-
-    def to_hf_config(self) -> dict:
-        raise NotImplementedError(f"{type(self).__name__} has no HF form; use a family config")
-
-    def _hf_common(self, model_type: str, architecture: str) -> dict:
-        """The HF config keys every family shares; families add their own on top."""
-        eos = self.eos_token_id
-        return {
-            "model_type": model_type, "architectures": [architecture],
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id, "pad_token_id": self.pad_token_id,
-            "eos_token_id": list(eos) if len(eos) > 1 else (eos[0] if eos else None),
-        }
-
-    def hf_layer_names(self) -> list[tuple[str, tuple[str, ...], str]]:
-        """(HF suffix under `layers.{i}.`, our path under `layers`, kind) for one layer."""
-        names = [("input_layernorm.weight", ("input_layernorm", "scale"), "vector")]
-        for p in ("q", "k", "v"):
-            names.append((f"self_attn.{p}_proj.weight", ("self_attn", f"{p}_proj", "kernel"), f"{p}_in"))
-            if self.qkv_bias:
-                names.append((f"self_attn.{p}_proj.bias", ("self_attn", f"{p}_proj", "bias"), f"{p}_bias"))
-        names.append(("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), "o_in"))
-        if self.o_bias:
-            names.append(("self_attn.o_proj.bias", ("self_attn", "o_proj", "bias"), "vector"))
-        if self.qk_norm:
-            names += [("self_attn.q_norm.weight", ("self_attn", "q_norm", "scale"), "vector"),
-                      ("self_attn.k_norm.weight", ("self_attn", "k_norm", "scale"), "vector")]
-        names.append(("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), "vector"))
-        if self.sandwich_norm:
-            names += [("pre_feedforward_layernorm.weight", ("pre_feedforward_layernorm", "scale"), "vector"),
-                      ("post_feedforward_layernorm.weight", ("post_feedforward_layernorm", "scale"), "vector")]
-        for p in ("gate", "up", "down"):
-            names.append((f"mlp.{p}_proj.weight", ("mlp", f"{p}_proj", "kernel"), "linear"))
-            if self.mlp_bias:
-                names.append((f"mlp.{p}_proj.bias", ("mlp", f"{p}_proj", "bias"), "vector"))
-        return names
-
-
-def _hf_dict(hf: Any) -> dict:
-    """A transformers config object or a plain config.json dict -> dict."""
-    if isinstance(hf, Mapping):
-        return dict(hf)
-    if hasattr(hf, "to_dict"):
-        return hf.to_dict()
-    raise ConfigError(f"expected a Hugging Face config (object or dict), got {type(hf).__name__}")
-
-
-def _families() -> dict[str, type[LLMConfig]]:
-    # Imported lazily: the family modules import this one.
-    from esrt_jax.models import gemma3, llama, qwen
-    out: dict[str, type[LLMConfig]] = {}
-    for cls in (qwen.QwenConfig, gemma3.Gemma3TextConfig, llama.LlamaConfig):
-        for mt in cls.MODEL_TYPES:
-            out[mt] = cls
-    return out
-
-
-def supported_model_types() -> list[str]:
-    return sorted(_families())
+# Family configs by HF `model_type`.
+FAMILIES: dict[str, type[LLMConfig]] = {
+    mt: cls for cls in (qwen.QwenConfig, gemma3.Gemma3TextConfig, llama.LlamaConfig) for mt in cls.MODEL_TYPES}
 
 
 def config_from_hf(hf: Any) -> LLMConfig:
     """HF config (transformers object or config.json dict) -> our frozen family config."""
-    d = _hf_dict(hf)
+    d = hf_dict(hf)
     mt = d.get("model_type")
-    fams = _families()
-    if mt not in fams:
+    if mt not in FAMILIES:
         raise ConfigError(f"model_type {mt!r} is not supported by esrt_jax.models.llm; "
-                          f"supported model types: {', '.join(sorted(fams))}")
-    return fams[mt].from_hf_config(d)
+                          f"supported model types: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[mt].from_hf_config(d)
 
 
-def rope_from_hf(d: Mapping, key: str | None = None, default_theta: float = 10000.0) -> dict:
-    """Normalise HF rope settings (5.x `rope_parameters`, or 4.x `rope_theta` + `rope_scaling`)
-    into our config fields. `key` picks a per-layer-type entry (Gemma-3)."""
-    rp = d.get("rope_parameters")
-    if rp and key is not None and key in rp:
-        rp = rp[key]
-    elif rp and key is not None and isinstance(next(iter(rp.values()), None), Mapping):
-        rp = None
-    if not rp:
-        rp = dict(d.get("rope_scaling") or {})
-        rp.setdefault("rope_theta", d.get("rope_theta", default_theta))
-    rt = rp.get("rope_type", rp.get("type", "default")) or "default"
-    if rt not in RopeSpec.SUPPORTED:
-        raise ConfigError(f"rope type {rt!r} is not supported; supported: {list(RopeSpec.SUPPORTED)}")
-    out = {"rope_theta": float(rp.get("rope_theta", default_theta)), "rope_type": rt}
-    if "factor" in rp and rp["factor"] is not None:
-        out["rope_factor"] = float(rp["factor"])
-    if rt == "llama3":
-        out["rope_low_freq_factor"] = float(rp["low_freq_factor"])
-        out["rope_high_freq_factor"] = float(rp["high_freq_factor"])
-        out["rope_original_max_position_embeddings"] = int(rp["original_max_position_embeddings"])
-    if rt == "yarn":
-        orig = int(rp["original_max_position_embeddings"])
-        factor = rp.get("factor")
-        if factor is None:
-            factor = d.get("max_position_embeddings", orig) / orig
-        factor = float(factor)
-
-        def mscale(scale, m=1.0):
-            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-        af = rp.get("attention_factor")
-        if af is None:
-            ms, msa = rp.get("mscale"), rp.get("mscale_all_dim")
-            af = mscale(factor, ms) / mscale(factor, msa) if ms and msa else mscale(factor)
-        out.update(rope_factor=factor, rope_original_max_position_embeddings=orig,
-                   rope_attention_factor=float(af),
-                   rope_beta_fast=float(rp.get("beta_fast") or 32.0),
-                   rope_beta_slow=float(rp.get("beta_slow") or 1.0),
-                   rope_truncate=bool(rp.get("truncate", True)))
-    return out
-
-
-def eos_tuple(v: Any) -> tuple[int, ...]:
-    if v is None:
-        return ()
-    if isinstance(v, (list, tuple)):
-        return tuple(int(x) for x in v)
-    return (int(v),)
+def abstract_model(cfg: LLMConfig, *, lora: LoraConfig | None = None, dtype: Any = jnp.float32,
+                   param_dtype: Any = jnp.float32, scan_layers: bool = True,
+                   remat: bool = False) -> "CausalLM":
+    """A `CausalLM` of ShapeDtypeStructs (no memory, no init compute), with logical axes."""
+    return nnx.eval_shape(lambda: CausalLM(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype,
+                                           scan_layers=scan_layers, remat=remat, rngs=nnx.Rngs(0)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +199,7 @@ class CausalLM(nnx.Module):
     def __init__(self, cfg: LLMConfig, *, lora: LoraConfig | None = None,
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                  scan_layers: bool = True, remat: bool = False, rngs: nnx.Rngs):
-        self.cfg, self.lora = cfg, lora
+        self.config, self.lora = cfg, lora
         self.dtype, self.param_dtype = dtype, param_dtype
         self.scan_layers, self.remat = scan_layers, remat
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
@@ -455,13 +217,13 @@ class CausalLM(nnx.Module):
     def embed(self, ids: jax.Array) -> jax.Array:
         """ids (B, T) int -> (B, T, D) in compute dtype (Gemma: times sqrt(D), rounded to dtype as HF)."""
         x = self.embed_tokens(ids)
-        if self.cfg.embed_scale:
-            x = x * jnp.asarray(self.cfg.hidden_size ** 0.5, dtype=self.dtype)
+        if self.config.embed_scale:
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, dtype=self.dtype)
         return x
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> dict:
         """Empty KV cache: k/v (L, B, S, KV, Dh), mask (B, S) bool, index () int32."""
-        c = self.cfg
+        c = self.config
         shape = (c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
         dt = dtype or self.dtype
         return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
@@ -473,7 +235,7 @@ class CausalLM(nnx.Module):
                  last_logits_only: bool = False) -> tuple[jax.Array, dict | None]:
         """inputs_embeds (B, T, D), positions (B, T) int32, attention_mask (B, T) bool
         -> (logits (B, T, V) f32, new cache or None)."""
-        cfg = self.cfg
+        cfg = self.config
         b, t, _ = inputs_embeds.shape
         x = inputs_embeds.astype(self.dtype)
         attention_mask = attention_mask.astype(bool)
@@ -603,228 +365,3 @@ def merge_lora(params: nnx.State, lora: LoraConfig) -> nnx.State:
     return nnx.from_flat_state(out)
 
 
-# ---------------------------------------------------------------------------------------------
-# HF <-> ours name mapping
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ParamMap:
-    """One HF tensor <-> one slice of our params.
-
-    hf_name: e.g. 'model.layers.3.self_attn.q_proj.weight'; path: our nnx path, e.g.
-    ('layers', 'self_attn', 'q_proj', 'kernel'); layer: index into the leading stacked `layers`
-    axis (None for unstacked params); transform: numpy function HF tensor -> our slice
-    (`hf_to_ours`) or our slice -> HF tensor (`ours_to_hf`); shape: the output shape of transform;
-    hf_shape: the HF tensor's shape (torch layout).
-    """
-    hf_name: str
-    path: tuple[str, ...]
-    layer: int | None
-    transform: Callable[[np.ndarray], np.ndarray]
-    shape: tuple[int, ...]
-    hf_shape: tuple[int, ...]
-
-
-def _maps(cfg: LLMConfig, prefix: str, direction: str) -> list[ParamMap]:
-    d, h, kv, dh, v, f = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                          cfg.head_dim, cfg.vocab_size, cfg.intermediate_size)
-    heads = {"q": h, "k": kv, "v": kv}
-    to_ours = direction == "hf_to_ours"
-
-    def lin(in_dim, out_shape):
-        # torch Linear weight (out, in) <-> ours (in, *out_shape)
-        ours = (in_dim,) + tuple(out_shape)
-        hf = (int(np.prod(out_shape)), in_dim)
-        if to_ours:
-            return (lambda w: np.ascontiguousarray(w.T).reshape(ours)), ours, hf
-        return (lambda w: np.ascontiguousarray(w.reshape(in_dim, -1).T)), hf, hf
-
-    def o_lin():
-        ours, hf = (h, dh, d), (d, h * dh)
-        if to_ours:
-            return (lambda w: np.ascontiguousarray(w.T).reshape(ours)), ours, hf
-        return (lambda w: np.ascontiguousarray(w.reshape(h * dh, d).T)), hf, hf
-
-    def vec(shape_ours, shape_hf):
-        shape_ours, shape_hf = tuple(shape_ours), tuple(shape_hf)
-        if to_ours:
-            return (lambda w: np.asarray(w).reshape(shape_ours)), shape_ours, shape_hf
-        return (lambda w: np.asarray(w).reshape(shape_hf)), shape_hf, shape_hf
-
-    out = [ParamMap(f"{prefix}embed_tokens.weight", ("embed_tokens", "embedding"), None,
-                    *vec((v, d), (v, d))),
-           ParamMap(f"{prefix}norm.weight", ("norm", "scale"), None, *vec((d,), (d,)))]
-    for i in range(cfg.num_hidden_layers):
-        for suffix, sub, kind in cfg.hf_layer_names():
-            name = f"{prefix}layers.{i}.{suffix}"
-            path = ("layers",) + sub
-            if kind in ("q_in", "k_in", "v_in"):
-                t = lin(d, (heads[kind[0]], dh))
-            elif kind == "o_in":
-                t = o_lin()
-            elif kind in ("q_bias", "k_bias", "v_bias"):
-                n = heads[kind[0]]
-                t = vec((n, dh), (n * dh,))
-            elif kind == "linear":
-                t = lin(d, (f,)) if sub[1] != "down_proj" else lin(f, (d,))
-            else:  # vector: norms, biases of o / mlp
-                size = {"q_norm": dh, "k_norm": dh, "gate_proj": f, "up_proj": f}.get(sub[-2], d)
-                t = vec((size,), (size,))
-            out.append(ParamMap(name, path, i, *t))
-    if not cfg.tie_word_embeddings:
-        out.append(ParamMap("lm_head.weight", ("lm_head", "kernel"), None, *lin(d, (v,))))
-    return out
-
-
-HF_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
-
-
-def hf_to_ours(cfg: LLMConfig, prefix: str = "model.") -> list[ParamMap]:
-    """HF tensor name -> (our path, stacked layer index, numpy transform to our layout).
-
-    `prefix` is where the text model lives in the checkpoint: 'model.' for *ForCausalLM,
-    'model.language_model.' / 'language_model.model.' for Gemma-3 multimodal checkpoints.
-    """
-    return _maps(cfg, prefix, "hf_to_ours")
-
-
-def ours_to_hf(cfg: LLMConfig, prefix: str = "model.") -> list[ParamMap]:
-    """Our (path, layer) -> HF tensor name with the numpy transform back to torch layout."""
-    return _maps(cfg, prefix, "ours_to_hf")
-
-
-def detect_hf_prefix(names: Sequence[str] | Mapping[str, Any]) -> str:
-    """Which of HF_PREFIXES holds `embed_tokens.weight` in this checkpoint."""
-    for p in HF_PREFIXES:
-        if f"{p}embed_tokens.weight" in names:
-            return p
-    raise hf_io.CheckpointError(
-        f"no embedding tensor found (looked for {[p + 'embed_tokens.weight' for p in HF_PREFIXES]}); "
-        f"is this a decoder LLM checkpoint?")
-
-
-def flatten_params(params: Any) -> dict[tuple[str, ...], Any]:
-    """nnx.State, nested dict of arrays, or {path tuple: array} -> {path tuple: Variable or array}."""
-    if isinstance(params, nnx.State):
-        return {tuple(map(str, k)): v for k, v in nnx.to_flat_state(params)}
-    if isinstance(params, Mapping) and params and all(isinstance(k, tuple) for k in params):
-        return dict(params)
-    return {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(params).items()}
-
-
-def params_to_hf(params: nnx.State | Mapping, cfg: LLMConfig, prefix: str = "model."
-                 ) -> Iterator[tuple[str, np.ndarray]]:
-    """Stream our params as (HF name, numpy tensor in torch layout). LoRA factors are not part of
-    the base model: merge them first (`merge_lora`) or export them as an adapter."""
-    flat = flatten_params(params)
-    for m in ours_to_hf(cfg, prefix):
-        var = flat[m.path]
-        arr = var[...] if isinstance(var, nnx.Variable) else var
-        arr = np.asarray(jax.device_get(arr if m.layer is None else arr[m.layer]))
-        yield m.hf_name, m.transform(arr)
-
-
-def _abstract_model(cfg: LLMConfig, lora: LoraConfig | None, dtype, param_dtype, scan_layers, remat):
-    return nnx.eval_shape(lambda: CausalLM(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                                           scan_layers=scan_layers, remat=remat, rngs=nnx.Rngs(0)))
-
-
-def load_params_from_hf_dir(model_dir: str, cfg: LLMConfig, *, param_dtype: Any = jnp.float32,
-                            place: Callable[[tuple[str, ...], np.ndarray], jax.Array] | None = None
-                            ) -> dict[tuple[str, ...], jax.Array]:
-    """Read a local HF directory into {our path: array} (base params only, no LoRA).
-
-    Streams tensor by tensor (one shard open at a time); stacked layer params are filled slice by
-    slice into one host buffer per path, so host memory peaks at about one copy of the model.
-    `place(path, host_array)` (default `jnp.asarray`) puts each finished array on device(s).
-    Errors name the directory and the missing / mis-shaped tensors.
-    """
-    files = hf_io.weight_files(model_dir)
-    prefix = detect_hf_prefix(files)
-    maps = hf_to_ours(cfg, prefix)
-    missing = [m.hf_name for m in maps if m.hf_name not in files]
-    if missing:
-        raise hf_io.CheckpointError(
-            f"{model_dir}: missing tensor(s) for {cfg.model_type} with {cfg.num_hidden_layers} layers: "
-            f"{missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} missing)")
-    np_dtype = np.dtype(jnp.dtype(param_dtype))
-    by_name = {m.hf_name: m for m in maps}
-    L = cfg.num_hidden_layers
-    buffers: dict[tuple[str, ...], np.ndarray] = {}
-    filled: dict[tuple[str, ...], int] = {}
-    out: dict[tuple[str, ...], jax.Array] = {}
-    place = place or (lambda path, a: jnp.asarray(a))
-    for name, arr in hf_io.iter_tensors(model_dir, list(by_name)):
-        m = by_name[name]
-        if tuple(arr.shape) != m.hf_shape:
-            raise hf_io.CheckpointError(
-                f"{model_dir}: tensor {name} has shape {tuple(arr.shape)}, expected {m.hf_shape} "
-                f"for {'/'.join(m.path)} of this config (check config.json)")
-        x = m.transform(np.asarray(arr))
-        x = x.astype(np_dtype)
-        if m.layer is None:
-            out[m.path] = place(m.path, x)
-            continue
-        buf = buffers.get(m.path)
-        if buf is None:
-            buf = buffers[m.path] = np.empty((L,) + m.shape, np_dtype)
-            filled[m.path] = 0
-        buf[m.layer] = x
-        filled[m.path] += 1
-        if filled[m.path] == L:
-            out[m.path] = place(m.path, buffers.pop(m.path))
-    return out
-
-
-def load_causal_lm(model_dir: str, cfg: LLMConfig | None = None, *, lora: LoraConfig | None = None,
-                   dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, scan_layers: bool = True,
-                   remat: bool = False, rngs: nnx.Rngs | None = None) -> CausalLM:
-    """Build a `CausalLM` from a local HF directory (config.json + safetensors) without a random
-    init of the base weights. LoRA factors (if any) get their fresh init (B = 0)."""
-    if cfg is None:
-        cfg = config_from_hf(hf_io.read_config(model_dir))
-    loaded = load_params_from_hf_dir(model_dir, cfg, param_dtype=param_dtype)
-    abstract = _abstract_model(cfg, lora, dtype, param_dtype, scan_layers, remat)
-    graphdef, state = nnx.split(abstract)
-    flat = dict(nnx.to_flat_state(state))
-    lora_init = None
-    if lora is not None:
-        # LoRA factors are not in HF checkpoints: take them from a real init. Under jit only the
-        # LoRA outputs are live, so XLA drops the (large) base-weight init.
-        seed_rngs = rngs or nnx.Rngs(0)
-
-        @jax.jit
-        def init_lora(key):
-            m = CausalLM(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                         scan_layers=scan_layers, remat=remat, rngs=nnx.Rngs(key))
-            return nnx.state(m, LoraParam)
-
-        lora_init = dict(nnx.to_flat_state(init_lora(seed_rngs.params())))
-    new = {}
-    for path, var in flat.items():
-        if path in loaded:
-            new[path] = var.replace(loaded[path])
-        elif lora_init is not None and path in lora_init:
-            new[path] = var.replace(lora_init[path][...])
-        else:
-            raise hf_io.CheckpointError(f"{model_dir}: no tensor maps to parameter {'/'.join(path)}")
-    return nnx.merge(graphdef, nnx.from_flat_state(new))
-
-
-def greedy_generate(model: CausalLM, input_ids: jax.Array | None, attention_mask: jax.Array,
-                    max_new_tokens: int, *, inputs_embeds: jax.Array | None = None,
-                    eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0) -> jax.Array:
-    """Greedy decoding with the KV cache: one prefill, then one fused step per token inside a
-    `lax.while_loop` (stops early when every row emitted EOS; finished rows get `pad_token_id`).
-
-    input_ids (B, T) int32 LEFT-padded (or inputs_embeds (B, T, D)), attention_mask (B, T) bool
-    -> (B, max_new_tokens) int32 new tokens.
-    """
-    from esrt_jax.infer import generate as gen  # the one decoding implementation
-
-    if inputs_embeds is None:
-        inputs_embeds = model.embed(jnp.asarray(input_ids, jnp.int32))
-    cfg = gen.GenerateConfig(max_new_tokens=int(max_new_tokens), no_repeat_ngram_size=0,
-                             eos_ids=eos_tuple(eos_token_id), pad_id=int(pad_token_id))
-    graphdef, state = nnx.split(model)
-    return gen.generate(graphdef, state, inputs_embeds, jnp.asarray(attention_mask, bool), cfg)

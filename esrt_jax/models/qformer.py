@@ -25,10 +25,9 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
-from esrt_jax.config import ConfigError, check
-from esrt_jax.convert.hf_io import CheckpointError
+from esrt_jax.config import CheckpointError, ConfigError, check
 from esrt_jax.models.layers import Dense, LayerNorm, activation, dtype_from_name, param
 
 # Hidden widths of LLM-SRT's projector MLP (fixed in the reference code, chosen by llm_dim).
@@ -363,8 +362,6 @@ def flat_params(module_or_params: Any) -> dict[str, np.ndarray]:
     Accepts a module, the params `nnx.State` from `nnx.split`, or the same tree as nested dicts
     (e.g. restored by Orbax).
     """
-    from flax import traverse_util
-
     tree = module_or_params
     if isinstance(tree, nnx.Module):
         tree = nnx.state(tree, nnx.Param)
@@ -486,61 +483,14 @@ def qformer_to_hf(cfg: QFormerConfig, flat: Mapping[str, np.ndarray], *, prefix:
 
 
 def _hf_shapes(cfg: QFormerConfig) -> dict[str, tuple[int, ...]]:
-    H, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.encoder_hidden_size
-    shapes = {}
-    for hf in hf_qformer_mapping(cfg):
-        if hf.endswith("LayerNorm.weight") or hf.endswith("LayerNorm.bias") or hf.startswith("layernorm"):
-            shapes[hf] = (H,)
-        elif ".crossattention.attention.key.weight" in hf or ".crossattention.attention.value.weight" in hf:
-            shapes[hf] = (H, E)
-        elif "intermediate_query.dense.weight" in hf:
-            shapes[hf] = (F, H)
-        elif "intermediate_query.dense.bias" in hf:
-            shapes[hf] = (F,)
-        elif "output_query.dense.weight" in hf:
-            shapes[hf] = (H, F)
-        elif hf.endswith(".weight"):
-            shapes[hf] = (H, H)
-        else:
-            shapes[hf] = (H,)
-    return shapes
+    """HF tensor name -> its torch-layout shape, derived from the abstract model (as for Whisper
+    and the LLMs: no shape is written down twice)."""
+    abstract = nnx.state(nnx.eval_shape(lambda: QFormer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    ours = {".".join(map(str, p)): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(abstract)}
+    return {hf: ours[o][::-1] if t else ours[o] for hf, (o, t) in hf_qformer_mapping(cfg).items()}
 
 
 def sub_params(flat: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     """Entries of `flat` under `prefix.` with the prefix stripped."""
     p = prefix + "."
     return {k[len(p):]: v for k, v in flat.items() if k.startswith(p)}
-
-
-def load_hf_qformer(qformer: QFormer, model_dir_or_tensors: Any, *, prefix: str | None = None) -> None:
-    """Load a local HF `Blip2QFormerModel` directory (or a tensor mapping) into `qformer`.
-
-    `prefix` defaults to '' or, for a full BLIP-2 / InstructBLIP checkpoint, 'qformer.'.
-    """
-    from esrt_jax.convert.hf_io import iter_tensors, weight_files
-
-    if isinstance(model_dir_or_tensors, Mapping):
-        tensors, source = model_dir_or_tensors, "HF Blip2QFormerModel tensors"
-    else:
-        names = list(weight_files(model_dir_or_tensors))
-        tensors, source = dict(iter_tensors(model_dir_or_tensors, names)), str(model_dir_or_tensors)
-    if prefix is None:
-        prefix = "qformer." if any(k.startswith("qformer.") for k in tensors) else ""
-    flat = qformer_from_hf(qformer.config, tensors, prefix=prefix, source=source)
-    load_flat_params(qformer, flat, source=source)
-
-
-def save_hf_qformer(qformer: QFormer, out_dir: Any) -> None:
-    """Write `qformer` as a HF `Blip2QFormerModel` directory (config.json + model.safetensors)."""
-    import json
-    from pathlib import Path
-
-    from esrt_jax.convert.hf_io import save_sharded
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = qformer_to_hf(qformer.config, flat_params(qformer))
-    save_sharded(tensors, out)
-    cfg = qformer.config.to_hf_config()
-    cfg["dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))

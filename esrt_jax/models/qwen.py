@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from esrt_jax.config import ConfigError
-from esrt_jax.models.llm import LLMConfig, _hf_dict, eos_tuple, rope_from_hf
+from esrt_jax.config import ConfigError, hf_dict
+from esrt_jax.models.llm_config import LLMConfig, eos_tuple, rope_from_hf
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class QwenConfig(LLMConfig):
 
     @classmethod
     def from_hf_config(cls, hf: Any) -> "QwenConfig":
-        d = _hf_dict(hf)
+        d = hf_dict(hf)
         mt = d.get("model_type")
         if mt not in cls.MODEL_TYPES:
             raise ConfigError(f"QwenConfig: model_type {mt!r} is not one of {list(cls.MODEL_TYPES)}")

@@ -7,7 +7,7 @@ Two halves with a narrow interface:
   projector runs in the cloud (`speech_embeds(features, split)`).
 - cloud: the LLM consumes `[speech embeddings][text tokens]`.
 
-LLM input layout (DESIGN.md): `[speech (Q')][bos?][prompt][answer][eos][pad]` for training
+LLM input layout (docs/design.md): `[speech (Q')][bos?][prompt][answer][eos][pad]` for training
 (right padding) and `[pad][speech (Q')][bos?][prompt]` for decoding (left padding). Padding is
 masked and rotary positions count only real positions, so padding never shifts positions.
 Prompt tokens are embedded with `llm.embed` (Gemma's sqrt(d) scale included); speech embeddings
@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from esrt_jax.audio import log_mel_spectrogram_jax
 from esrt_jax.config import check, to_dict
 from esrt_jax.models.layers import dtype_from_name
 from esrt_jax.models.llm import CausalLM, LLMConfig, LoraConfig, positions_from_mask
@@ -138,8 +139,6 @@ def batch_mel(batch: dict, n_mels: int) -> jax.Array:
     """Host mel (`mel`) or on-device mel from raw 30 s audio (`audio`)."""
     if "mel" in batch:
         return batch["mel"]
-    from esrt_jax.audio import log_mel_spectrogram_jax
-
     return log_mel_spectrogram_jax(batch["audio"], n_mels)
 
 

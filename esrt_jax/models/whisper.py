@@ -11,21 +11,16 @@ the same block function and give identical outputs. `remat=True` wraps the block
 `jax.checkpoint`. The sinusoidal position table is loaded from the checkpoint (HF stores it as
 `embed_positions.weight`) into a non-trainable `Buffer` and written back on export.
 
-Conversion: `load_whisper_encoder(dir)` reads a local HF Whisper directory (`WhisperModel`,
-`WhisperForConditionalGeneration` or a bare `WhisperEncoder`; single file or sharded with index)
-one tensor at a time; `export_whisper_encoder` gives HF-named numpy tensors;
-`write_whisper_encoder_checkpoint` puts them into a copy of a full Whisper checkpoint (decoder
-kept) and `save_whisper_encoder` writes a stand-alone `WhisperEncoder` directory.
+HF names: `hf_name_map(cfg)` derives every HF tensor name (and its torch-layout shape) from the
+abstract model; `params_from_hf` turns a stream of HF tensors into our pure params and
+`export_whisper_encoder` gives HF-named numpy tensors back. The directory IO (reading a local
+HF Whisper checkpoint, writing one) is in `esrt_jax.convert.whisper`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import shutil
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -34,9 +29,7 @@ import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from esrt_jax.config import ConfigError, check
-from esrt_jax.convert import hf_io
-from esrt_jax.convert.hf_io import CheckpointError
+from esrt_jax.config import CheckpointError, ConfigError, check
 from esrt_jax.models.layers import Dense, LayerNorm, activation, dtype_from_name, param
 
 # Keys of transformers' WhisperConfig that define the encoder.
@@ -340,12 +333,9 @@ def _hf_leaf(path: tuple) -> tuple[str, str]:
     return ".".join([*mods, hf_leaf]), kind
 
 
-def _to_hf(a: np.ndarray, kind: str) -> np.ndarray:
-    # Dense kernels are (in, out) vs torch (out, in); conv kernels (K, in, out) vs (out, in, K).
-    return a.T if kind == "dense" else a.transpose(2, 1, 0) if kind == "conv" else a
-
-
-def _from_hf(a: np.ndarray, kind: str) -> np.ndarray:
+def _torch_layout(a: np.ndarray, kind: str) -> np.ndarray:
+    """Ours <-> torch layout (the transposes are their own inverse): Dense kernels are (in, out)
+    vs torch (out, in); conv kernels (K, in, out) vs (out, in, K)."""
     return a.T if kind == "dense" else a.transpose(2, 1, 0) if kind == "conv" else a
 
 
@@ -356,12 +346,12 @@ def hf_name_map(cfg: WhisperEncoderConfig) -> dict[str, tuple[tuple, int | None,
     for path, leaf in flatten_dict(abstract).items():
         if path[0] == "blocks":
             name, kind = _hf_leaf(path[1:])
-            shape = _to_hf(np.empty(leaf.shape[1:], dtype=np.int8), kind).shape
+            shape = _torch_layout(np.empty(leaf.shape[1:], dtype=np.int8), kind).shape
             for i in range(cfg.encoder_layers):
                 out[f"layers.{i}.{name}"] = (path, i, kind, shape)
         else:
             name, kind = _hf_leaf(path)
-            out[name] = (path, None, kind, _to_hf(np.empty(leaf.shape, dtype=np.int8), kind).shape)
+            out[name] = (path, None, kind, _torch_layout(np.empty(leaf.shape, dtype=np.int8), kind).shape)
     return out
 
 
@@ -376,7 +366,7 @@ def detect_prefix(names: Iterable[str], where: str = "checkpoint") -> str:
                           f"{[p + 'conv1.weight' for p in HF_PREFIXES]})")
 
 
-def _encoder_names(names: Iterable[str], prefix: str) -> list[str]:
+def encoder_names(names: Iterable[str], prefix: str) -> list[str]:
     if prefix:
         return [n for n in names if n.startswith(prefix)]
     # bare encoder checkpoint: everything is the encoder's
@@ -392,7 +382,7 @@ def params_from_hf(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.n
     tensor is read); `tensors` yields (full name, array) for the encoder tensors, streamed.
     """
     mapping = hf_name_map(cfg)
-    enc = _encoder_names(names, prefix)
+    enc = encoder_names(names, prefix)
     unexpected = sorted(n for n in enc if n[len(prefix):] not in mapping)
     if unexpected:
         raise CheckpointError(f"{where}: unexpected Whisper encoder tensor(s) {unexpected[:10]}")
@@ -414,7 +404,7 @@ def params_from_hf(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.n
         if tuple(arr.shape) != tuple(shape):
             raise CheckpointError(f"{where}: tensor {full} has shape {tuple(arr.shape)}, expected "
                                   f"{tuple(shape)} for config {cfg.to_hf_config()}")
-        value = _from_hf(arr, kind).astype(pdtype)
+        value = _torch_layout(arr, kind).astype(pdtype)
         if layer is None:
             out[path][...] = value
         else:
@@ -434,25 +424,7 @@ def encoder_from_params(cfg: WhisperEncoderConfig, params: Mapping) -> WhisperEn
     return nnx.merge(graphdef, state)
 
 
-def load_whisper_encoder(model_dir: str | os.PathLike, **runtime: Any) -> WhisperEncoder:
-    """A local HF Whisper directory (config.json + safetensors, single or sharded with index)
-    -> `WhisperEncoder` (config from config.json; `runtime` sets dtype, param_dtype, remat,
-    scan_layers, attention). Decoder tensors are ignored; tensors are read one at a time and
-    cast to `param_dtype`. A hub id gets an error explaining how to fetch the files elsewhere."""
-    d = hf_io.resolve_local_dir(model_dir)
-    try:
-        cfg = WhisperEncoderConfig.from_hf_config(hf_io.read_config(d), **runtime)
-    except ConfigError as e:
-        raise CheckpointError(f"{d / 'config.json'}: {e}") from None
-    files = hf_io.weight_files(d)
-    prefix = detect_prefix(files, where=str(d))
-    enc = _encoder_names(files, prefix)
-    params = params_from_hf(hf_io.iter_tensors(d, enc), cfg, prefix=prefix, names=files,
-                            where=str(d))
-    return encoder_from_params(cfg, params)
-
-
-def _pure_params(model_or_params: WhisperEncoder | Any) -> dict:
+def pure_params(model_or_params: WhisperEncoder | Any) -> dict:
     if isinstance(model_or_params, nnx.Module):
         return nnx.to_pure_dict(nnx.state(model_or_params))
     if isinstance(model_or_params, nnx.State):
@@ -468,65 +440,15 @@ def export_whisper_encoder(model_or_params: WhisperEncoder | Any, cfg: WhisperEn
     `prefix`: 'model.encoder.' for WhisperForConditionalGeneration, 'encoder.' for WhisperModel,
     '' for a bare WhisperEncoder. `dtype=None` keeps the stored dtype.
     """
-    flat = flatten_dict(_pure_params(model_or_params))
+    flat = flatten_dict(pure_params(model_or_params))
     out = {}
     for name, (path, layer, kind, shape) in hf_name_map(cfg).items():
         if path not in flat:
             raise CheckpointError(f"export: parameter {'.'.join(map(str, path))} missing")
         a = np.asarray(flat[path] if layer is None else flat[path][layer])
-        a = np.ascontiguousarray(_to_hf(a, kind))
+        a = np.ascontiguousarray(_torch_layout(a, kind))
         if tuple(a.shape) != tuple(shape):
             raise CheckpointError(f"export: {'.'.join(map(str, path))} gives {prefix}{name} of "
                                   f"shape {a.shape}, expected {shape}")
         out[prefix + name] = a if dtype is None else a.astype(dtype)
     return out
-
-
-def _check_same_encoder(cfg: WhisperEncoderConfig, hf_config: Mapping, where: str) -> None:
-    diff = {k: (getattr(cfg, k), hf_config.get(k)) for k in HF_ENCODER_KEYS
-            if hf_config.get(k) != getattr(cfg, k)}
-    if diff:
-        raise CheckpointError(f"{where}: encoder config differs from ours (ours, theirs): {diff}")
-
-
-def write_whisper_encoder_checkpoint(model_or_params: WhisperEncoder | Any,
-                                     cfg: WhisperEncoderConfig, src_dir: str | os.PathLike,
-                                     out_dir: str | os.PathLike, *,
-                                     max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
-    """Copy the full Whisper checkpoint `src_dir` to `out_dir` with our encoder tensors in place
-    of its encoder (decoder, configs, tokenizer files kept; each tensor keeps its source dtype).
-    `WhisperModel` / `WhisperForConditionalGeneration.from_pretrained(out_dir)` loads it."""
-    src = hf_io.resolve_local_dir(src_dir)
-    out = Path(out_dir)
-    if out.exists() and out.resolve() == src.resolve():
-        raise CheckpointError(f"{out}: write into a new directory, not over the source checkpoint")
-    _check_same_encoder(cfg, hf_io.read_config(src), str(src / "config.json"))
-    files = hf_io.weight_files(src)
-    prefix = detect_prefix(files, where=str(src))
-    ours = export_whisper_encoder(model_or_params, cfg, prefix=prefix, dtype=None)
-    extra = sorted(set(_encoder_names(files, prefix)) - set(ours))
-    if extra:
-        raise CheckpointError(f"{src}: unexpected Whisper encoder tensor(s) {extra[:10]}")
-    out.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and not (f.name.endswith(".safetensors") or f.name == hf_io.INDEX):
-            shutil.copy2(f, out / f.name)
-
-    def stream():
-        for name, arr in hf_io.iter_tensors(src):
-            yield name, (ours[name].astype(arr.dtype) if name in ours else arr)
-
-    return hf_io.save_sharded(stream(), out, max_shard_bytes=max_shard_bytes)
-
-
-def save_whisper_encoder(model_or_params: WhisperEncoder | Any, cfg: WhisperEncoderConfig,
-                         out_dir: str | os.PathLike, *, dtype: Any = np.float32,
-                         max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
-    """A stand-alone HF directory (config.json + safetensors, bare names) that transformers'
-    `WhisperEncoder.from_pretrained(out_dir)` loads."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf_cfg = {**cfg.to_hf_config(), "architectures": ["WhisperEncoder"]}
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-    return hf_io.save_sharded(export_whisper_encoder(model_or_params, cfg, prefix="", dtype=dtype),
-                              out, max_shard_bytes=max_shard_bytes)

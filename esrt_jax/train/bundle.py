@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from esrt_jax.pytree import merge_trees, path_str
+
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
@@ -54,9 +56,6 @@ def import_object(spec: str, key: str = "builder") -> Any:
     except AttributeError:
         raise ImportError(f"{key}: module {mod_name!r} has no attribute {attr!r}") from None
 
-
-def path_str(path: Sequence[Any]) -> str:
-    return "/".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
 
 
 def _axes_of(var: nnx.Variable):
@@ -114,7 +113,7 @@ def split_nnx(model: nnx.Module, trainable: Sequence[str] | Callable[[str], bool
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), state)
 
     def loss_fn(trainable, frozen, batch, rng):
-        full = _merge_dicts(trainable, frozen)
+        full = merge_trees(trainable, frozen)
         st = jax.tree.map(lambda x: x, template)
         nnx.replace_by_pure_dict(st, full)
         m = nnx.merge(graphdef, st)
@@ -122,13 +121,6 @@ def split_nnx(model: nnx.Module, trainable: Sequence[str] | Callable[[str], bool
 
     return TrainBundle(loss_fn=loss_fn, trainable=tr, frozen=fr, trainable_axes=tr_axes,
                        frozen_axes=fr_axes), graphdef
-
-
-def _merge_dicts(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge_dicts(out[k], v) if k in out and isinstance(v, dict) else v
-    return out
 
 
 def count_params(tree: Any) -> int:

@@ -76,9 +76,6 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.mngr.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self.mngr.all_steps())
-
     def save(self, step: int, trainable: Any, opt_state: Any, *, rng: jax.Array | None = None,
              data_iter: Any = None, meta: dict | None = None, force: bool = True) -> bool:
         m = {"step": int(step), **(meta or {})}

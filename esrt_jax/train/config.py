@@ -19,11 +19,17 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
-from esrt_jax.config import ConfigError, check, from_dict, load_yaml, apply_overrides, to_dict
+from esrt_jax.config import ConfigError, apply_overrides, check, from_dict, load_yaml, to_dict
+from esrt_jax.models.llm_config import LoraConfig
+from esrt_jax.train.bundle import import_object
 
+# The curriculum, in training order; a run dir is served from its last finished stage.
 STAGES = ("asr", "smt", "srt")
+# The plug-ins a config gets when it names none (see `RunConfig.model_builder`).
+DEFAULT_MODEL_BUILDER = "esrt_jax.train.speech:build_model"
+DEFAULT_DATA_BUILDER = "esrt_jax.train.speech:build_data"
 
 
 @dataclass(frozen=True)
@@ -46,16 +52,16 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
-class LoraConfig:
+class RunLoraConfig(LoraConfig):
+    """The run config's `lora:` block: the model's `LoraConfig` (one definition of the fields,
+    defaults and checks) plus whether the run uses LoRA at all."""
     enabled: bool = False
-    rank: int = 8
-    alpha: float = 32.0
-    dropout: float = 0.05
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
 
-    def validate(self):
-        check(self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
-        check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+    def model_lora(self) -> LoraConfig | None:
+        """The `LoraConfig` the model is built with, or None when LoRA is off."""
+        if not self.enabled:
+            return None
+        return LoraConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LoraConfig)})
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,7 @@ class StageConfig:
 class RunConfig:
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
-    lora: LoraConfig = LoraConfig()
+    lora: RunLoraConfig = RunLoraConfig()
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
     stages: dict[str, StageConfig] = field(default_factory=dict)
@@ -133,6 +139,14 @@ class RunConfig:
             b = block.get("builder")
             check(b is None or (isinstance(b, str) and ":" in b), f"{key}.builder",
                   f"must be 'package.module:function', got {b!r}")
+
+    def model_builder(self) -> Callable:
+        """`model.builder` (default: the speech LLM): fn(cfg, *, abstract) -> TrainBundle."""
+        return import_object(self.model.get("builder", DEFAULT_MODEL_BUILDER), "model.builder")
+
+    def data_builder(self) -> Callable:
+        """`data.builder` (default: the speech data pipeline)."""
+        return import_object(self.data.get("builder", DEFAULT_DATA_BUILDER), "data.builder")
 
     def for_stage(self, name: str) -> "RunConfig":
         """This config with stage `name`'s overrides merged and validated."""
@@ -173,6 +187,3 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
         cfg.for_stage(s)
     return cfg
 
-
-def replace(cfg, **kw):
-    return dataclasses.replace(cfg, **kw)

@@ -12,13 +12,12 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 
 from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train.bundle import TrainBundle, count_params
 from esrt_jax.train.checkpoint import abstract_like
 from esrt_jax.train.config import RunConfig
-from esrt_jax.train.loop import GiB, cast_floats, memory_report, stage_shardings, step_flops
+from esrt_jax.train.loop import GiB, memory_report, stage_shardings, step_flops, with_frozen_dtype
 from esrt_jax.train.optimizer import make_optimizer
 from esrt_jax.train.step import jit_train_step, make_train_step
 
@@ -30,8 +29,7 @@ def dry_run(cfg: RunConfig, bundle: TrainBundle, mesh=None) -> dict:
     tc = cfg.train
     mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
     rules = mesh_lib.make_rules(cfg.mesh.rules)
-    if tc.frozen_dtype == "bfloat16":
-        bundle.frozen = cast_floats(bundle.frozen, jnp.bfloat16)
+    bundle = with_frozen_dtype(bundle, tc)
     optimizer = make_optimizer(tc)
     sh = stage_shardings(bundle, optimizer, mesh, rules)
     micro = tc.batch_size // tc.grad_accum
@@ -45,7 +43,7 @@ def dry_run(cfg: RunConfig, bundle: TrainBundle, mesh=None) -> dict:
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = jit_train_step(make_train_step(bundle.loss_fn, optimizer), sh).lower(*args).compile()
-    rep = memory_report(compiled, sh, bundle, sh["abstract_opt"])
+    rep = memory_report(compiled, sh, bundle.trainable, bundle.frozen, sh["abstract_opt"])
     rep_flops = step_flops(compiled, mesh.devices.size, bundle, tc.batch_size)
     out = {"mesh": dict(mesh.shape), "batch_size": tc.batch_size, "grad_accum": tc.grad_accum,
            "trainable_params": count_params(bundle.trainable), "frozen_params": count_params(bundle.frozen),

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train.bundle import TrainBundle, count_params, path_str
@@ -83,6 +85,14 @@ def cast_floats(tree: Any, dtype) -> Any:
     return jax.tree.map(c, tree)
 
 
+def with_frozen_dtype(bundle: TrainBundle, tc) -> TrainBundle:
+    """The one place `train.frozen_dtype` is applied: the frozen float params cast to it (bf16
+    halves their memory); model builders leave them in their own dtype."""
+    if tc.frozen_dtype == "float32":
+        return bundle
+    return dataclasses.replace(bundle, frozen=cast_floats(bundle.frozen, jnp.dtype(tc.frozen_dtype)))
+
+
 class MetricsWriter:
     """metrics.jsonl (+ TensorBoard events via tensorboardX) on process 0."""
 
@@ -106,7 +116,6 @@ class MetricsWriter:
         self.f = open(self.path, "a")
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
                 self.tb = SummaryWriter(str(stage_dir / "tb"), purge_step=(truncate_after or 0) + 1)
             except ImportError:
                 self.tb = None
@@ -156,12 +165,12 @@ def stage_shardings(bundle: TrainBundle, optimizer, mesh, rules) -> dict:
             "abstract_opt": abstract_opt}
 
 
-def memory_report(compiled, sh: dict, bundle: TrainBundle, opt_abstract) -> dict:
+def memory_report(compiled, sh: dict, trainable: Any, frozen: Any, opt_abstract) -> dict:
     """Per-device bytes of params, optimizer state, and the compiled step's buffers."""
     ma = compiled.memory_analysis()
     rep = {
-        "trainable_params": mesh_lib.bytes_per_device(bundle.trainable, sh["trainable"]),
-        "frozen_params": mesh_lib.bytes_per_device(bundle.frozen, sh["frozen"]),
+        "trainable_params": mesh_lib.bytes_per_device(trainable, sh["trainable"]),
+        "frozen_params": mesh_lib.bytes_per_device(frozen, sh["frozen"]),
         "optimizer_state": mesh_lib.bytes_per_device(opt_abstract, sh["opt_state"]),
     }
     if ma is not None:
@@ -211,9 +220,7 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
     if gb % jax.process_count():
         raise ValueError(f"train.batch_size={gb} must be divisible by the {jax.process_count()} processes")
 
-    frozen_dtype = jnp.bfloat16 if tc.frozen_dtype == "bfloat16" else None
-    if frozen_dtype is not None:
-        bundle = dataclasses.replace(bundle, frozen=cast_floats(bundle.frozen, frozen_dtype))
+    bundle = with_frozen_dtype(bundle, tc)
     if init_params is not None:
         want = sorted(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(bundle.trainable)[0])
         got = sorted(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(init_params)[0])
@@ -267,10 +274,8 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
                 shapes = {k: tuple(v.shape) for k, v in batch.items()}
                 log0(f"[{cfg.stage}] compiled train step for batch {shapes} in {time.perf_counter() - t0:.1f}s")
                 if not compiled_steps:
-                    bundle.trainable, bundle.frozen = trainable, frozen
-                    log0(f"[{cfg.stage}] per-device memory: "
-                         f"{format_memory(memory_report(c, sh, bundle, sh['abstract_opt']))}")
-                    bundle.trainable = bundle.frozen = None
+                    rep = memory_report(c, sh, trainable, frozen, sh["abstract_opt"])
+                    log0(f"[{cfg.stage}] per-device memory: {format_memory(rep)}")
                 compiled_steps[key] = c
                 flops_by_shape[key] = step_flops(c, jax.device_count(), bundle, gb)
             return compiled_steps[key], flops_by_shape[key]
@@ -320,7 +325,6 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
 
         bar = None
         if tc.progress and jax.process_index() == 0:
-            from tqdm import tqdm
             bar = tqdm(total=tc.steps, initial=start, desc=cfg.stage or "train", file=sys.stderr,
                        dynamic_ncols=True, mininterval=1.0)
         pending: list[tuple[int, dict]] = []

@@ -1,7 +1,7 @@
 """Device mesh (data x fsdp x tensor) and the logical-axis rules table.
 
-Every parameter carries logical axis names (see esrt_jax/models/layers.py). `DEFAULT_RULES`
-maps each logical name to mesh axes; `spec_for` turns (shape, logical axes) into a
+Every parameter carries logical axis names (see esrt_jax/models/layers.py).
+`esrt_jax.sharding.DEFAULT_RULES` maps each logical name to mesh axes; `spec_for` turns (shape, logical axes) into a
 `PartitionSpec`, replicating a dimension when its size is not divisible by the mesh axes
 (tiny test models, odd vocab sizes) and never using one mesh axis twice in a spec.
 The same rules shard params, optimizer state (it mirrors the params) and batches
@@ -23,12 +23,6 @@ from esrt_jax.train.config import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axis -> mesh axis (or tuple of axes; None = replicated). Starts from the shared
-# table in esrt_jax/sharding.py (also used by the checkpoint loaders) plus training extras.
-DEFAULT_RULES: dict[str, Any] = {**dict(sharding.DEFAULT_RULES), "kv": "tensor", "length": None,
-                                 "lora_rank": None}
-
-
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     """Resolve `data: -1`; errors name the mesh keys when the product does not fit."""
     fixed = cfg.fsdp * cfg.tensor
@@ -47,15 +41,12 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A `Mesh` over all (or the given) devices with axes (data, fsdp, tensor)."""
     devices = list(devices) if devices is not None else jax.devices()
-    shape = mesh_shape(cfg, len(devices))
-    auto = (jax.sharding.AxisType.Auto,) * 3
-    if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+    return sharding.make_mesh(dict(zip(MESH_AXES, mesh_shape(cfg, len(devices)))), devices)
 
 
 def make_rules(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    rules = dict(DEFAULT_RULES)
+    """`esrt_jax.sharding.DEFAULT_RULES` (the one table) with the config's `mesh.rules` on top."""
+    rules = dict(sharding.DEFAULT_RULES)
     for k, v in (overrides or {}).items():
         rules[k] = tuple(v) if isinstance(v, list) else v
     for k, v in rules.items():

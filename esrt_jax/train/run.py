@@ -20,9 +20,19 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ("asr", "smt", "srt")
-DEFAULT_MODEL_BUILDER = "esrt_jax.train.speech:build_model"
-DEFAULT_DATA_BUILDER = "esrt_jax.train.speech:build_data"
+# Importing jax before the dry run's device flags are set is fine: XLA reads XLA_FLAGS when the
+# first backend starts, and the platform is set through jax.config (see _prepare_dry_run_devices).
+import jax
+import yaml
+
+from esrt_jax.config import ConfigError, to_dict
+from esrt_jax.train import distributed
+from esrt_jax.train import mesh as mesh_lib
+from esrt_jax.train.checkpoint import Checkpointer, abstract_like, restore_params
+from esrt_jax.train.config import STAGES, load_run_config
+from esrt_jax.train.dryrun import dry_run
+from esrt_jax.train.loop import log0, run_stage, stage_shardings
+from esrt_jax.train.optimizer import make_optimizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +68,8 @@ def _prepare_dry_run_devices(args) -> None:
     n = args.devices or 8
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["JAX_PLATFORMS"] = "cpu"  # for child processes; jax itself read it at import
+    jax.config.update("jax_platforms", "cpu")
 
 
 def stage_ckpt_dir(run_dir: Path, stage: str) -> Path:
@@ -72,8 +83,6 @@ def _command(args, stage: str, run_dir: Path) -> str:
 
 def previous_params_dir(args, cfg, stage: str, run_dir: Path) -> Path:
     """The previous stage's checkpoint folder, checked to hold its final step."""
-    from esrt_jax.train.checkpoint import Checkpointer
-
     prev = STAGES[STAGES.index(stage) - 1]
     d = stage_ckpt_dir(run_dir, prev)
     want = cfg.for_stage(prev).train.steps
@@ -98,37 +107,23 @@ def main(argv=None) -> list:
     if args.dry_run:
         _prepare_dry_run_devices(args)
 
-    from esrt_jax.train import distributed
     if not args.dry_run:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                auto=args.distributed)
 
-    import jax
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", str(Path(args.compile_cache).expanduser()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-    from esrt_jax.config import ConfigError
-    from esrt_jax.train.bundle import import_object
-    from esrt_jax.train.checkpoint import abstract_like, restore_params
-    from esrt_jax.train.config import load_run_config
-    from esrt_jax.train.loop import log0, run_stage, stage_shardings
-    from esrt_jax.train import mesh as mesh_lib
-    from esrt_jax.train.optimizer import make_optimizer
-
     try:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     run_dir = Path(args.run_dir or cfg.run_dir)
     stages = STAGES if args.stage == "all" else (args.stage,)
-    model_builder = import_object(cfg.model.get("builder", DEFAULT_MODEL_BUILDER), "model.builder")
-    data_builder = import_object(cfg.data.get("builder", DEFAULT_DATA_BUILDER), "data.builder")
+    model_builder, data_builder = cfg.model_builder(), cfg.data_builder()
 
     if not args.dry_run and jax.process_index() == 0:
         # The resolved config (overrides applied) next to the stages: export/eval/serve read it.
-        import yaml
-
-        from esrt_jax.config import to_dict
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
@@ -136,7 +131,6 @@ def main(argv=None) -> list:
     for i, stage in enumerate(stages):
         scfg = cfg.for_stage(stage)
         if args.dry_run:
-            from esrt_jax.train.dryrun import dry_run
             results.append(dry_run(scfg, model_builder(scfg, abstract=True)))
             continue
         stage_dir = run_dir / stage

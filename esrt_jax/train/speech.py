@@ -34,8 +34,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
+from esrt_jax import languages
+from esrt_jax.audio import log_mel_spectrogram_jax
 from esrt_jax.config import ConfigError, from_dict
+from esrt_jax.convert import hf_io
+from esrt_jax.convert.llm import load_hf_model
+from esrt_jax.convert.tokenizer import check_vocab, load_tokenizer
+from esrt_jax.convert.whisper import load_whisper_encoder
+from esrt_jax.data.demo import build_demo_corpus, default_demo_dir
+from esrt_jax.data.pipeline import DataConfig, make_eval_batches, make_train_dataset, open_sources
+from esrt_jax.data.records import ListSource
+from esrt_jax.data.tasks import TaskTokenizer
+from esrt_jax.infer.generate import GenerateConfig
+from esrt_jax.infer.translator import Translator
+from esrt_jax.metrics import asr_error, bleu
+from esrt_jax.models import speech_llm
+from esrt_jax.models.layers import dtype_from_name
+from esrt_jax.models.llm import config_from_hf
+from esrt_jax.models.qformer import QFormerConfig, SpeechAdapter
+from esrt_jax.models.speech_llm import SpeechLLM, SpeechLLMConfig
+from esrt_jax.models.whisper import WhisperEncoder, WhisperEncoderConfig
+from esrt_jax.pytree import merge_trees
+from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train.bundle import TrainBundle, split_nnx
 from esrt_jax.train.config import RunConfig
 
@@ -61,12 +84,6 @@ def _is_local(path: str) -> bool:
 
 def speech_config(cfg: RunConfig):
     """RunConfig -> SpeechLLMConfig (reads only config.json files of local HF dirs)."""
-    from esrt_jax.convert import hf_io
-    from esrt_jax.models.llm import LoraConfig, config_from_hf
-    from esrt_jax.models.qformer import QFormerConfig
-    from esrt_jax.models.speech_llm import SpeechLLMConfig
-    from esrt_jax.models.whisper import WhisperEncoderConfig
-
     m = cfg.model
     _check_keys(m, MODEL_KEYS, "model")
     enc_rt = {"dtype": m.get("encoder_dtype", "float32"), "scan_layers": m.get("scan_layers", True)}
@@ -85,11 +102,7 @@ def speech_config(cfg: RunConfig):
         raise ConfigError("model: set model.llm (a local HF dir) or model.llm_config (HF config keys)")
     adapter = from_dict(QFormerConfig, {**m.get("adapter", {}), "encoder_hidden_size": enc.d_model,
                                         "llm_dim": llm.hidden_size}, prefix="model.adapter")
-    lora = None
-    if cfg.lora.enabled:
-        lora = LoraConfig(targets=tuple(cfg.lora.targets), rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                          dropout=cfg.lora.dropout)
-    return SpeechLLMConfig(enc, adapter, llm, lora=lora, llm_dtype=m.get("llm_dtype", "float32"),
+    return SpeechLLMConfig(enc, adapter, llm, lora=cfg.lora.model_lora(), llm_dtype=m.get("llm_dtype", "float32"),
                            llm_param_dtype=m.get("llm_param_dtype", "float32"),
                            scan_layers=m.get("scan_layers", True), remat=m.get("remat", False),
                            split=m.get("split", "projector"))
@@ -98,8 +111,6 @@ def speech_config(cfg: RunConfig):
 # ----------------------------------------------------------------------------- tokenizer
 
 def _demo_dir(cfg: RunConfig) -> Path:
-    from esrt_jax.data.demo import build_demo_corpus, default_demo_dir
-
     d = cfg.data.get("demo_dir")
     return build_demo_corpus(d if d else default_demo_dir(), progress=jax.process_index() == 0)
 
@@ -107,15 +118,12 @@ def _demo_dir(cfg: RunConfig) -> Path:
 @functools.lru_cache(maxsize=4)
 def demo_tokenizer(demo_dir: str, vocab_size: int):
     """A byte-level BPE trained (deterministically, offline) on the demo corpus text + tags."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     texts: list[str] = []
     tags = set()
     for line in (Path(demo_dir) / "train.jsonl").read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
         texts += [r["asr"], r["s2tt"]]
-        tags.add(f"<|{r['src']}|><|{r['tgt']}|>")
+        tags.add(languages.srt_marker(r["src"], r["tgt"]))
     texts += sorted(tags)
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -129,8 +137,6 @@ def demo_tokenizer(demo_dir: str, vocab_size: int):
 
 
 def tokenizer_for(cfg: RunConfig):
-    from esrt_jax.models.tokenizer import check_vocab, load_tokenizer
-
     m = cfg.model
     spec = m.get("tokenizer") or m.get("llm")
     if spec == "demo":
@@ -147,18 +153,14 @@ def tokenizer_for(cfg: RunConfig):
 # ----------------------------------------------------------------------------- model
 
 def build_inference(cfg: RunConfig, *, abstract: bool = False):
-    """(SpeechLLM with its pretrained / seeded random weights, tokenizer)."""
+    """(SpeechLLM with its pretrained / seeded random weights, tokenizer), on the default device
+    (serving need not have the training mesh's devices)."""
     model = _build_module(cfg, abstract=abstract)
     return model, (None if abstract else tokenizer_for(cfg))
 
 
-def _build_module(cfg: RunConfig, *, abstract: bool):
-    from esrt_jax.models.layers import dtype_from_name
-    from esrt_jax.models.llm import load_causal_lm
-    from esrt_jax.models.qformer import SpeechAdapter
-    from esrt_jax.models.speech_llm import SpeechLLM
-    from esrt_jax.models.whisper import load_whisper_encoder, WhisperEncoder
-
+def _build_module(cfg: RunConfig, *, abstract: bool, on_mesh: bool = False):
+    """The SpeechLLM of `cfg`; with `on_mesh`, a loaded LLM is placed on the run's mesh."""
     scfg = speech_config(cfg)
     seed = int(cfg.model.get("seed", 0))
     make = lambda: SpeechLLM(scfg, rngs=nnx.Rngs(seed))  # noqa: E731
@@ -172,9 +174,13 @@ def _build_module(cfg: RunConfig, *, abstract: bool):
            if m.get("whisper") else WhisperEncoder(scfg.encoder, rngs=rngs))
     adapter = SpeechAdapter(scfg.adapter, rngs=rngs)
     if m.get("llm"):
-        llm = load_causal_lm(m["llm"], scfg.llm, lora=scfg.lora, dtype=dtype_from_name(scfg.llm_dtype),
-                             param_dtype=dtype_from_name(scfg.llm_param_dtype), scan_layers=scfg.scan_layers,
-                             remat=scfg.remat, rngs=rngs)
+        # The one LLM loader: streams tensor by tensor (onto the training mesh: each parameter
+        # created on its NamedSharding), so a 12B model never sits whole in one device's memory.
+        llm = load_hf_model(m["llm"], cfg=scfg.llm, lora=scfg.lora, dtype=dtype_from_name(scfg.llm_dtype),
+                            param_dtype=dtype_from_name(scfg.llm_param_dtype), scan_layers=scfg.scan_layers,
+                            remat=scfg.remat, seed=seed,
+                            mesh=mesh_lib.make_mesh(cfg.mesh) if on_mesh else None,
+                            rules=mesh_lib.make_rules(cfg.mesh.rules))
     else:
         llm = make().llm
     return SpeechLLM.from_parts(scfg, enc, adapter, llm)
@@ -205,18 +211,14 @@ def _model_flops_per_example(scfg, text_len: int) -> float:
 
 def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
     """model.builder: the speech LLM as a TrainBundle (loss = speech_llm.loss_fn)."""
-    from esrt_jax.models import speech_llm
-
-    model = _build_module(cfg, abstract=abstract)
+    model = _build_module(cfg, abstract=abstract, on_mesh=True)
     scfg = model.config
 
     def module_loss(m, batch, rng):
         loss, aux = speech_llm.loss_fn(m, batch, dropout_rng=rng)
         return loss, {"accuracy": aux["accuracy"], "tokens": aux["tokens"]}
 
-    frozen_dtype = jnp.bfloat16 if cfg.train.frozen_dtype == "bfloat16" else None
-    bundle, graphdef = split_nnx(model, cfg.train.trainable or default_trainable(cfg), module_loss,
-                                 frozen_dtype=frozen_dtype)
+    bundle, graphdef = split_nnx(model, cfg.train.trainable or default_trainable(cfg), module_loss)
     buckets = tuple(cfg.data.get("text_buckets", (64, 128, 256)))
     n_mels = scfg.encoder.num_mel_bins
     frames = 2 * scfg.encoder.max_source_positions
@@ -239,16 +241,8 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         return None
 
     def decode(trainable, frozen, n):
-        from esrt_jax.data.pipeline import make_eval_batches
-        from esrt_jax.eval.metrics import asr_error, bleu
-        from esrt_jax.infer.generate import GenerateConfig
-        from esrt_jax.infer.translator import Translator
-        from esrt_jax import languages
-        from esrt_jax.data.tasks import TaskTokenizer
-        from esrt_jax.train.bundle import _merge_dicts
-
         st = jax.tree.map(lambda x: x, template)
-        nnx.replace_by_pure_dict(st, _merge_dicts(trainable, frozen))
+        nnx.replace_by_pure_dict(st, merge_trees(trainable, frozen))
         model = nnx.merge(graphdef, st)
         tok = tokenizer_for(cfg)
         dcfg = dict(cfg.model.get("decode", {}) or {})
@@ -262,7 +256,6 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         if "mel" in batch:
             mel = batch["mel"][:len(rows)]
         else:
-            from esrt_jax.audio import log_mel_spectrogram_jax
             mel = np.asarray(log_mel_spectrogram_jax(jnp.asarray(batch["audio"][:len(rows)]), dc.n_mels))
         task = _dev_task(cfg, dc)
         outs = tr.translate(mel, [r.src for r in recs], [r.tgt for r in recs], task=task,
@@ -288,8 +281,6 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
 # ----------------------------------------------------------------------------- data
 
 def _data_config(cfg: RunConfig, batch_size: int | None = None):
-    from esrt_jax.data.pipeline import DataConfig
-
     d = {k: v for k, v in cfg.data.items() if k not in DATA_EXTRA}
     _check_keys(d, {f.name for f in dataclasses.fields(DataConfig)}, "data")
     if cfg.data.get("demo") and not d.get("train"):
@@ -302,9 +293,6 @@ def _data_config(cfg: RunConfig, batch_size: int | None = None):
 def _dev_source(cfg: RunConfig):
     """Dev records in data.languages, in a fixed shuffled order (so the first batches mix
     directions), or None when no dev set is configured."""
-    from esrt_jax.data.pipeline import open_sources
-    from esrt_jax.data.records import ListSource
-
     specs = cfg.data.get("dev") or ([str(_demo_dir(cfg) / "dev.jsonl")] if cfg.data.get("demo") else None)
     if not specs:
         return None
@@ -331,8 +319,6 @@ class _Select:
 
 def build_data(cfg: RunConfig, split: str, *, process_index: int, process_count: int):
     """data.builder: 'train' -> checkpointable Grain iterator; 'dev' -> iterable of batches."""
-    from esrt_jax.data.pipeline import make_eval_batches, make_train_dataset
-
     tok = tokenizer_for(cfg)
     dc = _data_config(cfg)
     if split == "train":

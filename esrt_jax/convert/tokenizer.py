@@ -13,16 +13,26 @@ Two ways to write language tags (config `language_tags`):
     tok = load_tokenizer(model_dir)
     new_ids = add_language_tags(tok, mode="added")          # [] for mode="text"
     model = resize_token_embeddings(model, tok, new_ids)
-    check_vocab(tok, model.cfg.vocab_size, where=model_dir) # clear error on a mismatch
+    check_vocab(tok, model.config.vocab_size, where=model_dir) # clear error on a mismatch
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
+import jax
 import numpy as np
+from flax import nnx
+from transformers import AutoTokenizer
+
+from esrt_jax import languages
+from esrt_jax.convert.hf_io import resolve_local_dir
+from esrt_jax.models.llm import abstract_model
+from esrt_jax.sharding import fit_spec, variable_axes
 
 TagMode = Literal["text", "added"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -34,10 +44,6 @@ class TokenizerError(ValueError):
 
 def load_tokenizer(model_dir: str | os.PathLike, **kwargs):
     """`transformers.AutoTokenizer` from a local directory (never the hub)."""
-    from transformers import AutoTokenizer
-
-    from esrt_jax.convert.hf_io import resolve_local_dir
-
     d = resolve_local_dir(model_dir)
     if not any((d / f).is_file() for f in TOKENIZER_FILES):
         raise TokenizerError(f"{d} holds no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
@@ -66,8 +72,6 @@ def check_vocab(tokenizer, vocab_size: int, where: str | os.PathLike = "model") 
 
 def language_tags(codes: Iterable[str] | None = None) -> list[str]:
     """`<|xxx|>` strings for `codes` (default: every ESRT language)."""
-    from esrt_jax import languages
-
     codes = list(languages.ESRT_LANGS if codes is None else codes)
     return [languages.tag(c) for c in codes]
 
@@ -98,8 +102,6 @@ def add_language_tags(tokenizer, mode: TagMode = "text", codes: Iterable[str] | 
 
 def tag_ids(tokenizer, codes: Sequence[str]) -> list[list[int]]:
     """Token ids of each code's tag as the tokenizer writes it (one id when tags were added)."""
-    from esrt_jax import languages
-
     return [tokenizer.encode(languages.tag(c), add_special_tokens=False) for c in codes]
 
 
@@ -128,16 +130,9 @@ def resize_token_embeddings(model, tokenizer, new_ids: Sequence[int] = (),
     grown to `max(cfg.vocab_size, len(tokenizer))` rounded up to `pad_to_multiple_of`, and the
     rows of `new_ids` are set to the mean of the rows of the tokens that existed before (ids
     `< min(new_ids)`), so a new tag starts as an "average token" rather than noise. Returns a
-    new model (`model.cfg.vocab_size` is the new size); the input model is left unchanged.
+    new model (`model.config.vocab_size` is the new size); the input model is left unchanged.
     """
-    import dataclasses
-
-    import jax
-    from flax import nnx
-
-    from esrt_jax.sharding import variable_axes
-
-    cfg = model.cfg
+    cfg = model.config
     need = max(cfg.vocab_size, len(tokenizer))
     if pad_to_multiple_of > 1:
         need = -(-need // pad_to_multiple_of) * pad_to_multiple_of
@@ -150,8 +145,6 @@ def resize_token_embeddings(model, tokenizer, new_ids: Sequence[int] = (),
 
     graphdef, state = nnx.split(model)
     if need != cfg.vocab_size:
-        from esrt_jax.convert.llm import abstract_model
-
         new_cfg = dataclasses.replace(cfg, vocab_size=need)
         graphdef, _ = nnx.split(abstract_model(new_cfg, lora=model.lora, dtype=model.dtype,
                                                param_dtype=model.param_dtype,
@@ -166,8 +159,6 @@ def resize_token_embeddings(model, tokenizer, new_ids: Sequence[int] = (),
                        mean_rows, fill_mean=type(var) is nnx.Param)
         sh = getattr(old, "sharding", None)
         if isinstance(sh, jax.sharding.NamedSharding):  # keep mesh placement
-            from esrt_jax.sharding import fit_spec
-
             sh = jax.sharding.NamedSharding(sh.mesh, fit_spec(sh.spec, arr.shape, sh.mesh))
             flat[path] = var.replace(jax.device_put(arr, sh))
         else:
@@ -177,8 +168,6 @@ def resize_token_embeddings(model, tokenizer, new_ids: Sequence[int] = (),
 
 def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[Path]:
     """Copy the tokenizer files of `src_dir` (whatever of them exist) into `dst_dir`."""
-    import shutil
-
     names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
              "chat_template.json")

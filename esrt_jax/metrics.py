@@ -24,6 +24,13 @@ import math
 import os
 from typing import Iterable, Optional, Sequence
 
+import jiwer
+from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.tokenizers.tokenizer_spm import SPM_MODELS
+from sacrebleu.utils import SACREBLEU_DIR
+# Whisper's own normaliser (pure python; importing it does not import torch).
+from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
 from esrt_jax import languages
 
 __all__ = [
@@ -49,8 +56,6 @@ def clean_segment(text: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _normalizer():
-    # Whisper's own normaliser (pure python; importing it does not import torch).
-    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
 
     return BasicTextNormalizer()
 
@@ -63,14 +68,12 @@ def normalize_transcript(text: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _bleu_metric(tokenize: str):
-    from sacrebleu.metrics import BLEU
 
     return BLEU(tokenize=tokenize)
 
 
 @functools.lru_cache(maxsize=1)
 def _chrf_metric():
-    from sacrebleu.metrics import CHRF
 
     return CHRF(word_order=2)
 
@@ -90,9 +93,6 @@ def chrf(hyps: Sequence[str], refs: Sequence[str]) -> tuple[float, str]:
 
 
 def _spm_model_path() -> str:
-    from sacrebleu.tokenizers.tokenizer_spm import SPM_MODELS
-    from sacrebleu.utils import SACREBLEU_DIR
-
     return os.path.join(SACREBLEU_DIR, "models", os.path.basename(SPM_MODELS["flores200"]["url"]))
 
 
@@ -121,7 +121,6 @@ def spbleu(hyps: Sequence[str], refs: Sequence[str]) -> tuple[float, str]:
 
 def asr_error(refs: Sequence[str], hyps: Sequence[str], metric: str) -> float:
     """WER or CER in percent over the whole set, after Whisper's BasicTextNormalizer."""
-    import jiwer
 
     if metric not in ("wer", "cer"):
         raise ValueError(f"ASR metric must be 'wer' or 'cer', got {metric!r}")

@@ -1,0 +1,134 @@
+"""Hugging Face <-> ours tensor names for the decoder LLMs (pure: no file IO).
+
+`hf_to_ours(cfg)` / `ours_to_hf(cfg)` yield one `ParamMap` per HF tensor (HF name, our path,
+layer index into the stacked axis or None, the numpy transform and both shapes), so the
+converters in `esrt_jax.convert.llm` stream tensor by tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+
+from esrt_jax.config import CheckpointError
+from esrt_jax.models.llm_config import LLMConfig
+
+@dataclass(frozen=True)
+class ParamMap:
+    """One HF tensor <-> one slice of our params.
+
+    hf_name: e.g. 'model.layers.3.self_attn.q_proj.weight'; path: our nnx path, e.g.
+    ('layers', 'self_attn', 'q_proj', 'kernel'); layer: index into the leading stacked `layers`
+    axis (None for unstacked params); transform: numpy function HF tensor -> our slice
+    (`hf_to_ours`) or our slice -> HF tensor (`ours_to_hf`); shape: the output shape of transform;
+    hf_shape: the HF tensor's shape (torch layout).
+    """
+    hf_name: str
+    path: tuple[str, ...]
+    layer: int | None
+    transform: Callable[[np.ndarray], np.ndarray]
+    shape: tuple[int, ...]
+    hf_shape: tuple[int, ...]
+
+
+def _maps(cfg: LLMConfig, prefix: str, direction: str) -> list[ParamMap]:
+    d, h, kv, dh, v, f = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                          cfg.head_dim, cfg.vocab_size, cfg.intermediate_size)
+    heads = {"q": h, "k": kv, "v": kv}
+    to_ours = direction == "hf_to_ours"
+
+    def lin(in_dim, out_shape):
+        # torch Linear weight (out, in) <-> ours (in, *out_shape)
+        ours = (in_dim,) + tuple(out_shape)
+        hf = (int(np.prod(out_shape)), in_dim)
+        if to_ours:
+            return (lambda w: np.ascontiguousarray(w.T).reshape(ours)), ours, hf
+        return (lambda w: np.ascontiguousarray(w.reshape(in_dim, -1).T)), hf, hf
+
+    def o_lin():
+        ours, hf = (h, dh, d), (d, h * dh)
+        if to_ours:
+            return (lambda w: np.ascontiguousarray(w.T).reshape(ours)), ours, hf
+        return (lambda w: np.ascontiguousarray(w.reshape(h * dh, d).T)), hf, hf
+
+    def vec(shape_ours, shape_hf):
+        shape_ours, shape_hf = tuple(shape_ours), tuple(shape_hf)
+        if to_ours:
+            return (lambda w: np.asarray(w).reshape(shape_ours)), shape_ours, shape_hf
+        return (lambda w: np.asarray(w).reshape(shape_hf)), shape_hf, shape_hf
+
+    out = [ParamMap(f"{prefix}embed_tokens.weight", ("embed_tokens", "embedding"), None,
+                    *vec((v, d), (v, d))),
+           ParamMap(f"{prefix}norm.weight", ("norm", "scale"), None, *vec((d,), (d,)))]
+    for i in range(cfg.num_hidden_layers):
+        for suffix, sub, kind in cfg.hf_layer_names():
+            name = f"{prefix}layers.{i}.{suffix}"
+            path = ("layers",) + sub
+            if kind in ("q_in", "k_in", "v_in"):
+                t = lin(d, (heads[kind[0]], dh))
+            elif kind == "o_in":
+                t = o_lin()
+            elif kind in ("q_bias", "k_bias", "v_bias"):
+                n = heads[kind[0]]
+                t = vec((n, dh), (n * dh,))
+            elif kind == "linear":
+                t = lin(d, (f,)) if sub[1] != "down_proj" else lin(f, (d,))
+            else:  # vector: norms, biases of o / mlp
+                size = {"q_norm": dh, "k_norm": dh, "gate_proj": f, "up_proj": f}.get(sub[-2], d)
+                t = vec((size,), (size,))
+            out.append(ParamMap(name, path, i, *t))
+    if not cfg.tie_word_embeddings:
+        out.append(ParamMap("lm_head.weight", ("lm_head", "kernel"), None, *lin(d, (v,))))
+    return out
+
+
+HF_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+
+
+def hf_to_ours(cfg: LLMConfig, prefix: str = "model.") -> list[ParamMap]:
+    """HF tensor name -> (our path, stacked layer index, numpy transform to our layout).
+
+    `prefix` is where the text model lives in the checkpoint: 'model.' for *ForCausalLM,
+    'model.language_model.' / 'language_model.model.' for Gemma-3 multimodal checkpoints.
+    """
+    return _maps(cfg, prefix, "hf_to_ours")
+
+
+def ours_to_hf(cfg: LLMConfig, prefix: str = "model.") -> list[ParamMap]:
+    """Our (path, layer) -> HF tensor name with the numpy transform back to torch layout."""
+    return _maps(cfg, prefix, "ours_to_hf")
+
+
+def detect_hf_prefix(names: Sequence[str] | Mapping[str, Any]) -> str:
+    """Which of HF_PREFIXES holds `embed_tokens.weight` in this checkpoint."""
+    for p in HF_PREFIXES:
+        if f"{p}embed_tokens.weight" in names:
+            return p
+    raise CheckpointError(
+        f"no embedding tensor found (looked for {[p + 'embed_tokens.weight' for p in HF_PREFIXES]}); "
+        f"is this a decoder LLM checkpoint?")
+
+
+def flatten_params(params: Any) -> dict[tuple[str, ...], Any]:
+    """nnx.State, nested dict of arrays, or {path tuple: array} -> {path tuple: Variable or array}."""
+    if isinstance(params, nnx.State):
+        return {tuple(map(str, k)): v for k, v in nnx.to_flat_state(params)}
+    if isinstance(params, Mapping) and params and all(isinstance(k, tuple) for k in params):
+        return dict(params)
+    return {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def params_to_hf(params: nnx.State | Mapping, cfg: LLMConfig, prefix: str = "model."
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+    """Stream our params as (HF name, numpy tensor in torch layout). LoRA factors are not part of
+    the base model: merge them first (`merge_lora`) or export them as an adapter."""
+    flat = flatten_params(params)
+    for m in ours_to_hf(cfg, prefix):
+        var = flat[m.path]
+        arr = var[...] if isinstance(var, nnx.Variable) else var
+        arr = np.asarray(jax.device_get(arr if m.layer is None else arr[m.layer]))
+        yield m.hf_name, m.transform(arr)

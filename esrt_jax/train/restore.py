@@ -1,0 +1,160 @@
+"""Loading a trained run for inference: run config + stage checkpoint -> model.
+
+`load_model(config, checkpoint, overrides)` rebuilds the speech LLM from a run config (the same
+YAML `train.py` takes) through its model builder and restores the trained params of a stage
+checkpoint; `load_backend` wraps it in a `Translator` + `infer.cloud.CloudBackend`. The service,
+the edge client, the inference and evaluation CLIs and export all load through here, so both ends
+of the edge/cloud split compute the same `model_fingerprint`.
+
+It sits in the train layer (not in infer) because it needs what training defines: the run config,
+the model builder plug-in and the checkpoint format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from esrt_jax.infer import cloud
+from esrt_jax.infer.cloud import model_fingerprint
+from esrt_jax.models.speech_llm import SpeechLLM
+from esrt_jax.pytree import key_name
+from esrt_jax.train.checkpoint import restore_params
+from esrt_jax.train.config import STAGES, load_run_config
+
+SERVE_ORDER = STAGES[::-1]  # a run dir is served from its last finished stage
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: SpeechLLM
+    tokenizer: Any
+    run_config: Any            # esrt_jax.train.config.RunConfig of the stage served
+    stage: str
+    step: int | None           # checkpoint step restored (None: no trained params found)
+    checkpoint_dir: Path | None
+
+    @property
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.model)
+
+
+def _is_step_dir(p: Path) -> bool:
+    return p.is_dir() and p.name.isdigit()
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> tuple[Path, str | None, int | None]:
+    """A run dir, stage dir, stage `checkpoints/` dir or step dir -> (checkpoints dir, stage, step).
+
+    A run dir resolves to its last stage (srt, then smt, then asr) that holds a checkpoint.
+    """
+    p = Path(checkpoint).expanduser().absolute()
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    if _is_step_dir(p):
+        ck, step = p.parent, int(p.name)
+    elif p.name == "checkpoints":
+        ck, step = p, None
+    elif (p / "checkpoints").is_dir():
+        ck, step = p / "checkpoints", None
+    else:
+        for stage in SERVE_ORDER:
+            d = p / stage / "checkpoints"
+            if d.is_dir() and any(_is_step_dir(c) for c in d.iterdir()):
+                ck, step = d, None
+                break
+        else:
+            raise FileNotFoundError(
+                f"{p} is not a checkpoint: expected a run dir with <stage>/checkpoints/<step>/ "
+                f"(stages {list(SERVE_ORDER)}), a stage dir, a checkpoints dir or a step dir")
+    if not any(_is_step_dir(c) for c in ck.iterdir()) and step is None:
+        raise FileNotFoundError(f"checkpoint folder {ck} holds no step folders")
+    stage = ck.parent.name if ck.parent.name in SERVE_ORDER else None
+    return ck, stage, step
+
+
+def merge_params(model: nnx.Module, trained: Any) -> None:
+    """Write a nested dict of trained arrays (paths as in `nnx.state(model)`) into `model`."""
+    state = nnx.state(model)
+    flat = dict(nnx.to_flat_state(state))
+    n = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(trained)[0]:
+        key = tuple(key_name(k) for k in path)
+        var = flat.get(key)
+        if var is None:  # orbax may give int keys back as strings
+            key = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in key)
+            var = flat.get(key)
+        if var is None:
+            raise KeyError(f"checkpoint param {'/'.join(map(str, key))} does not exist in the model")
+        if tuple(var.shape) != tuple(np.shape(leaf)):
+            raise ValueError(f"checkpoint param {'/'.join(map(str, key))} has shape {np.shape(leaf)}, "
+                             f"the model's is {tuple(var.shape)}")
+        var.set_value(jax.numpy.asarray(leaf, var.dtype)) if hasattr(var, "set_value") else \
+            setattr(var, "value", jax.numpy.asarray(leaf, var.dtype))
+        n += 1
+    nnx.update(model, nnx.from_flat_state(flat))
+    if n == 0:
+        raise ValueError("the checkpoint holds no params")
+
+
+def restore_trainable(cfg, ck: Path, step: int | None = None) -> tuple[Any, int]:
+    """The trained params of a checkpoint (nested dict, on one device) and their step; the
+    target tree comes from the config's model builder, built abstractly."""
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
+                          cfg.model_builder()(cfg, abstract=True).trainable)
+    return restore_params(ck, target, step)
+
+
+def restore_adapter(cfg, ck: Path, step: int | None = None) -> Any:
+    """Only the trained adapter params of a checkpoint (nested dict under `adapter/`)."""
+    trained, _ = restore_trainable(cfg, ck, step)
+    if "adapter" not in trained:
+        raise KeyError(f"checkpoint {ck} holds no adapter params (trainable: {sorted(trained)})")
+    return trained["adapter"]
+
+
+def inference_builder(cfg):
+    """`build_inference(cfg) -> (SpeechLLM, tokenizer)` of the config's model-builder module: the
+    model with its pretrained / frozen weights (converted HF parts or a seeded random init)."""
+    builder = cfg.model_builder()
+    fn = getattr(sys.modules[builder.__module__], "build_inference", None)
+    if fn is None:
+        raise ImportError(f"model.builder module {builder.__module__!r} has no build_inference(cfg) "
+                          f"-> (SpeechLLM, tokenizer); cannot rebuild the model for inference")
+    return fn
+
+
+def load_model(config: str | Path, checkpoint: str | Path | None, overrides: Sequence[str] = (),
+               *, stage: str | None = None) -> LoadedModel:
+    """Rebuild the model of a run config and restore trained params from `checkpoint`.
+
+    The config's model builder module must provide `build_inference(cfg) -> (SpeechLLM,
+    tokenizer)` (the model with its pretrained/frozen weights, e.g. converted HF parts or the
+    demo's seeded random init); the trainable params saved by training are then written over it.
+    `checkpoint=None` serves the builder's model as is (no trained params).
+    """
+    ck = step = None
+    if checkpoint is not None:
+        ck, ck_stage, step = resolve_checkpoint(checkpoint)
+        stage = stage or ck_stage
+    stage = stage or "srt"
+    cfg = load_run_config(config, overrides).for_stage(stage)
+    model, tokenizer = inference_builder(cfg)(cfg)
+    if ck is not None:
+        trained, step = restore_trainable(cfg, ck, step)
+        merge_params(model, trained)
+    return LoadedModel(model, tokenizer, cfg, stage, step, ck)
+
+
+def load_backend(config: str | Path, checkpoint: str | Path | None, overrides: Sequence[str] = (),
+                 *, split: str | None = None, max_batch: int = 8) -> cloud.CloudBackend:
+    """Run config + checkpoint -> a `CloudBackend` ready for `serve.make_app`."""
+    loaded = load_model(config, checkpoint, overrides)
+    return cloud.CloudBackend(cloud.translator_for(loaded, split=split, max_batch=max_batch), loaded.fingerprint)
