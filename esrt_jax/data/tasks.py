@@ -45,6 +45,8 @@ import numpy as np
 
 from esrt_jax import languages
 
+from esrt_jax import languages
+
 __all__ = [
     "TASKS",
     "TASK_IDS",

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from esrt_jax import languages as L
-from esrt_jax.export.common import ExportError
+from esrt_jax.export.common import ESRT_CONFIG, POINTER, ExportError
 
 def dev_metrics(stage_dir: Path) -> dict:
     """Last dev_* values logged by training (metrics.jsonl) and the last train loss."""

@@ -52,7 +52,7 @@ stream tensor by tensor (`esrt_jax.convert.llm.load_hf_model`, the one loader).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -169,30 +169,6 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x), r(2))
 
 
-def _stack_layers(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
-    """Build `n` layers with independent init and stack their params on a leading `layers` axis."""
-    keys = jax.random.split(rngs.params(), n)
-    graphdef = None
-
-    def init(key):
-        nonlocal graphdef
-        g, st = nnx.split(make(nnx.Rngs(key)))
-        graphdef = g
-        return st
-
-    state = jax.vmap(init)(keys)
-
-    def add_axis(v):
-        if isinstance(v, nnx.Variable) and v.has_metadata("out_sharding"):
-            axes = v.get_metadata("out_sharding")
-            if axes is not None:
-                v.set_metadata("out_sharding", ("layers",) + tuple(axes))
-        return v
-
-    state = jax.tree.map(add_axis, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    return nnx.merge(graphdef, state)
-
-
 class CausalLM(nnx.Module):
     """Decoder LLM with LM head. See the module docstring for the call contract and param tree."""
 
@@ -204,9 +180,13 @@ class CausalLM(nnx.Module):
         self.scan_layers, self.remat = scan_layers, remat
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
-        self.layers = _stack_layers(
-            lambda r: DecoderLayer(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=r),
-            cfg.num_hidden_layers, rngs)
+        # Stacked layers (leading `layers` axis on every param and its logical axes), as Whisper.
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(r: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=r)
+
+        self.layers = make_layers(rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one,
                             dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = (None if cfg.tie_word_embeddings else
