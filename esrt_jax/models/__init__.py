@@ -1,1 +1,2 @@
-"""Flax NNX model families; each file holds one family with its HF mapping beside it."""
+"""Flax NNX model families: pure modules with their HF tensor-name maps beside them, no file IO
+(reading and writing checkpoint directories is `esrt_jax.convert`; see docs/architecture.md)."""
