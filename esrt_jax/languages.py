@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 __all__ = [
     "Language",
     "LanguageError",
+    "NotTrainedError",
     "LANGUAGES",
     "ALIASES",
     "ESRT_LANGS",
@@ -28,12 +29,17 @@ __all__ = [
     "normalize",
     "is_known",
     "tag",
+    "check_trained",
     "from_fleurs",
 ]
 
 
 class LanguageError(ValueError):
     """An unknown or malformed language code."""
+
+
+class NotTrainedError(LanguageError):
+    """A known language outside the set a model was trained on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +186,16 @@ def get(code: str) -> Language:
         f"unknown language code {code!r}{hint} (known: {len(LANGUAGES)} ISO 639-3 codes, "
         f"see esrt_jax.languages.ESRT_LANGS)"
     )
+
+
+def check_trained(trained: Sequence[str] | None, src: str, tgt: str) -> None:
+    """Raise `NotTrainedError` naming src/tgt codes outside a model's `trained` set (None: any)."""
+    if trained is None:
+        return
+    bad = [f"{k}={c}" for k, c in (("src", src), ("tgt", tgt)) if get(c).code not in trained]
+    if bad:
+        raise NotTrainedError(f"this model was not trained on {', '.join(bad)}; "
+                              f"it knows {', '.join(trained)}")
 
 
 def tag(code: str) -> str:

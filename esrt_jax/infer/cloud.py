@@ -39,12 +39,24 @@ def model_fingerprint(model: SpeechLLM) -> str:
 class CloudBackend:
     """`serve.Backend` over a `Translator`: (B, *feature_shape) features -> [(asr, s2tt)]."""
 
-    def __init__(self, translator: Translator, fingerprint: str, task: str = "srt"):
+    def __init__(self, translator: Translator, fingerprint: str, task: str = "srt",
+                 languages: Sequence[str] | None = None):
         self.translator = translator
         self.fingerprint = fingerprint
         self.task = task
         self.split = translator.split
         self.feature_shape = tuple(translator.feature_shape)
+        self.languages = tuple(languages) if languages else None
+
+    def warmup_batches(self) -> tuple[int, ...]:
+        return self.translator.batch_buckets()
+
+    def warm(self, batch_size: int) -> None:
+        from esrt_jax import languages as L
+
+        codes = self.languages or tuple(L.ESRT_LANGS)
+        self.translator.warm(batch_size, [(s, t) for s in codes for t in codes if s != t] or
+                             [(codes[0], codes[0])], self.task)
 
     def decode_batch(self, features: np.ndarray, src: Sequence[str], tgt: Sequence[str]
                      ) -> list[tuple[str, str]]:
@@ -71,6 +83,7 @@ class LoadedModel:
     stage: str
     step: int | None           # checkpoint step restored (None: no trained params found)
     checkpoint_dir: Path | None
+    languages: tuple[str, ...] | None = None  # what it was trained on (None: not known)
 
     @property
     def fingerprint(self) -> str:
@@ -190,7 +203,22 @@ def load_model(config: str | Path, checkpoint: str | Path | None, overrides: Seq
                               bundle.trainable)
         trained, step = restore_params(ck, target, step)
         merge_params(model, trained)
-    return LoadedModel(model, tokenizer, cfg, stage, step, ck)
+    return LoadedModel(model, tokenizer, cfg, stage, step, ck, trained_languages(cfg, ck))
+
+
+def trained_languages(cfg, ck: Path | None) -> tuple[str, ...] | None:
+    """The model's language set: `data.languages` of the config saved with the run
+    (RUN_DIR/config.yaml, written by train.py) when the checkpoint lies in a run dir, else of `cfg`."""
+    from esrt_jax import languages as L
+
+    data = cfg.data
+    saved = ck.parent.parent / "config.yaml" if ck is not None else None
+    if saved is not None and saved.is_file():
+        import yaml
+
+        data = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("data") or {}
+    langs = data.get("languages")
+    return tuple(L.get(c).code for c in langs) if langs else None
 
 
 def translator_for(loaded: LoadedModel, *, split: str | None = None, max_batch: int = 8,
@@ -217,4 +245,5 @@ def load_backend(config: str | Path, checkpoint: str | Path | None, overrides: S
                  *, split: str | None = None, max_batch: int = 8) -> CloudBackend:
     """Run config + checkpoint -> a `CloudBackend` ready for `serve.make_app`."""
     loaded = load_model(config, checkpoint, overrides)
-    return CloudBackend(translator_for(loaded, split=split, max_batch=max_batch), loaded.fingerprint)
+    return CloudBackend(translator_for(loaded, split=split, max_batch=max_batch), loaded.fingerprint,
+                        languages=loaded.languages)
