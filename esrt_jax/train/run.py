@@ -93,6 +93,56 @@ def previous_params_dir(args, cfg, stage: str, run_dir: Path) -> Path:
     return d
 
 
+def _flat(d, prefix=""):
+    """Nested dict -> {dotted key: value} (lists are values)."""
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def check_against_checkpoints(cfg, run_dir: Path, model_builder) -> None:
+    """Every stage's newest checkpoint in `run_dir` must fit the model this config builds; else a
+    one-line SystemExit naming the config keys that changed since the saved RUN_DIR/config.yaml."""
+    import yaml
+
+    from esrt_jax.config import to_dict
+    from esrt_jax.train.checkpoint import Checkpointer, CheckpointMismatch
+
+    saved_path = run_dir / "config.yaml"
+    for stage in STAGES:
+        d = stage_ckpt_dir(run_dir, stage)
+        if not d.is_dir() or not any(p.name.isdigit() for p in d.iterdir()):
+            continue
+        ck = Checkpointer(d, keep=1_000_000, async_save=False)
+        try:
+            for step in sorted(ck.all_steps(), reverse=True):
+                try:
+                    ck.check_shapes(step, model_builder(cfg.for_stage(stage), abstract=True).trainable)
+                    break
+                except CheckpointMismatch as e:
+                    keys = []
+                    if saved_path.is_file():
+                        keys = changed_keys((yaml.safe_load(saved_path.read_text()) or {}).get("model"),
+                                            to_dict(cfg).get("model"))
+                    what = (f"changed model keys {', '.join('model.' + k for k in keys)}" if keys
+                            else "a different model")
+                    raise SystemExit(f"error: this config builds {what}, which does not fit the checkpoints in "
+                                     f"{d} ({str(e).split(': ', 1)[1]}); revert the change or use another "
+                                     f"--run-dir") from None
+                except Exception:  # noqa: BLE001 - unreadable metadata: the stage's resume handles it
+                    continue
+        finally:
+            ck.close()
+
+
 def main(argv=None) -> list:
     args = parse_args(argv)
     if args.dry_run:
@@ -109,7 +159,7 @@ def main(argv=None) -> list:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
     from esrt_jax.config import ConfigError
     from esrt_jax.train.bundle import import_object
-    from esrt_jax.train.checkpoint import abstract_like, restore_params
+    from esrt_jax.train.checkpoint import CheckpointError, CheckpointMismatch, abstract_like, restore_params
     from esrt_jax.train.config import load_run_config
     from esrt_jax.train.loop import log0, run_stage, stage_shardings
     from esrt_jax.train import mesh as mesh_lib
@@ -124,8 +174,11 @@ def main(argv=None) -> list:
     model_builder = import_object(cfg.model.get("builder", DEFAULT_MODEL_BUILDER), "model.builder")
     data_builder = import_object(cfg.data.get("builder", DEFAULT_DATA_BUILDER), "data.builder")
 
+    if not args.dry_run:
+        check_against_checkpoints(cfg, run_dir, model_builder)
     if not args.dry_run and jax.process_index() == 0:
         # The resolved config (overrides applied) next to the stages: export/eval/serve read it.
+        # Written only once it is known to fit the checkpoints already there.
         import yaml
 
         from esrt_jax.config import to_dict
@@ -156,10 +209,13 @@ def main(argv=None) -> list:
             init, step = restore_params(src, abstract_like(bundle.trainable, sh["trainable"]))
             log0(f"[{stage}] starting from trainable params of {src} (step {step}); optimizer restarts")
         pi, pc = jax.process_index(), jax.process_count()
-        res = run_stage(scfg, bundle, stage_dir=stage_dir,
-                        make_data=lambda: data_builder(scfg, "train", process_index=pi, process_count=pc),
-                        make_dev=lambda: data_builder(scfg, "dev", process_index=pi, process_count=pc),
-                        init_params=init)
+        try:
+            res = run_stage(scfg, bundle, stage_dir=stage_dir,
+                            make_data=lambda: data_builder(scfg, "train", process_index=pi, process_count=pc),
+                            make_dev=lambda: data_builder(scfg, "dev", process_index=pi, process_count=pc),
+                            init_params=init)
+        except (CheckpointError, CheckpointMismatch) as e:
+            raise SystemExit(f"error: [{stage}] {e}") from None
         if res.losses:
             steps = sorted(res.losses)
             log0(f"[{stage}] done: step {res.final_step}, first logged loss {res.losses[steps[0]]:.4f}, "
