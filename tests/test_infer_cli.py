@@ -276,3 +276,13 @@ def test_cli_user_mistakes_are_one_line_errors(trained_run, tmp_path, capsys):
         cli.parse_args(["--help"])
     help_text = capsys.readouterr().out
     assert help_text.count("Inference CLI: audio in") == 1 and "--untrained" in help_text
+
+
+def test_generation_cap_defaults_to_the_longest_trained_text(trained_run):
+    """No max_new_tokens in the config: the cap is the largest data.text_buckets (greedy stops at EOS)."""
+    from esrt_jax.infer.cloud import load_model, translator_for
+
+    cfg_path, run_dir, _ = trained_run
+    loaded = load_model(cfg_path, run_dir, ["model.infer.max_new_tokens=null", "data.text_buckets=[32, 80]"])
+    assert translator_for(loaded).gen_cfg.max_new_tokens == 80
+    assert translator_for(loaded, gen_overrides={"max_new_tokens": 7}).gen_cfg.max_new_tokens == 7

@@ -233,8 +233,12 @@ def translator_for(loaded: LoadedModel, *, split: str | None = None, max_batch: 
     m = loaded.run_config.model  # `decode` (dev decodes in training), overridden by `infer`
     infer_cfg = {**(m.get("decode", {}) or {}), **(m.get("infer", {}) or {})}
     gen_kw = {k: infer_cfg[k] for k in ("max_new_tokens", "num_beams", "length_penalty",
-                                        "no_repeat_ngram_size", "min_new_tokens") if k in infer_cfg}
+                                        "no_repeat_ngram_size", "min_new_tokens") if infer_cfg.get(k) is not None}
     gen_kw.update(gen_overrides or {})
+    if "max_new_tokens" not in gen_kw:  # no cap given: the longest text the model was trained on
+        from esrt_jax.train.speech import max_answer_tokens
+
+        gen_kw["max_new_tokens"] = max_answer_tokens(loaded.run_config)
     gen_cfg = GenerateConfig(eos_ids=(tt.eos_id,), pad_id=tt.pad_id, **gen_kw)
     kw = {"prompt_buckets": tuple(infer_cfg["prompt_buckets"])} if "prompt_buckets" in infer_cfg else {}
     return Translator(loaded.model, loaded.tokenizer, gen_cfg=gen_cfg, max_batch=max_batch,

@@ -13,7 +13,8 @@ Model block of a run config (`model:`):
     adapter: {num_queries: 80, pool_k: null, ...}   # QFormerConfig (encoder/llm dims filled in)
     llm_dtype: bfloat16   llm_param_dtype: float32   encoder_dtype: float32
     scan_layers: true   remat: false   split: projector   seed: 0
-    decode: {max_new_tokens: 64, num_beams: 1}      # dev decodes during training
+    decode: {num_beams: 1, max_new_tokens: N}       # dev decodes during training; N defaults to the
+                                                    #   longest text the data allows (data.text_buckets)
 
 Trainable by default: the adapter (Q-Former + projector) and, with `lora.enabled`, the LoRA
 factors; the encoder and the LLM base weights are frozen (`train.trainable` overrides).
@@ -203,6 +204,15 @@ def _model_flops_per_example(scfg, text_len: int) -> float:
     return enc + 4 * llm_params * T_llm + 4 * L * T_llm ** 2 * d + 6 * ad_params * a.num_queries
 
 
+def max_answer_tokens(cfg) -> int:
+    """Default generation cap: the longest tokenised text the data pipeline keeps (the largest
+    `data.text_buckets`), so no answer the model was trained to give is cut; greedy decoding
+    stops earlier when every row has emitted EOS."""
+    from esrt_jax.data.pipeline import DataConfig
+
+    return int(max(cfg.data.get("text_buckets") or DataConfig.text_buckets))
+
+
 def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
     """model.builder: the speech LLM as a TrainBundle (loss = speech_llm.loss_fn)."""
     from esrt_jax.models import speech_llm
@@ -253,7 +263,8 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         tok = tokenizer_for(cfg)
         dcfg = dict(cfg.model.get("decode", {}) or {})
         tt = TaskTokenizer(tok)
-        gen = GenerateConfig(eos_ids=(tt.eos_id,), pad_id=tt.pad_id, **{"max_new_tokens": 64, **dcfg})
+        gen = GenerateConfig(eos_ids=(tt.eos_id,), pad_id=tt.pad_id,
+                             **{**dcfg, "max_new_tokens": dcfg.get("max_new_tokens") or max_answer_tokens(cfg)})
         tr = Translator(model, tok, gen_cfg=gen, max_batch=max(n, 1))
         dc = _data_config(cfg, batch_size=n)
         batch = next(make_eval_batches(dc, tok, dev, _dev_task(cfg, dc), batch_size=n))
