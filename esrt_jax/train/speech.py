@@ -288,8 +288,11 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         def show(asr: str, s2tt: str) -> str:
             return asr if task == "asr" else s2tt if task == "smt" else f"{asr} | {s2tt}"
 
-        rep["samples"] = [f"{task} {r.src}->{r.tgt} ref: {show(r.transcription, r.translation)}\n"
-                          f"{' ' * (len(task) + len(r.src) + len(r.tgt) + 3)}hyp: {show(o['asr'], o['s2tt'])}"
+        def label(r) -> str:  # ASR has a language, not a direction
+            return f"{task} {r.src}" if task == "asr" else f"{task} {r.src}->{r.tgt}"
+
+        rep["samples"] = [f"{label(r)} ref: {show(r.transcription, r.translation)}\n"
+                          f"{' ' * (len(label(r)) + 1)}hyp: {show(o['asr'], o['s2tt'])}"
                           for r, o in zip(recs, outs)]
         return rep
 
