@@ -269,6 +269,15 @@ def test_cli_user_mistakes_are_one_line_errors(trained_run, tmp_path, capsys):
         assert cli.main(argv + wav) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], (argv, err)
+    import shutil
+
+    shutil.copytree(run_dir, tmp_path / "damaged")
+    meta = tmp_path / "damaged" / "srt" / "checkpoints" / "5" / "params" / "_METADATA"
+    meta.write_bytes(meta.read_bytes()[:40])
+    capsys.readouterr()
+    assert cli.main(["--config", str(cfg_path), "--checkpoint", str(tmp_path / "damaged")] + wav) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint step 5 in" in err[0] and "is unreadable" in err[0], err
     with pytest.raises(SystemExit) as e:  # no checkpoint: an explicit choice, not a silent default
         cli.main(["--config", str(cfg_path)] + wav)
     assert e.value.code == 2 and "--untrained" in capsys.readouterr().err

@@ -438,8 +438,8 @@ def test_serve_and_edge_commands_end_to_end(tmp_path, capsys):
             if m:
                 url = m.group(1)
                 break
-        with urllib.request.urlopen(url + "/healthz", timeout=30) as r:
-            health = json.loads(r.read())
+        health = wait_ready(url)  # 503 "warming" until every batch bucket is compiled
+        assert health["warmup"]["done"] == health["warmup"]["total"] > 0
         assert health["fingerprint"] == loaded.fingerprint, (health, loaded.step, loaded.checkpoint_dir)
         capsys.readouterr()
         rc = edge_main([*common, "--audio", str(wav), "--src", "eng", "--tgt", "deu", "--server", url,

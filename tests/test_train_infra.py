@@ -191,6 +191,13 @@ def test_missing_previous_stage_names_path_and_command(tmp_path):
         run_cli.main(["--stage=smt", "--config", str(y), "--run-dir", str(tmp_path / "run")])
 
 
+def test_train_help_documents_the_stage(capsys):
+    with pytest.raises(SystemExit):
+        run_cli.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "curriculum stage to train" in out and "(default: all)" in out
+
+
 def _toy_yaml(tmp_path, **train):
     d = json.loads(json.dumps(TOY))
     d["train"].update(train)

@@ -257,6 +257,14 @@ def heatmap_size(n: int) -> tuple[int, int]:
     return int(round((side + 1.5) * _DPI)), int(round(side * _DPI))
 
 
+def heatmap_vmax(data) -> float:
+    """Top of the heatmap's colour scale: max(50, best score), never the data's range alone."""
+    import numpy as np
+
+    finite = np.asarray(data, float)[np.isfinite(np.asarray(data, float))]
+    return max(50.0, float(finite.max()) if finite.size else 0.0)
+
+
 def plot_heatmap(scores: Scores, path: str | os.PathLike, metric: str = "bleu") -> None:
     """N x N heatmap (rows = source, columns = target); the diagonal and missing cells blank.
 
@@ -272,7 +280,7 @@ def plot_heatmap(scores: Scores, path: str | os.PathLike, metric: str = "bleu") 
     fig = Figure(figsize=(w / _DPI, h / _DPI), dpi=_DPI, layout="constrained")
     ax = fig.add_subplot()
     masked = np.ma.masked_invalid(data)
-    vmax = max(50.0, float(np.nanmax(data)) if np.isfinite(data).any() else 0.0)
+    vmax = heatmap_vmax(data)
     im = ax.imshow(masked, cmap="viridis", vmin=0.0, vmax=vmax, aspect="equal")
     ax.set_facecolor("#dddddd")
     ax.set_xticks(range(n), labels=langs, rotation=90, fontsize=8 if n > 20 else 10)

@@ -31,8 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
-class CheckpointError(RuntimeError):
-    """No usable checkpoint: the message names the folder/step and what to do."""
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint step cannot be read back: the message names the folder/step and what to do."""
 
 
 class CheckpointMismatch(ValueError):
@@ -132,7 +132,7 @@ class Checkpointer:
 
     def restore_latest(self, abstract_trainable: Any, abstract_opt: Any, data_iter: Any = None) -> dict | None:
         """`restore` of the newest readable step (None: no step at all). Unreadable steps are moved
-        aside to `<step>.corrupt` (reported in one line each); if none is left, `CheckpointError`."""
+        aside to `<step>.corrupt` (reported in one line each); if none is left, `UnreadableCheckpoint`."""
         bad: list[int] = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
@@ -149,7 +149,7 @@ class Checkpointer:
                 self._set_aside(step, e)
                 bad.append(step)
         if bad:
-            raise CheckpointError(
+            raise UnreadableCheckpoint(
                 f"no readable checkpoint left in {self.directory}: step(s) {', '.join(map(str, bad))} could not "
                 f"be read and were moved aside to <step>.corrupt; delete the folder to restart this stage from "
                 f"scratch (or copy an intact step back)")
@@ -195,6 +195,14 @@ class Checkpointer:
         self.mngr.close()
 
 
+def _unreadable(directory: Path, step: int, err: Exception) -> UnreadableCheckpoint:
+    first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+    return UnreadableCheckpoint(
+        f"checkpoint step {step} in {directory} is unreadable ({type(err).__name__}: {first}); rerun the "
+        f"training command to move it aside and resume from the previous step, or pass an earlier step "
+        f"dir {directory}/<step>")
+
+
 def restore_params(directory: str | Path, abstract_trainable: Any, step: int | None = None) -> tuple[Any, int]:
     """Only the trainable params of a stage's checkpoint folder (latest step by default).
 
@@ -209,7 +217,18 @@ def restore_params(directory: str | Path, abstract_trainable: Any, step: int | N
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"checkpoint folder {directory} holds no complete checkpoint")
-        out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_trainable)))
+        try:
+            saved = _item_tree(mngr.item_metadata(step)["params"])
+            bad = shape_mismatches(saved, abstract_trainable)
+        except Exception as e:  # noqa: BLE001 - unreadable metadata
+            raise _unreadable(directory, step, e) from None
+        if bad:
+            raise CheckpointMismatch(f"checkpoint {directory}/{step} does not fit the model built from the "
+                                     f"config: {len(bad)} params differ, e.g. {bad[0]}")
+        try:
+            out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_trainable)))
+        except Exception as e:  # noqa: BLE001 - shapes fit, so a failed read is a damaged step
+            raise _unreadable(directory, step, e) from None
         return out["params"], step
     finally:
         mngr.close()

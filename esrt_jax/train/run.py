@@ -160,7 +160,7 @@ def main(argv=None) -> list:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
     from esrt_jax.config import ConfigError
     from esrt_jax.train.bundle import import_object
-    from esrt_jax.train.checkpoint import CheckpointError, CheckpointMismatch, abstract_like, restore_params
+    from esrt_jax.train.checkpoint import UnreadableCheckpoint, CheckpointMismatch, abstract_like, restore_params
     from esrt_jax.train.config import load_run_config
     from esrt_jax.train.loop import log0, run_stage, stage_shardings
     from esrt_jax.train import mesh as mesh_lib
@@ -207,7 +207,10 @@ def main(argv=None) -> list:
         if src is not None:
             mesh = mesh_lib.make_mesh(scfg.mesh)
             sh = stage_shardings(bundle, make_optimizer(scfg.train), mesh, mesh_lib.make_rules(scfg.mesh.rules))
-            init, step = restore_params(src, abstract_like(bundle.trainable, sh["trainable"]))
+            try:
+                init, step = restore_params(src, abstract_like(bundle.trainable, sh["trainable"]))
+            except (UnreadableCheckpoint, CheckpointMismatch) as e:
+                raise SystemExit(f"error: [{stage}] cannot start from {src}: {e}") from None
             log0(f"[{stage}] starting from trainable params of {src} (step {step}); optimizer restarts")
         pi, pc = jax.process_index(), jax.process_count()
         try:
@@ -215,7 +218,7 @@ def main(argv=None) -> list:
                             make_data=lambda: data_builder(scfg, "train", process_index=pi, process_count=pc),
                             make_dev=lambda: data_builder(scfg, "dev", process_index=pi, process_count=pc),
                             init_params=init)
-        except (CheckpointError, CheckpointMismatch) as e:
+        except (UnreadableCheckpoint, CheckpointMismatch) as e:
             raise SystemExit(f"error: [{stage}] {e}") from None
         if res.losses:
             steps = sorted(res.losses)
