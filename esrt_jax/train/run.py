@@ -122,11 +122,12 @@ def check_against_checkpoints(cfg, run_dir: Path, model_builder) -> None:
         d = stage_ckpt_dir(run_dir, stage)
         if not d.is_dir() or not any(p.name.isdigit() for p in d.iterdir()):
             continue
+        abstract = model_builder(cfg.for_stage(stage), abstract=True).trainable
         ck = Checkpointer(d, keep=1_000_000, async_save=False)
         try:
-            for step in sorted(ck.all_steps(), reverse=True):
+            for step in sorted(ck.all_steps(), reverse=True):  # the newest step whose metadata reads
                 try:
-                    ck.check_shapes(step, model_builder(cfg.for_stage(stage), abstract=True).trainable)
+                    ck.check_shapes(step, abstract)
                     break
                 except CheckpointMismatch as e:
                     keys = []
@@ -160,7 +161,7 @@ def main(argv=None) -> list:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
     from esrt_jax.config import ConfigError
     from esrt_jax.train.bundle import import_object
-    from esrt_jax.train.checkpoint import UnreadableCheckpoint, CheckpointMismatch, abstract_like, restore_params
+    from esrt_jax.train.checkpoint import CheckpointMismatch, UnreadableCheckpoint, abstract_like, restore_params
     from esrt_jax.train.config import load_run_config
     from esrt_jax.train.loop import log0, run_stage, stage_shardings
     from esrt_jax.train import mesh as mesh_lib
