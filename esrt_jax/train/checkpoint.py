@@ -53,7 +53,9 @@ def shape_mismatches(saved_tree: Any, abstract: Any) -> list[str]:
     return out
 
 
-def _item_tree(meta: Any) -> Any:
+def saved_params_tree(directory: Path, step: int) -> Any:
+    """The tree of `ArrayMetadata` (shapes, dtypes) of a step's params, read without restoring."""
+    meta = ocp.StandardCheckpointHandler().metadata(Path(directory) / str(step) / "params")
     return getattr(meta, "tree", meta)
 
 
@@ -125,7 +127,7 @@ class Checkpointer:
     def check_shapes(self, step: int, abstract_trainable: Any) -> None:
         """Raise `CheckpointMismatch` when `step`'s saved params do not fit `abstract_trainable`
         (other errors: the step's metadata is unreadable)."""
-        bad = shape_mismatches(_item_tree(self.mngr.item_metadata(step)["params"]), abstract_trainable)
+        bad = shape_mismatches(saved_params_tree(self.directory, step), abstract_trainable)
         if bad:
             raise CheckpointMismatch(f"checkpoint {self.directory}/{step} does not fit the model: "
                                      f"{len(bad)} params differ, e.g. {bad[0]}")
@@ -218,8 +220,7 @@ def restore_params(directory: str | Path, abstract_trainable: Any, step: int | N
         if step is None:
             raise FileNotFoundError(f"checkpoint folder {directory} holds no complete checkpoint")
         try:
-            saved = _item_tree(mngr.item_metadata(step)["params"])
-            bad = shape_mismatches(saved, abstract_trainable)
+            bad = shape_mismatches(saved_params_tree(directory, step), abstract_trainable)
         except Exception as e:  # noqa: BLE001 - unreadable metadata
             raise _unreadable(directory, step, e) from None
         if bad:
