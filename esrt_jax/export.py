@@ -144,9 +144,12 @@ def _gen_settings(run_cfg) -> dict:
     d = {**(m.get("decode", {}) or {}), **(m.get("infer", {}) or {})}
     from esrt_jax.infer.generate import GenerateConfig
 
-    base = GenerateConfig(eos_ids=(0,))
-    return {k: d.get(k, getattr(base, k)) for k in ("max_new_tokens", "num_beams", "length_penalty",
-                                                      "no_repeat_ngram_size", "min_new_tokens")}
+    from esrt_jax.train.speech import max_answer_tokens
+
+    # the same defaults as inference (esrt_jax.infer.cloud.translator_for)
+    base = GenerateConfig(eos_ids=(0,), max_new_tokens=max_answer_tokens(run_cfg))
+    return {k: d[k] if d.get(k) is not None else getattr(base, k)
+            for k in ("max_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size", "min_new_tokens")}
 
 
 def _fix_generation_config(llm_dir: Path, task_tok, gen: dict, keep_source: bool) -> None:
