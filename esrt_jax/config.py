@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -209,7 +210,10 @@ def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, with an error naming the file when it is missing or malformed."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        near = sorted(str(p) for p in path.parent.glob("*.y*ml")) if path.parent.is_dir() else []
+        close = difflib.get_close_matches(str(path), near, n=3, cutoff=0.6)
+        raise ConfigError(f"config file {path} does not exist"
+                          + (f"; did you mean {', '.join(close)}?" if close else ""))
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 __all__ = [
     "Language",
     "LanguageError",
+    "NotTrainedError",
     "LANGUAGES",
     "ALIASES",
     "ESRT_LANGS",
@@ -28,12 +29,17 @@ __all__ = [
     "normalize",
     "is_known",
     "tag",
+    "check_trained",
     "from_fleurs",
 ]
 
 
 class LanguageError(ValueError):
     """An unknown or malformed language code."""
+
+
+class NotTrainedError(LanguageError):
+    """A known language outside the set a model was trained on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +196,16 @@ def tag_text(code: str) -> str:
 def srt_marker(src: str, tgt: str) -> str:
     """`<|src|><|tgt|>` as spelled, unchecked: the SRT separator and the SMT/SRT prompt tail."""
     return tag_text(src) + tag_text(tgt)
+
+
+def check_trained(trained: Sequence[str] | None, src: str, tgt: str) -> None:
+    """Raise `NotTrainedError` naming src/tgt codes outside a model's `trained` set (None: any)."""
+    if trained is None:
+        return
+    bad = [f"{k}={c}" for k, c in (("src", src), ("tgt", tgt)) if get(c).code not in trained]
+    if bad:
+        raise NotTrainedError(f"this model was not trained on {', '.join(bad)}; "
+                              f"it knows {', '.join(trained)}")
 
 
 def tag(code: str) -> str:

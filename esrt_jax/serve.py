@@ -4,12 +4,18 @@ HTTP API (aiohttp):
 - `POST /v1/translate?src=eng&tgt=deu` with an edge payload (`esrt_jax.infer.payload`) as the
   body (`application/octet-stream`) -> `{"transcription", "translation", "src", "tgt", "scheme",
   "batch_size"}` (`batch_size`: how many requests were decoded together with this one).
-- `GET /healthz` -> `{"status": "ok", ...}`; `GET /metrics` -> Prometheus text format.
+  Languages outside the served model's training set (saved with the run) get 422.
+- `GET /healthz` -> 200 `{"status": "ok", "warmup": {"done", "total"}, ...}` once every batch bucket
+  is compiled, 503 `{"status": "warming", ...}` before (readiness); `GET /metrics` -> Prometheus
+  text format, every HTTP response counted by status.
 
 Requests need `Authorization: Bearer <token>` (token from `--token-file` or $ESRT_SERVE_TOKEN).
 Concurrent requests are batched dynamically (up to `max_batch`, waiting at most `max_wait_ms`)
 into one jitted decode that runs in a worker thread, so the event loop keeps accepting requests.
-On SIGINT/SIGTERM the server stops accepting connections and finishes in-flight requests.
+At start-up (unless `--no-warmup`) the worker thread first compiles the decode for every batch
+bucket, so no request pays a compile. The access log never shows query strings (a token sent there
+must not end up in logs). On SIGINT/SIGTERM the server stops accepting connections and finishes
+in-flight requests.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from esrt_jax import languages
@@ -40,10 +47,17 @@ class Backend(Protocol):
     fingerprint: str
     split: str
     feature_shape: tuple[int, ...]
+    languages: tuple[str, ...] | None  # codes the model was trained on (None: not known, any)
 
     def decode_batch(self, features: np.ndarray, src: Sequence[str], tgt: Sequence[str]
                      ) -> list[tuple[str, str]]:
         """(B, *feature_shape) float32 -> [(transcription, translation)] * B."""
+
+    def warmup_batches(self) -> Sequence[int]:
+        """Batch sizes whose compiled decode covers every batch the service can form."""
+
+    def warm(self, batch_size: int) -> None:
+        """Compile (and run once) the decode for `batch_size`."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,7 @@ class ServeConfig:
     max_batch: int = 8
     max_wait_ms: float = 10.0
     max_payload_bytes: int = pl.DEFAULT_MAX_BYTES
+    warmup: bool = True   # compile every batch bucket before serving (healthz reports progress)
 
 
 @dataclass
@@ -72,9 +87,27 @@ class Batcher:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self.task: asyncio.Task | None = None
         self.inflight = 0
+        self.warm_sizes = list(backend.warmup_batches()) if cfg.warmup else []
+        self.warmed = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.warmed == len(self.warm_sizes)
 
     def start(self):
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        for n in self.warm_sizes:  # queued first on the one worker thread: requests wait behind it
+            loop.run_in_executor(self.pool, self._warm, n)
+        self.task = loop.create_task(self._run())
+
+    def _warm(self, n: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.backend.warm(n)
+            log.info("warm-up: decode for batch %d compiled in %.1fs", n, time.perf_counter() - t0)
+        except Exception:  # a failed warm-up only costs a compile later
+            log.exception("warm-up for batch %d failed", n)
+        self.warmed += 1
 
     async def submit(self, features, src, tgt) -> tuple[tuple[str, str], int]:
         """-> ((transcription, translation), size of the batch it was decoded in)."""
@@ -129,12 +162,31 @@ def _json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+class AccessLogger(AbstractAccessLogger):
+    """aiohttp access log without query strings (they may carry secrets)."""
+
+    def log(self, request, response, time):
+        path = request.path + ("?<redacted>" if request.query_string else "")
+        self.logger.info('%s "%s %s" %s %s %.3fs', request.remote, request.method, path,
+                         response.status, response.body_length, time)
+
+
+def bearer_ok(header: str, token: str) -> bool:
+    """Constant-time check of an Authorization header; any undecodable header is just wrong."""
+    try:
+        got = header.encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        return False
+    return hmac.compare_digest(got, f"Bearer {token}".encode())
+
+
 def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
     """Build the aiohttp application (also used by tests with a real socket)."""
     if not token:
         raise ValueError("a bearer token is required (set --token-file or $ESRT_SERVE_TOKEN)")
     registry = CollectorRegistry()
-    requests = Counter("esrt_requests", "translate requests by HTTP status", ["status"], registry=registry)
+    requests = Counter("esrt_requests", "HTTP responses by status (every path, errors included)",
+                       ["status"], registry=registry)
     batch_hist = Histogram("esrt_batch_size", "decoded batch sizes", registry=registry,
                            buckets=(1, 2, 4, 8, 16, 32, 64))
     latency = Histogram("esrt_request_seconds", "translate request latency", registry=registry)
@@ -162,59 +214,69 @@ def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
     app.on_cleanup.append(stop)
 
     @web.middleware
+    async def observe(request, handler):
+        """Outermost: every response is counted (aiohttp's own 404/405/413 and 500s included)."""
+        t0 = time.perf_counter()
+        status = None
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        except Exception as e:  # noqa: BLE001 - one bad request must not take the service down
+            log.exception("%s %s failed", request.method, request.path)
+            status = 500
+            return _json_error(500, f"internal error: {type(e).__name__}")
+        finally:  # status None: the client went away (cancelled), no response was sent
+            if status is not None:
+                requests.labels(str(status)).inc()
+            if request.path == "/v1/translate":
+                latency.observe(time.perf_counter() - t0)
+
+    @web.middleware
     async def auth(request, handler):
-        if request.path.startswith("/v1/"):
-            got = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-                requests.labels("401").inc()
-                return web.json_response({"error": "missing or wrong bearer token"}, status=401,
-                                         headers={"WWW-Authenticate": "Bearer"})
+        if request.path.startswith("/v1/") and not bearer_ok(request.headers.get("Authorization", ""), token):
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
-    app.middlewares.append(auth)
+    app.middlewares.extend([observe, auth])
+    served = tuple(backend.languages) if getattr(backend, "languages", None) else None
 
     async def translate(request: web.Request) -> web.Response:
-        t0 = time.perf_counter()
-        status, resp = 200, None
+        src, tgt = request.query.get("src", ""), request.query.get("tgt", "")
         try:
-            src, tgt = request.query.get("src", ""), request.query.get("tgt", "")
-            try:
-                src, tgt = languages.get(src).code, languages.get(tgt).code
-            except (KeyError, ValueError) as e:
-                status, resp = 400, _json_error(400, f"bad src/tgt: {e}")
-                return resp
-            if request.content_length is not None and request.content_length > cfg.max_payload_bytes:
-                status, resp = 413, _json_error(413, f"payload larger than {cfg.max_payload_bytes} bytes")
-                return resp
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                status, resp = 413, _json_error(413, f"payload larger than {cfg.max_payload_bytes} bytes")
-                return resp
-            try:
-                p = pl.decode(body, fingerprint=backend.fingerprint, split=backend.split,
-                              shape=backend.feature_shape, max_bytes=cfg.max_payload_bytes)
-            except pl.PayloadError as e:
-                status, resp = e.status, _json_error(e.status, str(e))
-                return resp
-            if not np.all(np.isfinite(p.features)):  # well-formed fp16 can still hold NaN/Inf bits
-                status, resp = 400, _json_error(400, "payload features contain NaN or Inf")
-                return resp
-            (transcription, translation), n = await batcher.submit(p.features, src, tgt)
-            resp = web.json_response({"transcription": transcription, "translation": translation,
-                                      "src": src, "tgt": tgt, "scheme": p.scheme, "batch_size": n})
-            return resp
-        except Exception as e:
-            log.exception("translate failed")
-            status, resp = 500, _json_error(500, f"internal error: {type(e).__name__}")
-            return resp
-        finally:
-            requests.labels(str(status)).inc()
-            latency.observe(time.perf_counter() - t0)
+            src, tgt = languages.get(src).code, languages.get(tgt).code
+        except (KeyError, ValueError) as e:
+            return _json_error(400, f"bad src/tgt: {e}")
+        try:
+            languages.check_trained(served, src, tgt)
+        except languages.NotTrainedError as e:
+            return _json_error(422, str(e))
+        if request.content_length is not None and request.content_length > cfg.max_payload_bytes:
+            return _json_error(413, f"payload larger than {cfg.max_payload_bytes} bytes")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _json_error(413, f"payload larger than {cfg.max_payload_bytes} bytes")
+        try:
+            p = pl.decode(body, fingerprint=backend.fingerprint, split=backend.split,
+                          shape=backend.feature_shape, max_bytes=cfg.max_payload_bytes)
+        except pl.PayloadError as e:
+            return _json_error(e.status, str(e))
+        (transcription, translation), n = await batcher.submit(p.features, src, tgt)
+        return web.json_response({"transcription": transcription, "translation": translation,
+                                  "src": src, "tgt": tgt, "scheme": p.scheme, "batch_size": n})
 
     async def healthz(request):
-        return web.json_response({"status": "ok", "fingerprint": backend.fingerprint,
-                                  "split": backend.split, "feature_shape": list(backend.feature_shape)})
+        ready = batcher.ready
+        return web.json_response({"status": "ok" if ready else "warming", "fingerprint": backend.fingerprint,
+                                  "split": backend.split, "feature_shape": list(backend.feature_shape),
+                                  "languages": list(served) if served else None,
+                                  "warmup": {"done": batcher.warmed, "total": len(batcher.warm_sizes)}},
+                                 status=200 if ready else 503)
 
     async def metrics(request):
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -238,13 +300,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--token-file", default=None)
     ap.add_argument("--split", default=None, choices=pl.SPLITS,
                     help="split point the edge sends (default: the model config's `split`)")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="do not compile every batch bucket at start-up (the first request of each "
+                         "new batch size then pays a compile; /healthz is ready at once)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = pl.read_token(args.token_file)
-    cfg = ServeConfig(args.host, args.port, args.max_batch, args.max_wait_ms, args.max_payload_bytes)
+    cfg = ServeConfig(args.host, args.port, args.max_batch, args.max_wait_ms, args.max_payload_bytes,
+                      warmup=args.warmup)
     backend = load_backend(args.config, args.checkpoint, args.set, split=args.split, max_batch=args.max_batch)
-    log.info("serving model %s, split %s, features %s", backend.fingerprint, backend.split, backend.feature_shape)
-    web.run_app(make_app(backend, cfg, token), host=cfg.host, port=cfg.port, shutdown_timeout=60)
+    log.info("serving model %s, split %s, features %s, languages %s", backend.fingerprint, backend.split,
+             backend.feature_shape, ",".join(backend.languages or ()) or "any")
+    web.run_app(make_app(backend, cfg, token), host=cfg.host, port=cfg.port, shutdown_timeout=60,
+                access_log_class=AccessLogger)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,21 @@ def test_heatmap_and_bar_chart_are_pngs(run):
     assert w > 100 and h > 100
 
 
+def test_heatmap_scale_is_fixed_not_stretched_to_the_data():
+    nan = float("nan")
+    assert report.heatmap_vmax([[nan, 1.7], [0.4, nan]]) == 50.0  # a BLEU of 1.7 stays dark
+    assert report.heatmap_vmax([[nan, 63.0], [12.0, nan]]) == 63.0
+    assert report.heatmap_vmax([[nan]]) == 50.0
+
+
+def test_asr_average_names_only_the_metrics_present(tmp_path):
+    recs = [r for r in make_records() if "cmn" not in (r["src"], r["tgt"])]  # WER languages only
+    write_jsonl(tmp_path / "results.jsonl", recs)
+    assert cli.main(["--score", str(tmp_path / "results.jsonl"), "--out", str(tmp_path / "out")]) == 0
+    line = next(x for x in (tmp_path / "out" / "table.md").read_text().splitlines() if x.startswith("Average: "))
+    assert "WER languages" in line and "CER" not in line and " )" not in line, line
+
+
 def test_terminal_table(tmp_path, capsys):
     write_jsonl(tmp_path / "r.jsonl", make_records())
     assert cli.main(["--score", str(tmp_path / "r.jsonl")]) == 0

@@ -192,3 +192,110 @@ def test_edge_loads_only_encoder_and_adapter_and_matches_the_full_model(encoder,
 
         names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(edge.state)}
         assert not any(n.startswith("llm") for n in names) and any(n.startswith("encoder") for n in names)
+
+
+# ----------------------------------------------------------------------------- bad input, one line
+
+
+def test_from_embeds_rejects_nonfinite_and_crafted_payloads(trained_run, corpus, tmp_path, capsys):
+    """NaN features or a crafted header: a one-line error and exit 2, as the service answers 400."""
+    import struct
+    import zlib
+
+    from esrt_jax.infer.cloud import translator_for
+
+    from esrt_jax.train.restore import load_model
+
+    cfg_path, run_dir, _ = trained_run
+    loaded = load_model(cfg_path, run_dir)
+    tr = translator_for(loaded)
+    utts = cli.utterances(audio=[str(corpus / "audio" / "u0.wav")], src="eng", tgt="deu")
+    feats = cli.encode_utterances(tr, utts)
+    good = cli.write_embeds(tmp_path / "g.bin", feats, utts, fingerprint=loaded.fingerprint,
+                            split=tr.split).read_bytes()
+    n = 2 * int(np.prod(tr.feature_shape))
+    nan = good[:-4 - n] + np.full(n // 2, np.nan, np.float16).tobytes()
+    (tmp_path / "nan.bin").write_bytes(nan + struct.pack("<I", zlib.crc32(nan)))
+    _, _, hlen = struct.unpack_from("<6sHI", good)
+    deep = b"[" * 50_000 + b"]" * 50_000  # RecursionError in json before the fix
+    crafted = struct.pack("<6sHI", pl.MAGIC, pl.VERSION, len(deep)) + deep + good[12 + hlen:-4]
+    (tmp_path / "deep.bin").write_bytes(crafted + struct.pack("<I", zlib.crc32(crafted)))
+    npz = cli.write_embeds(tmp_path / "n.npz", np.full_like(feats, np.nan), utts, fingerprint=loaded.fingerprint,
+                           split=tr.split)
+    base = ["--config", str(cfg_path), "--checkpoint", str(run_dir)]
+    for f, msg in (("nan.bin", "NaN or Inf"), ("deep.bin", "header"), (npz.name, "NaN or Inf")):
+        capsys.readouterr()
+        rc = cli.main(base + ["--from-embeds", str(tmp_path / f), "--src", "eng", "--tgt", "deu"])
+        out = capsys.readouterr()
+        assert rc == 2 and out.out == "", (f, out)
+        lines = out.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], (f, out.err)
+
+
+@pytest.fixture(scope="module")
+def langs_run(tmp_path_factory):
+    """A run whose saved config (RUN_DIR/config.yaml, as train.py writes it) trained eng/deu/fra."""
+    import yaml
+
+    cfg_path, run_dir, trained = make_tiny_run(tmp_path_factory.mktemp("langs"),
+                                               overrides=["data.languages=[eng, deu, fra]"])
+    (run_dir / "config.yaml").write_text(cfg_path.read_text())
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["languages"] == ["eng", "deu", "fra"]
+    return cfg_path, run_dir
+
+
+def test_untrained_languages_are_refused(langs_run, corpus, capsys):
+    from esrt_jax.train.restore import load_backend, load_model
+
+    cfg_path, run_dir = langs_run
+    assert load_model(cfg_path, run_dir).languages == ("eng", "deu", "fra")
+    assert load_backend(cfg_path, run_dir).languages == ("eng", "deu", "fra")
+    base = ["--config", str(cfg_path), "--checkpoint", str(run_dir)]
+    wav = str(corpus / "audio" / "u0.wav")
+    capsys.readouterr()
+    assert cli.main(base + ["--audio", wav, "--src", "eng", "--tgt", "jpn"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not trained on tgt=jpn" in err[0] and "eng, deu, fra" in err[0]
+    assert cli.main(base + ["--audio", wav, "--src", "eng", "--tgt", "fra"]) == 0
+
+
+def test_cli_user_mistakes_are_one_line_errors(trained_run, tmp_path, capsys):
+    cfg_path, run_dir, _ = trained_run
+    wav = ["--audio", "x.wav", "--src", "eng", "--tgt", "deu"]
+    cases = [
+        (["--config", str(cfg_path), "--checkpoint", str(tmp_path / "nope")], "does not exist"),
+        (["--config", str(cfg_path)[:-3] + "yml", "--checkpoint", str(run_dir)], f"did you mean {cfg_path}"),
+        (["--config", str(cfg_path), "--checkpoint", str(run_dir), "--set", "model.adaptr.x=1"], "adaptr"),
+    ]
+    for argv, msg in cases:
+        capsys.readouterr()
+        assert cli.main(argv + wav) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], (argv, err)
+    import shutil
+
+    shutil.copytree(run_dir, tmp_path / "damaged")
+    meta = tmp_path / "damaged" / "srt" / "checkpoints" / "5" / "params" / "_METADATA"
+    meta.write_bytes(meta.read_bytes()[:40])
+    capsys.readouterr()
+    assert cli.main(["--config", str(cfg_path), "--checkpoint", str(tmp_path / "damaged")] + wav) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint step 5 in" in err[0] and "is unreadable" in err[0], err
+    with pytest.raises(SystemExit) as e:  # no checkpoint: an explicit choice, not a silent default
+        cli.main(["--config", str(cfg_path)] + wav)
+    assert e.value.code == 2 and "--untrained" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    assert help_text.count("Inference CLI: audio in") == 1 and "--untrained" in help_text
+
+
+def test_generation_cap_defaults_to_the_longest_trained_text(trained_run):
+    """No max_new_tokens in the config: the cap is the largest data.text_buckets (greedy stops at EOS)."""
+    from esrt_jax.infer.cloud import translator_for
+    from esrt_jax.train.restore import load_model
+
+    cfg_path, run_dir, _ = trained_run
+    loaded = load_model(cfg_path, run_dir, ["model.infer.max_new_tokens=null", "data.text_buckets=[32, 80]"])
+    assert translator_for(loaded).gen_cfg.max_new_tokens == 80
+    assert translator_for(loaded, gen_overrides={"max_new_tokens": 7}).gen_cfg.max_new_tokens == 7

@@ -3,12 +3,14 @@
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "colab" / "esrt_jax.ipynb"
 
 
+@pytest.mark.slow  # executes the whole notebook in a kernel (end to end)
 def test_notebook_runs_on_cpu(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     env = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import threading
 import time
@@ -41,7 +42,7 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.runner = web.AppRunner(app, shutdown_timeout=60)
+        self.runner = web.AppRunner(app, shutdown_timeout=60, access_log_class=serve.AccessLogger)
         self._run(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         self._run(site.start())
@@ -80,11 +81,25 @@ def tiny():
     return tr, fp
 
 
+def wait_ready(url: str, timeout: float = 300) -> dict:
+    """Poll /healthz until the warm-up is done -> its JSON."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=30) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            assert e.code == 503 and json.loads(e.read())["status"] == "warming"
+            assert time.time() < deadline, "warm-up did not finish"
+            time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def server(tiny):
     tr, fp = tiny
     cfg = serve.ServeConfig(max_batch=8, max_wait_ms=300.0, max_payload_bytes=MAX_BYTES)
     srv = ServerThread(serve.make_app(CloudBackend(tr, fp), cfg, TOKEN))
+    wait_ready(srv.url)
     yield srv
     srv.stop()
 
@@ -107,7 +122,8 @@ def test_healthz_and_metrics(server, tiny):
     tr, fp = tiny
     with urllib.request.urlopen(server.url + "/healthz", timeout=30) as r:
         h = json.loads(r.read())
-    assert h == {"status": "ok", "fingerprint": fp, "split": tr.split, "feature_shape": list(tr.feature_shape)}
+    assert h == {"status": "ok", "fingerprint": fp, "split": tr.split, "feature_shape": list(tr.feature_shape),
+                 "languages": None, "warmup": {"done": 4, "total": 4}}
     with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
         text = r.read().decode()
         assert r.headers["Content-Type"].startswith("text/plain")
@@ -277,6 +293,105 @@ def test_graceful_shutdown_finishes_inflight_requests(tiny):
         srv.stop()
 
 
+def metric(url: str, status: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        m = re.search(r'esrt_requests_total\{status="%s"\} (\d+\.\d+)' % status, r.read().decode())
+    return float(m.group(1)) if m else 0.0
+
+
+def raw_request(url: str, method: str, path: str, headers: dict, body: bytes = b"") -> tuple[int, bytes]:
+    """http.client, so that header values go out as raw latin-1 bytes (urllib would refuse some)."""
+    import http.client
+
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def test_non_ascii_authorization_is_401_and_every_response_is_counted(server, tiny):
+    tr, fp = tiny
+    before = {s: metric(server.url, s) for s in ("401", "404", "405")}
+    status, body = raw_request(server.url, "POST", "/v1/translate?src=eng&tgt=deu",
+                               {"Authorization": "Bearer s3cr\xe9t-t\xf6ken"}, good_payload(tr, fp))
+    assert status == 401 and b"bearer token" in body
+    assert raw_request(server.url, "GET", "/nothing-here", {})[0] == 404
+    assert raw_request(server.url, "GET", "/v1/translate", {"Authorization": f"Bearer {TOKEN}"})[0] == 405
+    after = {s: metric(server.url, s) for s in ("401", "404", "405")}
+    assert after == {"401": before["401"] + 1, "404": before["404"] + 1, "405": before["405"] + 1}
+    assert metric(server.url, "500") == 0.0  # nothing above was an internal error
+
+
+def test_access_log_never_shows_query_strings(server, tiny, caplog):
+    tr, fp = tiny
+    with caplog.at_level(logging.INFO, logger="aiohttp.access"):
+        status, _ = raw_request(server.url, "POST", "/v1/translate?src=eng&tgt=deu&token=" + TOKEN,
+                                {}, good_payload(tr, fp))
+        assert status == 401
+        assert post(server.url, good_payload(tr, fp))[0] == 200
+        deadline = time.time() + 10
+        while len(caplog.records) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+    text = caplog.text
+    assert "/v1/translate?<redacted>" in text and '" 401 ' in text and '" 200 ' in text
+    assert TOKEN not in text and "tgt=deu" not in text
+
+
+class GatedBackend(CloudBackend):
+    """Warm-up waits for `go` (so the test sees the service warming)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.go = threading.Event()
+
+    def warm(self, batch_size):
+        assert self.go.wait(120)
+        super().warm(batch_size)
+
+
+def test_warmup_compiles_every_batch_bucket_and_readiness_reports_it(tiny):
+    from esrt_jax.infer import translator as translator_mod
+
+    tr, fp = tiny
+    backend = GatedBackend(tr, fp, languages=("eng", "deu"))
+    srv = ServerThread(serve.make_app(backend, serve.ServeConfig(max_wait_ms=1.0), TOKEN))
+    try:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(srv.url + "/healthz", timeout=30)
+        h = json.loads(e.value.read())
+        assert e.value.code == 503 and h["status"] == "warming" and h["warmup"] == {"done": 0, "total": 4}
+        backend.go.set()
+        h = wait_ready(srv.url)
+        assert h["status"] == "ok" and h["warmup"] == {"done": 4, "total": 4} and h["languages"] == ["eng", "deu"]
+        compiled = translator_mod._decode._cache_size()
+        for n in range(1, 9):  # every batch size the batcher can form: no new compile
+            x = np.stack([feats(tr, i) for i in range(n)])
+            backend.decode_batch(x, (["eng", "deu"] * 4)[:n], (["deu", "eng"] * 4)[:n])
+        assert translator_mod._decode._cache_size() == compiled
+    finally:
+        backend.go.set()
+        srv.stop()
+
+
+def test_languages_the_model_was_not_trained_on_get_422(tiny):
+    tr, fp = tiny
+    backend = CloudBackend(tr, fp, languages=("eng", "deu", "fra"))
+    srv = ServerThread(serve.make_app(backend, serve.ServeConfig(warmup=False), TOKEN))
+    try:
+        status, out = post(srv.url, good_payload(tr, fp), src="eng", tgt="jpn")
+        assert status == 422 and "not trained on tgt=jpn" in out["error"] and "eng, deu, fra" in out["error"]
+        status, out = post(srv.url, good_payload(tr, fp), src="cmn", tgt="deu")
+        assert status == 422 and "src=cmn" in out["error"]
+        assert post(srv.url, good_payload(tr, fp), src="fra", tgt="deu")[0] == 200
+        assert metric(srv.url, "422") == 2.0
+    finally:
+        srv.stop()
+
+
 def test_make_app_requires_a_token(tiny):
     tr, fp = tiny
     with pytest.raises(ValueError, match="bearer token is required"):
@@ -325,8 +440,8 @@ def test_serve_and_edge_commands_end_to_end(tmp_path, capsys):
             if m:
                 url = m.group(1)
                 break
-        with urllib.request.urlopen(url + "/healthz", timeout=30) as r:
-            health = json.loads(r.read())
+        health = wait_ready(url)  # 503 "warming" until every batch bucket is compiled
+        assert health["warmup"]["done"] == health["warmup"]["total"] > 0
         assert health["fingerprint"] == loaded.fingerprint, (health, loaded.step, loaded.checkpoint_dir)
         capsys.readouterr()
         rc = edge_main([*common, "--audio", str(wav), "--src", "eng", "--tgt", "deu", "--server", url,

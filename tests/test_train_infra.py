@@ -191,6 +191,64 @@ def test_missing_previous_stage_names_path_and_command(tmp_path):
         run_cli.main(["--stage=smt", "--config", str(y), "--run-dir", str(tmp_path / "run")])
 
 
+def test_train_help_documents_the_stage(capsys):
+    with pytest.raises(SystemExit):
+        run_cli.parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "curriculum stage to train" in out and "(default: all)" in out
+
+
+def _toy_yaml(tmp_path, **train):
+    d = json.loads(json.dumps(TOY))
+    d["train"].update(train)
+    y = tmp_path / "toy.yaml"
+    y.write_text(json.dumps(d))
+    return y
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, capsys):
+    y = _toy_yaml(tmp_path, steps=4, ckpt_every=2, keep=3)
+    run = tmp_path / "run"
+    base = ["--stage=asr", "--config", str(y), "--run-dir", str(run), "--compile-cache", ""]
+    run_cli.main(base)
+    ck = run / "asr" / "checkpoints"
+    meta = ck / "4" / "params" / "_METADATA"
+    meta.write_bytes(meta.read_bytes()[: meta.stat().st_size // 2])  # a truncated file in the newest step
+    capsys.readouterr()
+    (res,) = run_cli.main(base + ["--set", "train.steps=6"])
+    err = capsys.readouterr().err
+    warn = [line for line in err.splitlines() if "unreadable" in line]
+    assert len(warn) == 1 and "checkpoint step 4" in warn[0] and "4.corrupt" in warn[0], err
+    assert res.resumed_from == 2 and res.final_step == 6
+    assert (ck / "4.corrupt").is_dir() and sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == [2, 4, 6]
+    # every kept step unreadable: a clear stop naming the steps and what to do
+    for step in (2, 4, 6):
+        m = ck / str(step) / "meta" / "metadata"
+        m.write_bytes(m.read_bytes()[:3])
+    with pytest.raises(SystemExit, match=r"no readable checkpoint left in .*asr/checkpoints: step\(s\) 6, 4, 2 "
+                                         r"could not be read .* delete the folder"):
+        run_cli.main(base + ["--set", "train.steps=8"])
+
+
+def test_model_changing_rerun_is_refused_before_the_saved_config_is_touched(tmp_path):
+    import yaml
+
+    y = _toy_yaml(tmp_path, steps=2, ckpt_every=2)
+    run = tmp_path / "run"
+    base = ["--stage=asr", "--config", str(y), "--run-dir", str(run), "--compile-cache", ""]
+    run_cli.main(base)
+    saved = (run / "config.yaml").read_text()
+    with pytest.raises(SystemExit) as e:
+        run_cli.main(base + ["--set", "model.mlp=48", "--set", "train.steps=4"])
+    msg = str(e.value.code)
+    assert len(msg.splitlines()) == 1 and msg.startswith("error: ") and "model.mlp" in msg, msg
+    assert "train.steps" not in msg and str(run / "asr" / "checkpoints") in msg, msg
+    assert (run / "config.yaml").read_text() == saved
+    assert "mlp" not in yaml.safe_load(saved)["model"]
+    (res,) = run_cli.main(base + ["--set", "train.steps=4"])  # a non-model change resumes fine
+    assert res.resumed_from == 2 and yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 4
+
+
 def test_dry_run_reports_memory(capsys, tmp_path):
     y = tmp_path / "toy.yaml"
     y.write_text(json.dumps(TOY))

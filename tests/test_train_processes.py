@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = {"model": {"builder": "train_toy:build_model"},
@@ -49,6 +51,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+@pytest.mark.slow  # three training processes, one killed
 def test_sigkill_mid_stage_then_rerun_gives_identical_losses(tmp_path):
     cfg = tmp_path / "toy.yaml"
     cfg.write_text(json.dumps(TOY))
@@ -81,6 +84,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # jax.distributed with two processes on localhost
 def test_two_processes_match_one_process(tmp_path):
     cfg = tmp_path / "toy.yaml"
     d = json.loads(json.dumps(TOY))

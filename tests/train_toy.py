@@ -21,10 +21,10 @@ F, D, M, V, T = 8, 16, 32, 16, 4   # features, embed, mlp, vocab, tokens per exa
 
 
 class Toy(nnx.Module):
-    def __init__(self, *, rngs: nnx.Rngs):
+    def __init__(self, mlp: int = M, *, rngs: nnx.Rngs):
         self.encoder = Dense(F, D, axes=("conv_in", "embed"), rngs=rngs)
-        self.adapter_in = Dense(D, M, axes=("embed", "mlp"), rngs=rngs)
-        self.adapter_out = Dense(M, D, axes=("mlp", "embed"), rngs=rngs)
+        self.adapter_in = Dense(D, mlp, axes=("embed", "mlp"), rngs=rngs)
+        self.adapter_out = Dense(mlp, D, axes=("mlp", "embed"), rngs=rngs)
         self.head = Dense(D, V, axes=("embed", "vocab"), rngs=rngs)
 
     def __call__(self, x, rng=None, rate=0.1):
@@ -49,8 +49,8 @@ def module_loss(model, batch, rng):
 
 def build_model(cfg, *, abstract: bool = False):
     """model.builder: returns a TrainBundle (trainable: adapter + head by default)."""
-    seed = int(cfg.model.get("seed", 0))
-    make = lambda: Toy(rngs=nnx.Rngs(seed))  # noqa: E731
+    seed, mlp = int(cfg.model.get("seed", 0)), int(cfg.model.get("mlp", M))  # model.mlp: a shape-changing key
+    make = lambda: Toy(mlp, rngs=nnx.Rngs(seed))  # noqa: E731
     model = nnx.eval_shape(make) if abstract else make()
     patterns = cfg.train.trainable or ("^adapter_", "^head/")
     bundle, _ = split_nnx(model, patterns, module_loss)

@@ -163,6 +163,13 @@ class DataConfig:
 # ----------------------------------------------------------------------------- bad records
 
 
+def max_answer_tokens(data: Mapping[str, Any]) -> int:
+    """Default generation cap from a run config's `data` block: the longest tokenised text the
+    pipeline keeps (the largest `text_buckets`), so no answer the model was trained to give is cut;
+    greedy decoding stops earlier when every row has emitted EOS."""
+    return int(max(data.get("text_buckets") or DataConfig.text_buckets))
+
+
 class BadRecordBudgetError(RuntimeError):
     """Too many bad records: the data (or its paths) are broken."""
 

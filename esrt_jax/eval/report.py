@@ -176,8 +176,9 @@ def markdown_report(
         lines += ["### ASR (after Whisper's BasicTextNormalizer)", "", "| language | metric | error % | n |", "|---|---|---|---|"]
         for a in scores.asr.values():
             lines.append(f"| {a.lang} ({languages.get(a.lang).name}) | {a.metric.upper()} | {_fmt(a.error)} | {a.n} |")
-        lines += ["", f"Average: {_fmt(scores.asr_average())} (WER languages {_fmt(scores.asr_average('wer'))}, "
-                      f"CER languages {_fmt(scores.asr_average('cer'))}).", ""]  # fmt: skip
+        parts = [f"{m.upper()} languages {_fmt(scores.asr_average(m))}" for m in ("wer", "cer")
+                 if _fmt(scores.asr_average(m))]  # only the kinds present (no empty field)
+        lines += ["", f"Average: {_fmt(scores.asr_average())} ({', '.join(parts)}).", ""]
     if comparison is not None:
         lines += _md_comparison(comparison, scores.languages, Path(rf.path).name, Path(compare_name).name)
     lines += ["### Signatures", ""]
@@ -260,8 +261,17 @@ def heatmap_size(n: int) -> tuple[int, int]:
     return int(round((side + 1.5) * _DPI)), int(round(side * _DPI))
 
 
+def heatmap_vmax(data) -> float:
+    """Top of the heatmap's colour scale: max(50, best score), never the data's range alone."""
+    finite = np.asarray(data, float)[np.isfinite(np.asarray(data, float))]
+    return max(50.0, float(finite.max()) if finite.size else 0.0)
+
+
 def plot_heatmap(scores: Scores, path: str | os.PathLike, metric: str = "bleu") -> None:
-    """N x N heatmap (rows = source, columns = target); the diagonal and missing cells blank."""
+    """N x N heatmap (rows = source, columns = target); the diagonal and missing cells blank.
+
+    The colour scale is fixed at 0..max(50, best score), so a BLEU of 2 never looks like a good
+    score; every cell shows its value (up to 30 languages)."""
     langs = scores.languages
     n = len(langs)
     data = np.array([[np.nan if v is None else v for v in row] for row in scores.matrix(metric)], float).reshape(n, n)
@@ -269,8 +279,8 @@ def plot_heatmap(scores: Scores, path: str | os.PathLike, metric: str = "bleu") 
     fig = Figure(figsize=(w / _DPI, h / _DPI), dpi=_DPI, layout="constrained")
     ax = fig.add_subplot()
     masked = np.ma.masked_invalid(data)
-    vmax = float(np.nanmax(data)) if np.isfinite(data).any() else 1.0
-    im = ax.imshow(masked, cmap="viridis", vmin=0.0, vmax=max(vmax, 1e-6), aspect="equal")
+    vmax = heatmap_vmax(data)
+    im = ax.imshow(masked, cmap="viridis", vmin=0.0, vmax=vmax, aspect="equal")
     ax.set_facecolor("#dddddd")
     ax.set_xticks(range(n), labels=langs, rotation=90, fontsize=8 if n > 20 else 10)
     ax.set_yticks(range(n), labels=langs, fontsize=8 if n > 20 else 10)

@@ -22,6 +22,7 @@ from esrt_jax.convert.llm import export_hf
 from esrt_jax.convert.llm_srt import save_llm_srt_adapter
 from esrt_jax.convert.peft import export_peft_adapter
 from esrt_jax.convert.whisper import save_whisper_encoder
+from esrt_jax.data.pipeline import max_answer_tokens
 from esrt_jax.data.tasks import TaskTokenizer
 from esrt_jax.export.card import dev_metrics, find_eval_summary, model_card
 from esrt_jax.export.common import (ESRT_CONFIG, FORMAT, POINTER, VERSION, ExportError, find_run_config,
@@ -45,9 +46,10 @@ def _tag_mode(tokenizer) -> str:
 def _gen_settings(run_cfg) -> dict:
     m = run_cfg.model
     d = {**(m.get("decode", {}) or {}), **(m.get("infer", {}) or {})}
-    base = GenerateConfig(eos_ids=(0,))
-    return {k: d.get(k, getattr(base, k)) for k in ("max_new_tokens", "num_beams", "length_penalty",
-                                                      "no_repeat_ngram_size", "min_new_tokens")}
+    # the same defaults as inference (esrt_jax.infer.cloud.translator_for)
+    base = GenerateConfig(eos_ids=(0,), max_new_tokens=max_answer_tokens(run_cfg.data))
+    return {k: d[k] if d.get(k) is not None else getattr(base, k)
+            for k in ("max_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size", "min_new_tokens")}
 
 
 def _fix_generation_config(llm_dir: Path, task_tok, gen: dict, keep_source: bool) -> None:

@@ -14,7 +14,9 @@ payload (`esrt_jax.infer.payload`, `--scheme fp16|int8|int4`, `--zstd`) in base6
 holds the raw payload of a single utterance (exactly the HTTP body the edge client sends; give
 `--src/--tgt` again when decoding it); `OUT.npz` holds float32 features (bit-exact, for checks).
 `--from-embeds FILE` verifies each payload against the loaded model (fingerprint, split point,
-shape) before decoding. Results are printed as JSON lines {id, audio, src, tgt, transcription,
+shape, finite values) before decoding. `--checkpoint` is required (`--untrained` runs the model as
+built from the config, e.g. to smoke-test a config). Languages outside the set the model was trained
+on (`data.languages` saved with the run) are refused. Results are printed as JSON lines {id, audio, src, tgt, transcription,
 translation} (and written to `--output` if given). The functions behind it are in
 `esrt_jax.infer.batch`.
 """
@@ -27,9 +29,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from esrt_jax.config import ConfigError
 from esrt_jax.infer import payload as pl
-from esrt_jax.infer.batch import (InferError, Utterance, decode_features, encode_utterances,  # noqa: F401
-                                  read_embeds, translate, utterances, write_embeds)
+from esrt_jax.infer.batch import (InferError, Utterance, check_trained, decode_features,  # noqa: F401
+                                  encode_utterances, read_embeds, translate, utterances, write_embeds)
 from esrt_jax.infer.cloud import translator_for
 from esrt_jax.train.restore import load_model
 
@@ -38,11 +41,14 @@ from esrt_jax.train.restore import load_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m esrt_jax.infer", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    head, _, rest = __doc__.partition("\n\n")
+    ap = argparse.ArgumentParser(prog="python -m esrt_jax.infer", description=head,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
     ap.add_argument("--config", required=True, help="run config YAML (the one train.py used)")
     ap.add_argument("--checkpoint", default=None,
-                    help="run dir, stage dir, checkpoints dir or step dir (omitted: the untrained model)")
+                    help="run dir, stage dir, checkpoints dir or step dir of the trained model")
+    ap.add_argument("--untrained", action="store_true",
+                    help="no checkpoint: run the model as built from the config (untrained adapter)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--audio", nargs="+", default=[], help="audio file(s), all with --src/--tgt")
     ap.add_argument("--jsonl", default=None, help="JSONL of records (audio, src, tgt per line)")
@@ -60,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-beams", type=int, default=None)
     ap.add_argument("--output", default=None, help="also write the results as JSONL here")
     args = ap.parse_args(argv)
+    if (args.checkpoint is None) == (not args.untrained):
+        ap.error("give --checkpoint RUN_DIR (the trained model), or --untrained to run the model as "
+                 "built from the config" if args.checkpoint is None else "--checkpoint and --untrained "
+                 "exclude each other")
     if args.edge_only and args.from_embeds:
         ap.error("--edge-only and --from-embeds are the two halves; give one of them")
     if args.from_embeds and (args.jsonl or args.audio):
@@ -71,20 +81,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.checkpoint is None:
-        print("warning: no --checkpoint: running the model as built from the config (untrained adapter)",
+    if args.untrained:
+        print("note: --untrained: running the model as built from the config (untrained adapter)",
               file=sys.stderr)
-    loaded = load_model(args.config, args.checkpoint, args.set)
-    gen = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams)) if v}
-    tr = translator_for(loaded, split=args.split, max_batch=args.batch_size, gen_overrides=gen)
+    try:
+        loaded = load_model(args.config, args.checkpoint, args.set)
+        gen = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("num_beams", args.num_beams)) if v}
+        tr = translator_for(loaded, split=args.split, max_batch=args.batch_size, gen_overrides=gen)
+    except (ConfigError, FileNotFoundError, ImportError, KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
     fp = loaded.fingerprint
     try:
         if args.from_embeds:
             feats, utts = read_embeds(args.from_embeds, fingerprint=fp, split=tr.split, shape=tr.feature_shape,
                                       src=args.src, tgt=args.tgt)
+            check_trained(utts, loaded.languages)
             results = decode_features(tr, feats, utts, args.batch_size, args.task)
         else:
             utts = utterances(args.audio, args.jsonl, args.src, args.tgt)
+            check_trained(utts, loaded.languages)
             if args.edge_only:
                 feats = encode_utterances(tr, utts, args.batch_size)
                 out = write_embeds(args.edge_only, feats, utts, fingerprint=fp, split=tr.split,
@@ -93,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"({out.stat().st_size} bytes, model {fp})", file=sys.stderr)
                 return 0
             results = translate(tr, utts, args.batch_size, args.task)
-    except (InferError, ValueError, OSError) as e:
+    except (InferError, ValueError, OSError) as e:  # LanguageError, ConfigError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     lines = [json.dumps(r, ensure_ascii=False) for r in results]

@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -143,15 +144,24 @@ def read_embeds(path: str | Path, *, fingerprint: str, split: str, shape: tuple[
         p = _decode_payload(data, path, fingerprint, split, shape)
         return p[None], [Utterance(path.stem, "", languages.get(src).code, languages.get(tgt).code)]
     if data.startswith(b"PK"):  # .npz (zip)
-        z = np.load(path, allow_pickle=False)
-        if str(z["fingerprint"]) != fingerprint or str(z["split"]) != split:
-            raise InferError(f"{path}: features were made by model {z['fingerprint']} split {z['split']}, "
+        try:
+            z = np.load(path, allow_pickle=False)
+            fp, sp, feats = str(z["fingerprint"]), str(z["split"]), z["features"]
+            meta = [z[k] for k in ("ids", "audio", "src", "tgt")]
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
+            raise InferError(f"{path}: not an --edge-only .npz ({type(e).__name__}: {e})") from None
+        if fp != fingerprint or sp != split:
+            raise InferError(f"{path}: features were made by model {fp} split {sp}, "
                              f"the loaded model is {fingerprint} split {split}")
-        feats = z["features"]
-        if feats.shape[1:] != tuple(shape):
+        if feats.shape[1:] != tuple(shape) or not all(len(m) == len(feats) for m in meta):
             raise InferError(f"{path}: features of shape {feats.shape[1:]} do not match the model's {tuple(shape)}")
-        utts = [Utterance(str(i), str(a), str(s), str(t)) for i, a, s, t in
-                zip(z["ids"], z["audio"], z["src"], z["tgt"])]
+        if not np.issubdtype(feats.dtype, np.floating) or not np.all(np.isfinite(feats)):
+            raise InferError(f"{path}: features contain NaN or Inf (or are not floats)")
+        try:
+            utts = [Utterance(str(i), str(a), languages.get(str(s)).code, languages.get(str(t)).code)
+                    for i, a, s, t in zip(*meta)]
+        except languages.LanguageError as e:
+            raise InferError(f"{path}: {e}") from None
         return feats.astype(np.float32), utts
     feats, utts = [], []
     for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
@@ -177,3 +187,12 @@ def _decode_payload(blob: bytes, where, fingerprint, split, shape) -> np.ndarray
                          max_bytes=max(len(blob), pl.DEFAULT_MAX_BYTES)).features
     except pl.PayloadError as e:
         raise InferError(f"{where}: {e}") from None
+
+
+def check_trained(utts: Sequence[Utterance], trained: Sequence[str] | None) -> None:
+    """Every utterance's src/tgt must be a language the model was trained on."""
+    for u in utts:
+        try:
+            languages.check_trained(trained, u.src, u.tgt)
+        except languages.NotTrainedError as e:
+            raise InferError(f"{u.id}: {e}") from None

@@ -14,6 +14,8 @@ from typing import Sequence
 import numpy as np
 from flax import nnx
 
+from esrt_jax import languages as L
+from esrt_jax.data.pipeline import max_answer_tokens
 from esrt_jax.data.tasks import TaskTokenizer
 from esrt_jax.infer.generate import GenerateConfig
 from esrt_jax.infer.translator import Translator
@@ -31,12 +33,22 @@ def model_fingerprint(model: SpeechLLM) -> str:
 class CloudBackend:
     """`serve.Backend` over a `Translator`: (B, *feature_shape) features -> [(asr, s2tt)]."""
 
-    def __init__(self, translator: Translator, fingerprint: str, task: str = "srt"):
+    def __init__(self, translator: Translator, fingerprint: str, task: str = "srt",
+                 languages: Sequence[str] | None = None):
         self.translator = translator
         self.fingerprint = fingerprint
         self.task = task
         self.split = translator.split
         self.feature_shape = tuple(translator.feature_shape)
+        self.languages = tuple(languages) if languages else None
+
+    def warmup_batches(self) -> tuple[int, ...]:
+        return self.translator.batch_buckets()
+
+    def warm(self, batch_size: int) -> None:
+        codes = self.languages or tuple(L.ESRT_LANGS)
+        self.translator.warm(batch_size, [(s, t) for s in codes for t in codes if s != t] or
+                             [(codes[0], codes[0])], self.task)
 
     def decode_batch(self, features: np.ndarray, src: Sequence[str], tgt: Sequence[str]
                      ) -> list[tuple[str, str]]:
@@ -54,15 +66,17 @@ class CloudBackend:
 
 def translator_for(loaded, *, split: str | None = None, max_batch: int = 8,
                    gen_overrides: dict | None = None) -> Translator:
-    """A `Translator` for `loaded` (a `train.restore.LoadedModel`) with the run config's `model.decode` / `model.infer` generation settings
-    (max_new_tokens, num_beams, length_penalty, no_repeat_ngram_size, min_new_tokens,
-    prompt_buckets) and `gen_overrides` on top."""
+    """A `Translator` for `loaded` (a `train.restore.LoadedModel`) with the run config's
+    `model.decode` / `model.infer` generation settings (max_new_tokens, num_beams, length_penalty,
+    no_repeat_ngram_size, min_new_tokens, prompt_buckets) and `gen_overrides` on top."""
     tt = TaskTokenizer(loaded.tokenizer)
     m = loaded.run_config.model  # `decode` (dev decodes in training), overridden by `infer`
     infer_cfg = {**(m.get("decode", {}) or {}), **(m.get("infer", {}) or {})}
     gen_kw = {k: infer_cfg[k] for k in ("max_new_tokens", "num_beams", "length_penalty",
-                                        "no_repeat_ngram_size", "min_new_tokens") if k in infer_cfg}
+                                        "no_repeat_ngram_size", "min_new_tokens") if infer_cfg.get(k) is not None}
     gen_kw.update(gen_overrides or {})
+    if "max_new_tokens" not in gen_kw:  # no cap given: the longest text the model was trained on
+        gen_kw["max_new_tokens"] = max_answer_tokens(loaded.run_config.data)
     gen_cfg = GenerateConfig(eos_ids=(tt.eos_id,), pad_id=tt.pad_id, **gen_kw)
     kw = {"prompt_buckets": tuple(infer_cfg["prompt_buckets"])} if "prompt_buckets" in infer_cfg else {}
     return Translator(loaded.model, loaded.tokenizer, gen_cfg=gen_cfg, max_batch=max_batch,

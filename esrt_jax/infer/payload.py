@@ -17,12 +17,16 @@ Schemes (x is (..., D) float; "channel" = last axis):
 - ``int4``: symmetric group-wise along the last axis (groups of `group_size`), scale_g =
   max|x_g| / 7 (float16, rounded up), two values per byte; |x - x̂| <= scale_g / 2.
 
-Everything malformed is rejected with a `PayloadError` subclass before any array is built.
+Everything malformed is rejected with a `PayloadError` subclass before any array is built, and
+nothing else escapes `decode` whatever the bytes: the header is size- and nesting-limited before it
+is parsed, its numbers must be plain finite integers, the decoded size is bounded (no zstd bombs)
+and decoded features must be finite.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import zlib
@@ -39,6 +43,10 @@ SPLITS = ("qformer", "projector")
 _PREFIX = struct.Struct("<6sHI")
 _CRC = struct.Struct("<I")
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+MAX_HEADER_BYTES = 4096   # a real header is ~250 bytes
+MAX_HEADER_DEPTH = 4      # {"shape": [..]} is depth 2
+MAX_NDIM = 8
+DECODED_PER_BYTE = 4      # decoded (scales + data) may be at most this many times max_bytes
 
 
 class PayloadError(ValueError):
@@ -111,7 +119,7 @@ def _quantise(x: np.ndarray, scheme: str, group_size: int) -> tuple[bytes, bytes
 
 def _dequantise(scales: bytes, data: bytes, shape: tuple[int, ...], scheme: str,
                 group_size: int) -> np.ndarray:
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     if scheme == "fp16":
         return np.frombuffer(data, np.float16).astype(np.float32).reshape(shape)
     if scheme == "int8":
@@ -126,7 +134,7 @@ def _dequantise(scales: bytes, data: bytes, shape: tuple[int, ...], scheme: str,
 
 def expected_sizes(shape: tuple[int, ...], scheme: str, group_size: int = 32) -> tuple[int, int]:
     """(scales bytes, data bytes) that a well-formed payload of this shape carries."""
-    n = int(np.prod(shape))
+    n = math.prod(int(d) for d in shape)  # Python ints: a crafted shape cannot overflow
     if scheme == "fp16":
         return 0, 2 * n
     if scheme == "int8":
@@ -180,30 +188,28 @@ def decode(buf: bytes, *, fingerprint: str | None = None, split: str | None = No
         raise UnsupportedVersion(f"payload format version {version} is not supported (this server reads {VERSION})")
     if len(buf) < _PREFIX.size + hlen + _CRC.size:
         raise Truncated(f"payload truncated: header says {hlen} header bytes, only {len(buf)} bytes in total")
+    if hlen > MAX_HEADER_BYTES:
+        raise PayloadError(f"payload header of {hlen} bytes exceeds the limit of {MAX_HEADER_BYTES}")
     (crc,) = _CRC.unpack_from(buf, len(buf) - _CRC.size)
     if zlib.crc32(buf[:-_CRC.size]) != crc:
         # A truncated payload also fails the checksum: name the more useful cause when the header tells.
         try:
-            declared = _PREFIX.size + hlen + int(json.loads(buf[_PREFIX.size:_PREFIX.size + hlen])["body_nbytes"]) + _CRC.size
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            declared = _PREFIX.size + hlen + _parse_header(buf[_PREFIX.size:_PREFIX.size + hlen])[6] + _CRC.size
+        except PayloadError:
             declared = len(buf)
         if declared != len(buf):
             raise Truncated(f"payload length {len(buf)} does not match its header ({declared} bytes)")
         raise ChecksumMismatch("payload checksum mismatch: the bytes were corrupted in transit")
-    try:
-        h = json.loads(buf[_PREFIX.size:_PREFIX.size + hlen])
-        shp = tuple(int(d) for d in h["shape"])
-        scheme, gs, comp = h["scheme"], int(h["group_size"]), h["compression"]
-        s_n, d_n, b_n = int(h["scales_nbytes"]), int(h["data_nbytes"]), int(h["body_nbytes"])
-        fp, sp = str(h["fingerprint"]), str(h["split"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise PayloadError(f"payload header is malformed: {e}") from None
+    shp, scheme, gs, comp, s_n, d_n, b_n, fp, sp = _parse_header(buf[_PREFIX.size:_PREFIX.size + hlen])
     if scheme not in SCHEMES or comp not in ("none", "zstd") or sp not in SPLITS:
         raise PayloadError(f"payload header names unknown scheme/compression/split: {scheme}/{comp}/{sp}")
     if not shp or any(d <= 0 for d in shp) or (scheme == "int4" and (gs <= 0 or gs % 2 or shp[-1] % gs)):
         raise PayloadError(f"payload header has an invalid shape {shp} for scheme {scheme}")
     if (s_n, d_n) != expected_sizes(shp, scheme, gs):
         raise PayloadError(f"payload sizes {s_n}+{d_n} do not match shape {shp} and scheme {scheme}")
+    if s_n + d_n > DECODED_PER_BYTE * max_bytes:
+        raise Oversize(f"payload decoded size {s_n + d_n} bytes exceeds the limit of "
+                       f"{DECODED_PER_BYTE * max_bytes} bytes")
     if fingerprint is not None and fp != fingerprint:
         raise Mismatch(f"payload was made by model {fp}, this server runs {fingerprint}")
     if split is not None and sp != split:
@@ -214,14 +220,82 @@ def decode(buf: bytes, *, fingerprint: str | None = None, split: str | None = No
     if len(body) != b_n:
         raise Truncated(f"payload body is {len(body)} bytes, header says {b_n}")
     if comp == "zstd":
-        try:
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=s_n + d_n)
+        try:  # streamed and bounded: a crafted frame header cannot make it allocate its claimed size
+            with zstandard.ZstdDecompressor().stream_reader(body) as r:
+                parts, n = [], 0
+                while n <= s_n + d_n and (chunk := r.read(s_n + d_n + 1 - n)):
+                    parts.append(chunk)
+                    n += len(chunk)
+            body = b"".join(parts)
         except zstandard.ZstdError as e:
             raise PayloadError(f"payload body does not decompress: {e}") from None
     if len(body) != s_n + d_n:
         raise Truncated(f"payload body holds {len(body)} bytes, expected {s_n + d_n}")
     x = _dequantise(body[:s_n], body[s_n:], shp, scheme, gs)
+    if not np.all(np.isfinite(x)):  # well-formed fp16 data or float16 scales can hold NaN/Inf bits
+        raise PayloadError("payload features contain NaN or Inf")
     return Payload(features=x, fingerprint=fp, split=sp, scheme=scheme)
+
+
+def _json_depth(text: str) -> int:
+    """Deepest [ / { nesting of JSON text (outside strings), without parsing it."""
+    depth = deepest = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            esc, in_str = (False, True) if esc else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"non-finite number {name}")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"number {text[:20]} overflows")
+    return v
+
+
+def _count(h: dict, key: str, *, positive: bool = False) -> int:
+    v = h[key]
+    if type(v) is not int or v < (1 if positive else 0) or v >= 2 ** 63:
+        raise ValueError(f"{key} must be a {'positive' if positive else 'non-negative'} integer, got {v!r:.40}")
+    return v
+
+
+def _parse_header(raw: bytes) -> tuple:
+    """Header bytes -> (shape, scheme, group_size, compression, scales_nbytes, data_nbytes,
+    body_nbytes, fingerprint, split), checked for types; anything else -> PayloadError."""
+    try:
+        text = raw.decode("utf-8")
+        if _json_depth(text) > MAX_HEADER_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_HEADER_DEPTH}")
+        h = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        if not isinstance(h, dict):
+            raise TypeError(f"expected a JSON object, got {type(h).__name__}")
+        dims = h["shape"]
+        if not isinstance(dims, list) or not 0 < len(dims) <= MAX_NDIM:
+            raise ValueError(f"shape must be a list of 1..{MAX_NDIM} dims, got {dims!r:.60}")
+        shp = tuple(_count({"shape dim": d}, "shape dim", positive=True) for d in dims)
+        strs = [h[k] for k in ("scheme", "compression", "fingerprint", "split")]
+        if not all(isinstance(v, str) for v in strs):
+            raise TypeError("scheme, compression, fingerprint and split must be strings")
+        scheme, comp, fp, sp = strs
+        gs = _count(h, "group_size")
+        s_n, d_n, b_n = (_count(h, k) for k in ("scales_nbytes", "data_nbytes", "body_nbytes"))
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        msg = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise PayloadError(f"payload header is malformed: {msg[:200]}") from None
+    return shp, scheme, gs, comp, s_n, d_n, b_n, fp, sp
 
 
 def error_bound(features: np.ndarray, scheme: str, group_size: int = 32) -> np.ndarray:

@@ -76,6 +76,22 @@ class Translator:
     def feature_shape(self) -> tuple[int, int]:
         return self.config.feature_shape(self.split)
 
+    def batch_buckets(self) -> tuple[int, ...]:
+        """Every padded batch size `decode` can run (1..max_batch map onto these)."""
+        return tuple(sorted({_pow2_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)}))
+
+    def warm(self, batch_size: int, pairs: Sequence[tuple[str, str]], task: str = "srt") -> int:
+        """Compile the decode of `batch_size` rows for each prompt bucket the (src, tgt) `pairs`
+        reach, by decoding zero features once -> how many prompt buckets were compiled."""
+        by_bucket: dict[int, tuple[str, str]] = {}
+        for s, t in pairs:
+            P = bucket_for(len(self.task_tok.prompt_ids(task, s, t, "")), self.prompt_buckets)
+            by_bucket.setdefault(P, (s, t))
+        feats = np.zeros((batch_size, *self.feature_shape), np.float32)
+        for s, t in by_bucket.values():
+            self.generate_ids(feats, [s] * batch_size, [t] * batch_size, task)
+        return len(by_bucket)
+
     # -- edge -----------------------------------------------------------------------------
     def encode(self, mel: np.ndarray) -> np.ndarray:
         """(B, n_mels, 3000) -> features (B, *feature_shape) float32 (batch padded to a bucket)."""

@@ -11,11 +11,17 @@ temporary folder and renames it when complete, so a kill -9 at any moment leaves
 the previous or the new checkpoint, never a torn one. Restores take abstract targets
 (`jax.ShapeDtypeStruct` with a sharding), so a checkpoint written on 8 devices restores
 onto 1 device or any other mesh.
+
+A step that cannot be read back (a truncated or damaged file) is moved aside to `<step>.corrupt`
+with a one-line notice and the previous kept step is used; a step whose param shapes differ from the
+model (a changed config) is never touched: that is a `CheckpointMismatch`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,35 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint step cannot be read back: the message names the folder/step and what to do."""
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint's params do not fit the model built from the config."""
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)
+            for path, leaf in leaves}
+
+
+def shape_mismatches(saved_tree: Any, abstract: Any) -> list[str]:
+    """Param paths whose shape differs (or that exist on one side only), as 'path: saved vs model'."""
+    a, b = _flat_shapes(saved_tree), _flat_shapes(abstract)
+    out = [f"{k}: {a.get(k, 'missing')} vs {b.get(k, 'missing')}" for k in sorted(a.keys() | b.keys())
+           if a.get(k) != b.get(k)]
+    return out
+
+
+def saved_params_tree(directory: Path, step: int) -> Any:
+    """The tree of `ArrayMetadata` (shapes, dtypes) of a step's params, read without restoring."""
+    meta = ocp.StandardCheckpointHandler().metadata(Path(directory) / str(step) / "params")
+    return getattr(meta, "tree", meta)
 
 
 class _IterState:
@@ -76,6 +111,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.mngr.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return list(self.mngr.all_steps())
+
     def save(self, step: int, trainable: Any, opt_state: Any, *, rng: jax.Array | None = None,
              data_iter: Any = None, meta: dict | None = None, force: bool = True) -> bool:
         m = {"step": int(step), **(meta or {})}
@@ -86,6 +124,55 @@ class Checkpointer:
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(_IterState(data_iter, snapshot=True))
         return self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def check_shapes(self, step: int, abstract_trainable: Any) -> None:
+        """Raise `CheckpointMismatch` when `step`'s saved params do not fit `abstract_trainable`
+        (other errors: the step's metadata is unreadable)."""
+        bad = shape_mismatches(saved_params_tree(self.directory, step), abstract_trainable)
+        if bad:
+            raise CheckpointMismatch(f"checkpoint {self.directory}/{step} does not fit the model: "
+                                     f"{len(bad)} params differ, e.g. {bad[0]}")
+
+    def restore_latest(self, abstract_trainable: Any, abstract_opt: Any, data_iter: Any = None) -> dict | None:
+        """`restore` of the newest readable step (None: no step at all). Unreadable steps are moved
+        aside to `<step>.corrupt` (reported in one line each); if none is left, `UnreadableCheckpoint`."""
+        bad: list[int] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                self.check_shapes(step, abstract_trainable)
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to read metadata = unreadable step
+                self._set_aside(step, e)
+                bad.append(step)
+                continue
+            try:
+                return self.restore(step, abstract_trainable, abstract_opt, data_iter)
+            except Exception as e:  # noqa: BLE001 - shapes fit, so a failed read is a damaged step
+                self._set_aside(step, e)
+                bad.append(step)
+        if bad:
+            raise UnreadableCheckpoint(
+                f"no readable checkpoint left in {self.directory}: step(s) {', '.join(map(str, bad))} could not "
+                f"be read and were moved aside to <step>.corrupt; delete the folder to restart this stage from "
+                f"scratch (or copy an intact step back)")
+        return None
+
+    def _set_aside(self, step: int, err: Exception) -> None:
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}.corrupt"
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+        if jax.process_index() == 0:
+            n = 1
+            while dst.exists():
+                dst, n = self.directory / f"{step}.corrupt{n}", n + 1
+            os.replace(src, dst)
+            print(f"warning: checkpoint step {step} in {self.directory} is unreadable "
+                  f"({type(err).__name__}: {first}); moved it to {dst.name}, trying the previous step",
+                  file=sys.stderr, flush=True)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint-aside-{step}")
+        self.mngr.reload()
 
     def restore(self, step: int, abstract_trainable: Any, abstract_opt: Any,
                 data_iter: Any = None) -> dict:
@@ -109,6 +196,14 @@ class Checkpointer:
         self.mngr.close()
 
 
+def _unreadable(directory: Path, step: int, err: Exception) -> UnreadableCheckpoint:
+    first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+    return UnreadableCheckpoint(
+        f"checkpoint step {step} in {directory} is unreadable ({type(err).__name__}: {first}); rerun the "
+        f"training command to move it aside and resume from the previous step, or pass an earlier step "
+        f"dir {directory}/<step>")
+
+
 def restore_params(directory: str | Path, abstract_trainable: Any, step: int | None = None) -> tuple[Any, int]:
     """Only the trainable params of a stage's checkpoint folder (latest step by default).
 
@@ -123,7 +218,17 @@ def restore_params(directory: str | Path, abstract_trainable: Any, step: int | N
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"checkpoint folder {directory} holds no complete checkpoint")
-        out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_trainable)))
+        try:
+            bad = shape_mismatches(saved_params_tree(directory, step), abstract_trainable)
+        except Exception as e:  # noqa: BLE001 - unreadable metadata
+            raise _unreadable(directory, step, e) from None
+        if bad:
+            raise CheckpointMismatch(f"checkpoint {directory}/{step} does not fit the model built from the "
+                                     f"config: {len(bad)} params differ, e.g. {bad[0]}")
+        try:
+            out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_trainable)))
+        except Exception as e:  # noqa: BLE001 - shapes fit, so a failed read is a damaged step
+            raise _unreadable(directory, step, e) from None
         return out["params"], step
     finally:
         mngr.close()

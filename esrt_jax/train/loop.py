@@ -246,12 +246,12 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
         ckpt = Checkpointer(stage_dir / "checkpoints", keep=tc.keep, async_save=tc.async_ckpt)
         data_iter = make_data()
         start = 0
-        latest = ckpt.latest_step()
-        if latest is not None:
-            res = ckpt.restore(latest, abstract_like(trainable, sh["trainable"]),
-                               abstract_like(opt_state, sh["opt_state"]),
-                               data_iter if hasattr(data_iter, "get_state") else None)
-            trainable, opt_state, start = res["params"], res["opt"], int(res["meta"]["step"])
+        res = ckpt.restore_latest(abstract_like(trainable, sh["trainable"]),  # skips unreadable steps
+                                  abstract_like(opt_state, sh["opt_state"]),
+                                  data_iter if hasattr(data_iter, "get_state") else None)
+        latest = None if res is None else int(res["meta"]["step"])
+        if res is not None:
+            trainable, opt_state, start = res["params"], res["opt"], latest
             log0(f"[{cfg.stage}] resumed from {ckpt.directory}/{latest} (step {start})")
         writer = MetricsWriter(stage_dir, truncate_after=start)
         if start >= tc.steps:

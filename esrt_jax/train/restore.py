@@ -19,8 +19,10 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+import yaml
 from flax import nnx
 
+from esrt_jax import languages
 from esrt_jax.infer import cloud
 from esrt_jax.infer.cloud import model_fingerprint
 from esrt_jax.models.speech_llm import SpeechLLM
@@ -39,6 +41,7 @@ class LoadedModel:
     stage: str
     step: int | None           # checkpoint step restored (None: no trained params found)
     checkpoint_dir: Path | None
+    languages: tuple[str, ...] | None = None  # what it was trained on (None: not known)
 
     @property
     def fingerprint(self) -> str:
@@ -150,11 +153,23 @@ def load_model(config: str | Path, checkpoint: str | Path | None, overrides: Seq
     if ck is not None:
         trained, step = restore_trainable(cfg, ck, step)
         merge_params(model, trained)
-    return LoadedModel(model, tokenizer, cfg, stage, step, ck)
+    return LoadedModel(model, tokenizer, cfg, stage, step, ck, trained_languages(cfg, ck))
+
+
+def trained_languages(cfg, ck: Path | None) -> tuple[str, ...] | None:
+    """The model's language set: `data.languages` of the config saved with the run
+    (RUN_DIR/config.yaml, written by train.py) when the checkpoint lies in a run dir, else of `cfg`."""
+    data = cfg.data
+    saved = ck.parent.parent / "config.yaml" if ck is not None else None
+    if saved is not None and saved.is_file():
+        data = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("data") or {}
+    langs = data.get("languages")
+    return tuple(languages.get(c).code for c in langs) if langs else None
 
 
 def load_backend(config: str | Path, checkpoint: str | Path | None, overrides: Sequence[str] = (),
                  *, split: str | None = None, max_batch: int = 8) -> cloud.CloudBackend:
     """Run config + checkpoint -> a `CloudBackend` ready for `serve.make_app`."""
     loaded = load_model(config, checkpoint, overrides)
-    return cloud.CloudBackend(cloud.translator_for(loaded, split=split, max_batch=max_batch), loaded.fingerprint)
+    return cloud.CloudBackend(cloud.translator_for(loaded, split=split, max_batch=max_batch), loaded.fingerprint,
+                              languages=loaded.languages)

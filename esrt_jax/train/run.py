@@ -28,7 +28,8 @@ import yaml
 from esrt_jax.config import ConfigError, to_dict
 from esrt_jax.train import distributed
 from esrt_jax.train import mesh as mesh_lib
-from esrt_jax.train.checkpoint import Checkpointer, abstract_like, restore_params
+from esrt_jax.train.checkpoint import (CheckpointMismatch, Checkpointer, UnreadableCheckpoint, abstract_like,
+                                       restore_params)
 from esrt_jax.train.config import STAGES, load_run_config
 from esrt_jax.train.dryrun import dry_run
 from esrt_jax.train.loop import log0, run_stage, stage_shardings
@@ -38,7 +39,8 @@ from esrt_jax.train.optimizer import make_optimizer
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", default="all", choices=[*STAGES, "all"])
+    p.add_argument("--stage", default="all", choices=[*STAGES, "all"],
+                   help="curriculum stage to train: asr, smt, srt, or all three in order (default: all)")
     p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-5 (repeatable)")
@@ -102,6 +104,52 @@ def previous_params_dir(args, cfg, stage: str, run_dir: Path) -> Path:
     return d
 
 
+def _flat(d, prefix=""):
+    """Nested dict -> {dotted key: value} (lists are values)."""
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def check_against_checkpoints(cfg, run_dir: Path, model_builder) -> None:
+    """Every stage's newest checkpoint in `run_dir` must fit the model this config builds; else a
+    one-line SystemExit naming the config keys that changed since the saved RUN_DIR/config.yaml."""
+    saved_path = run_dir / "config.yaml"
+    for stage in STAGES:
+        d = stage_ckpt_dir(run_dir, stage)
+        if not d.is_dir() or not any(p.name.isdigit() for p in d.iterdir()):
+            continue
+        abstract = model_builder(cfg.for_stage(stage), abstract=True).trainable
+        ck = Checkpointer(d, keep=1_000_000, async_save=False)
+        try:
+            for step in sorted(ck.all_steps(), reverse=True):  # the newest step whose metadata reads
+                try:
+                    ck.check_shapes(step, abstract)
+                    break
+                except CheckpointMismatch as e:
+                    keys = []
+                    if saved_path.is_file():
+                        keys = changed_keys((yaml.safe_load(saved_path.read_text()) or {}).get("model"),
+                                            to_dict(cfg).get("model"))
+                    what = (f"changed model keys {', '.join('model.' + k for k in keys)}" if keys
+                            else "a different model")
+                    raise SystemExit(f"error: this config builds {what}, which does not fit the checkpoints in "
+                                     f"{d} ({str(e).split(': ', 1)[1]}); revert the change or use another "
+                                     f"--run-dir") from None
+                except Exception:  # noqa: BLE001 - unreadable metadata: the stage's resume handles it
+                    continue
+        finally:
+            ck.close()
+
+
 def main(argv=None) -> list:
     args = parse_args(argv)
     if args.dry_run:
@@ -122,8 +170,11 @@ def main(argv=None) -> list:
     stages = STAGES if args.stage == "all" else (args.stage,)
     model_builder, data_builder = cfg.model_builder(), cfg.data_builder()
 
+    if not args.dry_run:
+        check_against_checkpoints(cfg, run_dir, model_builder)
     if not args.dry_run and jax.process_index() == 0:
         # The resolved config (overrides applied) next to the stages: export/eval/serve read it.
+        # Written only once it is known to fit the checkpoints already there.
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
@@ -147,13 +198,19 @@ def main(argv=None) -> list:
         if src is not None:
             mesh = mesh_lib.make_mesh(scfg.mesh)
             sh = stage_shardings(bundle, make_optimizer(scfg.train), mesh, mesh_lib.make_rules(scfg.mesh.rules))
-            init, step = restore_params(src, abstract_like(bundle.trainable, sh["trainable"]))
+            try:
+                init, step = restore_params(src, abstract_like(bundle.trainable, sh["trainable"]))
+            except (UnreadableCheckpoint, CheckpointMismatch) as e:
+                raise SystemExit(f"error: [{stage}] cannot start from {src}: {e}") from None
             log0(f"[{stage}] starting from trainable params of {src} (step {step}); optimizer restarts")
         pi, pc = jax.process_index(), jax.process_count()
-        res = run_stage(scfg, bundle, stage_dir=stage_dir,
-                        make_data=lambda: data_builder(scfg, "train", process_index=pi, process_count=pc),
-                        make_dev=lambda: data_builder(scfg, "dev", process_index=pi, process_count=pc),
-                        init_params=init)
+        try:
+            res = run_stage(scfg, bundle, stage_dir=stage_dir,
+                            make_data=lambda: data_builder(scfg, "train", process_index=pi, process_count=pc),
+                            make_dev=lambda: data_builder(scfg, "dev", process_index=pi, process_count=pc),
+                            init_params=init)
+        except (UnreadableCheckpoint, CheckpointMismatch) as e:
+            raise SystemExit(f"error: [{stage}] {e}") from None
         if res.losses:
             steps = sorted(res.losses)
             log0(f"[{stage}] done: step {res.final_step}, first logged loss {res.losses[steps[0]]:.4f}, "

@@ -13,7 +13,8 @@ Model block of a run config (`model:`):
     adapter: {num_queries: 80, pool_k: null, ...}   # QFormerConfig (encoder/llm dims filled in)
     llm_dtype: bfloat16   llm_param_dtype: float32   encoder_dtype: float32
     scan_layers: true   remat: false   split: projector   seed: 0
-    decode: {max_new_tokens: 64, num_beams: 1}      # dev decodes during training
+    decode: {num_beams: 1, max_new_tokens: N}       # dev decodes during training; N defaults to the
+                                                    #   longest text the data allows (data.text_buckets)
 
 Trainable by default: the adapter (Q-Former + projector) and, with `lora.enabled`, the LoRA
 factors; the encoder and the LLM base weights are frozen (`train.trainable` overrides).
@@ -45,7 +46,8 @@ from esrt_jax.convert.llm import load_hf_model
 from esrt_jax.convert.tokenizer import check_vocab, load_tokenizer
 from esrt_jax.convert.whisper import load_whisper_encoder
 from esrt_jax.data.demo import build_demo_corpus, default_demo_dir
-from esrt_jax.data.pipeline import DataConfig, make_eval_batches, make_train_dataset, open_sources
+from esrt_jax.data.pipeline import (DataConfig, make_eval_batches, make_train_dataset, max_answer_tokens,
+                                     open_sources)
 from esrt_jax.data.records import ListSource
 from esrt_jax.data.tasks import TaskTokenizer
 from esrt_jax.infer.generate import GenerateConfig
@@ -247,7 +249,8 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         tok = tokenizer_for(cfg)
         dcfg = dict(cfg.model.get("decode", {}) or {})
         tt = TaskTokenizer(tok)
-        gen = GenerateConfig(eos_ids=(tt.eos_id,), pad_id=tt.pad_id, **{"max_new_tokens": 64, **dcfg})
+        gen = GenerateConfig(eos_ids=(tt.eos_id,), pad_id=tt.pad_id,
+                             **{**dcfg, "max_new_tokens": dcfg.get("max_new_tokens") or max_answer_tokens(cfg.data)})
         tr = Translator(model, tok, gen_cfg=gen, max_batch=max(n, 1))
         dc = _data_config(cfg, batch_size=n)
         batch = next(make_eval_batches(dc, tok, dev, _dev_task(cfg, dc), batch_size=n))
@@ -270,8 +273,11 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         def show(asr: str, s2tt: str) -> str:
             return asr if task == "asr" else s2tt if task == "smt" else f"{asr} | {s2tt}"
 
-        rep["samples"] = [f"{task} {r.src}->{r.tgt} ref: {show(r.transcription, r.translation)}\n"
-                          f"{' ' * (len(task) + len(r.src) + len(r.tgt) + 3)}hyp: {show(o['asr'], o['s2tt'])}"
+        def label(r) -> str:  # ASR has a language, not a direction
+            return f"{task} {r.src}" if task == "asr" else f"{task} {r.src}->{r.tgt}"
+
+        rep["samples"] = [f"{label(r)} ref: {show(r.transcription, r.translation)}\n"
+                          f"{' ' * (len(label(r)) + 1)}hyp: {show(o['asr'], o['s2tt'])}"
                           for r, o in zip(recs, outs)]
         return rep
 
