@@ -95,7 +95,12 @@ class SpeechLLM(nnx.Module):
     def encode(self, mel: jax.Array, *, split: Split | None = None, deterministic: bool = True,
                rngs: Any = None) -> jax.Array:
         """mel (B, n_mels, 3000) -> (B, Q', llm_dim) ("projector") or (B, Q, H) ("qformer")."""
-        enc = jax.lax.stop_gradient(self.encoder(mel))  # the encoder is always frozen
+        return self.adapt(self.encoder(mel), split=split, deterministic=deterministic, rngs=rngs)
+
+    def adapt(self, enc: jax.Array, *, split: Split | None = None, deterministic: bool = True,
+              rngs: Any = None) -> jax.Array:
+        """Encoder output (B, P, d_model) (e.g. from the feature cache) -> what `encode` returns."""
+        enc = jax.lax.stop_gradient(enc.astype(dtype_from_name(self.encoder.config.dtype)))  # the encoder is frozen
         feats = self.adapter.qformer_features(enc, deterministic=deterministic, rngs=rngs)
         if (split or self.config.split) == "qformer":
             return feats
@@ -203,7 +208,8 @@ def loss_fn(model: SpeechLLM, batch: dict, *, dropout_rng: jax.Array | None = No
             full_logits: bool = False, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[jax.Array, dict]:
     """Mean next-token cross-entropy over answer+eos tokens (f32) and token accuracy.
 
-    batch: mel (B, n_mels, 3000) or audio (B, 480000), tokens/loss_mask/attention_mask (B, T).
+    batch: mel (B, n_mels, 3000), audio (B, 480000) or cached encoder output enc (B, P, d_model),
+    tokens/loss_mask/attention_mask (B, T).
     The LM head runs only on the loss positions, in chunks (`answer_xent`); `full_logits`
     computes the (B, T, V) logits at once instead (the reference the chunked loss is tested
     against, and the baseline of bench/bench_train.py).
@@ -213,8 +219,11 @@ def loss_fn(model: SpeechLLM, batch: dict, *, dropout_rng: jax.Array | None = No
     if train:
         dropout_rng, adapter_rng = jax.random.split(dropout_rng)
         rngs = nnx.Rngs(dropout=adapter_rng)
-    speech = model.encode(batch_mel(batch, model.config.encoder.num_mel_bins), split="projector",
-                          deterministic=not train, rngs=rngs)
+    if "enc" in batch:  # the feature cache: the frozen encoder does not run
+        speech = model.adapt(batch["enc"], split="projector", deterministic=not train, rngs=rngs)
+    else:
+        speech = model.encode(batch_mel(batch, model.config.encoder.num_mel_bins), split="projector",
+                              deterministic=not train, rngs=rngs)
     w = batch["loss_mask"].astype(jnp.float32)
     n = jnp.maximum(w.sum(), 1.0)
     if full_logits:
