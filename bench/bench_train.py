@@ -172,7 +172,7 @@ def run_setting(args, setting: str) -> None:
         return loss, {"tokens": aux["tokens"]}
 
     variants = {"(a) today": (today_loss, dict(mel=mel, **text)),
-                "(b) + chunked loss": (chunked_loss, dict(mel=mel, **text)),
+                "(b) + text-only chunked loss": (chunked_loss, dict(mel=mel, **text)),
                 "(c) + encoder cache": (chunked_loss, dict(enc=enc_out, **text))}
     opt = make_optimizer(TrainConfig(lr=1e-4, warmup_steps=0, steps=1000))
     results = {}

@@ -56,8 +56,8 @@ def _both(model, batch, rng):
     def vg(**kw):
         f = lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, dropout_rng=rng, **kw)  # noqa: E731
         return jax.value_and_grad(f, has_aux=True)(params)
-    # 4 positions per chunk (12 // B): several chunks, a padded last one, skipped empty ones
-    return jax.jit(lambda: (vg(full_logits=True), vg(chunk_tokens=12)))()
+    # 5 positions per chunk (15 // B): several chunks and a padded last one
+    return jax.jit(lambda: (vg(full_logits=True), vg(chunk_tokens=15)))()
 
 
 @pytest.mark.parametrize("family,lora", [(f, False) for f in FAMILIES] + [("qwen2", True)])

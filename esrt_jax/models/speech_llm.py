@@ -154,7 +154,7 @@ def batch_mel(batch: dict, n_mels: int) -> jax.Array:
     return log_mel_spectrogram_jax(batch["audio"], n_mels)
 
 
-LOSS_CHUNK_TOKENS = 1024  # LM-head rows (batch x positions) per chunk of the answer-only loss
+LOSS_CHUNK_TOKENS = 256  # LM-head rows (batch x positions) per chunk of the text-only loss
 
 
 def answer_xent(head: Callable[[jax.Array], jax.Array], h: jax.Array, labels: jax.Array,
@@ -164,18 +164,14 @@ def answer_xent(head: Callable[[jax.Array], jax.Array], h: jax.Array, labels: ja
     head: (..., D) -> (..., V) f32 logits; h (B, T, D) hidden states; labels, weights (B, T).
     -> (sum of weight * ce, sum of weight * [argmax == label]), both f32 scalars.
 
-    Each row's weighted positions move to its front (stable order; rows stay rows, so batch
-    sharding is kept), then the head + cross-entropy run over chunks of c positions in a scan
-    under `jax.checkpoint` (the backward pass recomputes one chunk's logits at a time); chunks
-    past every row's last weighted position are skipped by `lax.cond`, so the head's FLOPs
-    follow the longest answer, not the text bucket. Peak: one (B, c, V) f32 chunk.
+    The head + cross-entropy run over chunks of c = chunk_tokens // B positions (rows stay rows,
+    so batch sharding is kept) in a scan whose body is under `jax.checkpoint`: the backward pass
+    recomputes one chunk's logits at a time. Peak: one (B, c, V) f32 chunk and its gradient.
+    (Skipping chunks without loss positions by `lax.cond` would save FLOPs, but differentiating a
+    cond inside a scan materialises per-chunk residuals of both branches: it multiplied memory.)
     """
     B, T, D = h.shape
     w = weights.astype(jnp.float32)
-    order = jnp.argsort(w <= 0, axis=1, stable=True)  # weighted positions first
-    h = jnp.take_along_axis(h, order[..., None], axis=1)
-    labels = jnp.take_along_axis(labels, order, axis=1)
-    w = jnp.take_along_axis(w, order, axis=1)
     c = max(1, min(T, chunk_tokens // B))
     n = -(-T // c)
     pad = n * c - T
@@ -187,18 +183,13 @@ def answer_xent(head: Callable[[jax.Array], jax.Array], h: jax.Array, labels: ja
     xs = (h.reshape(B, n, c, D).swapaxes(0, 1), labels.reshape(B, n, c).swapaxes(0, 1),
           w.reshape(B, n, c).swapaxes(0, 1))
 
-    def chunk_sums(hc, lc, wc):
+    @jax.checkpoint
+    def body(carry, x):
+        hc, lc, wc = x
         logits = head(hc)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, lc)
         hit = (jnp.argmax(logits, -1) == lc).astype(jnp.float32)
-        return (ce * wc).sum(), (hit * wc).sum()
-
-    @jax.checkpoint  # around the cond: the scan then saves only each chunk's inputs
-    def body(carry, x):
-        hc, lc, wc = x
-        zero = jnp.zeros((), jnp.float32)
-        ce, hit = jax.lax.cond(jnp.any(wc > 0), chunk_sums, lambda *_: (zero, zero), hc, lc, wc)
-        return (carry[0] + ce, carry[1] + hit), None
+        return (carry[0] + (ce * wc).sum(), carry[1] + (hit * wc).sum()), None
 
     (ce, hit), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), xs)
     return ce, hit
@@ -210,7 +201,7 @@ def loss_fn(model: SpeechLLM, batch: dict, *, dropout_rng: jax.Array | None = No
 
     batch: mel (B, n_mels, 3000), audio (B, 480000) or cached encoder output enc (B, P, d_model),
     tokens/loss_mask/attention_mask (B, T).
-    The LM head runs only on the loss positions, in chunks (`answer_xent`); `full_logits`
+    The LM head runs only on the text positions, in chunks (`answer_xent`); `full_logits`
     computes the (B, T, V) logits at once instead (the reference the chunked loss is tested
     against, and the baseline of bench/bench_train.py).
     """
