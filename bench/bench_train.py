@@ -224,12 +224,12 @@ def run_setting(args, setting: str) -> None:
         torch_step()
     ref = steps / (time.perf_counter() - t0)
 
-    print(f"{'':22s} {'steps/s':>8s} {'ex/s':>7s} {'vs PyTorch':>10s} {'compile':>8s} {'temp mem':>9s} "
+    print(f"{'':28s} {'steps/s':>8s} {'ex/s':>7s} {'vs PyTorch':>10s} {'compile':>8s} {'temp mem':>9s} "
           f"{'loss@init':>9s}")
-    print(f"{'PyTorch reference':22s} {ref:8.3f} {ref * B:7.2f} {'1.00x':>10s} {'-':>8s} {'-':>9s} "
+    print(f"{'PyTorch reference':28s} {ref:8.3f} {ref * B:7.2f} {'1.00x':>10s} {'-':>8s} {'-':>9s} "
           f"{t_loss:8.4f}")
     for name, (sps, comp, temp, first) in results.items():
-        print(f"{name:22s} {sps:8.3f} {sps * B:7.2f} {sps / ref:9.2f}x {comp:7.1f}s {temp / 2**20:7.0f}MiB "
+        print(f"{name:28s} {sps:8.3f} {sps * B:7.2f} {sps / ref:9.2f}x {comp:7.1f}s {temp / 2**20:7.0f}MiB "
               f"{first:8.4f}")
     c = results["(c) + encoder cache"][0] / ref
     print(f"goal (c) >= 3x PyTorch examples/s: {c:.2f}x ({'met' if c >= 3 else 'NOT met'})", flush=True)

@@ -22,7 +22,7 @@ from esrt_jax.data.records import open_source
 from esrt_jax.data.tasks import TaskTokenizer, collate
 from esrt_jax.models.speech_llm import loss_fn
 from esrt_jax.train.config import load_run_config
-from esrt_jax.train.speech import build_inference
+from esrt_jax.train.speech import build_inference, build_model
 from helpers_sllm import RUN_CONFIG, tiny_speech_llm, write_tone
 from helpers_tokenizer import save_tiny_tokenizer, tiny_tokenizer
 
@@ -129,3 +129,22 @@ def test_killed_build_resumes_without_recomputing_finished_shards(tmp_path):
     for k in (keys[0], keys[-1]):  # one shard from before the kill, one from after
         want = np.asarray(model.encoder(jnp.asarray(load(k)[None])))[0]
         np.testing.assert_allclose(cache[k], want, rtol=1e-5, atol=1e-5)
+
+
+def test_model_builder_checks_the_cache(built, tmp_path):
+    """build_model checks data.encoder_cache against its encoder; its batches then carry enc."""
+    d = built[0]
+    save_tiny_tokenizer(tmp_path / "tok", vocab_size=320)
+    cfg = yaml.safe_load(RUN_CONFIG.format(run_dir=tmp_path / "runs", tok_dir=tmp_path / "tok"))
+    cfg["data"]["encoder_cache"] = str(d / "c")  # built by another (seed 0) encoder than seed 3's
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    rc = load_run_config(tmp_path / "run.yaml").for_stage("srt")
+    model, _ = build_inference(rc)
+    theirs = ec.FeatureCache(d / "c").meta["fingerprint"]
+    with pytest.raises(ConfigError, match=f"{theirs}.*{ec.encoder_fingerprint(model.encoder)}"):
+        build_model(rc)
+    ec.build(model.encoder, built[4], built[3], tmp_path / "mine", shard_size=4, progress=False)
+    cfg["data"]["encoder_cache"] = str(tmp_path / "mine")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    spec = build_model(load_run_config(tmp_path / "run.yaml").for_stage("srt")).batch_spec(2)
+    assert "mel" not in spec and spec["enc"].shape == (2, 32, 32)
