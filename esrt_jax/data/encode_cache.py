@@ -19,7 +19,7 @@ Layout of DIR (written by `build`, read by `FeatureCache`):
 A shard is written to a temporary name and renamed, so a killed build leaves only complete
 shards; a rerun skips them. Multi-host: process p builds shards p, p + count, ... (run the
 command on every host with the same --config). Disk per utterance: P x d_model x 2 or 4 bytes,
-1500 x 512 (whisper-base) 3.0 MB fp32 / 1.5 MB bf16, 1500 x 1280 (whisper-large-v3) 7.7 MB
+1500 x 512 (whisper-base) 3.1 MB fp32 / 1.5 MB bf16, 1500 x 1280 (whisper-large-v3) 7.7 MB
 fp32 / 3.8 MB bf16.
 """
 
