@@ -1,20 +1,28 @@
-"""Train-step speed: our jitted step vs a PyTorch reference step, same model, batch and threads.
+"""Train-step speed: our jitted step (three ways) vs a PyTorch reference step, same weights,
+batch and threads, measured in one run.
 
-Model (full size): whisper-base-shaped encoder (frozen; 80 mels, d 512, 6 layers, 3000 frames)
--> 2-layer Q-Former (hidden 768, 80 queries) + projector -> ~100M Qwen2-style LLM with LoRA
-(q_proj, v_proj; r 16) whose base weights are frozen. Trainable: adapter + LoRA, AdamW.
-The PyTorch reference is assembled as LLM-SRT does it (and as tests/test_speech_llm.py does):
-transformers' WhisperEncoder -> LLM-SRT's Q-Former projector -> HF causal LM (+ peft LoRA) fed
-`inputs_embeds = cat(speech, embed_tokens(text))`, loss on answer tokens; weights are copied
-from the torch modules into ours with our converters, so both run the same function.
+Two model settings (`--setting base|gemma|both`):
+  base : whisper-base-shaped encoder (frozen; 80 mels, d 512, 6 layers, 3000 frames) -> 2-layer
+         Q-Former (hidden 768, 80 queries) + projector -> ~100M Qwen2-style LLM (32k vocab).
+  gemma: the same encoder and adapter -> a small Gemma-3-shaped LLM with Gemma-3's 262,144-token
+         vocabulary (tied head, d 640, 4 layers): the large-vocabulary case.
+Both with LoRA (q_proj, v_proj; r 16) on frozen LLM base weights; trainable: adapter + LoRA, AdamW.
 
-Reports steady-state steps/s of both and the ratio (goal >= 1.3x), compile time separately,
-and our achieved FLOP/s (XLA cost analysis of the compiled step) as a fraction of this
-machine's measured f32 matmul throughput.
+Ours, three ways:
+  (a) today's step before the cost work: encoder every step, logits over all (B, Q'+T) positions
+  (b) + answer-only chunked loss (`speech_llm.answer_xent`; the production loss)
+  (c) + encoder feature cache (batches carry the encoder output; `data.encoder_cache`)
+The PyTorch reference is assembled and trained as LLM-SRT does it: transformers' WhisperEncoder
+(every step, no_grad) -> LLM-SRT's Q-Former projector -> HF causal LM (+ peft LoRA) fed
+`inputs_embeds = cat(speech, embed_tokens(text))`, full logits, loss on answer tokens; weights
+are copied from the torch modules into ours with our converters, so all run the same function.
 
-    python bench/bench_train.py              # full size (slow on a small CPU)
-    python bench/bench_train.py --quick      # tiny shapes, smoke test
-    python bench/bench_train.py --threads 8 --batch 4 --steps 5
+Reports compile time, steady-state steps/s and examples/s of each, the ratio to PyTorch (goal for
+(c): >= 3x), and the compiled step's temporary memory (XLA memory analysis).
+
+    python bench/bench_train.py                     # both settings, full size (slow on a small CPU)
+    python bench/bench_train.py --quick             # tiny shapes, smoke test
+    python bench/bench_train.py --setting gemma --threads 8 --batch 4 --steps 5
 """
 
 from __future__ import annotations
@@ -32,23 +40,28 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    p.add_argument("--setting", default="both", choices=("base", "gemma", "both"))
     p.add_argument("--threads", type=int, default=None, help="pin both frameworks to N cores")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--text", type=int, default=None, help="text tokens per example")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per framework")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant")
     return p.parse_args()
 
 
-def shapes(quick: bool) -> dict:
+def shapes(quick: bool, setting: str) -> dict:
     if quick:
-        return dict(n_mels=80, d_enc=32, enc_layers=2, enc_heads=4, enc_ffn=64, max_pos=32,
-                    q_layers=2, q_hidden=32, q_heads=4, q_ffn=64, queries=8,
-                    vocab=320, d_llm=64, llm_layers=2, llm_heads=4, llm_kv=2, llm_ffn=128,
-                    batch=2, text=16, steps=3)
-    return dict(n_mels=80, d_enc=512, enc_layers=6, enc_heads=8, enc_ffn=2048, max_pos=1500,
-                q_layers=2, q_hidden=768, q_heads=12, q_ffn=3072, queries=80,
-                vocab=32000, d_llm=768, llm_layers=12, llm_heads=12, llm_kv=4, llm_ffn=2688,
-                batch=4, text=64, steps=5)
+        s = dict(n_mels=80, d_enc=32, enc_layers=2, enc_heads=4, enc_ffn=64, max_pos=32,
+                 q_layers=2, q_hidden=32, q_heads=4, q_ffn=64, queries=8,
+                 vocab=320, d_llm=64, llm_layers=2, llm_heads=4, llm_kv=2, llm_ffn=128, head_dim=16,
+                 batch=2, text=16, steps=3)
+        return {**s, "vocab": 4096} if setting == "gemma" else s
+    s = dict(n_mels=80, d_enc=512, enc_layers=6, enc_heads=8, enc_ffn=2048, max_pos=1500,
+             q_layers=2, q_hidden=768, q_heads=12, q_ffn=3072, queries=80,
+             vocab=32000, d_llm=768, llm_layers=12, llm_heads=12, llm_kv=4, llm_ffn=2688, head_dim=64,
+             batch=4, text=64, steps=3)
+    if setting == "gemma":
+        s.update(vocab=262144, d_llm=640, llm_layers=4, llm_heads=4, llm_kv=1, llm_ffn=2048, head_dim=256)
+    return s
 
 
 def main() -> None:
@@ -58,19 +71,25 @@ def main() -> None:
         os.sched_setaffinity(0, cpus)
         os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true "
                                            f"intra_op_parallelism_threads={args.threads}")
+    for setting in (("base", "gemma") if args.setting == "both" else (args.setting,)):
+        run_setting(args, setting)
+
+
+def run_setting(args, setting: str) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    import optax
     import torch
     from flax import nnx
     from peft import LoraConfig as PeftLora, get_peft_model
-    from transformers import AutoModelForCausalLM, Qwen2Config, WhisperConfig
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, Qwen2Config, WhisperConfig)
     from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
     from esrt_jax.convert.llm import model_from_hf_state
     from esrt_jax.convert.llm_srt import load_llm_srt_into
     from esrt_jax.models import whisper as W
-    from esrt_jax.models.llm import LoraConfig
+    from esrt_jax.models.llm import LoraConfig, positions_from_mask
     from esrt_jax.models.qformer import QFormerConfig, SpeechAdapter
     from esrt_jax.models.speech_llm import SpeechLLM, SpeechLLMConfig
     from esrt_jax.models.speech_llm import loss_fn as speech_loss
@@ -80,7 +99,7 @@ def main() -> None:
     from esrt_jax.train.step import make_train_step
     from test_qformer import numpy_state_dict, torch_reference
 
-    s = shapes(args.quick)
+    s = shapes(args.quick, setting)
     B, T, steps = args.batch or s["batch"], args.text or s["text"], args.steps or s["steps"]
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -105,9 +124,14 @@ def main() -> None:
     t_proj = torch_reference(ad_cfg, seed=1)
     adapter = SpeechAdapter(ad_cfg, rngs=nnx.Rngs(0))
     load_llm_srt_into(adapter, numpy_state_dict(t_proj))
-    hf_cfg = Qwen2Config(vocab_size=s["vocab"], hidden_size=s["d_llm"], intermediate_size=s["llm_ffn"],
-                         num_hidden_layers=s["llm_layers"], num_attention_heads=s["llm_heads"],
-                         num_key_value_heads=s["llm_kv"], tie_word_embeddings=False)
+    common = dict(vocab_size=s["vocab"], hidden_size=s["d_llm"], intermediate_size=s["llm_ffn"],
+                  num_hidden_layers=s["llm_layers"], num_attention_heads=s["llm_heads"],
+                  num_key_value_heads=s["llm_kv"])
+    if setting == "gemma":
+        hf_cfg = Gemma3TextConfig(**common, head_dim=s["head_dim"], sliding_window=512,
+                                  pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    else:
+        hf_cfg = Qwen2Config(**common, tie_word_embeddings=False)
     hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(2)
     t_llm = AutoModelForCausalLM.from_config(hf_cfg)
@@ -117,9 +141,10 @@ def main() -> None:
                                            target_modules=["q_proj", "v_proj"]))
     model = SpeechLLM.from_parts(SpeechLLMConfig(enc_cfg, ad_cfg, llm_cfg, lora=lora), enc, adapter, llm)
     n_params = sum(p.numel() for p in t_llm.parameters())
-    print(f"threads {threads}; batch {B}, text {T}, mel frames {2 * s['max_pos']}; "
-          f"LLM {n_params / 1e6:.1f}M params (+ encoder {sum(p.numel() for p in t_enc.parameters()) / 1e6:.1f}M, "
-          f"adapter {sum(p.numel() for p in t_proj.parameters()) / 1e6:.1f}M)")
+    print(f"== setting {setting}: threads {threads}; batch {B}, text {T}, mel frames {2 * s['max_pos']}; "
+          f"LLM {n_params / 1e6:.1f}M params, vocab {s['vocab']} (+ encoder "
+          f"{sum(p.numel() for p in t_enc.parameters()) / 1e6:.1f}M, adapter "
+          f"{sum(p.numel() for p in t_proj.parameters()) / 1e6:.1f}M)", flush=True)
 
     rng = np.random.default_rng(0)
     mel = rng.standard_normal((B, s["n_mels"], 2 * s["max_pos"])).astype(np.float32)
@@ -127,31 +152,51 @@ def main() -> None:
     loss_mask = np.zeros((B, T), np.int32)
     loss_mask[:, T // 4:] = 1
     attn = np.ones((B, T), np.int32)
+    text = dict(tokens=tokens, loss_mask=loss_mask, attention_mask=attn)
+    enc_out = np.asarray(jax.jit(lambda m: enc(m))(jnp.asarray(mel)))  # what the cache would hold
 
-    # ---- ours: the production train step (trainable = adapter + LoRA)
-    def module_loss(m, batch, r):
-        loss, aux = speech_loss(m, batch, dropout_rng=None)
+    # ---- ours: the production train step (trainable = adapter + LoRA), three ways
+    def today_loss(m, batch):
+        """The loss before the cost work: logits over every (B, Q'+T) position."""
+        speech = m.encode(batch["mel"], split="projector")
+        embeds, mask = m.llm_inputs(speech, batch["tokens"], batch["attention_mask"])
+        logits, _ = m.llm(embeds, positions_from_mask(mask), mask)
+        Q = speech.shape[1]
+        logits = logits[:, Q - 1:Q - 1 + T]
+        w = batch["loss_mask"].astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"])
+        return (ce * w).sum() / jnp.maximum(w.sum(), 1.0), {"tokens": w.sum()}
+
+    def chunked_loss(m, batch):
+        loss, aux = speech_loss(m, batch)
         return loss, {"tokens": aux["tokens"]}
 
-    bundle, _ = split_nnx(model, ("^adapter/", r"/lora_[ab]$"), module_loss)
+    variants = {"(a) today": (today_loss, dict(mel=mel, **text)),
+                "(b) + text-only chunked loss": (chunked_loss, dict(mel=mel, **text)),
+                "(c) + encoder cache": (chunked_loss, dict(enc=enc_out, **text))}
     opt = make_optimizer(TrainConfig(lr=1e-4, warmup_steps=0, steps=1000))
-    step = jax.jit(make_train_step(bundle.loss_fn, opt), donate_argnums=(0, 1))
-    batch = {k: jnp.asarray(v)[None] for k, v in
-             dict(mel=mel, tokens=tokens, loss_mask=loss_mask, attention_mask=attn).items()}
-    tr, os_ = bundle.trainable, opt.init(bundle.trainable)
-    t0 = time.perf_counter()
-    compiled = step.lower(tr, os_, bundle.frozen, batch, jax.random.key(0)).compile()
-    compile_s = time.perf_counter() - t0
-    flops = float(compiled.cost_analysis().get("flops", 0.0))
-    tr, os_, m = compiled(tr, os_, bundle.frozen, batch, jax.random.key(0))  # warm-up
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        tr, os_, m = compiled(tr, os_, bundle.frozen, batch, jax.random.key(i))
-    jax.block_until_ready(m)
-    ours = steps / (time.perf_counter() - t0)
+    results = {}
+    for name, (loss, data) in variants.items():
+        bundle, _ = split_nnx(model, ("^adapter/", r"/lora_[ab]$"), lambda m, b, r, f=loss: f(m, b))
+        step = jax.jit(make_train_step(bundle.loss_fn, opt), donate_argnums=(0, 1))
+        batch = {k: jnp.asarray(v)[None] for k, v in data.items()}
+        tr = jax.tree.map(jnp.copy, bundle.trainable)  # donated: keep the model's own arrays
+        os_ = opt.init(tr)
+        t0 = time.perf_counter()
+        compiled = step.lower(tr, os_, bundle.frozen, batch, jax.random.key(0)).compile()
+        compile_s = time.perf_counter() - t0
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        tr, os_, met = compiled(tr, os_, bundle.frozen, batch, jax.random.key(0))  # warm-up
+        first = float(met["loss"])  # at the initial weights: the same number for every variant
+        t0 = time.perf_counter()
+        for i in range(steps):
+            tr, os_, met = compiled(tr, os_, bundle.frozen, batch, jax.random.key(i))
+        jax.block_until_ready(met)
+        results[name] = (steps / (time.perf_counter() - t0), compile_s, temp, first)
+        del tr, os_, compiled, step, bundle
+        print(f"  {name}: done", flush=True)
 
-    # ---- PyTorch reference step (AdamW on adapter + LoRA, encoder frozen, no_grad)
+    # ---- PyTorch reference step (AdamW on adapter + LoRA, encoder frozen every step, full logits)
     t_enc.requires_grad_(False)
     params = [p for p in list(t_proj.parameters()) + list(t_llm.parameters()) if p.requires_grad]
     topt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
@@ -171,32 +216,23 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         topt.step()
-        return float(loss)
+        return float(loss.detach())
 
-    torch_step()  # warm-up
+    t_loss = torch_step()  # warm-up (loss at the initial weights)
     t0 = time.perf_counter()
     for _ in range(steps):
         torch_step()
     ref = steps / (time.perf_counter() - t0)
 
-    # ---- the machine's f32 matmul throughput (jax, same threads)
-    n = 512 if args.quick else 2048
-    a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(mm(a))
-    t0 = time.perf_counter()
-    reps = 5
-    for _ in range(reps):
-        out = mm(a)
-    jax.block_until_ready(out)
-    peak = reps * 2 * n ** 3 / (time.perf_counter() - t0)
-
-    print(f"compile (ours): {compile_s:.1f}s")
-    print(f"ours   : {ours:.3f} steps/s")
-    print(f"PyTorch: {ref:.3f} steps/s")
-    print(f"ratio  : {ours / ref:.2f}x PyTorch (goal >= 1.3x)")
-    print(f"achieved: {flops * ours / 1e9:.1f} GFLOP/s = {flops * ours / peak:.0%} of measured "
-          f"f32 matmul throughput ({peak / 1e9:.1f} GFLOP/s, {n}x{n})")
+    print(f"{'':28s} {'steps/s':>8s} {'ex/s':>7s} {'vs PyTorch':>10s} {'compile':>8s} {'temp mem':>9s} "
+          f"{'loss@init':>9s}")
+    print(f"{'PyTorch reference':28s} {ref:8.3f} {ref * B:7.2f} {'1.00x':>10s} {'-':>8s} {'-':>9s} "
+          f"{t_loss:8.4f}")
+    for name, (sps, comp, temp, first) in results.items():
+        print(f"{name:28s} {sps:8.3f} {sps * B:7.2f} {sps / ref:9.2f}x {comp:7.1f}s {temp / 2**20:7.0f}MiB "
+              f"{first:8.4f}")
+    c = results["(c) + encoder cache"][0] / ref
+    print(f"goal (c) >= 3x PyTorch examples/s: {c:.2f}x ({'met' if c >= 3 else 'NOT met'})", flush=True)
 
 
 if __name__ == "__main__":

@@ -50,11 +50,12 @@ class EdgeError(RuntimeError):
 class EdgeHalf(nnx.Module):
     """Only the edge's parts of a `SpeechLLM` (encoder + adapter): no LLM weights on the device.
 
-    `encode` is `SpeechLLM.encode` itself, so edge features are computed by the same code as
-    the one-process path.
+    `encode` (and the `adapt` it calls) are `SpeechLLM`'s own, so edge features are computed by
+    the same code as the one-process path.
     """
 
     encode = SpeechLLM.encode
+    adapt = SpeechLLM.adapt
 
     def __init__(self, config: SpeechLLMConfig, encoder, adapter):
         self.config, self.encoder, self.adapter = config, encoder, adapter

@@ -51,6 +51,7 @@ from esrt_jax import audio as audio_lib
 from esrt_jax import languages
 from esrt_jax.config import ConfigError, check
 from esrt_jax.data import records as rec_lib
+from esrt_jax.data.encode_cache import FeatureCache
 from esrt_jax.data.mixture import MixturePlan, PlanItem, build_components
 from esrt_jax.data.tasks import TASK_IDS, TASKS, TaskError, TaskTokenizer, collate
 
@@ -67,6 +68,7 @@ __all__ = [
     "make_train_dataset",
     "make_train_iterator",
     "make_eval_batches",
+    "open_feature_cache",
 ]
 
 BAD_REASONS = ("missing audio", "corrupt audio", "unknown language", "empty text",
@@ -98,7 +100,9 @@ class DataConfig:
     parquet). `tasks`: task weights at step 0; `schedule`: later changes. `temperature`:
     direction balancing p ∝ n^(1/T). `direction_cap`: max records per direction (0 = all).
     `languages`: keep only these (empty = all). `batch_size`: GLOBAL batch (divided among
-    processes). `features`: `mel` (host) or `audio` (mel on device)."""
+    processes). `features`: `mel` (host) or `audio` (mel on device). `encoder_cache`: a folder
+    built by `esrt_jax.data.encode_cache`; batches then carry the cached encoder output `enc`
+    (b, P, d_model) instead of `mel`/`audio`, and no audio is read."""
 
     train: tuple[str, ...] = ()
     tasks: dict[str, float] = dataclasses.field(default_factory=lambda: {"srt": 1.0})
@@ -109,6 +113,7 @@ class DataConfig:
     batch_size: int = 8
     text_buckets: tuple[int, ...] = (64, 128, 256)
     features: Literal["mel", "audio"] = "mel"
+    encoder_cache: str | None = None
     n_mels: int = 128
     sample_rate: int = 16000
     workers: int = 0
@@ -234,6 +239,7 @@ class ExampleBuilder:
                  tracker: BadRecordTracker):
         self.source, self.task_tok, self.cfg, self.tracker = source, task_tok, cfg, tracker
         self.max_len = max(cfg.text_buckets)
+        self.cache = open_feature_cache(cfg)
 
     def build(self, task: str, record: rec_lib.Record):
         for code in (record.src,) + ((record.tgt,) if task != "asr" else ()):
@@ -250,6 +256,9 @@ class ExampleBuilder:
             self.tracker.add(record.id, "too long",
                              f"{task} has {len(text)} tokens > largest bucket {self.max_len}")
             return None
+        if self.cache is not None:  # a key missing from the cache raises (names the audio)
+            self.tracker.ok()
+            return self.cache[record.audio], text
         if record.audio_bytes is None and not os.path.isfile(record.audio):
             self.tracker.add(record.id, "missing audio", record.audio)
             return None
@@ -281,19 +290,32 @@ class ExampleBuilder:
                 "text": text}
 
 
+def open_feature_cache(cfg: DataConfig):
+    """The `encoder_cache` of `cfg` as a `FeatureCache`, or None (fingerprints are checked by
+    the model builder, which has the encoder)."""
+    if not cfg.encoder_cache:
+        return None
+    return FeatureCache(cfg.encoder_cache)
+
+
 class _Collate:
     def __init__(self, cfg: DataConfig, pad_id: int):
         self.cfg, self.pad_id = cfg, pad_id
+        self.cache = open_feature_cache(cfg)
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
         out = collate([e["text"] for e in examples], self.cfg.text_buckets, self.pad_id)
-        shape = ((self.cfg.n_mels, audio_lib.N_FRAMES) if self.cfg.features == "mel"
-                 else (audio_lib.N_SAMPLES,))
-        feats = np.zeros((len(examples),) + shape, np.float32)
+        if self.cfg.encoder_cache:
+            shape, dtype, key = self.cache.shape, self.cache.dtype, "enc"
+        elif self.cfg.features == "mel":
+            shape, dtype, key = (self.cfg.n_mels, audio_lib.N_FRAMES), np.float32, "mel"
+        else:
+            shape, dtype, key = (audio_lib.N_SAMPLES,), np.float32, "audio"
+        feats = np.zeros((len(examples),) + tuple(shape), dtype)
         for i, e in enumerate(examples):
             if e["feat"] is not None:
                 feats[i] = e["feat"]
-        out["mel" if self.cfg.features == "mel" else "audio"] = feats
+        out[key] = feats
         out["task"] = np.array([e["task"] for e in examples], np.int32)
         out["valid"] = (out["task"] >= 0).astype(np.int32)
         out["example_key"] = np.array([e["key"] for e in examples], np.int64)

@@ -16,6 +16,8 @@ API (other modules code against this):
         x (B, T, D); positions (B, T) int32 (pass cumsum(mask)-1 clipped at 0 so that left padding
         never shifts rotary positions); attention_mask (B, T) bool, True = real token.
         -> logits (B, T, V) f32 ((B, 1, V) with last_logits_only), new cache or None.
+        hidden_only=True returns the pre-norm last hidden states (B, T, D) instead of logits;
+        model.head(h) (..., D) -> (..., V) f32 applies norm, LM head and soft-capping.
     cache = model.init_cache(batch, max_len, dtype)
         {"k": (L, B, S, KV, Dh), "v": (L, B, S, KV, Dh), "mask": (B, S) bool, "index": () int32}
         With a cache the T new tokens are written at slots [index, index + T), their mask bits set
@@ -212,9 +214,12 @@ class CausalLM(nnx.Module):
     # -- forward --------------------------------------------------------------------------
     def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, attention_mask: jax.Array,
                  cache: dict | None = None, *, dropout_rng: jax.Array | None = None,
-                 last_logits_only: bool = False) -> tuple[jax.Array, dict | None]:
+                 last_logits_only: bool = False, hidden_only: bool = False) -> tuple[jax.Array, dict | None]:
         """inputs_embeds (B, T, D), positions (B, T) int32, attention_mask (B, T) bool
-        -> (logits (B, T, V) f32, new cache or None)."""
+        -> (logits (B, T, V) f32, new cache or None).
+
+        `hidden_only` returns the last layer's hidden states (B, T, D) before the final norm
+        instead of logits, for losses that apply `head` only where they need it."""
         cfg = self.config
         b, t, _ = inputs_embeds.shape
         x = inputs_embeds.astype(self.dtype)
@@ -282,21 +287,28 @@ class CausalLM(nnx.Module):
                 carry, _ = body(carry, (st_i, layer_ids[li], sliding[li]))
         h, k_all, v_all = carry
 
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": k_all, "v": v_all, "mask": kv_valid, "index": index + t}
+        if hidden_only:
+            return h, new_cache
         if last_logits_only:
             h = h[:, -1:]
+        return self.head(h), new_cache
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """Last-layer hidden states (..., D) -> logits (..., V) f32: final norm, LM head (tied or
+        not), Gemma's final soft-capping."""
         h = self.norm(h)
         if self.lm_head is None:
             logits = self.embed_tokens.attend(h)
         else:
             logits = self.lm_head(h)
         logits = logits.astype(jnp.float32)
-        if cfg.final_logit_softcapping is not None:
-            cap = cfg.final_logit_softcapping
+        if self.config.final_logit_softcapping is not None:
+            cap = self.config.final_logit_softcapping
             logits = jnp.tanh(logits / cap) * cap
-        new_cache = None
-        if cache is not None:
-            new_cache = {"k": k_all, "v": v_all, "mask": kv_valid, "index": index + t}
-        return logits, new_cache
+        return logits
 
 
 def _mask_fn(q_slots, kv_valid, window):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +96,12 @@ class SpeechLLM(nnx.Module):
     def encode(self, mel: jax.Array, *, split: Split | None = None, deterministic: bool = True,
                rngs: Any = None) -> jax.Array:
         """mel (B, n_mels, 3000) -> (B, Q', llm_dim) ("projector") or (B, Q, H) ("qformer")."""
-        enc = jax.lax.stop_gradient(self.encoder(mel))  # the encoder is always frozen
+        return self.adapt(self.encoder(mel), split=split, deterministic=deterministic, rngs=rngs)
+
+    def adapt(self, enc: jax.Array, *, split: Split | None = None, deterministic: bool = True,
+              rngs: Any = None) -> jax.Array:
+        """Encoder output (B, P, d_model) (e.g. from the feature cache) -> what `encode` returns."""
+        enc = jax.lax.stop_gradient(enc.astype(dtype_from_name(self.encoder.config.dtype)))  # the encoder is frozen
         feats = self.adapter.qformer_features(enc, deterministic=deterministic, rngs=rngs)
         if (split or self.config.split) == "qformer":
             return feats
@@ -129,10 +134,16 @@ class SpeechLLM(nnx.Module):
     def text_logits(self, speech: jax.Array, tokens: jax.Array, text_mask: jax.Array, *,
                     dropout_rng: jax.Array | None = None) -> jax.Array:
         """Logits predicting each text token: (B, T, V) where [:, t] predicts tokens[:, t]."""
+        return self.llm.head(self.text_hidden(speech, tokens, text_mask, dropout_rng=dropout_rng))
+
+    def text_hidden(self, speech: jax.Array, tokens: jax.Array, text_mask: jax.Array, *,
+                    dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Last-layer hidden states (pre-norm) predicting each text token: (B, T, D);
+        `self.llm.head` of [:, t] gives the logits for tokens[:, t]."""
         Q = speech.shape[1]
         embeds, mask = self.llm_inputs(speech, tokens, text_mask)
-        logits, _ = self.llm(embeds, positions_from_mask(mask), mask, dropout_rng=dropout_rng)
-        return logits[:, Q - 1:Q - 1 + tokens.shape[1]]
+        h, _ = self.llm(embeds, positions_from_mask(mask), mask, dropout_rng=dropout_rng, hidden_only=True)
+        return h[:, Q - 1:Q - 1 + tokens.shape[1]]
 
 
 def batch_mel(batch: dict, n_mels: int) -> jax.Array:
@@ -142,26 +153,79 @@ def batch_mel(batch: dict, n_mels: int) -> jax.Array:
     return log_mel_spectrogram_jax(batch["audio"], n_mels)
 
 
-def loss_fn(model: SpeechLLM, batch: dict, *, dropout_rng: jax.Array | None = None
-            ) -> tuple[jax.Array, dict]:
+LOSS_CHUNK_TOKENS = 256  # LM-head rows (batch x positions) per chunk of the text-only loss
+
+
+def answer_xent(head: Callable[[jax.Array], jax.Array], h: jax.Array, labels: jax.Array,
+                weights: jax.Array, *, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy summed over the weighted positions without materialising (B, T, V) logits.
+
+    head: (..., D) -> (..., V) f32 logits; h (B, T, D) hidden states; labels, weights (B, T).
+    -> (sum of weight * ce, sum of weight * [argmax == label]), both f32 scalars.
+
+    The head + cross-entropy run over chunks of c = chunk_tokens // B positions (rows stay rows,
+    so batch sharding is kept) in a scan whose body is under `jax.checkpoint`: the backward pass
+    recomputes one chunk's logits at a time. Peak: one (B, c, V) f32 chunk and its gradient.
+    (Skipping chunks without loss positions by `lax.cond` would save FLOPs, but differentiating a
+    cond inside a scan materialises per-chunk residuals of both branches: it multiplied memory.)
+    """
+    B, T, D = h.shape
+    w = weights.astype(jnp.float32)
+    c = max(1, min(T, chunk_tokens // B))
+    n = -(-T // c)
+    pad = n * c - T
+    if pad:
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        labels = jnp.pad(labels, ((0, 0), (0, pad)))
+        w = jnp.pad(w, ((0, 0), (0, pad)))
+    # (n, B, c, ...): scan over chunks of positions
+    xs = (h.reshape(B, n, c, D).swapaxes(0, 1), labels.reshape(B, n, c).swapaxes(0, 1),
+          w.reshape(B, n, c).swapaxes(0, 1))
+
+    @jax.checkpoint
+    def body(carry, x):
+        hc, lc, wc = x
+        logits = head(hc)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, lc)
+        hit = (jnp.argmax(logits, -1) == lc).astype(jnp.float32)
+        return (carry[0] + (ce * wc).sum(), carry[1] + (hit * wc).sum()), None
+
+    (ce, hit), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), xs)
+    return ce, hit
+
+
+def loss_fn(model: SpeechLLM, batch: dict, *, dropout_rng: jax.Array | None = None,
+            full_logits: bool = False, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[jax.Array, dict]:
     """Mean next-token cross-entropy over answer+eos tokens (f32) and token accuracy.
 
-    batch: mel (B, n_mels, 3000) or audio (B, 480000), tokens/loss_mask/attention_mask (B, T).
+    batch: mel (B, n_mels, 3000), audio (B, 480000) or cached encoder output enc (B, P, d_model),
+    tokens/loss_mask/attention_mask (B, T).
+    The LM head runs only on the text positions, in chunks (`answer_xent`); `full_logits`
+    computes the (B, T, V) logits at once instead (the reference the chunked loss is tested
+    against, and the baseline of bench/bench_train.py).
     """
     train = dropout_rng is not None
     rngs = None
     if train:
         dropout_rng, adapter_rng = jax.random.split(dropout_rng)
         rngs = nnx.Rngs(dropout=adapter_rng)
-    speech = model.encode(batch_mel(batch, model.config.encoder.num_mel_bins), split="projector",
-                          deterministic=not train, rngs=rngs)
-    logits = model.text_logits(speech, batch["tokens"], batch["attention_mask"], dropout_rng=dropout_rng)
+    if "enc" in batch:  # the feature cache: the frozen encoder does not run
+        speech = model.adapt(batch["enc"], split="projector", deterministic=not train, rngs=rngs)
+    else:
+        speech = model.encode(batch_mel(batch, model.config.encoder.num_mel_bins), split="projector",
+                              deterministic=not train, rngs=rngs)
     w = batch["loss_mask"].astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["tokens"])
     n = jnp.maximum(w.sum(), 1.0)
-    loss = (ce * w).sum() / n
-    acc = ((jnp.argmax(logits, -1) == batch["tokens"]) * w).sum() / n
-    return loss, {"loss": loss, "accuracy": acc, "tokens": w.sum()}
+    if full_logits:
+        logits = model.text_logits(speech, batch["tokens"], batch["attention_mask"], dropout_rng=dropout_rng)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["tokens"])
+        ce_sum = (ce * w).sum()
+        hits = ((jnp.argmax(logits, -1) == batch["tokens"]) * w).sum()
+    else:
+        h = model.text_hidden(speech, batch["tokens"], batch["attention_mask"], dropout_rng=dropout_rng)
+        ce_sum, hits = answer_xent(model.llm.head, h, batch["tokens"], w, chunk_tokens=chunk_tokens)
+    loss = ce_sum / n
+    return loss, {"loss": loss, "accuracy": hits / n, "tokens": w.sum()}
 
 
 def fingerprint(cfg: SpeechLLMConfig, params: Any = None) -> str:

@@ -46,6 +46,7 @@ from esrt_jax.convert.llm import load_hf_model
 from esrt_jax.convert.tokenizer import check_vocab, load_tokenizer
 from esrt_jax.convert.whisper import load_whisper_encoder
 from esrt_jax.data.demo import build_demo_corpus, default_demo_dir
+from esrt_jax.data.encode_cache import FeatureCache, encoder_fingerprint
 from esrt_jax.data.pipeline import (DataConfig, make_eval_batches, make_train_dataset, max_answer_tokens,
                                      open_sources)
 from esrt_jax.data.records import ListSource
@@ -68,7 +69,7 @@ MODEL_KEYS = {"builder", "whisper", "whisper_config", "llm", "llm_config", "toke
               "adapter", "llm_dtype", "llm_param_dtype", "encoder_dtype", "scan_layers", "remat", "split",
               "seed", "decode", "infer"}
 DATA_EXTRA = {"builder", "dev", "demo", "demo_dir", "dev_task"}
-BATCH_KEYS = ("mel", "audio", "tokens", "loss_mask", "attention_mask")
+BATCH_KEYS = ("mel", "audio", "enc", "tokens", "loss_mask", "attention_mask")
 
 
 def _check_keys(block: dict, allowed: set, where: str) -> None:
@@ -112,7 +113,7 @@ def speech_config(cfg: RunConfig):
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def _demo_dir(cfg: RunConfig) -> Path:
+def demo_dir(cfg: RunConfig) -> Path:
     d = cfg.data.get("demo_dir")
     return build_demo_corpus(d if d else default_demo_dir(), progress=jax.process_index() == 0)
 
@@ -142,7 +143,7 @@ def tokenizer_for(cfg: RunConfig):
     m = cfg.model
     spec = m.get("tokenizer") or m.get("llm")
     if spec == "demo":
-        tok = demo_tokenizer(str(_demo_dir(cfg)), int(m.get("tokenizer_vocab", 512)))
+        tok = demo_tokenizer(str(demo_dir(cfg)), int(m.get("tokenizer_vocab", 512)))
     elif spec:
         tok = load_tokenizer(spec)
     else:
@@ -224,8 +225,14 @@ def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
     buckets = tuple(cfg.data.get("text_buckets", (64, 128, 256)))
     n_mels = scfg.encoder.num_mel_bins
     frames = 2 * scfg.encoder.max_source_positions
+    if cfg.data.get("encoder_cache"):  # batches carry the cached encoder output, checked here
+        cache = _feature_cache(cfg, None if abstract else model.encoder)
+        feat = {"enc": ((scfg.encoder.max_source_positions, scfg.encoder.d_model),
+                        jnp.bfloat16 if cache.meta["dtype"] == "bfloat16" else jnp.float32)}
+    else:
+        feat = {"mel": ((n_mels, frames), jnp.float32)}
     bundle.batch_spec = lambda rows: {
-        "mel": jax.ShapeDtypeStruct((rows, n_mels, frames), jnp.float32),
+        **{k: jax.ShapeDtypeStruct((rows, *shape), dt) for k, (shape, dt) in feat.items()},
         "tokens": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32),
         "loss_mask": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32),
         "attention_mask": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32)}
@@ -233,6 +240,14 @@ def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
     if not abstract:
         bundle.decode_fn = _decoder(cfg, graphdef, nnx.state(model))
     return bundle
+
+
+def _feature_cache(cfg: RunConfig, encoder):
+    """data.encoder_cache opened and (given the encoder's weights) checked against them."""
+    cache = FeatureCache(cfg.data["encoder_cache"])
+    if encoder is not None:
+        cache.check(encoder_fingerprint(encoder))
+    return cache
 
 
 def _decoder(cfg: RunConfig, graphdef, state_template):
@@ -256,13 +271,22 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         batch = next(make_eval_batches(dc, tok, dev, _dev_task(cfg, dc), batch_size=n))
         rows = [int(i) for i in batch["record"] if i >= 0]
         recs = [dev[i] for i in rows]
+        task = _dev_task(cfg, dc)
+        if "enc" in batch:  # cached encoder output: only the adapter runs
+            feats = np.asarray(jax.jit(lambda e: model.adapt(e, split=tr.split))(
+                jnp.asarray(batch["enc"][:len(rows)])))
+            outs = tr.decode(feats, [r.src for r in recs], [r.tgt for r in recs], task=task,
+                             transcriptions=[r.transcription for r in recs] if task == "smt" else None)
+            return _report(task, recs, outs)
         if "mel" in batch:
             mel = batch["mel"][:len(rows)]
         else:
             mel = np.asarray(log_mel_spectrogram_jax(jnp.asarray(batch["audio"][:len(rows)]), dc.n_mels))
-        task = _dev_task(cfg, dc)
         outs = tr.translate(mel, [r.src for r in recs], [r.tgt for r in recs], task=task,
                             transcriptions=[r.transcription for r in recs] if task == "smt" else None)
+        return _report(task, recs, outs)
+
+    def _report(task, recs, outs):
         rep: dict = {}
         if task != "smt":
             rep["wer"] = float(asr_error([r.transcription for r in recs], [o["asr"] for o in outs], "wer"))
@@ -290,7 +314,7 @@ def _data_config(cfg: RunConfig, batch_size: int | None = None):
     d = {k: v for k, v in cfg.data.items() if k not in DATA_EXTRA}
     _check_keys(d, {f.name for f in dataclasses.fields(DataConfig)}, "data")
     if cfg.data.get("demo") and not d.get("train"):
-        d["train"] = [str(_demo_dir(cfg) / "train.jsonl")]
+        d["train"] = [str(demo_dir(cfg) / "train.jsonl")]
     d["batch_size"] = batch_size or cfg.train.batch_size
     d.setdefault("n_mels", speech_config(cfg).encoder.num_mel_bins)
     return from_dict(DataConfig, d, prefix="data")
@@ -299,7 +323,7 @@ def _data_config(cfg: RunConfig, batch_size: int | None = None):
 def _dev_source(cfg: RunConfig):
     """Dev records in data.languages, in a fixed shuffled order (so the first batches mix
     directions), or None when no dev set is configured."""
-    specs = cfg.data.get("dev") or ([str(_demo_dir(cfg) / "dev.jsonl")] if cfg.data.get("demo") else None)
+    specs = cfg.data.get("dev") or ([str(demo_dir(cfg) / "dev.jsonl")] if cfg.data.get("demo") else None)
     if not specs:
         return None
     src = open_sources(list(specs))

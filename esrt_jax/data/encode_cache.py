@@ -1,0 +1,263 @@
+"""Frozen-encoder feature cache: the Whisper encoder run once per unique audio, read back by key.
+
+    python -m esrt_jax.data.encode_cache --config C --out DIR [--dtype bfloat16] [--set k=v ...]
+
+Every stage freezes the encoder, and many-to-many data repeat each utterance once per
+(task, target language); with `data.encoder_cache: DIR` the pipeline ships the cached encoder
+output `enc (b, P, d_model)` instead of the mel and the train step / dev loss / dev decodes
+never run the encoder.
+
+Layout of DIR (written by `build`, read by `FeatureCache`):
+
+    meta.json          format, fingerprint (encoder weights + front end), front end settings,
+                       shape (P, d_model), dtype, shard_size, number of keys and shards
+    keys.json          the unique audio keys (`Record.audio`) in sorted order; key i lives in
+                       shard i // shard_size, row i % shard_size
+    shard-00000.npy    (<= shard_size, P, d_model) float32, or bfloat16 stored as uint16 bits;
+                       memory-mapped on read (random access from Grain workers)
+
+A shard is written to a temporary name and renamed, so a killed build leaves only complete
+shards; a rerun skips them. Multi-host: process p builds shards p, p + count, ... (run the
+command on every host with the same --config). Disk per utterance: P x d_model x 2 or 4 bytes,
+1500 x 512 (whisper-base) 3.1 MB fp32 / 1.5 MB bf16, 1500 x 1280 (whisper-large-v3) 7.7 MB
+fp32 / 3.8 MB bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from esrt_jax import audio as audio_lib
+from esrt_jax.config import ConfigError
+from esrt_jax.data import records as rec_lib
+
+FORMAT = 1
+DTYPES = ("float32", "bfloat16")
+
+
+class CacheError(ConfigError):
+    """A feature cache that does not fit this model or this data (message names what and where)."""
+
+
+def frontend_settings(encoder_cfg, sample_rate: int = 16000) -> dict:
+    """The settings that change the encoder's input: mel bins, sample rate, 30 s padding, frames."""
+    return {"n_mels": int(encoder_cfg.num_mel_bins), "sample_rate": int(sample_rate),
+            "padded_samples": int(audio_lib.N_SAMPLES), "frames": int(encoder_cfg.num_frames)}
+
+
+def encoder_fingerprint(encoder, sample_rate: int = 16000) -> str:
+    """sha256 (16 hex) of the encoder's weights (every leaf, in path order) and front end."""
+    h = hashlib.sha256(json.dumps(frontend_settings(encoder.config, sample_rate), sort_keys=True).encode())
+    for path, leaf in sorted(nnx.to_flat_state(nnx.state(encoder, nnx.Param)), key=lambda kv: str(kv[0])):
+        h.update(str(path).encode())
+        h.update(np.ascontiguousarray(np.asarray(jax.device_get(leaf.get_value()), np.float32)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _shard_path(out: Path, i: int) -> Path:
+    return out / f"shard-{i:05d}.npy"
+
+
+class FeatureCache:
+    """Read side: `cache[audio_key] -> (P, d_model)` float32 or bfloat16 (a memory-mapped row).
+
+    Picklable (Grain worker processes reopen the shards lazily)."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: str | None = None):
+        self.path = Path(path).expanduser()
+        meta_file = self.path / "meta.json"
+        if not meta_file.is_file():
+            raise CacheError(f"data.encoder_cache: {self.path} is not a feature cache (no meta.json); "
+                             f"build it with python -m esrt_jax.data.encode_cache --config C --out {self.path}")
+        self.meta = json.loads(meta_file.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise CacheError(f"data.encoder_cache: {self.path} has format {self.meta.get('format')}, "
+                             f"this code reads format {FORMAT}; rebuild it")
+        if fingerprint is not None:
+            self.check(fingerprint)
+        missing = [i for i in range(self.meta["shards"]) if not _shard_path(self.path, i).is_file()]
+        if missing:
+            raise CacheError(f"data.encoder_cache: {self.path} is incomplete ({len(missing)} of "
+                             f"{self.meta['shards']} shards missing, e.g. {_shard_path(self.path, missing[0]).name}); "
+                             f"rerun python -m esrt_jax.data.encode_cache to finish it")
+        keys = json.loads((self.path / "keys.json").read_text())
+        self._index = {k: i for i, k in enumerate(keys)}
+        self._shards: dict[int, np.ndarray] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.meta["shape"])
+
+    @property
+    def dtype(self):
+        return np.dtype(ml_dtypes.bfloat16) if self.meta["dtype"] == "bfloat16" else np.dtype(np.float32)
+
+    def check(self, fingerprint: str) -> None:
+        """Refuse a cache made for another encoder or front end."""
+        if self.meta["fingerprint"] != fingerprint:
+            raise CacheError(
+                f"data.encoder_cache: {self.path} was built for encoder/front end {self.meta['fingerprint']} "
+                f"({self.meta['frontend']}), but this model's is {fingerprint}; rebuild the cache "
+                f"for this encoder (python -m esrt_jax.data.encode_cache)")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        i = self._index.get(key)
+        if i is None:
+            raise CacheError(f"data.encoder_cache: audio {key} is not in the feature cache {self.path} "
+                             f"(built for other data?); rebuild it with the current data config")
+        s, r = divmod(i, self.meta["shard_size"])
+        arr = self._shards.get(s)
+        if arr is None:
+            arr = self._shards[s] = np.load(_shard_path(self.path, s), mmap_mode="r")
+        row = arr[r]
+        return row.view(self.dtype) if self.meta["dtype"] == "bfloat16" else row
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_shards"] = {}
+        return d
+
+
+def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], out: str | os.PathLike, *,
+          dtype: str = "float32", shard_size: int = 256, batch: int = 16, sample_rate: int = 16000,
+          process_index: int = 0, process_count: int = 1, progress: bool = True) -> dict:
+    """Encode every key's audio once (skipping finished shards) -> {'built', 'skipped'} shard counts.
+
+    encoder: a `WhisperEncoder`; load_mel(key) -> (n_mels, frames) float32 mel.
+    Batches are split over the local devices (data parallel); this process builds the shards
+    i with i % process_count == process_index.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype: {dtype!r} is not one of {list(DTYPES)}")
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    keys = sorted(set(keys))
+    cfg = encoder.config
+    shape = (cfg.max_source_positions, cfg.d_model)
+    meta = {"format": FORMAT, "fingerprint": encoder_fingerprint(encoder, sample_rate),
+            "frontend": frontend_settings(cfg, sample_rate), "shape": list(shape), "dtype": dtype,
+            "shard_size": int(shard_size), "keys": len(keys), "shards": -(-len(keys) // shard_size)}
+    meta_file = out / "meta.json"
+    if meta_file.is_file():
+        old = json.loads(meta_file.read_text())
+        if {k: old.get(k) for k in meta} != meta:
+            raise CacheError(f"--out: {out} holds a cache with other settings or another encoder "
+                             f"(fingerprint {old.get('fingerprint')}, this one {meta['fingerprint']}); "
+                             f"use a new folder")
+    if process_index == 0:
+        (out / "keys.json").write_text(json.dumps(keys))
+        meta_file.write_text(json.dumps(meta, indent=1))
+
+    devices = jax.local_devices()
+    mesh = Mesh(np.array(devices), ("data",))
+    in_sh = NamedSharding(mesh, P("data"))
+    graphdef, state = nnx.split(encoder)
+    out_dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+
+    @jax.jit
+    def encode(state, mel):
+        return nnx.merge(graphdef, state)(mel).astype(out_dt)
+
+    per = -(-batch // len(devices)) * len(devices)  # a multiple of the local device count
+    mine = [i for i in range(meta["shards"]) if i % process_count == process_index]
+    todo = [i for i in mine if not _shard_path(out, i).is_file()]
+    for i in todo:  # partial writes of a killed run
+        for stale in out.glob(f".tmp-{i:05d}-*"):
+            stale.unlink(missing_ok=True)
+    bar = tqdm(total=len(todo), desc="encoder cache shards", unit="shard", disable=not progress)
+    for i in todo:
+        shard_keys = keys[i * shard_size:(i + 1) * shard_size]
+        rows = []
+        for j in range(0, len(shard_keys), per):
+            mels = np.stack([load_mel(k) for k in shard_keys[j:j + per]]).astype(np.float32)
+            n = len(mels)
+            if n < per:
+                mels = np.concatenate([mels, np.zeros((per - n,) + mels.shape[1:], np.float32)])
+            rows.append(np.asarray(encode(state, jax.device_put(mels, in_sh)))[:n])
+        arr = np.concatenate(rows)
+        if dtype == "bfloat16":
+            arr = arr.view(np.uint16)  # .npy has no bfloat16: store the bits
+        tmp = out / f".tmp-{i:05d}-{os.getpid()}.npy"
+        np.save(tmp, arr)
+        os.replace(tmp, _shard_path(out, i))  # atomic: a kill leaves whole shards only
+        bar.update(1)
+    bar.close()
+    return {"built": len(todo), "skipped": len(mine) - len(todo)}
+
+
+def mel_loader(encoder_cfg, sources, sample_rate: int = 16000) -> Callable[[str], np.ndarray]:
+    """key -> (n_mels, frames) mel of the first record with that audio (the pipeline's front end:
+    30 s pad/trim, host log-mel, cut to the encoder's frames for test-sized encoders)."""
+    first: dict[str, tuple] = {}
+    for src in sources:
+        for i, k in enumerate(src.index().audio_key):
+            first.setdefault(str(k), (src, i))
+
+    def load(key: str) -> np.ndarray:
+        src, i = first[key]
+        wav = audio_lib.pad_or_trim(rec_lib.load_audio_of(src[i], sample_rate), audio_lib.N_SAMPLES)
+        return audio_lib.log_mel_spectrogram(wav, encoder_cfg.num_mel_bins)[:, :encoder_cfg.num_frames]
+    return load
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m esrt_jax.data.encode_cache",
+                                description="Run the frozen Whisper encoder once per unique audio of "
+                                            "the config's data.train and data.dev sources")
+    p.add_argument("--config", required=True, help="YAML run config (its model and data blocks)")
+    p.add_argument("--out", required=True, help="cache folder (set data.encoder_cache to it)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--batch", type=int, default=16, help="utterances per encoder call (default 16)")
+    p.add_argument("--shard-size", type=int, default=256, help="utterances per shard file (default 256)")
+    args = p.parse_args(argv)
+    # This CLI builds the model (train layer); the cache itself is data. Imported here so that the
+    # data pipeline can import this module (an exception listed in pyproject's layer contract).
+    from esrt_jax.data.pipeline import open_sources
+    from esrt_jax.train import speech
+    from esrt_jax.train.config import load_run_config
+
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        specs = list(cfg.data.get("train") or ()) + list(cfg.data.get("dev") or ())
+        if cfg.data.get("demo"):
+            d = speech.demo_dir(cfg)
+            specs += [str(d / "train.jsonl"), str(d / "dev.jsonl")]
+        sources = [open_sources([s]) for s in specs]
+        if not sources:
+            raise ConfigError("data: no train or dev sources to cache")
+        model, _ = speech.build_inference(cfg)
+        load = mel_loader(model.config.encoder, sources)
+        keys = sorted({str(k) for s in sources for k in s.index().audio_key})
+        stats = build(model.encoder, keys, load, args.out, dtype=args.dtype, shard_size=args.shard_size,
+                      batch=args.batch, process_index=jax.process_index(), process_count=jax.process_count())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    print(f"{args.out}: {stats['built']} shards built, {stats['skipped']} already there "
+          f"({len(keys)} utterances)")
+    return stats
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The answer-only chunked loss (`speech_llm.answer_xent`) equals the full-logits loss, and so
+do its gradients, on every LLM family, tied and untied heads, Gemma's soft-capping, LoRA with
+dropout; and the compiled step never holds the (B, Q'+T, V) / (B, T, V) logits."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from esrt_jax.models.llm import LoraConfig, config_from_hf
+from esrt_jax.models.qformer import QFormerConfig
+from esrt_jax.models.speech_llm import SpeechLLM, SpeechLLMConfig, loss_fn
+from esrt_jax.models.whisper import WhisperEncoderConfig
+
+B, T, N_MELS, FRAMES = 3, 24, 16, 32
+COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+FAMILIES = {
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=False),
+    "qwen3": dict(model_type="qwen3", tie_word_embeddings=True),
+    "llama": dict(model_type="llama", tie_word_embeddings=False),
+    "gemma3_text": dict(model_type="gemma3_text", tie_word_embeddings=True, sliding_window=4,
+                        layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=5.0),
+}
+
+
+def _model(family: str, lora: bool = False) -> SpeechLLM:
+    enc = WhisperEncoderConfig(num_mel_bins=N_MELS, d_model=16, encoder_layers=1, encoder_attention_heads=2,
+                               encoder_ffn_dim=32, max_source_positions=FRAMES // 2)
+    ad = QFormerConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                       encoder_hidden_size=16, num_queries=4, llm_dim=32)
+    llm = config_from_hf({**COMMON, **FAMILIES[family]})
+    lcfg = LoraConfig(targets=("q_proj", "v_proj"), rank=4, dropout=0.1) if lora else None
+    return SpeechLLM(SpeechLLMConfig(enc, ad, llm, lora=lcfg), rngs=nnx.Rngs(3))
+
+
+def _batch(seed: int = 0) -> dict:
+    rs = np.random.RandomState(seed)
+    lens = np.array([T, 15, 7])                  # full row, padded rows
+    starts = np.array([5, 3, 6])                 # answer starts after a prompt
+    attn = (np.arange(T)[None] < lens[:, None]).astype(np.int32)
+    loss = ((np.arange(T)[None] >= starts[:, None]) & (attn > 0)).astype(np.int32)
+    return {"mel": jnp.asarray(rs.randn(B, N_MELS, FRAMES), jnp.float32),
+            "tokens": jnp.asarray(rs.randint(0, 300, (B, T)) * attn, jnp.int32),
+            "attention_mask": jnp.asarray(attn), "loss_mask": jnp.asarray(loss)}
+
+
+def _both(model, batch, rng):
+    """(full-logits (loss, aux), grads), (chunked (loss, aux), grads) in one compile."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def vg(**kw):
+        f = lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, dropout_rng=rng, **kw)  # noqa: E731
+        return jax.value_and_grad(f, has_aux=True)(params)
+    # 5 positions per chunk (15 // B): several chunks and a padded last one
+    return jax.jit(lambda: (vg(full_logits=True), vg(chunk_tokens=15)))()
+
+
+@pytest.mark.parametrize("family,lora", [(f, False) for f in FAMILIES] + [("qwen2", True)])
+def test_chunked_loss_and_grads_match_full_logits(family, lora):
+    model = _model(family, lora)
+    batch = _batch()
+    rng = jax.random.key(7) if lora else None
+    ((l_full, a_full), g_full), ((l_chunk, a_chunk), g_chunk) = _both(model, batch, rng)
+    assert abs(float(l_full) - float(l_chunk)) <= 1e-5, (float(l_full), float(l_chunk))
+    assert float(a_full["accuracy"]) == float(a_chunk["accuracy"])
+    assert float(a_full["tokens"]) == float(a_chunk["tokens"]) == float(batch["loss_mask"].sum())
+    flat_f, flat_c = nnx.to_flat_state(g_full), nnx.to_flat_state(g_chunk)
+    worst = max(float(jnp.max(jnp.abs(a.get_value() - b.get_value()))) for (_, a), (_, b) in zip(flat_f, flat_c))
+    scale = max(float(jnp.max(jnp.abs(a.get_value()))) for _, a in flat_f)
+    assert scale > 0 and worst <= 1e-5, (family, worst, scale)
+
+
+def test_compiled_loss_never_holds_the_full_logits():
+    """Every vocabulary-sized buffer of the compiled grad(loss) (65k vocabulary, T = 96): the
+    full-logits loss has (B, T, V) f32 ones; the chunked loss none larger than one (B, c, V)
+    chunk or the (V, D) embedding (its gradient)."""
+    V, t = 65536, 96
+    m = _model("qwen2")
+    llm = config_from_hf({**COMMON, **FAMILIES["gemma3_text"], "vocab_size": V})
+    model = SpeechLLM(SpeechLLMConfig(m.config.encoder, m.config.adapter, llm), rngs=nnx.Rngs(0))
+    batch = {"mel": _batch()["mel"], "tokens": jnp.ones((B, t), jnp.int32),
+             "attention_mask": jnp.ones((B, t), jnp.int32),
+             "loss_mask": jnp.asarray(np.arange(t)[None].repeat(B, 0) >= 8, jnp.int32)}
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def largest_vocab_buffer(**kw):
+        f = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, **kw)[0])
+        hlo = jax.jit(f).lower(params).compile().as_text()
+        shapes = re.findall(r"[a-z]+\d+\[([0-9,]*\b%d\b[0-9,]*)\]" % V, hlo)
+        return max(math.prod(int(d) for d in s.split(",")) for s in shapes)
+
+    assert largest_vocab_buffer(full_logits=True) >= B * t * V
+    c = 12 // B
+    assert largest_vocab_buffer(chunk_tokens=12) <= max(B * c * V, V * COMMON["hidden_size"])

@@ -1,0 +1,150 @@
+"""The frozen-encoder feature cache: cached-feature loss == uncached loss, the pipeline ships
+`enc` from it, a cache for another encoder / front end is refused naming both fingerprints, an
+audio missing from it is an error naming the audio, and a build killed with SIGKILL resumes
+without recomputing its finished shards (a real subprocess)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+from esrt_jax.config import ConfigError
+from esrt_jax.data import encode_cache as ec
+from esrt_jax.data.pipeline import DataConfig, make_train_dataset
+from esrt_jax.data.records import open_source
+from esrt_jax.data.tasks import TaskTokenizer, collate
+from esrt_jax.models.speech_llm import loss_fn
+from esrt_jax.train.config import load_run_config
+from esrt_jax.train.speech import build_inference, build_model
+from helpers_sllm import RUN_CONFIG, tiny_speech_llm, write_tone
+from helpers_tokenizer import save_tiny_tokenizer, tiny_tokenizer
+
+N_UTT = 6
+
+
+def _corpus(d, n):
+    """n utterances (two languages) in d/train.jsonl -> path."""
+    lines = []
+    for i in range(n):
+        wav = write_tone(d / f"u{i}.wav", 0.3 + 0.05 * i, 200 + 40 * i, seed=i)
+        lines.append(json.dumps({"id": f"u{i}", "audio": str(wav), "src": "eng", "tgt": "deu",
+                                 "asr": f"hello {i}", "s2tt": f"hallo {i}"}))
+    (d / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return d / "train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cache")
+    src = open_source(str(_corpus(d, N_UTT)))
+    model = tiny_speech_llm()
+    load = ec.mel_loader(model.config.encoder, [src])
+    keys = [str(k) for k in src.index().audio_key]
+    stats = ec.build(model.encoder, keys, load, d / "c", shard_size=4, batch=3, progress=False)
+    return d, src, model, load, keys, stats
+
+
+def test_cached_features_give_the_uncached_loss(built):
+    d, src, model, load, keys, stats = built
+    assert stats == {"built": 2, "skipped": 0}
+    cache = ec.FeatureCache(d / "c", ec.encoder_fingerprint(model.encoder))
+    assert len(cache) == N_UTT and cache.shape == (32, 32)
+    tt = TaskTokenizer(tiny_tokenizer(320))
+    recs = [src[i] for i in range(3)]
+    batch = {k: jnp.asarray(v) for k, v in collate(
+        [tt.encode("srt", r.src, r.tgt, r.transcription, r.translation) for r in recs], (64,), tt.pad_id).items()}
+    plain = loss_fn(model, {**batch, "mel": jnp.asarray(np.stack([load(r.audio) for r in recs]))})
+    cached = loss_fn(model, {**batch, "enc": jnp.asarray(np.stack([cache[r.audio] for r in recs]))})
+    assert abs(float(plain[0]) - float(cached[0])) <= 1e-6, (float(plain[0]), float(cached[0]))
+    assert float(plain[1]["accuracy"]) == float(cached[1]["accuracy"])
+
+
+def test_pipeline_ships_cached_encoder_output(built):
+    d, src, model, load, keys, _ = built
+    cfg = DataConfig(train=(str(d / "train.jsonl"),), batch_size=4, text_buckets=(64,), n_mels=80,
+                     encoder_cache=str(d / "c"), shard_index=0, shard_count=1)
+    batch = next(iter(make_train_dataset(cfg, tiny_tokenizer(320))))
+    assert "mel" not in batch and batch["enc"].shape == (4, 32, 32)
+    cache = ec.FeatureCache(d / "c")
+    for row, r in zip(batch["enc"], batch["record"]):
+        np.testing.assert_array_equal(row, cache[src[int(r)].audio])
+
+
+def test_foreign_cache_and_missing_audio_are_refused(built):
+    d, src, model, load, keys, _ = built
+    other = tiny_speech_llm(seed=1).encoder
+    mine, theirs = ec.encoder_fingerprint(model.encoder), ec.encoder_fingerprint(other)
+    assert mine != theirs
+    with pytest.raises(ConfigError, match=f"{mine}.*{theirs}"):
+        ec.FeatureCache(d / "c", theirs)
+    with pytest.raises(ConfigError, match=f"{mine}.*{theirs}"):  # building into it, too
+        ec.build(other, keys, load, d / "c", shard_size=4, progress=False)
+    with pytest.raises(ConfigError, match="nowhere.wav"):
+        ec.FeatureCache(d / "c")["/data/nowhere.wav"]
+    # bfloat16 round trip of the same encoder output
+    ec.build(model.encoder, keys[:2], load, d / "bf", dtype="bfloat16", shard_size=4, progress=False)
+    bf = ec.FeatureCache(d / "bf", mine)
+    f32 = ec.FeatureCache(d / "c")
+    k = sorted(keys)[0]
+    np.testing.assert_allclose(np.asarray(bf[k], np.float32), f32[k], rtol=1e-2, atol=1e-2)
+
+
+def test_killed_build_resumes_without_recomputing_finished_shards(tmp_path):
+    n = 40
+    train = _corpus(tmp_path, n)
+    save_tiny_tokenizer(tmp_path / "tok", vocab_size=320)
+    cfg = yaml.safe_load(RUN_CONFIG.format(run_dir=tmp_path / "runs", tok_dir=tmp_path / "tok"))
+    cfg["data"]["train"] = [str(train)]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "esrt_jax.data.encode_cache", "--config", str(tmp_path / "run.yaml"),
+           "--out", str(out), "--shard-size", "1", "--batch", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(list(out.glob("shard-*.npy"))) < 2:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard-*.npy")}
+    assert 2 <= len(done) < n, f"{len(done)} shards before the kill"
+    stats = ec.main(["--config", str(tmp_path / "run.yaml"), "--out", str(out), "--shard-size", "1",
+                     "--batch", "1"])
+    assert stats == {"built": n - len(done), "skipped": len(done)}
+    for name, st in done.items():  # untouched: not rewritten
+        p = out / name
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == st, name
+    assert not list(out.glob(".tmp-*"))  # the killed process's partial write is cleaned up
+    cache = ec.FeatureCache(out)
+    assert len(cache) == n
+    model, _ = build_inference(load_run_config(tmp_path / "run.yaml"))
+    load = ec.mel_loader(model.config.encoder, [open_source(str(train))])
+    keys = json.loads((out / "keys.json").read_text())
+    for k in (keys[0], keys[-1]):  # one shard from before the kill, one from after
+        want = np.asarray(model.encoder(jnp.asarray(load(k)[None])))[0]
+        np.testing.assert_allclose(cache[k], want, rtol=1e-5, atol=1e-5)
+
+
+def test_model_builder_checks_the_cache(built, tmp_path):
+    """build_model checks data.encoder_cache against its encoder; its batches then carry enc."""
+    d = built[0]
+    save_tiny_tokenizer(tmp_path / "tok", vocab_size=320)
+    cfg = yaml.safe_load(RUN_CONFIG.format(run_dir=tmp_path / "runs", tok_dir=tmp_path / "tok"))
+    cfg["data"]["encoder_cache"] = str(d / "c")  # built by another (seed 0) encoder than seed 3's
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    rc = load_run_config(tmp_path / "run.yaml").for_stage("srt")
+    model, _ = build_inference(rc)
+    theirs = ec.FeatureCache(d / "c").meta["fingerprint"]
+    with pytest.raises(ConfigError, match=f"{theirs}.*{ec.encoder_fingerprint(model.encoder)}"):
+        build_model(rc)
+    ec.build(model.encoder, built[4], built[3], tmp_path / "mine", shard_size=4, progress=False)
+    cfg["data"]["encoder_cache"] = str(tmp_path / "mine")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    spec = build_model(load_run_config(tmp_path / "run.yaml").for_stage("srt")).batch_spec(2)
+    assert "mel" not in spec and spec["enc"].shape == (2, 32, 32)
