@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["build_parser", "main", "run_score", "run_decode", "default_out_dir"]
+__all__ = ["build_parser", "main", "run_score", "run_decode", "default_out_dir", "default_test_sets"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +152,13 @@ def _listening(rf, scores, keep: Optional[set]):
     return listening.listening(rf.records, scores, metrics.score_records(sw, use_spbleu=False), sw)
 
 
-def _default_data(cfg) -> list[tuple[str, str]]:
+def _default_data(cfg) -> str | None:
+    """The first default test set of a demo run config (`default_test_sets`), else None."""
+    sets = default_test_sets(cfg)
+    return sets[0][1] if sets else None
+
+
+def default_test_sets(cfg) -> list[tuple[str, str]]:
     """[(label, test file)] for a run config that trains on the demo corpus (built if needed): its
     test set of held-out sentences and, with `data.demo_heldout_clips`, first the trained clips with
     noise added and the held-out clips (training sentences, each in the voice it was not trained
@@ -189,7 +195,7 @@ def run_decode(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t_load = time.perf_counter() - t_start
-    sets = [("", args.data)] if args.data else _default_data(loaded.run_config)
+    sets = [("", args.data)] if args.data else default_test_sets(loaded.run_config)
     if not sets:
         print("error: --data is required (the run config does not use the demo corpus)", file=sys.stderr)
         return 2

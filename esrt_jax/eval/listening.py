@@ -28,7 +28,8 @@ from typing import Iterable, Optional, Sequence
 
 from esrt_jax.eval.metrics import Scores, clean_segment
 
-__all__ = ["Listening", "distinct_counts", "pick_examples", "swap_partners", "swapped_path", "listening", "rotate_rows"]
+__all__ = ["Listening", "distinct_counts", "pick_examples", "swap_partners", "swapped_path", "listening", "rotate_rows",
+           "normalize"]
 
 
 def swapped_path(results: str | Path) -> Path:
@@ -84,6 +85,7 @@ def swap_partners(paths: Sequence[str], src: Sequence[str], transcripts: Sequenc
 
 
 def normalize(text: str) -> str:
+    """Case- and whitespace-insensitive form, for comparing transcriptions."""
     return " ".join(text.lower().split())
 
 
@@ -151,7 +153,8 @@ class Listening:
     def terminal_examples(self) -> list[str]:
         out = []
         if self.examples:
-            out.append(f"examples (ref / hyp{' / hyp with another clip' + chr(39) + 's audio' if self.swapped_records else ''}):")
+            swap = " / hyp with another clip's audio" if self.swapped_records else ""
+            out.append(f"examples (ref / hyp{swap}; = exact, ≠ not):")
         for e in self.examples:
             ok = "=" if normalize(e["hyp"]) == normalize(e["ref"]) else "≠"
             out.append(f"  {e['id']} {e['src']}->{e['tgt']}")
