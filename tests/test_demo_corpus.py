@@ -261,3 +261,33 @@ def test_default_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.delenv("ESRT_JAX_DEMO_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert demo.default_demo_dir() == tmp_path / "cache" / "esrt_jax" / "demo"
+
+
+def test_heldout_clip_split_and_noisy_copies(builds, tmp_path):
+    """Each training sentence is held out in exactly one voice and trained in the other; the
+    noisy copies are new, deterministic audio of the same utterances."""
+    import shutil
+
+    import soundfile
+
+    d = tmp_path / "c"
+    shutil.copytree(builds[0], d)
+    split = demo.clip_split(d, sentences=4)
+    recs = {k: [json.loads(l) for l in p.read_text("utf-8").splitlines()] for k, p in split.items()}
+    held = {(r["sentence"], r["src"], r["speaker"]) for r in recs["heldout"]}
+    trained = {(r["sentence"], r["src"], r["speaker"]) for r in recs["train"]}
+    assert not held & trained
+    assert {s for s, _, _ in held} == {s for s, _, _ in trained} == {0, 1, 2, 3}
+    assert {sp for s, _, sp in held if s == 0} != {sp for s, _, sp in held if s == 1}  # voices alternate
+    assert len(held) == len(trained) == 4 * len(SUB_LANGS)
+    noisy = demo.noisy_clips(d, split["train"])
+    rows = [json.loads(l) for l in noisy.read_text("utf-8").splitlines()]
+    assert [r["id"] for r in rows] == [r["id"] for r in recs["train"]]
+    a, _ = soundfile.read(str(d / rows[0]["audio"]))
+    b, _ = soundfile.read(str(d / recs["train"][0]["audio"]))
+    assert a.shape == b.shape and 0 < np.abs(a - b).max() < 0.1
+    first = (d / rows[0]["audio"]).read_bytes()
+    shutil.rmtree(d / Path(rows[0]["audio"]).parts[0])
+    noisy.unlink()
+    demo.noisy_clips(d, split["train"])
+    assert (d / rows[0]["audio"]).read_bytes() == first

@@ -76,6 +76,7 @@ def reference(trained):
                                    batch_size=ROWS))
     recs = [dev[int(i)] for i in batch["record"][:ROWS]]
     b = {k: batch[k] for k in ("mel", "tokens", "loss_mask", "attention_mask")}
+    b["mel"] = b["mel"][..., :loaded.model.config.encoder.num_frames]  # the demo encoder takes 3 s
     loss = float(loss_fn(loaded.model, {k: jax.numpy.asarray(v) for k, v in b.items()})[0])
     tr = translator_for(loaded, max_batch=ROWS)
     src, tgt = [r.src for r in recs], [r.tgt for r in recs]

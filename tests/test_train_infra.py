@@ -157,6 +157,18 @@ def test_same_losses_on_1_and_8_devices(runs):
     assert abs(r1.dev["dev_loss"] - r8.dev["dev_loss"]) < 1e-5
 
 
+def test_dev_loss_with_shuffled_input_shows_the_audio_gap(runs, tmp_path):
+    cfg, d, r1, _ = runs
+    assert r1.dev["dev_loss_shuffled"] > r1.dev["dev_loss"] + 0.05, r1.dev
+    assert r1.dev["dev_audio_gap"] == pytest.approx(r1.dev["dev_loss_shuffled"] - r1.dev["dev_loss"])
+    logged = [json.loads(l) for l in (d / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert any("dev_loss_shuffled" in rec for rec in logged)
+    deaf = from_dict(RunConfig, {**json.loads(json.dumps(TOY)), "model": {**TOY["model"], "deaf": True}}
+                     ).for_stage("asr")
+    r = run_toy(deaf, tmp_path / "deaf", mesh1())
+    assert abs(r.dev["dev_audio_gap"]) < 1e-6, r.dev
+
+
 def test_checkpoint_saved_on_8_devices_restores_on_1(runs):
     cfg, d, r1, r8 = runs
     longer = toy_cfg(steps=8)

@@ -53,7 +53,11 @@ def build_model(cfg, *, abstract: bool = False):
     make = lambda: Toy(mlp, rngs=nnx.Rngs(seed))  # noqa: E731
     model = nnx.eval_shape(make) if abstract else make()
     patterns = cfg.train.trainable or ("^adapter_", "^head/")
-    bundle, _ = split_nnx(model, patterns, module_loss)
+    loss = module_loss
+    if cfg.model.get("deaf"):  # a model that ignores its input (for the dev audio-gap check)
+        loss = lambda m, b, r: module_loss(m, {**b, "x": 0.0 * b["x"]}, r)  # noqa: E731
+    bundle, _ = split_nnx(model, patterns, loss)
+    bundle.speech_keys = ("x",)
     bundle.batch_spec = lambda rows: {
         "x": jax.ShapeDtypeStruct((rows, T, F), jnp.float32),
         "labels": jax.ShapeDtypeStruct((rows, T), jnp.int32),

@@ -42,6 +42,7 @@ import shutil
 import sys
 import time
 import traceback
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -504,6 +505,75 @@ def _build(out_dir, chosen, variants, sentences, audio_format, config, config_ha
             f"({time.perf_counter() - start:.1f} s)",
             file=sys.stderr,
         )
+
+
+def clip_split(demo_dir: str | os.PathLike, sentences: int | None = None) -> dict[str, Path]:
+    """The held-out-clip view of a built demo corpus: {"train": ..., "heldout": ...}.
+
+    Every training sentence of the table is held out in ONE voice (the k-th training sentence in
+    voice k mod n_voices) and trained in the others: `train` holds the other voices' records,
+    `heldout` the held-out voice's. Each held-out clip is audio the model never saw, of a sentence
+    it was trained on (in another voice), in a voice it was trained on (on other sentences): a
+    test of listening, not of translating unseen sentences (that is test.jsonl). `sentences`:
+    only the first n training sentences. Written once next to the corpus' own JSONL files (same
+    folder, so the relative audio paths hold), atomically.
+    """
+    d = Path(demo_dir)
+    voices = json.loads((d / "manifest.json").read_text())["voices"]
+    if len(voices) < 2:
+        raise DemoCorpusError(f"{d}: held-out clips need at least 2 voices, the corpus has {voices}")
+    tag = f"s{sentences}" if sentences else "all"
+    paths = {"train": d / f"train_clips_{tag}.jsonl", "heldout": d / f"heldout_clips_{tag}.jsonl"}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    lines = (d / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    kept = sorted({json.loads(l)["sentence"] for l in lines})[:sentences]
+    held_voice = {s: voices[k % len(voices)] for k, s in enumerate(kept)}
+    out: dict[str, list[str]] = {"train": [], "heldout": []}
+    for line in lines:
+        r = json.loads(line)
+        if r["sentence"] in held_voice:
+            out["heldout" if r["speaker"] == held_voice[r["sentence"]] else "train"].append(line + "\n")
+    for key, p in paths.items():
+        tmp = p.with_name(f".{p.name}.{os.getpid()}")
+        tmp.write_text("".join(out[key]), encoding="utf-8")
+        os.replace(tmp, p)
+    return paths
+
+
+def noisy_clips(demo_dir: str | os.PathLike, records: str | os.PathLike, snr_db: float = 30.0) -> Path:
+    """`records` (a JSONL of this corpus) with every clip replaced by a copy with white noise at
+    `snr_db` dB SNR (seeded by the utterance id: deterministic). The audio differs from what the
+    model was trained on, the utterances do not: a check that outputs follow the audio rather
+    than a test of generalisation. Written once next to the corpus (`noisy<snr>/`); returns the
+    JSONL path."""
+    d = Path(demo_dir)
+    src = Path(records)
+    tag = f"noisy{snr_db:g}"
+    out = d / f"{src.stem}_{tag}.jsonl"
+    if out.is_file():
+        return out
+    lines = []
+    done: set[str] = set()
+    for line in src.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        rel = f"{tag}/{r['audio']}"
+        if rel not in done:
+            done.add(rel)
+            wav, sr = soundfile.read(str(d / r["audio"]), dtype="float32")
+            rng = np.random.default_rng(zlib.crc32(r["audio"].encode()))
+            noise = rng.standard_normal(wav.shape).astype(np.float32)
+            noise *= np.sqrt(np.mean(wav ** 2) / 10 ** (snr_db / 10)) / max(float(np.std(noise)), 1e-9)
+            path = d / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            soundfile.write(tmp, np.clip(wav + noise, -1.0, 1.0), sr, subtype="PCM_16", format="FLAC")
+            os.replace(tmp, path)
+        lines.append(json.dumps({**r, "audio": rel}, ensure_ascii=False, sort_keys=True) + "\n")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,13 +4,17 @@ Decode + score:
 
     python eval.py --config configs/demo.yaml --checkpoint runs/demo [--data test.jsonl]
         [--src eng,deu] [--tgt all] [--langs eng,deu,fra] [--limit N] [--beam 5] [--batch 64]
-        [--task srt|asr|smt] [--max-new-tokens N] [--out DIR] [--overwrite]
+        [--task srt|asr|smt] [--max-new-tokens N] [--out DIR] [--overwrite] [--no-swap]
 
 decodes every (utterance, target) record of `--data` (ESRT or LLM-SRT JSONL; default: the demo
-corpus' test set when the config trains on it) with the jitted generator, encoding each audio
+corpus' test sets when the config trains on it: with `data.demo_heldout_clips`, the trained clips
+with noise added, the held-out clips, then the held-out sentences, each reported, then one
+closing line per set) with the jitted generator, encoding each audio
 once for all its targets (`esrt_jax.eval.decode`), writes `DIR/results.jsonl` in the public ESRT
 result schema, then scores it into DIR exactly as `--score` does. An interrupted decode resumes
-from the records already in `results.jsonl`. Without --src/--tgt/--langs, the languages are the
+from the records already in `results.jsonl`. Then, unless `--no-swap`, the same records are
+decoded again with each clip's audio swapped for another clip's (`results.swapped.jsonl`), for
+the listening diagnostic (audio gain, distinct outputs: `esrt_jax.eval.listening`). Without --src/--tgt/--langs, the languages are the
 run config's `data.languages` when it names them (the languages the model was trained on).
 
 Score only (no model):
@@ -27,21 +31,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 from esrt_jax import metrics
+from esrt_jax.audio import mel_from_file
 from esrt_jax.config import ConfigError
-from esrt_jax.data.demo import build_demo_corpus, default_demo_dir
+from esrt_jax.data.demo import build_demo_corpus, clip_split, default_demo_dir, noisy_clips
 from esrt_jax.eval import compare as cmp
 from esrt_jax.eval import decode as dec
-from esrt_jax.eval import report, results
+from esrt_jax.eval import listening, report, results
 from esrt_jax.infer.cloud import translator_for
 from esrt_jax.train.restore import load_model
 
-__all__ = ["build_parser", "main", "run_score", "run_decode", "default_out_dir"]
+__all__ = ["build_parser", "main", "run_score", "run_decode", "default_out_dir", "default_test_sets"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", metavar="DIR",
                    help="report directory (decode: also holds results.jsonl; default <stage dir>/eval/<data name>; "
+                        "several default demo test sets: the first here, the others in subfolders; "
                         "score: <results name>_scores next to the file)")
     p.add_argument(
         "--compare",
@@ -84,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch", type=int, default=64, help="utterances per encode and records per decode (default 64)")
     d.add_argument("--max-new-tokens", type=int, metavar="N", help="generation length cap (default: the config's)")
     d.add_argument("--overwrite", action="store_true", help="start the results file over instead of resuming")
+    d.add_argument("--no-swap", dest="swap", action="store_false",
+                   help="skip the listening check (a second decode with each clip's audio replaced by "
+                        "another clip's, scored as the audio gain; it doubles the decode time)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -115,6 +125,7 @@ def run_score(args: argparse.Namespace, keep: Optional[set] = None) -> int:
         )
         return 1
     scores = metrics.score_records(rf.records)
+    listen = _listening(rf, scores, keep)
     comparison = None
     if other_rf is not None:
         if not other_rf.records:
@@ -126,22 +137,51 @@ def run_score(args: argparse.Namespace, keep: Optional[set] = None) -> int:
             counts = ", ".join(f"{k} {v}" for k, v in sorted(other_rf.issue_counts().items()))
             print(f"{other_rf.path}: {len(other_rf.issues)} issues ({counts})")
     out_dir = Path(args.out) if args.out else default_out_dir(args.score)
-    paths = report.write_reports(scores, rf, out_dir, comparison, args.compare or "")
-    print(report.format_terminal(scores, rf, comparison, args.compare or ""))
+    paths = report.write_reports(scores, rf, out_dir, comparison, args.compare or "", listen)
+    print(report.format_terminal(scores, rf, comparison, args.compare or "", listen))
     print()
     print(f"reports in {out_dir}: " + ", ".join(p.name for p in paths.values()))
     return 0
 
 
+def _listening(rf, scores, keep: Optional[set]):
+    """Listening diagnostics of rf; with its swapped-audio decode (`listening.swapped_path`)
+    when that file is there, restricted to the records of rf."""
+    sw_path = listening.swapped_path(rf.path)
+    if not sw_path.is_file():
+        return listening.listening(rf.records, scores)
+    mine = {(r.id, r.src, r.tgt) for r in rf.records}
+    sw = [r for r in results.read_results(sw_path).records if (r.id, r.src, r.tgt) in mine]
+    if not sw:
+        return listening.listening(rf.records, scores)
+    return listening.listening(rf.records, scores, metrics.score_records(sw, use_spbleu=False), sw)
+
+
 def _default_data(cfg) -> str | None:
-    """The demo corpus' test set when the run config trains on the demo corpus (built if needed)."""
+    """The first default test set of a demo run config (`default_test_sets`), else None."""
+    sets = default_test_sets(cfg)
+    return sets[0][1] if sets else None
+
+
+def default_test_sets(cfg) -> list[tuple[str, str]]:
+    """[(label, test file)] for a run config that trains on the demo corpus (built if needed): its
+    test set of held-out sentences and, with `data.demo_heldout_clips`, first the trained clips with
+    noise added and the held-out clips (training sentences, each in the voice it was not trained
+    in). [] otherwise."""
     if not cfg.data.get("demo"):
-        return None
-    return str(build_demo_corpus(cfg.data.get("demo_dir") or default_demo_dir()) / "test.jsonl")
+        return []
+    d = build_demo_corpus(cfg.data.get("demo_dir") or default_demo_dir())
+    out = []
+    if cfg.data.get("demo_heldout_clips"):
+        split = clip_split(d, cfg.data.get("demo_sentences"))
+        out.append(("trained clips + noise", str(noisy_clips(d, split["train"]))))
+        out.append(("held-out clips", str(split["heldout"])))
+    out.append(("held-out sentences", str(d / "test.jsonl")))
+    return out
 
 
 def run_decode(args: argparse.Namespace) -> int:
-    """Load the model, decode the test set into OUT/results.jsonl (resuming), then score it."""
+    """Load the model, decode the test set(s) into OUT/results.jsonl (resuming), then score them."""
     t_start = time.perf_counter()
     try:
         loaded = load_model(args.config, args.checkpoint, args.set)
@@ -155,8 +195,8 @@ def run_decode(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t_load = time.perf_counter() - t_start
-    data = args.data or _default_data(loaded.run_config)
-    if data is None:
+    sets = [("", args.data)] if args.data else default_test_sets(loaded.run_config)
+    if not sets:
         print("error: --data is required (the run config does not use the demo corpus)", file=sys.stderr)
         return 2
     langs = args.langs
@@ -165,20 +205,56 @@ def run_decode(args: argparse.Namespace) -> int:
         langs = ",".join(cfg_langs)
         print(f"languages: {langs} (the run config's data.languages; --langs all for every language in the data)",
               file=sys.stderr)
+    closing = []
+    rc = 0
+    for i, (label, data) in enumerate(sets):
+        if label:
+            print(f"\n=== {label}: {data}", file=sys.stderr)
+        # --out holds the first test set's reports, further default sets go into subfolders.
+        out = args.out if not args.out or i == 0 else str(Path(args.out) / Path(data).stem)
+        rc_one, summary = _decode_and_score(args, loaded, tr, data, langs, t_start, t_load, out)
+        rc = max(rc, rc_one)
+        if summary is not None:
+            closing.append((label or Path(data).stem, summary))
+    if len(closing) > 1:
+        print()
+        print(_closing_table(closing))
+    return rc
+
+
+def _closing_table(rows: list[tuple[str, dict]]) -> str:
+    """One line per test set: BLEU, ASR error, audio gains, distinct share."""
+    def f(v, nd=1):
+        return "n/a" if v is None else f"{v:.{nd}f}"
+
+    head = ["test set", "BLEU", "ASR err %", "BLEU gain", "WER gain", "distinct", "records"]
+    body = []
+    for label, s in rows:
+        li = s.get("listening", {})
+        body.append([label, f(s["averages"].get("bleu")), f(s["averages"].get("asr_error")), f(li.get("bleu_gain")),
+                     f(li.get("wer_gain")), f(li.get("distinct_share"), 2), str(s["records"])])
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join(["summary (audio gain: real audio minus another clip's audio; distinct: distinct outputs / "
+                      "distinct references)", fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
+
+
+def _decode_and_score(args, loaded, tr, data: str, langs, t_start: float, t_load: float, out: Optional[str]):
+    """Decode one test file (and its swapped-audio twin), score it: (exit code, summary dict or None)."""
     try:
         items, issues = dec.read_items(data, src=args.src, tgt=args.tgt, langs=langs, limit=args.limit,
                                        task=args.task)
     except Exception as e:  # DecodeError, LanguageError for a bad --src/--tgt/--langs code
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2, None
     if issues:
         print(dec.summarize_issues(issues, data), file=sys.stderr)
     if not items:
         print(f"error: {data}: no records to decode for this selection", file=sys.stderr)
-        return 1
+        return 1, None
     stage_dir = loaded.checkpoint_dir.parent if loaded.checkpoint_dir is not None else Path(loaded.run_config.run_dir)
     name = Path(data).stem + ("" if args.task == "srt" else f"_{args.task}")
-    out_dir = Path(args.out) if args.out else stage_dir / "eval" / name
+    out_dir = Path(out) if out else stage_dir / "eval" / name
     results_path = out_dir / "results.jsonl"
     info = {"config": str(args.config), "overrides": list(args.set), "checkpoint": str(args.checkpoint),
             "stage": loaded.stage, "step": loaded.step, "data": str(Path(data).absolute())}
@@ -191,7 +267,7 @@ def run_decode(args: argparse.Namespace) -> int:
                                    fingerprint=loaded.fingerprint)
     except dec.DecodeError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2, None
     all_issues = issues + stats.issues
     (out_dir / "decode_issues.txt").write_text(
         "".join(f"{data}:{i.line}: [{i.kind}] {i.message}\n" for i in all_issues), encoding="utf-8")
@@ -202,8 +278,30 @@ def run_decode(args: argparse.Namespace) -> int:
           f"{stats.selected}; encoded {stats.audio_encoded} utterances in {stats.encode_s:.1f}s, decode "
           f"{stats.decode_s:.1f}s ({rate:.1f} rec/s, compiles included); total {time.perf_counter() - t_start:.1f}s",
           file=sys.stderr)
+    sw_path = listening.swapped_path(results_path)
+    if args.swap:
+        # The listening check: the same records again, each clip's audio replaced by another one's.
+        partners = listening.swap_partners([it.path for it in items], [it.src for it in items],
+                                           [it.asr for it in items])
+        enc = tr.config.encoder
+        t0 = time.perf_counter()
+        try:
+            sw = dec.decode_to_file(tr, items, sw_path, task=args.task, batch=args.batch,
+                                    progress=not args.no_progress, overwrite=args.overwrite,
+                                    info={**info, "audio": "swapped"}, fingerprint=loaded.fingerprint,
+                                    mel_fn=lambda p: mel_from_file(partners[p], enc.num_mel_bins, enc.num_frames)[0])
+        except dec.DecodeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2, None
+        print(f"swapped-audio decode: {sw.decoded} records in {time.perf_counter() - t0:.1f}s -> {sw_path}",
+              file=sys.stderr)
+    elif sw_path.exists():
+        sw_path.unlink()  # a stale one would be scored as this decode's
     score_args = argparse.Namespace(score=str(results_path), out=str(out_dir), compare=args.compare)
-    return run_score(score_args, keep={it.key for it in items})
+    rc = run_score(score_args, keep={it.key for it in items})
+    summary_path = out_dir / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if rc == 0 and summary_path.is_file() else None
+    return rc, summary
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

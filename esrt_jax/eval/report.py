@@ -20,6 +20,7 @@ from matplotlib.patches import Patch
 
 from esrt_jax import languages
 from esrt_jax.eval.compare import Comparison
+from esrt_jax.eval.listening import Listening
 from esrt_jax.eval.results import ResultsFile
 from esrt_jax.metrics import Scores
 
@@ -59,7 +60,8 @@ def _metrics(scores: Scores) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------- summary.json
 
 
-def summary_dict(scores: Scores, rf: ResultsFile, comparison: Optional[Comparison] = None, compare_name: str = "") -> dict:
+def summary_dict(scores: Scores, rf: ResultsFile, comparison: Optional[Comparison] = None, compare_name: str = "",
+                 listening: Optional[Listening] = None) -> dict:
     metrics = [m for m, _ in _metrics(scores)]
     out = {
         "results": rf.path,
@@ -93,6 +95,8 @@ def summary_dict(scores: Scores, rf: ResultsFile, comparison: Optional[Compariso
             "cer": _round(scores.asr_average("cer")),
         }
     )
+    if listening is not None:
+        out["listening"] = listening.to_dict()
     if comparison is not None:
         out["compare"] = comparison.to_dict(rf.path, compare_name)
     return out
@@ -159,7 +163,8 @@ def _md_comparison(comparison: Comparison, langs: tuple[str, ...], name_a: str, 
 
 
 def markdown_report(
-    scores: Scores, rf: ResultsFile, comparison: Optional[Comparison] = None, compare_name: str = ""
+    scores: Scores, rf: ResultsFile, comparison: Optional[Comparison] = None, compare_name: str = "",
+    listening: Optional[Listening] = None,
 ) -> str:
     lines = [f"# Scores for `{rf.path}`", ""]
     lines.append(
@@ -179,6 +184,9 @@ def markdown_report(
         parts = [f"{m.upper()} languages {_fmt(scores.asr_average(m))}" for m in ("wer", "cer")
                  if _fmt(scores.asr_average(m))]  # only the kinds present (no empty field)
         lines += ["", f"Average: {_fmt(scores.asr_average())} ({', '.join(parts)}).", ""]
+    if listening is not None:
+        lines += ["### Listening", ""] + [f"{l}." for l in listening.lines()] + [""]
+        lines += listening.markdown_examples() + [""]
     if comparison is not None:
         lines += _md_comparison(comparison, scores.languages, Path(rf.path).name, Path(compare_name).name)
     lines += ["### Signatures", ""]
@@ -197,7 +205,8 @@ def _text_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def format_terminal(
-    scores: Scores, rf: ResultsFile, comparison: Optional[Comparison] = None, compare_name: str = ""
+    scores: Scores, rf: ResultsFile, comparison: Optional[Comparison] = None, compare_name: str = "",
+    listening: Optional[Listening] = None,
 ) -> str:
     out = [
         f"{rf.path}: {len(rf.records)} records from {rf.n_lines} lines, {len(scores.languages)} languages, "
@@ -246,6 +255,9 @@ def format_terminal(
                  if any(a.metric == m for a in scores.asr.values())]
         out.append(f"ASR average: {_fmt(scores.asr_average(), 2)} ({', '.join(parts)})")
     out.append(scores.spbleu_note)
+    if listening is not None:
+        out += listening.terminal_examples()
+        out += listening.lines()
     if comparison is not None:
         out.append("")
         out.append(comparison.sentence(Path(rf.path).name, Path(compare_name).name))
@@ -328,6 +340,7 @@ def write_reports(
     out_dir: str | os.PathLike,
     comparison: Optional[Comparison] = None,
     compare_name: str = "",
+    listening: Optional[Listening] = None,
 ) -> dict[str, Path]:
     """Write every report into out_dir; returns {kind: path}."""
     out = Path(out_dir)
@@ -335,13 +348,13 @@ def write_reports(
     paths: dict[str, Path] = {}
     paths["summary"] = out / "summary.json"
     paths["summary"].write_text(
-        json.dumps(summary_dict(scores, rf, comparison, compare_name), indent=2, ensure_ascii=False) + "\n",
+        json.dumps(summary_dict(scores, rf, comparison, compare_name, listening), indent=2, ensure_ascii=False) + "\n",
         encoding="utf-8",
     )
     paths["directions"] = out / "directions.csv"
     write_directions_csv(scores, paths["directions"])
     paths["table"] = out / "table.md"
-    paths["table"].write_text(markdown_report(scores, rf, comparison, compare_name), encoding="utf-8")
+    paths["table"].write_text(markdown_report(scores, rf, comparison, compare_name, listening), encoding="utf-8")
     paths["issues"] = out / "issues.txt"
     paths["issues"].write_text("".join(f"{i}\n" for i in rf.issues), encoding="utf-8")
     if scores.directions:

@@ -146,11 +146,12 @@ class SpeechLLM(nnx.Module):
         return h[:, Q - 1:Q - 1 + tokens.shape[1]]
 
 
-def batch_mel(batch: dict, n_mels: int) -> jax.Array:
-    """Host mel (`mel`) or on-device mel from raw 30 s audio (`audio`)."""
+def batch_mel(batch: dict, n_mels: int, num_frames: int = 3000) -> jax.Array:
+    """Host mel (`mel`) or on-device mel from raw 30 s audio (`audio`), cut to the encoder's
+    first `num_frames` frames (as the edge front end does for encoders shorter than 30 s)."""
     if "mel" in batch:
-        return batch["mel"]
-    return log_mel_spectrogram_jax(batch["audio"], n_mels)
+        return batch["mel"][..., :num_frames]
+    return log_mel_spectrogram_jax(batch["audio"], n_mels)[..., :num_frames]
 
 
 LOSS_CHUNK_TOKENS = 256  # LM-head rows (batch x positions) per chunk of the text-only loss
@@ -199,7 +200,8 @@ def loss_fn(model: SpeechLLM, batch: dict, *, dropout_rng: jax.Array | None = No
     """Mean next-token cross-entropy over answer+eos tokens (f32) and token accuracy.
 
     batch: mel (B, n_mels, 3000), audio (B, 480000) or cached encoder output enc (B, P, d_model),
-    tokens/loss_mask/attention_mask (B, T).
+    tokens/loss_mask/attention_mask (B, T); optional input_tokens (B, T): the tokens fed to the
+    LLM when they differ from the targets (token dropout, see esrt_jax.train.speech).
     The LM head runs only on the text positions, in chunks (`answer_xent`); `full_logits`
     computes the (B, T, V) logits at once instead (the reference the chunked loss is tested
     against, and the baseline of bench/bench_train.py).
@@ -212,17 +214,19 @@ def loss_fn(model: SpeechLLM, batch: dict, *, dropout_rng: jax.Array | None = No
     if "enc" in batch:  # the feature cache: the frozen encoder does not run
         speech = model.adapt(batch["enc"], split="projector", deterministic=not train, rngs=rngs)
     else:
-        speech = model.encode(batch_mel(batch, model.config.encoder.num_mel_bins), split="projector",
+        enc = model.config.encoder
+        speech = model.encode(batch_mel(batch, enc.num_mel_bins, enc.num_frames), split="projector",
                               deterministic=not train, rngs=rngs)
+    inputs = batch.get("input_tokens", batch["tokens"])
     w = batch["loss_mask"].astype(jnp.float32)
     n = jnp.maximum(w.sum(), 1.0)
     if full_logits:
-        logits = model.text_logits(speech, batch["tokens"], batch["attention_mask"], dropout_rng=dropout_rng)
+        logits = model.text_logits(speech, inputs, batch["attention_mask"], dropout_rng=dropout_rng)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["tokens"])
         ce_sum = (ce * w).sum()
         hits = ((jnp.argmax(logits, -1) == batch["tokens"]) * w).sum()
     else:
-        h = model.text_hidden(speech, batch["tokens"], batch["attention_mask"], dropout_rng=dropout_rng)
+        h = model.text_hidden(speech, inputs, batch["attention_mask"], dropout_rng=dropout_rng)
         ce_sum, hits = answer_xent(model.llm.head, h, batch["tokens"], w, chunk_tokens=chunk_tokens)
     loss = ce_sum / n
     return loss, {"loss": loss, "accuracy": hits / n, "tokens": w.sum()}

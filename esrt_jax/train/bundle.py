@@ -39,6 +39,9 @@ class TrainBundle:
     eval_fn: LossFn | None = None                         # dev loss; defaults to loss_fn
     decode_fn: Callable[..., dict] | None = None          # (trainable, frozen, examples) -> report
     flops_per_example: float | None = None                # model FLOPs fwd+bwd per example
+    # Batch keys holding the speech input: the dev loss is also taken with them shuffled
+    # across rows (`dev_loss_shuffled`, `dev_audio_gap`), which shows whether the model listens.
+    speech_keys: tuple[str, ...] = ()
     # (rows) -> dict of jax.ShapeDtypeStruct: one batch's shapes, for the dry run.
     batch_spec: Callable[[int], dict] | None = None
     info: dict = dataclasses.field(default_factory=dict)  # printed at start (sizes, names)

@@ -92,6 +92,10 @@ class TrainConfig:
     decode_every: int = 0              # dev decode every N steps (0: only at the end)
     decode_samples: int = 4
     progress: bool = True
+    # Speech LLM: share of answer tokens replaced by <pad> in the LLM's input (targets unchanged)
+    # while training, so that the text prefix alone cannot predict the answer and the model has
+    # to listen (the demo uses it; 0 = off, as in the papers).
+    token_dropout: float = 0.0
 
     def validate(self):
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -110,6 +114,7 @@ class TrainConfig:
         check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         check(self.decode_every >= 0, "decode_every", f"must be >= 0, got {self.decode_every}")
         check(self.decode_samples >= 1, "decode_samples", f"must be >= 1, got {self.decode_samples}")
+        check(0.0 <= self.token_dropout < 1.0, "token_dropout", f"must be in [0, 1), got {self.token_dropout}")
 
 
 @dataclass(frozen=True)

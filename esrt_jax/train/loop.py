@@ -297,13 +297,24 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
             for i, b in enumerate(make_dev()):
                 if i >= tc.eval_batches:
                     break
-                gb_ = {k: jax.make_array_from_process_local_data(sh["eval_batch"], np.asarray(v))
-                       for k, v in b.items()}
-                m = jax.device_get(eval_fn(trainable, frozen, gb_))
-                for k, v in m.items():
-                    tot[k] = tot.get(k, 0.0) + float(v)
+                runs = [("", b)]
+                if bundle.speech_keys:
+                    # The same batch with each row's speech taken from the next row: a model
+                    # that ignores its speech input has the same loss (no gap).
+                    runs.append(("_shuffled", {k: np.roll(v, 1, axis=0) if k in bundle.speech_keys else v
+                                               for k, v in b.items()}))
+                for suffix, bb in runs:
+                    gb_ = {k: jax.make_array_from_process_local_data(sh["eval_batch"], np.asarray(v))
+                           for k, v in bb.items()}
+                    m = jax.device_get(eval_fn(trainable, frozen, gb_))
+                    for k, v in m.items():
+                        if suffix and k not in ("loss", "accuracy"):
+                            continue
+                        tot[k + suffix] = tot.get(k + suffix, 0.0) + float(v)
                 n += 1
             out = {f"dev_{k}": v / max(n, 1) for k, v in tot.items()}
+            if "dev_loss_shuffled" in out and "dev_loss" in out:
+                out["dev_audio_gap"] = out["dev_loss_shuffled"] - out["dev_loss"]
             writer.write({"step": step, **out})
             log0(f"[{cfg.stage}] step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in out.items()))
             return out

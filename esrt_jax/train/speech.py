@@ -21,7 +21,10 @@ factors; the encoder and the LLM base weights are frozen (`train.trainable` over
 
 Data block (`data:`): the keys of `esrt_jax.data.pipeline.DataConfig` (batch size comes from
 `train.batch_size`) plus `dev: [sources]` for dev loss / decodes and `demo: true` to use the
-offline demo corpus (built on first use) for both.
+offline demo corpus (built on first use) for both. With `demo_heldout_clips: true` (and optionally
+`demo_sentences: n`, the first n training sentences) each training sentence is held out in one
+voice and trained in the others; those held-out clips are the dev (and eval) set
+(`esrt_jax.data.demo.clip_split`).
 """
 
 from __future__ import annotations
@@ -39,13 +42,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from esrt_jax import languages
-from esrt_jax.audio import log_mel_spectrogram_jax
+from esrt_jax.audio import N_FRAMES
 from esrt_jax.config import ConfigError, from_dict
 from esrt_jax.convert import hf_io
 from esrt_jax.convert.llm import load_hf_model
 from esrt_jax.convert.tokenizer import check_vocab, load_tokenizer
 from esrt_jax.convert.whisper import load_whisper_encoder
-from esrt_jax.data.demo import build_demo_corpus, default_demo_dir
+from esrt_jax.data.demo import build_demo_corpus, clip_split, default_demo_dir
 from esrt_jax.data.encode_cache import FeatureCache, encoder_fingerprint
 from esrt_jax.data.pipeline import (DataConfig, make_eval_batches, make_train_dataset, max_answer_tokens,
                                      open_sources)
@@ -58,9 +61,9 @@ from esrt_jax.models import speech_llm
 from esrt_jax.models.layers import dtype_from_name
 from esrt_jax.models.llm import config_from_hf
 from esrt_jax.models.qformer import QFormerConfig, SpeechAdapter
-from esrt_jax.models.speech_llm import SpeechLLM, SpeechLLMConfig
+from esrt_jax.models.speech_llm import SpeechLLM, SpeechLLMConfig, batch_mel
 from esrt_jax.models.whisper import WhisperEncoder, WhisperEncoderConfig
-from esrt_jax.pytree import merge_trees
+from esrt_jax.pytree import merge_trees, rotate_rows
 from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train.bundle import TrainBundle, split_nnx
 from esrt_jax.train.config import RunConfig
@@ -68,7 +71,7 @@ from esrt_jax.train.config import RunConfig
 MODEL_KEYS = {"builder", "whisper", "whisper_config", "llm", "llm_config", "tokenizer", "tokenizer_vocab",
               "adapter", "llm_dtype", "llm_param_dtype", "encoder_dtype", "scan_layers", "remat", "split",
               "seed", "decode", "infer"}
-DATA_EXTRA = {"builder", "dev", "demo", "demo_dir", "dev_task"}
+DATA_EXTRA = {"builder", "dev", "demo", "demo_dir", "dev_task", "demo_heldout_clips", "demo_sentences"}
 BATCH_KEYS = ("mel", "audio", "enc", "tokens", "loss_mask", "attention_mask")
 
 
@@ -217,14 +220,21 @@ def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
     model = _build_module(cfg, abstract=abstract, on_mesh=True)
     scfg = model.config
 
+    p_drop = cfg.train.token_dropout
+    pad_id = None if abstract or not p_drop else _pad_id(cfg)
+
     def module_loss(m, batch, rng):
+        if p_drop and rng is not None:
+            rng, drop_rng = jax.random.split(rng)
+            drop = jax.random.bernoulli(drop_rng, p_drop, batch["tokens"].shape) & (batch["loss_mask"] > 0)
+            batch = {**batch, "input_tokens": jnp.where(drop, pad_id, batch["tokens"])}
         loss, aux = speech_llm.loss_fn(m, batch, dropout_rng=rng)
         return loss, {"accuracy": aux["accuracy"], "tokens": aux["tokens"]}
 
     bundle, graphdef = split_nnx(model, cfg.train.trainable or default_trainable(cfg), module_loss)
     buckets = tuple(cfg.data.get("text_buckets", (64, 128, 256)))
     n_mels = scfg.encoder.num_mel_bins
-    frames = 2 * scfg.encoder.max_source_positions
+    frames = N_FRAMES  # what the data pipeline emits (30 s); loss_fn cuts it to the encoder's frames
     if cfg.data.get("encoder_cache"):  # batches carry the cached encoder output, checked here
         cache = _feature_cache(cfg, None if abstract else model.encoder)
         feat = {"enc": ((scfg.encoder.max_source_positions, scfg.encoder.d_model),
@@ -237,6 +247,7 @@ def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
         "loss_mask": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32),
         "attention_mask": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32)}
     bundle.flops_per_example = _model_flops_per_example(scfg, max(buckets))
+    bundle.speech_keys = ("mel", "audio", "enc")
     if not abstract:
         bundle.decode_fn = _decoder(cfg, graphdef, nnx.state(model))
     return bundle
@@ -248,6 +259,10 @@ def _feature_cache(cfg: RunConfig, encoder):
     if encoder is not None:
         cache.check(encoder_fingerprint(encoder))
     return cache
+
+
+def _pad_id(cfg: RunConfig) -> int:
+    return TaskTokenizer(tokenizer_for(cfg)).pad_id
 
 
 def _decoder(cfg: RunConfig, graphdef, state_template):
@@ -273,18 +288,35 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         recs = [dev[i] for i in rows]
         task = _dev_task(cfg, dc)
         if "enc" in batch:  # cached encoder output: only the adapter runs
-            feats = np.asarray(jax.jit(lambda e: model.adapt(e, split=tr.split))(
-                jnp.asarray(batch["enc"][:len(rows)])))
-            outs = tr.decode(feats, [r.src for r in recs], [r.tgt for r in recs], task=task,
-                             transcriptions=[r.transcription for r in recs] if task == "smt" else None)
-            return _report(task, recs, outs)
-        if "mel" in batch:
-            mel = batch["mel"][:len(rows)]
+            adapt = jax.jit(lambda e: model.adapt(e, split=tr.split))
+            x = np.asarray(batch["enc"][:len(rows)])
+
+            def run(feats):
+                return tr.decode(np.asarray(adapt(jnp.asarray(feats))), [r.src for r in recs],
+                                 [r.tgt for r in recs], task=task,
+                                 transcriptions=[r.transcription for r in recs] if task == "smt" else None)
         else:
-            mel = np.asarray(log_mel_spectrogram_jax(jnp.asarray(batch["audio"][:len(rows)]), dc.n_mels))
-        outs = tr.translate(mel, [r.src for r in recs], [r.tgt for r in recs], task=task,
-                            transcriptions=[r.transcription for r in recs] if task == "smt" else None)
-        return _report(task, recs, outs)
+            enc = model.config.encoder
+            x = np.asarray(batch_mel({k: v[:len(rows)] for k, v in batch.items() if k in ("mel", "audio")},
+                                     enc.num_mel_bins, enc.num_frames))
+
+            def run(feats):
+                return tr.translate(feats, [r.src for r in recs], [r.tgt for r in recs], task=task,
+                                    transcriptions=[r.transcription for r in recs] if task == "smt" else None)
+
+        outs = run(x)
+        rep = _report(task, recs, outs)
+        # Listening check (esrt_jax.eval.listening): each clip's features swapped with the next
+        # clip's; a model that ignores the audio scores the same. Distinct outputs / references.
+        swapped = _report(task, recs, run(rotate_rows(x, [True] * len(recs))))
+        rep.update({f"{k}_swapped": v for k, v in swapped.items() if k in ("wer", "bleu")})
+        if "bleu" in rep:
+            rep["bleu_gain"] = rep["bleu"] - rep["bleu_swapped"]
+        if "wer" in rep:
+            rep["wer_gain"] = rep["wer_swapped"] - rep["wer"]
+        refs = {(r.transcription if task != "smt" else "", r.translation if task != "asr" else "") for r in recs}
+        rep["distinct"] = len({o["response"] for o in outs}) / max(len(refs), 1)
+        return rep
 
     def _report(task, recs, outs):
         rep: dict = {}
@@ -294,6 +326,7 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
             tokz = {languages.get(r.tgt).bleu_tokenize for r in recs}
             rep["bleu"] = float(bleu([o["s2tt"] for o in outs], [r.translation for r in recs],
                                      "char" if "char" in tokz else "13a")[0])
+
         def show(asr: str, s2tt: str) -> str:
             return asr if task == "asr" else s2tt if task == "smt" else f"{asr} | {s2tt}"
 
@@ -314,16 +347,25 @@ def _data_config(cfg: RunConfig, batch_size: int | None = None):
     d = {k: v for k, v in cfg.data.items() if k not in DATA_EXTRA}
     _check_keys(d, {f.name for f in dataclasses.fields(DataConfig)}, "data")
     if cfg.data.get("demo") and not d.get("train"):
-        d["train"] = [str(demo_dir(cfg) / "train.jsonl")]
+        d["train"] = [str(_demo_split(cfg, "train"))]
     d["batch_size"] = batch_size or cfg.train.batch_size
     d.setdefault("n_mels", speech_config(cfg).encoder.num_mel_bins)
     return from_dict(DataConfig, d, prefix="data")
 
 
+def _demo_split(cfg: RunConfig, split: str) -> Path:
+    """The demo corpus' train/dev file; with data.demo_heldout_clips, its held-out-clip view (dev:
+    the held-out clips of the training sentences)."""
+    d = demo_dir(cfg)
+    if not cfg.data.get("demo_heldout_clips"):
+        return d / f"{split}.jsonl"
+    return clip_split(d, cfg.data.get("demo_sentences"))["train" if split == "train" else "heldout"]
+
+
 def _dev_source(cfg: RunConfig):
     """Dev records in data.languages, in a fixed shuffled order (so the first batches mix
     directions), or None when no dev set is configured."""
-    specs = cfg.data.get("dev") or ([str(demo_dir(cfg) / "dev.jsonl")] if cfg.data.get("demo") else None)
+    specs = cfg.data.get("dev") or ([str(_demo_split(cfg, "dev"))] if cfg.data.get("demo") else None)
     if not specs:
         return None
     src = open_sources(list(specs))
