@@ -20,6 +20,9 @@ from esrt_jax.data import encode_cache as ec
 from esrt_jax.data.pipeline import DataConfig, make_train_dataset
 from esrt_jax.data.records import open_source
 from esrt_jax.data.tasks import TaskTokenizer, collate
+from esrt_jax.eval import decode as dec
+from esrt_jax.infer.generate import GenerateConfig
+from esrt_jax.infer.translator import Translator
 from esrt_jax.models.speech_llm import loss_fn
 from esrt_jax.train.config import load_run_config
 from esrt_jax.train.speech import build_inference, build_model
@@ -94,6 +97,26 @@ def test_foreign_cache_and_missing_audio_are_refused(built):
     f32 = ec.FeatureCache(d / "c")
     k = sorted(keys)[0]
     np.testing.assert_allclose(np.asarray(bf[k], np.float32), f32[k], rtol=1e-2, atol=1e-2)
+
+
+def test_eval_decode_reads_the_cache(built, tmp_path):
+    """eval's decode with the cache gives the same features and results file as with the encoder."""
+    d, src, model, load, keys, _ = built
+    tt = TaskTokenizer(tiny_tokenizer(320))
+    tr = Translator(model, tt.tokenizer, max_batch=4,
+                    gen_cfg=GenerateConfig(max_new_tokens=6, eos_ids=(tt.eos_id,), pad_id=tt.pad_id))
+    cache = ec.FeatureCache(d / "c", ec.encoder_fingerprint(model.encoder))
+    np.testing.assert_allclose(tr.adapt(np.stack([cache[k] for k in keys])),
+                               tr.encode(np.stack([load(k) for k in keys])), atol=1e-5)
+    items, _ = dec.read_items(d / "train.jsonl", task="asr")
+    plain = dec.decode_to_file(tr, items, tmp_path / "a.jsonl", task="asr", batch=4, progress=False)
+    cached = dec.decode_to_file(tr, items, tmp_path / "b.jsonl", task="asr", batch=4, progress=False,
+                                encoder_cache=cache)
+    assert plain.decoded == cached.decoded == N_UTT
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    with pytest.raises(dec.DecodeError, match="nowhere.wav"):
+        dec.decode_to_file(tr, items, tmp_path / "c.jsonl", task="asr", batch=4, progress=False,
+                           encoder_cache=cache, audio_of=lambda p: "/data/nowhere.wav")
 
 
 def test_killed_build_resumes_without_recomputing_finished_shards(tmp_path):

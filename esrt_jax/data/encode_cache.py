@@ -223,10 +223,12 @@ def mel_loader(encoder_cfg, sources, sample_rate: int = 16000) -> Callable[[str]
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m esrt_jax.data.encode_cache",
                                 description="Run the frozen Whisper encoder once per unique audio of "
-                                            "the config's data.train and data.dev sources")
+                                            "the config's data.train and data.dev sources (and --data files)")
     p.add_argument("--config", required=True, help="YAML run config (its model and data blocks)")
     p.add_argument("--out", required=True, help="cache folder (set data.encoder_cache to it)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--data", action="append", default=[], metavar="FILE",
+                   help="a further source to cache, e.g. an eval.py test set (repeatable)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--batch", type=int, default=16, help="utterances per encoder call (default 16)")
     p.add_argument("--shard-size", type=int, default=256, help="utterances per shard file (default 256)")
@@ -239,7 +241,7 @@ def main(argv=None) -> dict:
 
     try:
         cfg = load_run_config(args.config, args.overrides)
-        specs = list(cfg.data.get("train") or ()) + list(cfg.data.get("dev") or ())
+        specs = list(cfg.data.get("train") or ()) + list(cfg.data.get("dev") or ()) + list(args.data)
         if cfg.data.get("demo"):
             d = speech.demo_dir(cfg)
             specs += [str(d / "train.jsonl"), str(d / "dev.jsonl")]

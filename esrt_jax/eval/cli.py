@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from esrt_jax import metrics
-from esrt_jax.audio import mel_from_file
 from esrt_jax.config import ConfigError
 from esrt_jax.data.demo import build_demo_corpus, clip_split, default_demo_dir, noisy_clips
+from esrt_jax.data.encode_cache import FeatureCache, encoder_fingerprint
 from esrt_jax.eval import compare as cmp
 from esrt_jax.eval import decode as dec
 from esrt_jax.eval import listening, report, results
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-swap", dest="swap", action="store_false",
                    help="skip the listening check (a second decode with each clip's audio replaced by "
                         "another clip's, scored as the audio gain; it doubles the decode time)")
+    d.add_argument("--encoder-cache", metavar="DIR",
+                   help="encoder feature cache (python -m esrt_jax.data.encode_cache ... --data TEST.jsonl) "
+                        "to read instead of running the encoder (default: the config's data.encoder_cache)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -194,6 +197,12 @@ def run_decode(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    cache_dir = args.encoder_cache or loaded.run_config.data.get("encoder_cache")
+    try:
+        cache = FeatureCache(cache_dir, encoder_fingerprint(loaded.model.encoder)) if cache_dir else None
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     t_load = time.perf_counter() - t_start
     sets = [("", args.data)] if args.data else default_test_sets(loaded.run_config)
     if not sets:
@@ -212,7 +221,7 @@ def run_decode(args: argparse.Namespace) -> int:
             print(f"\n=== {label}: {data}", file=sys.stderr)
         # --out holds the first test set's reports, further default sets go into subfolders.
         out = args.out if not args.out or i == 0 else str(Path(args.out) / Path(data).stem)
-        rc_one, summary = _decode_and_score(args, loaded, tr, data, langs, t_start, t_load, out)
+        rc_one, summary = _decode_and_score(args, loaded, tr, data, langs, t_start, t_load, out, cache)
         rc = max(rc, rc_one)
         if summary is not None:
             closing.append((label or Path(data).stem, summary))
@@ -239,8 +248,10 @@ def _closing_table(rows: list[tuple[str, dict]]) -> str:
                       "distinct references)", fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body])
 
 
-def _decode_and_score(args, loaded, tr, data: str, langs, t_start: float, t_load: float, out: Optional[str]):
-    """Decode one test file (and its swapped-audio twin), score it: (exit code, summary dict or None)."""
+def _decode_and_score(args, loaded, tr, data: str, langs, t_start: float, t_load: float, out: Optional[str],
+                      cache: Optional[FeatureCache] = None):
+    """Decode one test file (and its swapped-audio twin), score it: (exit code, summary dict or None).
+    `cache`: encoder outputs to read instead of running the encoder."""
     try:
         items, issues = dec.read_items(data, src=args.src, tgt=args.tgt, langs=langs, limit=args.limit,
                                        task=args.task)
@@ -264,7 +275,7 @@ def _decode_and_score(args, loaded, tr, data: str, langs, t_start: float, t_load
     try:
         stats = dec.decode_to_file(tr, items, results_path, task=args.task, batch=args.batch,
                                    progress=not args.no_progress, overwrite=args.overwrite, info=info,
-                                   fingerprint=loaded.fingerprint)
+                                   fingerprint=loaded.fingerprint, encoder_cache=cache)
     except dec.DecodeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2, None
@@ -283,13 +294,12 @@ def _decode_and_score(args, loaded, tr, data: str, langs, t_start: float, t_load
         # The listening check: the same records again, each clip's audio replaced by another one's.
         partners = listening.swap_partners([it.path for it in items], [it.src for it in items],
                                            [it.asr for it in items])
-        enc = tr.config.encoder
         t0 = time.perf_counter()
         try:
             sw = dec.decode_to_file(tr, items, sw_path, task=args.task, batch=args.batch,
                                     progress=not args.no_progress, overwrite=args.overwrite,
                                     info={**info, "audio": "swapped"}, fingerprint=loaded.fingerprint,
-                                    mel_fn=lambda p: mel_from_file(partners[p], enc.num_mel_bins, enc.num_frames)[0])
+                                    audio_of=partners.__getitem__, encoder_cache=cache)
         except dec.DecodeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2, None

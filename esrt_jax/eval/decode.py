@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from esrt_jax import languages
 from esrt_jax.audio import AudioError, mel_from_file
+from esrt_jax.data.encode_cache import CacheError
 from esrt_jax.data.records import record_from_json
 from esrt_jax.data.tasks import TASKS, marker
 from esrt_jax.eval.results import RESULT_FIELDS, Issue
@@ -302,13 +303,17 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
                    task: str = "srt", batch: int = 64, progress: bool = True, overwrite: bool = False,
                    info: dict | None = None, fingerprint: str | None = None,
                    mel_fn: Callable[[str], np.ndarray] | None = None,
+                   audio_of: Callable[[str], str] | None = None, encoder_cache=None,
                    on_batch: Callable[[int], None] | None = None, log=None) -> DecodeStats:
     """Decode `items` with `translator` into `results` (JSONL, public ESRT schema), resuming.
 
     `batch`: utterances per encode chunk and records per decode call (the translator pads both
     to its power-of-two buckets, capped at its `max_batch`). `info`: extra facts recorded in the
     `.decode.json` sidecar (config, checkpoint, data). `mel_fn(path) -> (n_mels, frames)`
-    replaces the audio front end (tests). `on_batch(n_written)` is called after each write.
+    replaces the audio front end (tests). `audio_of(path) -> path` picks the audio actually used
+    (the listening check's swapped decode). `encoder_cache`: a `FeatureCache` of this model's
+    encoder; the cached encoder outputs then replace front end + encoder (an audio missing from
+    it is a `DecodeError` naming it). `on_batch(n_written)` is called after each write.
     `log`: stream for warnings and the progress bar (default stderr).
     """
     if task not in TASKS:
@@ -324,7 +329,12 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
     done, warnings = read_done(results)
     for w in warnings:
         print(f"warning: {w}", file=log)
-    mel_fn = mel_fn or _default_mel_fn(translator)
+    audio_of = audio_of or (lambda p: p)
+    if encoder_cache is not None:
+        load, run = (lambda p: np.asarray(encoder_cache[audio_of(p)], np.float32)), translator.adapt
+    else:
+        mel_fn = mel_fn or _default_mel_fn(translator)
+        load, run = (lambda p: np.asarray(mel_fn(audio_of(p)), np.float32)), translator.encode
     enc_step = max(1, min(batch, translator.max_batch))
     stats = DecodeStats(selected=len(items))
     stats.already_done = sum(it.key in done for it in items)
@@ -336,11 +346,13 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
                 if all(items[i].key in done for i in idx):
                     continue
                 t0 = time.perf_counter()
-                mels, ok = [], []
+                inputs, ok = [], []
                 for p in paths:
                     try:
-                        mels.append(np.asarray(mel_fn(p), np.float32))
+                        inputs.append(load(p))
                         ok.append(p)
+                    except CacheError as e:
+                        raise DecodeError(str(e)) from None
                     except (AudioError, OSError, ValueError) as e:
                         bad = [i for i in idx if items[i].path == p]
                         for i in bad:
@@ -349,8 +361,8 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
                         bar.update(sum(items[i].key not in done for i in bad))
                 if not ok:
                     continue
-                feats = np.concatenate([translator.encode(np.stack(mels[j:j + enc_step]))
-                                        for j in range(0, len(mels), enc_step)])
+                feats = np.concatenate([run(np.stack(inputs[j:j + enc_step]))
+                                        for j in range(0, len(inputs), enc_step)])
                 row_of = {p: r for r, p in enumerate(ok)}
                 stats.audio_encoded += len(ok)
                 t1 = time.perf_counter()

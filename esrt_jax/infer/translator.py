@@ -27,6 +27,11 @@ def _encode(graphdef, state, mel, split):
     return nnx.merge(graphdef, state).encode(mel, split=split)
 
 
+@partial(jax.jit, static_argnames=("graphdef", "split"))
+def _adapt(graphdef, state, enc, split):
+    return nnx.merge(graphdef, state).adapt(enc, split=split)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "split", "cfg"))
 def _decode(graphdef, state, feats, tokens, mask, split, cfg: gen.GenerateConfig):
     model = nnx.merge(graphdef, state)
@@ -43,16 +48,18 @@ def _pow2_bucket(n: int, cap: int) -> int:
     return min(max(b, 1), max(cap, n))
 
 
-def encode_batch(graphdef, state, mel: np.ndarray, split: str, max_batch: int) -> np.ndarray:
+def encode_batch(graphdef, state, mel: np.ndarray, split: str, max_batch: int, *,
+                 from_encoder: bool = False) -> np.ndarray:
     """The edge computation: (B, n_mels, frames) -> features (B, *feature_shape) float32, the
     batch padded to a power-of-2 bucket so that a warm model never recompiles. Shared by
-    `Translator.encode` and the edge client (`esrt_jax.edge.EdgeModel`, encoder + adapter only)."""
-    mel = np.asarray(mel, np.float32)
-    B = mel.shape[0]
+    `Translator.encode` and the edge client (`esrt_jax.edge.EdgeModel`, encoder + adapter only).
+    `from_encoder`: the input is already the encoder output (B, P, d_model) (the feature cache)."""
+    x = np.asarray(mel, np.float32)
+    B = x.shape[0]
     Bp = _pow2_bucket(B, max_batch)
     if Bp != B:
-        mel = np.concatenate([mel, np.zeros((Bp - B,) + mel.shape[1:], np.float32)])
-    out = _encode(graphdef, state, jnp.asarray(mel), split)
+        x = np.concatenate([x, np.zeros((Bp - B,) + x.shape[1:], np.float32)])
+    out = (_adapt if from_encoder else _encode)(graphdef, state, jnp.asarray(x), split)
     return np.asarray(jax.device_get(out), np.float32)[:B]
 
 
@@ -96,6 +103,10 @@ class Translator:
     def encode(self, mel: np.ndarray) -> np.ndarray:
         """(B, n_mels, 3000) -> features (B, *feature_shape) float32 (batch padded to a bucket)."""
         return encode_batch(self.graphdef, self.state, mel, self.split, self.max_batch)
+
+    def adapt(self, enc: np.ndarray) -> np.ndarray:
+        """Cached encoder output (B, P, d_model) -> features, as `encode` without the encoder."""
+        return encode_batch(self.graphdef, self.state, enc, self.split, self.max_batch, from_encoder=True)
 
     # -- cloud ----------------------------------------------------------------------------
     def prompts(self, src: Sequence[str], tgt: Sequence[str], task: str = "srt",
