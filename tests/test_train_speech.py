@@ -49,3 +49,25 @@ def test_model_block_errors_name_the_key():
         m.pop("llm_config")
         import dataclasses
         speech.speech_config(dataclasses.replace(c, model=m))
+
+
+def test_encoder_gets_gradients_when_trainable_names_it():
+    """train.trainable may name the encoder (the demo's random one): it then gets real gradients
+    (no stop_gradient in the model), and is absent from the trainable tree otherwise."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    frozen_enc = speech.build_model(cfg("train.token_dropout=0"), abstract=True)
+    assert "encoder" not in frozen_enc.trainable and "encoder" in frozen_enc.frozen
+    b = speech.build_model(cfg("train.token_dropout=0", 'train.trainable=["^adapter/","^encoder/"]'))
+    assert "encoder" in b.trainable
+    spec = b.batch_spec(2)
+    rs = np.random.RandomState(0)
+    batch = {k: jnp.asarray(rs.randint(3, 200, s.shape) if jnp.issubdtype(s.dtype, jnp.integer)
+                            else rs.randn(*s.shape) * 0.1, s.dtype) for k, s in spec.items()}
+    batch["loss_mask"] = jnp.ones_like(batch["loss_mask"])
+    batch["attention_mask"] = jnp.ones_like(batch["attention_mask"])
+    grads = jax.grad(lambda t: b.loss_fn(t, b.frozen, batch, None)[0])(b.trainable)
+    enc_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["encoder"]))
+    assert np.isfinite(enc_norm) and enc_norm > 0

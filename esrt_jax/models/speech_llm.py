@@ -101,7 +101,9 @@ class SpeechLLM(nnx.Module):
     def adapt(self, enc: jax.Array, *, split: Split | None = None, deterministic: bool = True,
               rngs: Any = None) -> jax.Array:
         """Encoder output (B, P, d_model) (e.g. from the feature cache) -> what `encode` returns."""
-        enc = jax.lax.stop_gradient(enc.astype(dtype_from_name(self.encoder.config.dtype)))  # the encoder is frozen
+        # No stop_gradient: gradients reach the encoder only when train.trainable names it (the
+        # demo's random encoder); a frozen encoder is never differentiated, so costs nothing.
+        enc = enc.astype(dtype_from_name(self.encoder.config.dtype))
         feats = self.adapter.qformer_features(enc, deterministic=deterministic, rngs=rngs)
         if (split or self.config.split) == "qformer":
             return feats
