@@ -32,6 +32,7 @@ from esrt_jax.models.qformer import (
     SpeechAdapter,
     flat_params,
     load_flat_params,
+    projector_maps,
     qformer_from_hf,
     qformer_to_hf,
     sub_params,
@@ -40,26 +41,10 @@ from esrt_jax.models.qformer import (
 PREFIX = "encoder_projector."
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
-# LLM-SRT top-level tensor -> (our name, transpose?)
-_TOP = {
-    "query": ("query", False),
-    "linear.weight": ("linear.kernel", True), "linear.bias": ("linear.bias", False),
-    "linear1.weight": ("linear1.kernel", True), "linear1.bias": ("linear1.bias", False),
-    "linear2.weight": ("linear2.kernel", True), "linear2.bias": ("linear2.bias", False),
-    "norm.weight": ("norm.scale", False), "norm.bias": ("norm.bias", False),
-}
-
-
-def _top_names(cfg: QFormerConfig) -> list[str]:
-    lin = ["linear.weight", "linear.bias"] if cfg.projector_mid is None else [
-        "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"]
-    return ["query", *lin, "norm.weight", "norm.bias"]
-
-
 def llm_srt_to_flat(cfg: QFormerConfig, state_dict: Mapping[str, np.ndarray], *, prefix: str = PREFIX,
                     source: str = "LLM-SRT state dict") -> dict[str, np.ndarray]:
     """LLM-SRT tensors under `prefix` -> our flat `SpeechAdapter` params (shapes checked by the loader)."""
-    wanted = _top_names(cfg)
+    wanted = {m.hf_name: m for m in projector_maps(cfg, "hf_to_ours")}
     out: dict[str, np.ndarray] = {}
     for name, arr in state_dict.items():
         if not name.startswith(prefix):
@@ -71,10 +56,8 @@ def llm_srt_to_flat(cfg: QFormerConfig, state_dict: Mapping[str, np.ndarray], *,
             raise CheckpointError(f"{source}: unexpected tensor {name} for a projector with "
                                   f"llm_dim {cfg.llm_dim}, pool_k {cfg.pool_k} (expects "
                                   f"{[prefix + w for w in wanted if w != 'query']})")
-        ours, transpose = _TOP[rel]
-        arr = np.asarray(arr)
-        out[ours] = np.ascontiguousarray(arr.T) if transpose else arr
-    missing = [prefix + w for w in wanted if _TOP[w][0] not in out]
+        out[".".join(wanted[rel].path)] = wanted[rel].transform(np.asarray(arr))
+    missing = [prefix + w for w, m in wanted.items() if ".".join(m.path) not in out]
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {missing}")
     q = qformer_from_hf(cfg, state_dict, prefix=prefix + "qformer.", source=source)
@@ -86,12 +69,11 @@ def flat_to_llm_srt(cfg: QFormerConfig, flat: Mapping[str, np.ndarray], *, prefi
                     ) -> dict[str, np.ndarray]:
     """Our flat `SpeechAdapter` params -> LLM-SRT state-dict tensors (numpy) under `prefix`."""
     out = {}
-    for rel in _top_names(cfg):
-        ours, transpose = _TOP[rel]
+    for m in projector_maps(cfg, "ours_to_hf"):
+        ours = ".".join(m.path)
         if ours not in flat:
-            raise CheckpointError(f"our adapter params lack {ours} (needed for {prefix + rel})")
-        arr = np.asarray(flat[ours])
-        out[prefix + rel] = np.ascontiguousarray(arr.T) if transpose else arr
+            raise CheckpointError(f"our adapter params lack {ours} (needed for {prefix + m.hf_name})")
+        out[prefix + m.hf_name] = m.transform(np.asarray(flat[ours]))
     out.update(qformer_to_hf(cfg, sub_params(flat, "qformer"), prefix=prefix + "qformer."))
     return out
 

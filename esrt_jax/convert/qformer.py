@@ -1,7 +1,7 @@
 """Q-Former checkpoints: a local HF `Blip2QFormerModel` directory <-> our `QFormer`.
 
-The name mapping (`hf_qformer_mapping`, `qformer_from_hf`, `qformer_to_hf`) is pure and lives with
-the model in `esrt_jax.models.qformer`; this module only reads and writes directories.
+The name mapping (`hf_to_ours` / `ours_to_hf` tables, `qformer_from_hf`, `qformer_to_hf`) is pure
+and lives with the model in `esrt_jax.models.qformer`; this module only reads and writes directories.
 """
 
 from __future__ import annotations

@@ -1,38 +1,22 @@
 """Hugging Face <-> ours tensor names for the decoder LLMs (pure: no file IO).
 
 `hf_to_ours(cfg)` / `ours_to_hf(cfg)` yield one `ParamMap` per HF tensor (HF name, our path,
-layer index into the stacked axis or None, the numpy transform and both shapes), so the
-converters in `esrt_jax.convert.llm` stream tensor by tensor.
+layer index into the stacked axis or None, the numpy transform and both shapes; the shared
+`esrt_jax.models.hf_names.ParamMap`), so the converters in `esrt_jax.convert.llm` stream tensor
+by tensor.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx, traverse_util
 
 from esrt_jax.config import CheckpointError
+from esrt_jax.models.hf_names import ParamMap
 from esrt_jax.models.llm_config import LLMConfig
-
-@dataclass(frozen=True)
-class ParamMap:
-    """One HF tensor <-> one slice of our params.
-
-    hf_name: e.g. 'model.layers.3.self_attn.q_proj.weight'; path: our nnx path, e.g.
-    ('layers', 'self_attn', 'q_proj', 'kernel'); layer: index into the leading stacked `layers`
-    axis (None for unstacked params); transform: numpy function HF tensor -> our slice
-    (`hf_to_ours`) or our slice -> HF tensor (`ours_to_hf`); shape: the output shape of transform;
-    hf_shape: the HF tensor's shape (torch layout).
-    """
-    hf_name: str
-    path: tuple[str, ...]
-    layer: int | None
-    transform: Callable[[np.ndarray], np.ndarray]
-    shape: tuple[int, ...]
-    hf_shape: tuple[int, ...]
 
 
 def _maps(cfg: LLMConfig, prefix: str, direction: str) -> list[ParamMap]:

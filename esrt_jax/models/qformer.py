@@ -8,8 +8,9 @@
                                                                        -> (B, Q', llm_dim)
 
 Parameter names follow LLM-SRT's `EncoderProjectorQFormer` (`query`, `qformer`, `linear` or
-`linear1`/`linear2`, `norm`) so that `esrt_jax.convert.llm_srt` is a plain renaming; inside the
-Q-Former the mapping to transformers' names is `HF <-> ours` below.
+`linear1`/`linear2`, `norm`) so that `esrt_jax.convert.llm_srt` is a plain renaming
+(`projector_maps`); inside the Q-Former the mapping to transformers' names is `hf_to_ours` /
+`ours_to_hf` below (`hf_names.ParamMap`s, as for Whisper and the LLMs).
 
 Dropout (hidden and attention probabilities, as in transformers) runs only when called with
 `deterministic=False` and an explicit `rngs` (an `nnx.Rngs` or a PRNG key); the default is eval.
@@ -28,6 +29,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from esrt_jax.config import CheckpointError, ConfigError, check
+from esrt_jax.models.hf_names import ParamMap, layout_maps
 from esrt_jax.models.layers import Dense, LayerNorm, activation, dtype_from_name, param
 
 # Hidden widths of LLM-SRT's projector MLP (fixed in the reference code, chosen by llm_dim).
@@ -396,21 +398,21 @@ def load_flat_params(module: nnx.Module, flat: Mapping[str, np.ndarray], *, sour
     nnx.update(module, nnx.from_flat_state(new))
 
 
-# HF suffix -> (our suffix, transpose) inside one attention block.
-_ATTN_MAP = {
-    "attention.query.weight": ("query.kernel", True), "attention.query.bias": ("query.bias", False),
-    "attention.key.weight": ("key.kernel", True), "attention.key.bias": ("key.bias", False),
-    "attention.value.weight": ("value.kernel", True), "attention.value.bias": ("value.bias", False),
-    "output.dense.weight": ("out.kernel", True), "output.dense.bias": ("out.bias", False),
-    "output.LayerNorm.weight": ("norm.scale", False), "output.LayerNorm.bias": ("norm.bias", False),
+# HF suffix -> (our suffix, layout kind in `hf_names.LAYOUTS`) inside one attention block.
+_ATTN_NAMES = {
+    "attention.query.weight": ("query.kernel", "dense"), "attention.query.bias": ("query.bias", "none"),
+    "attention.key.weight": ("key.kernel", "dense"), "attention.key.bias": ("key.bias", "none"),
+    "attention.value.weight": ("value.kernel", "dense"), "attention.value.bias": ("value.bias", "none"),
+    "output.dense.weight": ("out.kernel", "dense"), "output.dense.bias": ("out.bias", "none"),
+    "output.LayerNorm.weight": ("norm.scale", "none"), "output.LayerNorm.bias": ("norm.bias", "none"),
 }
-_FFN_MAP = {
-    "intermediate_query.dense.weight": ("ffn_in.kernel", True),
-    "intermediate_query.dense.bias": ("ffn_in.bias", False),
-    "output_query.dense.weight": ("ffn_out.kernel", True),
-    "output_query.dense.bias": ("ffn_out.bias", False),
-    "output_query.LayerNorm.weight": ("ffn_norm.scale", False),
-    "output_query.LayerNorm.bias": ("ffn_norm.bias", False),
+_FFN_NAMES = {
+    "intermediate_query.dense.weight": ("ffn_in.kernel", "dense"),
+    "intermediate_query.dense.bias": ("ffn_in.bias", "none"),
+    "output_query.dense.weight": ("ffn_out.kernel", "dense"),
+    "output_query.dense.bias": ("ffn_out.bias", "none"),
+    "output_query.LayerNorm.weight": ("ffn_norm.scale", "none"),
+    "output_query.LayerNorm.bias": ("ffn_norm.bias", "none"),
 }
 
 # Older transformers versions built (and saved) the Q-Former's text branch although the speech
@@ -420,18 +422,56 @@ _FFN_MAP = {
 _IGNORED_HF = re.compile(r"^(embeddings\..*|encoder\.layer\.\d+\.(intermediate|output)\..*)$")
 
 
-def hf_qformer_mapping(cfg: QFormerConfig) -> dict[str, tuple[str, bool]]:
-    """HF `Blip2QFormerModel` tensor name -> (our name relative to `QFormer`, transpose?)."""
-    m = {"layernorm.weight": ("layernorm.scale", False), "layernorm.bias": ("layernorm.bias", False)}
+def _abstract_shapes(module_fn: Any) -> dict[str, tuple[int, ...]]:
+    """Our dotted param name -> shape, from the abstract module (no shape is written down twice)."""
+    abstract = nnx.state(nnx.eval_shape(module_fn), nnx.Param)
+    return {".".join(map(str, p)): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(abstract)}
+
+
+def _maps(cfg: QFormerConfig, direction: str) -> list[ParamMap]:
+    names = [("layernorm.weight", "layernorm.scale", "none"), ("layernorm.bias", "layernorm.bias", "none")]
     for i in range(cfg.num_hidden_layers):
         hf, ours = f"encoder.layer.{i}.", f"layers.{i}."
         blocks = ["attention"] + (["crossattention"] if cfg.has_cross_attention(i) else [])
         for blk in blocks:
-            for k, (o, t) in _ATTN_MAP.items():
-                m[f"{hf}{blk}.{k}"] = (f"{ours}{blk}.{o}", t)
-        for k, (o, t) in _FFN_MAP.items():
-            m[hf + k] = (ours + o, t)
-    return m
+            names += [(f"{hf}{blk}.{k}", f"{ours}{blk}.{o}", kind) for k, (o, kind) in _ATTN_NAMES.items()]
+        names += [(hf + k, ours + o, kind) for k, (o, kind) in _FFN_NAMES.items()]
+    shapes = _abstract_shapes(lambda: QFormer(cfg, rngs=nnx.Rngs(0)))
+    return layout_maps([(hf, tuple(o.split(".")), None, kind, shapes[o]) for hf, o, kind in names],
+                       direction)
+
+
+def hf_to_ours(cfg: QFormerConfig) -> list[ParamMap]:
+    """HF `Blip2QFormerModel` tensor name -> our path relative to `QFormer`, transform to our layout."""
+    return _maps(cfg, "hf_to_ours")
+
+
+def ours_to_hf(cfg: QFormerConfig) -> list[ParamMap]:
+    """Our path relative to `QFormer` -> HF `Blip2QFormerModel` tensor name, transform to torch layout."""
+    return _maps(cfg, "ours_to_hf")
+
+
+# LLM-SRT's names of the adapter's own tensors (outside its Q-Former) -> (ours, layout kind).
+_PROJECTOR_NAMES = {
+    "query": ("query", "none"),
+    "linear.weight": ("linear.kernel", "dense"), "linear.bias": ("linear.bias", "none"),
+    "linear1.weight": ("linear1.kernel", "dense"), "linear1.bias": ("linear1.bias", "none"),
+    "linear2.weight": ("linear2.kernel", "dense"), "linear2.bias": ("linear2.bias", "none"),
+    "norm.weight": ("norm.scale", "none"), "norm.bias": ("norm.bias", "none"),
+}
+
+
+def projector_maps(cfg: QFormerConfig, direction: str) -> list[ParamMap]:
+    """LLM-SRT `encoder_projector.` names (no prefix) of the `SpeechAdapter`'s query, projector
+    and norm <-> our paths relative to `SpeechAdapter` (its Q-Former: `hf_to_ours`)."""
+    lin = ["linear.weight", "linear.bias"] if cfg.projector_mid is None else [
+        "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"]
+    shapes = _abstract_shapes(lambda: SpeechAdapter(cfg, rngs=nnx.Rngs(0)))
+    entries = []
+    for name in ["query", *lin, "norm.weight", "norm.bias"]:
+        ours, kind = _PROJECTOR_NAMES[name]
+        entries.append((name, tuple(ours.split(".")), None, kind, shapes[ours]))
+    return layout_maps(entries, direction)
 
 
 def qformer_from_hf(cfg: QFormerConfig, tensors: Mapping[str, np.ndarray], *, prefix: str = "",
@@ -441,8 +481,7 @@ def qformer_from_hf(cfg: QFormerConfig, tensors: Mapping[str, np.ndarray], *, pr
     Unknown names under `prefix` (other than the ignored text branch), missing names and shape
     mismatches are `CheckpointError`s naming the tensor.
     """
-    mapping = hf_qformer_mapping(cfg)
-    expected_shape = _hf_shapes(cfg)
+    mapping = {m.hf_name: m for m in hf_to_ours(cfg)}
     out: dict[str, np.ndarray] = {}
     seen = set()
     for name, arr in tensors.items():
@@ -450,12 +489,12 @@ def qformer_from_hf(cfg: QFormerConfig, tensors: Mapping[str, np.ndarray], *, pr
             continue
         rel = name[len(prefix):]
         if rel in mapping:
-            ours, transpose = mapping[rel]
+            m = mapping[rel]
             arr = np.asarray(arr)
-            if tuple(arr.shape) != expected_shape[rel]:
+            if tuple(arr.shape) != m.hf_shape:
                 raise CheckpointError(f"{source}: {name} has shape {tuple(arr.shape)}, expected "
-                                      f"{expected_shape[rel]} for this Q-Former config")
-            out[ours] = np.ascontiguousarray(arr.T) if transpose else arr
+                                      f"{m.hf_shape} for this Q-Former config")
+            out[".".join(m.path)] = m.transform(arr)
             seen.add(rel)
         elif _IGNORED_HF.match(rel):
             continue
@@ -474,20 +513,12 @@ def qformer_to_hf(cfg: QFormerConfig, flat: Mapping[str, np.ndarray], *, prefix:
                   ) -> dict[str, np.ndarray]:
     """Our flat Q-Former params (relative to `QFormer`) -> HF `Blip2QFormerModel` tensors under `prefix`."""
     out = {}
-    for hf, (ours, transpose) in hf_qformer_mapping(cfg).items():
+    for m in ours_to_hf(cfg):
+        ours = ".".join(m.path)
         if ours not in flat:
-            raise CheckpointError(f"our Q-Former params lack {ours} (needed for {prefix + hf})")
-        arr = np.asarray(flat[ours])
-        out[prefix + hf] = np.ascontiguousarray(arr.T) if transpose else arr
+            raise CheckpointError(f"our Q-Former params lack {ours} (needed for {prefix + m.hf_name})")
+        out[prefix + m.hf_name] = m.transform(np.asarray(flat[ours]))
     return out
-
-
-def _hf_shapes(cfg: QFormerConfig) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> its torch-layout shape, derived from the abstract model (as for Whisper
-    and the LLMs: no shape is written down twice)."""
-    abstract = nnx.state(nnx.eval_shape(lambda: QFormer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    ours = {".".join(map(str, p)): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(abstract)}
-    return {hf: ours[o][::-1] if t else ours[o] for hf, (o, t) in hf_qformer_mapping(cfg).items()}
 
 
 def sub_params(flat: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

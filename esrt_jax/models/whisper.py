@@ -11,9 +11,10 @@ the same block function and give identical outputs. `remat=True` wraps the block
 `jax.checkpoint`. The sinusoidal position table is loaded from the checkpoint (HF stores it as
 `embed_positions.weight`) into a non-trainable `Buffer` and written back on export.
 
-HF names: `hf_name_map(cfg)` derives every HF tensor name (and its torch-layout shape) from the
-abstract model; `params_from_hf` turns a stream of HF tensors into our pure params and
-`export_whisper_encoder` gives HF-named numpy tensors back. The directory IO (reading a local
+HF names: `hf_to_ours(cfg)` / `ours_to_hf(cfg)` derive every HF tensor name (one
+`hf_names.ParamMap` each, as for the LLMs and the Q-Former) from the abstract model;
+`params_from_hf` turns a stream of HF tensors into our pure params and `export_whisper_encoder`
+gives HF-named numpy tensors back. The directory IO (reading a local
 HF Whisper checkpoint, writing one) is in `esrt_jax.convert.whisper`.
 """
 
@@ -30,6 +31,7 @@ from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from esrt_jax.config import CheckpointError, ConfigError, check
+from esrt_jax.models.hf_names import ParamMap, layout_maps
 from esrt_jax.models.layers import Dense, LayerNorm, activation, dtype_from_name, param
 
 # Keys of transformers' WhisperConfig that define the encoder.
@@ -324,7 +326,7 @@ def _abstract_encoder(cfg: WhisperEncoderConfig) -> WhisperEncoder:
 
 
 def _hf_leaf(path: tuple) -> tuple[str, str]:
-    """Our param path (without 'blocks') -> (HF dotted name, transform kind)."""
+    """Our param path (without 'blocks') -> (HF dotted name, layout kind in `hf_names.LAYOUTS`)."""
     *mods, leaf = path
     if not mods:  # embed_positions
         return f"{leaf}.weight", "none"
@@ -333,26 +335,29 @@ def _hf_leaf(path: tuple) -> tuple[str, str]:
     return ".".join([*mods, hf_leaf]), kind
 
 
-def _torch_layout(a: np.ndarray, kind: str) -> np.ndarray:
-    """Ours <-> torch layout (the transposes are their own inverse): Dense kernels are (in, out)
-    vs torch (out, in); conv kernels (K, in, out) vs (out, in, K)."""
-    return a.T if kind == "dense" else a.transpose(2, 1, 0) if kind == "conv" else a
-
-
-def hf_name_map(cfg: WhisperEncoderConfig) -> dict[str, tuple[tuple, int | None, str, tuple]]:
-    """HF encoder tensor name (no prefix) -> (our path, layer index or None, kind, HF shape)."""
+def _maps(cfg: WhisperEncoderConfig, direction: str) -> list[ParamMap]:
+    """Every HF encoder tensor name (no prefix) derived from the abstract model."""
     abstract = nnx.to_pure_dict(nnx.state(_abstract_encoder(cfg)))
-    out = {}
+    entries = []
     for path, leaf in flatten_dict(abstract).items():
         if path[0] == "blocks":
             name, kind = _hf_leaf(path[1:])
-            shape = _torch_layout(np.empty(leaf.shape[1:], dtype=np.int8), kind).shape
-            for i in range(cfg.encoder_layers):
-                out[f"layers.{i}.{name}"] = (path, i, kind, shape)
+            entries += [(f"layers.{i}.{name}", path, i, kind, leaf.shape[1:])
+                        for i in range(cfg.encoder_layers)]
         else:
             name, kind = _hf_leaf(path)
-            out[name] = (path, None, kind, _torch_layout(np.empty(leaf.shape, dtype=np.int8), kind).shape)
-    return out
+            entries.append((name, path, None, kind, leaf.shape))
+    return layout_maps(entries, direction)
+
+
+def hf_to_ours(cfg: WhisperEncoderConfig) -> list[ParamMap]:
+    """HF encoder tensor name (no prefix) -> our path, stacked layer index, transform to our layout."""
+    return _maps(cfg, "hf_to_ours")
+
+
+def ours_to_hf(cfg: WhisperEncoderConfig) -> list[ParamMap]:
+    """Our (path, layer) -> HF encoder tensor name (no prefix), transform back to torch layout."""
+    return _maps(cfg, "ours_to_hf")
 
 
 def detect_prefix(names: Iterable[str], where: str = "checkpoint") -> str:
@@ -381,7 +386,7 @@ def params_from_hf(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.n
     `names` are all tensor names of the source (to report missing/unexpected ones before any
     tensor is read); `tensors` yields (full name, array) for the encoder tensors, streamed.
     """
-    mapping = hf_name_map(cfg)
+    mapping = {m.hf_name: m for m in hf_to_ours(cfg)}
     enc = encoder_names(names, prefix)
     unexpected = sorted(n for n in enc if n[len(prefix):] not in mapping)
     if unexpected:
@@ -399,16 +404,16 @@ def params_from_hf(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.n
         name = full[len(prefix):]
         if not full.startswith(prefix) or name not in mapping:
             continue
-        path, layer, kind, shape = mapping[name]
+        m = mapping[name]
         arr = np.asarray(arr)
-        if tuple(arr.shape) != tuple(shape):
+        if tuple(arr.shape) != m.hf_shape:
             raise CheckpointError(f"{where}: tensor {full} has shape {tuple(arr.shape)}, expected "
-                                  f"{tuple(shape)} for config {cfg.to_hf_config()}")
-        value = _torch_layout(arr, kind).astype(pdtype)
-        if layer is None:
-            out[path][...] = value
+                                  f"{m.hf_shape} for config {cfg.to_hf_config()}")
+        value = m.transform(arr).astype(pdtype)
+        if m.layer is None:
+            out[m.path][...] = value
         else:
-            out[path][layer] = value
+            out[m.path][m.layer] = value
         seen.add(name)
     not_read = sorted(prefix + n for n in mapping if n not in seen)
     if not_read:
@@ -442,13 +447,13 @@ def export_whisper_encoder(model_or_params: WhisperEncoder | Any, cfg: WhisperEn
     """
     flat = flatten_dict(pure_params(model_or_params))
     out = {}
-    for name, (path, layer, kind, shape) in hf_name_map(cfg).items():
-        if path not in flat:
-            raise CheckpointError(f"export: parameter {'.'.join(map(str, path))} missing")
-        a = np.asarray(flat[path] if layer is None else flat[path][layer])
-        a = np.ascontiguousarray(_torch_layout(a, kind))
-        if tuple(a.shape) != tuple(shape):
-            raise CheckpointError(f"export: {'.'.join(map(str, path))} gives {prefix}{name} of "
-                                  f"shape {a.shape}, expected {shape}")
-        out[prefix + name] = a if dtype is None else a.astype(dtype)
+    for m in ours_to_hf(cfg):
+        if m.path not in flat:
+            raise CheckpointError(f"export: parameter {'.'.join(map(str, m.path))} missing")
+        a = np.asarray(flat[m.path] if m.layer is None else flat[m.path][m.layer])
+        a = np.ascontiguousarray(m.transform(a))
+        if tuple(a.shape) != m.shape:
+            raise CheckpointError(f"export: {'.'.join(map(str, m.path))} gives {prefix}{m.hf_name} of "
+                                  f"shape {a.shape}, expected {m.shape}")
+        out[prefix + m.hf_name] = a if dtype is None else a.astype(dtype)
     return out
