@@ -205,6 +205,206 @@ def step_flops(compiled, n_devices: int, bundle: TrainBundle, batch_size: int) -
         return 0.0
 
 
+def check_batch_size(tc, mesh, rules) -> None:
+    """The global batch must split evenly over grad_accum x the data axes and over processes."""
+    gb = tc.batch_size
+    div = mesh_lib.batch_divisor(mesh, rules) * tc.grad_accum
+    if gb % div:
+        raise ValueError(f"train.batch_size={gb} must be divisible by grad_accum x data x fsdp = {div}")
+    if gb % jax.process_count():
+        raise ValueError(f"train.batch_size={gb} must be divisible by the {jax.process_count()} processes")
+
+
+def with_init_params(bundle: TrainBundle, init_params: Any) -> TrainBundle:
+    """The bundle with its trainable params replaced by `init_params` (e.g. the previous stage's);
+    the two trees must have the same paths."""
+    if init_params is None:
+        return bundle
+    want = sorted(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(bundle.trainable)[0])
+    got = sorted(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(init_params)[0])
+    if want != got:
+        missing = sorted(set(want) - set(got))[:5]
+        extra = sorted(set(got) - set(want))[:5]
+        raise ValueError(f"init params do not match the trainable set: missing {missing}, extra {extra}")
+    return dataclasses.replace(bundle, trainable=init_params)
+
+
+@dataclasses.dataclass
+class StageState:
+    """The device-side state of a running stage (global arrays placed on the mesh)."""
+    trainable: Any
+    opt_state: Any
+    frozen: Any
+    start: int                  # the step training continues after
+    latest: int | None          # the restored checkpoint's step, None on a fresh start
+
+
+def place_on_mesh(bundle: TrainBundle, sh: dict) -> tuple[Any, Any]:
+    """The bundle's (trainable, frozen) params as global arrays on the mesh. Call inside
+    `jax.set_mesh(mesh)`."""
+    return to_global(bundle.trainable, sh["trainable"]), to_global(bundle.frozen, sh["frozen"])
+
+
+def restore_latest(stage: str | None, st: StageState, sh: dict, ckpt: Checkpointer, data_iter: Any
+                   ) -> StageState:
+    """Resume from the latest readable checkpoint (params, optimizer state and the data iterator's
+    position), if there is one; else `st` unchanged."""
+    res = ckpt.restore_latest(abstract_like(st.trainable, sh["trainable"]),  # skips unreadable steps
+                              abstract_like(st.opt_state, sh["opt_state"]),
+                              data_iter if hasattr(data_iter, "get_state") else None)
+    if res is None:
+        return st
+    latest = int(res["meta"]["step"])
+    log0(f"[{stage}] resumed from {ckpt.directory}/{latest} (step {latest})")
+    return dataclasses.replace(st, trainable=res["params"], opt_state=res["opt"], start=latest, latest=latest)
+
+
+class StepCompiler:
+    """AOT-compiled train step per batch shape (text buckets give a few shapes) and its FLOPs;
+    the first compile also logs the per-device memory."""
+
+    def __init__(self, step_fn, sh: dict, bundle: TrainBundle, stage: str | None, batch_size: int):
+        self.step_fn, self.sh, self.bundle = step_fn, sh, bundle
+        self.stage, self.batch_size = stage, batch_size
+        self.compiled: dict = {}
+        self.flops: dict = {}
+
+    def __call__(self, batch: dict, st: StageState, key: jax.Array) -> tuple[Any, float]:
+        shape_key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+        if shape_key not in self.compiled:
+            t0 = time.perf_counter()
+            c = self.step_fn.lower(st.trainable, st.opt_state, st.frozen, batch, key).compile()
+            shapes = {k: tuple(v.shape) for k, v in batch.items()}
+            log0(f"[{self.stage}] compiled train step for batch {shapes} in {time.perf_counter() - t0:.1f}s")
+            if not self.compiled:
+                rep = memory_report(c, self.sh, st.trainable, st.frozen, self.sh["abstract_opt"])
+                log0(f"[{self.stage}] per-device memory: {format_memory(rep)}")
+            self.compiled[shape_key] = c
+            self.flops[shape_key] = step_flops(c, jax.device_count(), self.bundle, self.batch_size)
+        return self.compiled[shape_key], self.flops[shape_key]
+
+
+class DevReporter:
+    """Dev-set evaluation during training: teacher-forced loss/accuracy over `train.eval_batches`
+    batches (with the listening check: the same batches with shuffled speech, and the gap), and
+    the bundle's free-running decodes (`decode_fn`: sample lines and scores). Both write to the
+    metrics file and the log; both return {} when the bundle has nothing to run."""
+
+    def __init__(self, cfg: RunConfig, bundle: TrainBundle, sh: dict,
+                 make_dev: Callable[[], Iterable[dict]] | None, writer: MetricsWriter):
+        self.stage, self.tc, self.bundle, self.sh, self.make_dev, self.writer = (
+            cfg.stage, cfg.train, bundle, sh, make_dev, writer)
+        self.eval_fn = None
+        if make_dev is not None:
+            self.eval_fn = jax.jit(make_eval_step(bundle.eval_fn or bundle.loss_fn),
+                                   in_shardings=(sh["trainable"], sh["frozen"], sh["eval_batch"]),
+                                   out_shardings=sh["replicated"])
+
+    def _runs(self, b: dict) -> list[tuple[str, dict]]:
+        runs = [("", b)]
+        if self.bundle.speech_keys:
+            # The same batch with each row's speech taken from the next row: a model
+            # that ignores its speech input has the same loss (no gap).
+            runs.append(("_shuffled", {k: np.roll(v, 1, axis=0) if k in self.bundle.speech_keys else v
+                                       for k, v in b.items()}))
+        return runs
+
+    def loss(self, step: int, st: StageState) -> dict:
+        if self.eval_fn is None:
+            return {}
+        tot: dict[str, float] = {}
+        n = 0
+        for i, b in enumerate(self.make_dev()):
+            if i >= self.tc.eval_batches:
+                break
+            for suffix, bb in self._runs(b):
+                gb_ = {k: jax.make_array_from_process_local_data(self.sh["eval_batch"], np.asarray(v))
+                       for k, v in bb.items()}
+                m = jax.device_get(self.eval_fn(st.trainable, st.frozen, gb_))
+                for k, v in m.items():
+                    if suffix and k not in ("loss", "accuracy"):
+                        continue
+                    tot[k + suffix] = tot.get(k + suffix, 0.0) + float(v)
+            n += 1
+        out = {f"dev_{k}": v / max(n, 1) for k, v in tot.items()}
+        if "dev_loss_shuffled" in out and "dev_loss" in out:
+            out["dev_audio_gap"] = out["dev_loss_shuffled"] - out["dev_loss"]
+        self.writer.write({"step": step, **out})
+        log0(f"[{self.stage}] step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in out.items()))
+        return out
+
+    def decode(self, step: int, st: StageState) -> dict:
+        if self.bundle.decode_fn is None:
+            return {}
+        if jax.process_count() > 1:  # the Translator works on host-local arrays
+            log0(f"[{self.stage}] dev decode skipped in multi-process runs (use eval.py on the checkpoint)")
+            return {}
+        rep = self.bundle.decode_fn(st.trainable, st.frozen, self.tc.decode_samples)
+        for line in rep.get("samples", []):
+            log0(f"[{self.stage}]   {line}")
+        scores = {k: float(v) for k, v in rep.items() if isinstance(v, (int, float))}
+        self.writer.write({"step": step, **{f"dev_{k}": v for k, v in scores.items()}})
+        if scores:
+            log0(f"[{self.stage}] step {step} decode: " + " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
+        return scores
+
+
+class StepLog:
+    """Step metrics kept on device until `flush` (every `train.log_every` steps, so the loop does
+    not wait for each step): then checked for non-finite values, written to the metrics file, and
+    shown on the progress bar with tokens/s and TFLOP/s over the window."""
+
+    def __init__(self, cfg: RunConfig, schedule, writer: MetricsWriter, ckpt_dir: Path, start: int,
+                 last_saved: int | None):
+        tc = cfg.train
+        self.stage, self.schedule, self.writer, self.ckpt_dir = cfg.stage, schedule, writer, ckpt_dir
+        self.last_saved = last_saved   # named in the non-finite error
+        self.pending: list[tuple[int, dict]] = []
+        self.pending_flops: list[float] = []
+        self.t = time.perf_counter()
+        self.bar = None
+        if tc.progress and jax.process_index() == 0:
+            self.bar = tqdm(total=tc.steps, initial=start, desc=cfg.stage or "train", file=sys.stderr,
+                            dynamic_ncols=True, mininterval=1.0)
+
+    def add(self, step: int, metrics: dict, flops: float) -> None:
+        self.pending_flops.append(flops)
+        self.pending.append((step, metrics))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        got = jax.device_get([m for _, m in self.pending])
+        now = time.perf_counter()
+        dt = max(now - self.t, 1e-9)
+        toks = sum(float(m.get("tokens", 0.0)) for m in got)
+        tok_s = toks / dt
+        tflops = sum(f for f in self.pending_flops) / dt / 1e12
+        for (s, _), m in zip(self.pending, got):
+            if not int(m["finite"]):
+                raise NonFiniteError(
+                    f"[{self.stage}] step {s}: non-finite loss ({float(m['loss'])}) or gradient norm "
+                    f"({float(m['grad_norm'])}); params were not updated. The last good checkpoint is "
+                    f"step {self.last_saved} in {self.ckpt_dir}; lower train.lr or check the data.")
+            rec = {"step": s, "lr": float(self.schedule(s - 1)),
+                   **{k: float(v) for k, v in m.items() if k != "finite"}}
+            self.writer.write(rec)
+        last = got[-1]
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{float(last['loss']):.4f}",
+                                 lr=f"{float(self.schedule(self.pending[-1][0] - 1)):.2e}",
+                                 tok_s=f"{tok_s:.0f}", tflops=f"{tflops:.3g}", refresh=False)
+            self.bar.update(len(got))
+        self.pending.clear()
+        self.pending_flops.clear()
+        self.t = now
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
               make_data: Callable[[], Any], make_dev: Callable[[], Iterable[dict]] | None = None,
               init_params: Any = None, mesh=None) -> StageResult:
@@ -213,22 +413,8 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
     stage_dir = Path(stage_dir)
     mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
     rules = mesh_lib.make_rules(cfg.mesh.rules)
-    gb = tc.batch_size
-    div = mesh_lib.batch_divisor(mesh, rules) * tc.grad_accum
-    if gb % div:
-        raise ValueError(f"train.batch_size={gb} must be divisible by grad_accum x data x fsdp = {div}")
-    if gb % jax.process_count():
-        raise ValueError(f"train.batch_size={gb} must be divisible by the {jax.process_count()} processes")
-
-    bundle = with_frozen_dtype(bundle, tc)
-    if init_params is not None:
-        want = sorted(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(bundle.trainable)[0])
-        got = sorted(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(init_params)[0])
-        if want != got:
-            missing = sorted(set(want) - set(got))[:5]
-            extra = sorted(set(got) - set(want))[:5]
-            raise ValueError(f"init params do not match the trainable set: missing {missing}, extra {extra}")
-        bundle = dataclasses.replace(bundle, trainable=init_params)
+    check_batch_size(tc, mesh, rules)
+    bundle = with_init_params(with_frozen_dtype(bundle, tc), init_params)
 
     optimizer = make_optimizer(tc)
     schedule = make_schedule(tc)
@@ -238,169 +424,56 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
          f"frozen {count_params(bundle.frozen):,}")
 
     with jax.set_mesh(mesh):
-        trainable = to_global(bundle.trainable, sh["trainable"])
-        frozen = to_global(bundle.frozen, sh["frozen"])
+        trainable, frozen = place_on_mesh(bundle, sh)
         bundle = dataclasses.replace(bundle, trainable=None, frozen=None)  # drop host copies
         opt_state = jax.jit(optimizer.init, out_shardings=sh["opt_state"])(trainable)
-
         ckpt = Checkpointer(stage_dir / "checkpoints", keep=tc.keep, async_save=tc.async_ckpt)
         data_iter = make_data()
-        start = 0
-        res = ckpt.restore_latest(abstract_like(trainable, sh["trainable"]),  # skips unreadable steps
-                                  abstract_like(opt_state, sh["opt_state"]),
-                                  data_iter if hasattr(data_iter, "get_state") else None)
-        latest = None if res is None else int(res["meta"]["step"])
-        if res is not None:
-            trainable, opt_state, start = res["params"], res["opt"], latest
-            log0(f"[{cfg.stage}] resumed from {ckpt.directory}/{latest} (step {start})")
-        writer = MetricsWriter(stage_dir, truncate_after=start)
-        if start >= tc.steps:
-            log0(f"[{cfg.stage}] already complete at step {start}; nothing to do")
+        st = restore_latest(cfg.stage, StageState(trainable, opt_state, frozen, 0, None), sh, ckpt,
+                            data_iter)
+        del trainable, opt_state, frozen  # st holds them (and replaces them as it trains)
+        writer = MetricsWriter(stage_dir, truncate_after=st.start)
+        if st.start >= tc.steps:
+            log0(f"[{cfg.stage}] already complete at step {st.start}; nothing to do")
             writer.close()
             ckpt.close()
-            return StageResult(cfg.stage, stage_dir, start, read_losses(stage_dir), {}, latest, skipped=True)
+            return StageResult(cfg.stage, stage_dir, st.start, read_losses(stage_dir), {}, st.latest,
+                               skipped=True)
 
-        step_fn = jit_train_step(make_train_step(bundle.loss_fn, optimizer), sh)
         base_key = jax.random.key(tc.seed)
-        compiled_steps: dict = {}
-        flops_by_shape: dict = {}
-
-        def compiled_for(batch):
-            """AOT-compiled step per batch shape (text buckets give a few shapes)."""
-            key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
-            if key not in compiled_steps:
-                t0 = time.perf_counter()
-                c = step_fn.lower(trainable, opt_state, frozen, batch, base_key).compile()
-                shapes = {k: tuple(v.shape) for k, v in batch.items()}
-                log0(f"[{cfg.stage}] compiled train step for batch {shapes} in {time.perf_counter() - t0:.1f}s")
-                if not compiled_steps:
-                    rep = memory_report(c, sh, trainable, frozen, sh["abstract_opt"])
-                    log0(f"[{cfg.stage}] per-device memory: {format_memory(rep)}")
-                compiled_steps[key] = c
-                flops_by_shape[key] = step_flops(c, jax.device_count(), bundle, gb)
-            return compiled_steps[key], flops_by_shape[key]
-
-        first = host_batch_to_global(next(data_iter), tc.grad_accum, sh["batch"])
-        compiled_for(first)
-
-        eval_fn = None
-        if make_dev is not None:
-            eval_fn = jax.jit(make_eval_step(bundle.eval_fn or bundle.loss_fn),
-                              in_shardings=(sh["trainable"], sh["frozen"], sh["eval_batch"]),
-                              out_shardings=sh["replicated"])
-
-        def dev_eval(step: int) -> dict:
-            if eval_fn is None:
-                return {}
-            tot: dict[str, float] = {}
-            n = 0
-            for i, b in enumerate(make_dev()):
-                if i >= tc.eval_batches:
-                    break
-                runs = [("", b)]
-                if bundle.speech_keys:
-                    # The same batch with each row's speech taken from the next row: a model
-                    # that ignores its speech input has the same loss (no gap).
-                    runs.append(("_shuffled", {k: np.roll(v, 1, axis=0) if k in bundle.speech_keys else v
-                                               for k, v in b.items()}))
-                for suffix, bb in runs:
-                    gb_ = {k: jax.make_array_from_process_local_data(sh["eval_batch"], np.asarray(v))
-                           for k, v in bb.items()}
-                    m = jax.device_get(eval_fn(trainable, frozen, gb_))
-                    for k, v in m.items():
-                        if suffix and k not in ("loss", "accuracy"):
-                            continue
-                        tot[k + suffix] = tot.get(k + suffix, 0.0) + float(v)
-                n += 1
-            out = {f"dev_{k}": v / max(n, 1) for k, v in tot.items()}
-            if "dev_loss_shuffled" in out and "dev_loss" in out:
-                out["dev_audio_gap"] = out["dev_loss_shuffled"] - out["dev_loss"]
-            writer.write({"step": step, **out})
-            log0(f"[{cfg.stage}] step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in out.items()))
-            return out
-
-        def dev_decode(step: int) -> dict:
-            if bundle.decode_fn is None:
-                return {}
-            if jax.process_count() > 1:  # the Translator works on host-local arrays
-                log0(f"[{cfg.stage}] dev decode skipped in multi-process runs (use eval.py on the checkpoint)")
-                return {}
-            rep = bundle.decode_fn(trainable, frozen, tc.decode_samples)
-            for line in rep.get("samples", []):
-                log0(f"[{cfg.stage}]   {line}")
-            scores = {k: float(v) for k, v in rep.items() if isinstance(v, (int, float))}
-            writer.write({"step": step, **{f"dev_{k}": v for k, v in scores.items()}})
-            if scores:
-                log0(f"[{cfg.stage}] step {step} decode: " + " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
-            return scores
-
-        bar = None
-        if tc.progress and jax.process_index() == 0:
-            bar = tqdm(total=tc.steps, initial=start, desc=cfg.stage or "train", file=sys.stderr,
-                       dynamic_ncols=True, mininterval=1.0)
-        pending: list[tuple[int, dict]] = []
-        pending_flops: list[float] = []
-        window = {"t": time.perf_counter(), "steps": 0, "tokens": 0.0}
-        last_saved = latest
-
-        def flush():
-            if not pending:
-                return
-            got = jax.device_get([m for _, m in pending])
-            now = time.perf_counter()
-            dt = max(now - window["t"], 1e-9)
-            toks = sum(float(m.get("tokens", 0.0)) for m in got)
-            tok_s = toks / dt
-            tflops = sum(f for f in pending_flops) / dt / 1e12
-            for (s, _), m in zip(pending, got):
-                if not int(m["finite"]):
-                    raise NonFiniteError(
-                        f"[{cfg.stage}] step {s}: non-finite loss ({float(m['loss'])}) or gradient norm "
-                        f"({float(m['grad_norm'])}); params were not updated. The last good checkpoint is "
-                        f"step {last_saved} in {ckpt.directory}; lower train.lr or check the data.")
-                rec = {"step": s, "lr": float(schedule(s - 1)),
-                       **{k: float(v) for k, v in m.items() if k != "finite"}}
-                writer.write(rec)
-            last = got[-1]
-            if bar is not None:
-                bar.set_postfix(loss=f"{float(last['loss']):.4f}", lr=f"{float(schedule(pending[-1][0] - 1)):.2e}",
-                                tok_s=f"{tok_s:.0f}", tflops=f"{tflops:.3g}", refresh=False)
-                bar.update(len(got))
-            pending.clear()
-            pending_flops.clear()
-            window.update(t=now)
-
-        batch = first
+        compiled_for = StepCompiler(jit_train_step(make_train_step(bundle.loss_fn, optimizer), sh), sh,
+                                    bundle, cfg.stage, tc.batch_size)
+        batch = host_batch_to_global(next(data_iter), tc.grad_accum, sh["batch"])
+        compiled_for(batch, st, base_key)
+        dev_report = DevReporter(cfg, bundle, sh, make_dev, writer)
+        log = StepLog(cfg, schedule, writer, ckpt.directory, st.start, st.latest)
         try:
-            for step in range(start + 1, tc.steps + 1):
+            for step in range(st.start + 1, tc.steps + 1):
                 if batch is None:
                     batch = host_batch_to_global(next(data_iter), tc.grad_accum, sh["batch"])
                 rng = jax.random.fold_in(base_key, step)
-                step_c, step_fl = compiled_for(batch)
-                trainable, opt_state, metrics = step_c(trainable, opt_state, frozen, batch, rng)
-                pending_flops.append(step_fl)
+                step_c, step_fl = compiled_for(batch, st, base_key)
+                st.trainable, st.opt_state, metrics = step_c(st.trainable, st.opt_state, st.frozen,
+                                                             batch, rng)
+                log.add(step, metrics, step_fl)
                 batch = None
-                pending.append((step, metrics))
                 if step % tc.log_every == 0:
-                    flush()
+                    log.flush()
                 if step % tc.ckpt_every == 0 or step == tc.steps:
-                    flush()
-                    ckpt.save(step, trainable, opt_state, rng=base_key, meta={"stage": cfg.stage},
+                    log.flush()
+                    ckpt.save(step, st.trainable, st.opt_state, rng=base_key, meta={"stage": cfg.stage},
                               data_iter=data_iter if hasattr(data_iter, "get_state") else None)
-                    last_saved = step
+                    log.last_saved = step
                 if tc.eval_every and step % tc.eval_every == 0 and step != tc.steps:
-                    dev_eval(step)
+                    dev_report.loss(step, st)
                 if tc.decode_every and step % tc.decode_every == 0 and step != tc.steps:
-                    dev_decode(step)
-            flush()
-            if bar is not None:  # so the final dev report is not interleaved with the bar
-                bar.close()
-                bar = None
-            dev = dev_eval(tc.steps)
-            dev.update(dev_decode(tc.steps))
+                    dev_report.decode(step, st)
+            log.flush()
+            log.close_bar()  # so the final dev report is not interleaved with the bar
+            dev = dev_report.loss(tc.steps, st)
+            dev.update(dev_report.decode(tc.steps, st))
         finally:
-            if bar is not None:
-                bar.close()
+            log.close_bar()
             ckpt.close()
             writer.close()
-    return StageResult(cfg.stage, stage_dir, tc.steps, read_losses(stage_dir), dev, latest)
+    return StageResult(cfg.stage, stage_dir, tc.steps, read_losses(stage_dir), dev, st.latest)
