@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from esrt_jax.metrics import Scores, clean_segment
-from esrt_jax.pytree import rotate_rows  # noqa: F401  (part of this module's API)
 
-__all__ = ["Listening", "distinct_counts", "pick_examples", "swap_partners", "swapped_path", "listening", "rotate_rows",
+__all__ = ["Listening", "distinct_counts", "pick_examples", "swap_partners", "swapped_path", "listening",
            "normalize"]
 
 
