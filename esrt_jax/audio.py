@@ -9,10 +9,21 @@ are already in memory (e.g. a Hugging Face datasets `{"array", "sampling_rate"}`
 padding, float64 FFT rounded through complex64, log10 with floor 1e-10, dynamic range 8,
 `(x + 4) / 4`). `log_mel_spectrogram_jax` is the batched, jittable `jax.numpy` version for
 on-device use: (B, 480000) -> (B, n_mels, 3000).
+
+Long recordings: the encoder sees one fixed window (30 s for Whisper, `num_frames / 100` s for
+smaller test encoders: `window_seconds`). `find_segments` cuts longer audio into windows with an
+energy-based voice-activity detector (pure numpy: 10 ms frame energies against a threshold between
+the recording's noise floor and its loud frames; pauses of at least `min_pause` s are cut points;
+neighbouring speech is packed up to the window; speech running longer than the window is cut at
+its quietest frame in the window's second half, with `overlap` s repeated across the cut).
+`mel_segments` is the front end both halves use on a file: (S, n_mels, num_frames) log-mel and the
+`Segment`s (sample spans, seconds via `start_s`/`end_s`). Audio that fits one window is one
+segment spanning all of it, so its features are exactly the unsegmented ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
@@ -41,6 +52,10 @@ __all__ = [
     "log_mel_spectrogram_jax",
     "mel_for_model",
     "mel_from_file",
+    "Segment",
+    "window_seconds",
+    "find_segments",
+    "mel_segments",
 ]
 
 SAMPLE_RATE = 16000
@@ -305,6 +320,139 @@ def mel_for_model(audio: np.ndarray, n_mels: int, num_frames: int = N_FRAMES) ->
 
 def mel_from_file(path: str | os.PathLike, n_mels: int, num_frames: int = N_FRAMES
                   ) -> tuple[np.ndarray, float]:
-    """Audio file -> (log-mel (n_mels, num_frames), duration in seconds before padding)."""
-    wav = load_audio(path)
-    return mel_for_model(wav, n_mels, num_frames), wav.size / SAMPLE_RATE
+    """Audio file -> (log-mel (n_mels, num_frames) of its first window, duration in seconds).
+
+    No segmentation: audio longer than the encoder's window (`window_seconds(num_frames)`) is cut
+    to it with a warning naming the file (`mel_segments` keeps all of it)."""
+    wav = load_audio(path, max_seconds=None)
+    _warn_cut(wav, num_frames, os.fspath(path))
+    return mel_for_model(wav[:num_frames * HOP_LENGTH], n_mels, num_frames), wav.size / SAMPLE_RATE
+
+
+def _warn_cut(wav: np.ndarray, num_frames: int, source: str) -> None:
+    win = window_seconds(num_frames)
+    if wav.size > num_frames * HOP_LENGTH:
+        warnings.warn(f"{source}: audio is {wav.size / SAMPLE_RATE:.2f} s, longer than the model's "
+                      f"{win:g} s window; cut to {win:g} s (segmentation is off)", stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- long recordings
+
+# 10 ms analysis frames: the hop of the log-mel, so segment bounds fall on mel frame boundaries.
+_VAD_FRAME = HOP_LENGTH
+# Frames quieter than this (RMS, dB re full scale) are silence whatever the recording: below
+# 16-bit dither, far below any speech.
+_SILENCE_DBFS = -60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One window of a recording: samples [start, end) at `sr` Hz."""
+
+    start: int
+    end: int
+    sr: int = SAMPLE_RATE
+
+    @property
+    def start_s(self) -> float:
+        return self.start / self.sr
+
+    @property
+    def end_s(self) -> float:
+        return self.end / self.sr
+
+
+def window_seconds(num_frames: int = N_FRAMES) -> float:
+    """The encoder's window in seconds for `num_frames` mel frames (100 per second)."""
+    return num_frames * HOP_LENGTH / SAMPLE_RATE
+
+
+def _frame_db(x: np.ndarray) -> np.ndarray:
+    """(T,) -> (ceil(T / 160),) RMS per 10 ms frame in dB re full scale (floor -100)."""
+    n = -(-x.size // _VAD_FRAME)
+    fr = np.pad(x.astype(np.float64), (0, n * _VAD_FRAME - x.size)).reshape(n, _VAD_FRAME)
+    return 10.0 * np.log10(np.maximum(np.mean(fr * fr, axis=1), 1e-10))
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of True in a 1-D bool array."""
+    d = np.diff(np.r_[0, mask.astype(np.int8), 0])
+    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist()))
+
+
+def find_segments(audio: np.ndarray, max_seconds: float, *, sr: int = SAMPLE_RATE,
+                  overlap: float | None = None, min_pause: float = 0.3, pad: float = 0.1,
+                  source: str = "<array>") -> list[Segment]:
+    """Cut a mono waveform (T,) into windows of at most `max_seconds`, at pauses -> [Segment], in order.
+
+    Audio no longer than `max_seconds` is one segment [0, T). Longer audio: voice activity per
+    10 ms frame (energy above max(-60 dBFS, floor + 0.4 (loud - floor)), floor and loud the 10th
+    and 95th percentile frame energies); speech runs closer than `min_pause` s are joined, runs
+    under 0.1 s dropped, each run widened by `pad` s; consecutive runs are packed into one segment
+    while it stays within `max_seconds`; a run longer than that is cut at its quietest frame in the
+    second half of the window, the next piece starting `overlap` s (default min(0.5, max / 10))
+    before the cut. Raises AudioError naming `source` for empty or silent audio (no 10 ms frame
+    above -60 dBFS).
+    """
+    x = np.asarray(audio)
+    if x.ndim != 1:
+        raise AudioError(f"{source}: find_segments expects a 1-D waveform, got shape {x.shape}")
+    if x.size == 0:
+        raise AudioError(f"{source}: audio is empty (0 samples)")
+    if sr != SAMPLE_RATE:
+        raise ValueError(f"find_segments works at {SAMPLE_RATE} Hz, got sr={sr}")
+    win = int(round(max_seconds * sr)) // _VAD_FRAME  # frames per window
+    if win < 10:
+        raise ValueError(f"max_seconds={max_seconds} is shorter than 0.1 s")
+    ov = int(round((min(0.5, max_seconds / 10) if overlap is None else overlap) * sr / _VAD_FRAME))
+    if not 0 <= ov < win // 2:
+        raise ValueError(f"overlap {overlap} s must be >= 0 and under half the {max_seconds} s window")
+    db = _frame_db(x)
+    if db.max() < _SILENCE_DBFS:
+        raise AudioError(f"{source}: no speech found: the audio is silent (loudest 10 ms at "
+                         f"{db.max():.0f} dBFS, below {_SILENCE_DBFS:.0f})")
+    if x.size <= win * _VAD_FRAME:
+        return [Segment(0, x.size, sr)]
+    n = db.size
+    floor, loud = np.percentile(db, 10), np.percentile(db, 95)
+    voiced = db >= max(_SILENCE_DBFS, floor + 0.4 * (loud - floor))
+    gap, min_len, widen = (int(round(v * sr / _VAD_FRAME)) for v in (min_pause, 0.1, pad))
+    runs: list[list[int]] = []
+    for a, b in _runs(voiced):  # join runs split by pauses shorter than min_pause
+        if runs and a - runs[-1][1] < gap:
+            runs[-1][1] = b
+        else:
+            runs.append([a, b])
+    runs = [r for r in runs if r[1] - r[0] >= min_len] or [max(runs, key=lambda r: r[1] - r[0])]
+    spans = [(max(0, a - widen), min(n, b + widen)) for a, b in runs]
+    pieces: list[tuple[int, int]] = []
+    for a, b in spans:
+        while b - a > win:  # speech longer than a window: cut at its quietest frame
+            lo, hi = a + win // 2, a + win
+            cut = hi - int(np.argmin(db[lo:hi][::-1]))  # the latest quietest frame boundary
+            pieces.append((a, cut))
+            a = cut - ov
+        pieces.append((a, b))
+    packed = [pieces[0]]
+    for a, b in pieces[1:]:
+        if b - packed[-1][0] <= win:
+            packed[-1] = (packed[-1][0], b)
+        else:
+            packed.append((a, b))
+    return [Segment(a * _VAD_FRAME, min(b * _VAD_FRAME, x.size), sr) for a, b in packed]
+
+
+def mel_segments(path: str | os.PathLike, n_mels: int, num_frames: int = N_FRAMES, *,
+                 segment: bool = True, **segment_kw) -> tuple[np.ndarray, list[Segment]]:
+    """Audio file -> (log-mel (S, n_mels, num_frames), S `Segment`s): one row per window.
+
+    `segment=False`: one window, the audio cut to it with a warning when longer (`mel_from_file`).
+    `segment_kw` go to `find_segments`."""
+    name = os.fspath(path)
+    wav = load_audio(path, max_seconds=None)
+    if not segment:
+        _warn_cut(wav, num_frames, name)
+        wav = wav[:num_frames * HOP_LENGTH]
+        return mel_for_model(wav, n_mels, num_frames)[None], [Segment(0, wav.size)]
+    segs = find_segments(wav, window_seconds(num_frames), source=name, **segment_kw)
+    return np.stack([mel_for_model(wav[s.start:s.end], n_mels, num_frames) for s in segs]), segs

@@ -6,10 +6,15 @@ adapter on this machine and POSTs only the resulting feature payload (`esrt_jax.
 the cloud service (`esrt_jax.serve`). The request body is the payload and nothing else; the
 request line carries src/tgt. Audio never leaves the device.
 
+A recording longer than the encoder's window is segmented here, where the audio is
+(`esrt_jax.audio.find_segments`, `--no-segment` to cut it to one window instead): one payload,
+one request per segment, sent concurrently so that the service batches them; the answers are
+joined in order (`esrt_jax.infer.longform`) and the output lists each segment's start/end seconds.
+
 Library use::
 
     client = EdgeClient.from_checkpoint("configs/demo.yaml", "runs/demo", server=URL, token=T)
-    client.translate("a.wav", "eng", "deu")   # {"transcription", "translation", ..., "bytes_sent"}
+    client.translate("a.wav", "eng", "deu")   # {"transcription", "translation", ..., "bytes_sent", "segments"}
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -29,6 +35,7 @@ from flax import nnx
 from esrt_jax import audio as audio_lib
 from esrt_jax import languages
 from esrt_jax.convert.whisper import load_whisper_encoder
+from esrt_jax.infer import longform
 from esrt_jax.infer import payload as pl
 from esrt_jax.infer.cloud import model_fingerprint
 from esrt_jax.infer.translator import encode_batch
@@ -130,7 +137,13 @@ class EdgeEncoder:
         return self.translator.encode(mels)
 
     def mel(self, path: str | os.PathLike) -> np.ndarray:
+        """One window (n_mels, num_frames): longer audio is cut (with a warning)."""
         return audio_lib.mel_from_file(path, self.n_mels, self.num_frames)[0]
+
+    def segments(self, path: str | os.PathLike, segment: bool = True
+                 ) -> tuple[np.ndarray, list[audio_lib.Segment]]:
+        """Audio file -> (log-mel (S, n_mels, num_frames), its S segments)."""
+        return audio_lib.mel_segments(path, self.n_mels, self.num_frames, segment=segment)
 
     def payload(self, features: np.ndarray) -> bytes:
         """One utterance's features (*feature_shape) -> payload bytes."""
@@ -149,9 +162,10 @@ class EdgeClient(EdgeEncoder):
     """`EdgeEncoder` + HTTP: `translate(path, src, tgt)` encodes locally and asks the cloud."""
 
     def __init__(self, translator, fingerprint: str, *, server: str, token: str, scheme: str = "fp16",
-                 compress: bool = False, group_size: int = 32, timeout: float = 120.0):
+                 compress: bool = False, group_size: int = 32, timeout: float = 120.0, concurrency: int = 8):
         super().__init__(translator, fingerprint, scheme=scheme, compress=compress, group_size=group_size)
         self.server, self.token, self.timeout = server.rstrip("/"), token, timeout
+        self.concurrency = concurrency  # segments of one recording in flight at once
 
     @classmethod
     def from_checkpoint(cls, config, checkpoint, overrides: Sequence[str] = (), *, split: str | None = None,
@@ -180,11 +194,20 @@ class EdgeClient(EdgeEncoder):
         out["bytes_sent"] = len(body)
         return out
 
-    def translate(self, path: str | os.PathLike, src: str, tgt: str) -> dict:
+    def translate(self, path: str | os.PathLike, src: str, tgt: str, *, segment: bool = True,
+                  batch: int = 8) -> dict:
         """Audio file -> {"transcription", "translation", "src", "tgt", "scheme", "batch_size",
-        "bytes_sent"}; only the payload is sent."""
-        feats = self.features(self.mel(path)[None])[0]
-        return self.send(self.payload(feats), src, tgt)
+        "bytes_sent", "segments": [{"start", "end", "transcription", "translation", "batch_size",
+        "bytes_sent"}]}; only payloads are sent, one per segment (`bytes_sent`: their total)."""
+        mels, segs = self.segments(path, segment)
+        feats = np.concatenate([self.features(mels[i:i + batch]) for i in range(0, len(mels), batch)])
+        bodies = [self.payload(f) for f in feats]
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(bodies)))) as ex:
+            outs = list(ex.map(lambda b: self.send(b, src, tgt), bodies))
+        joined = longform.join_outputs(segs, outs, src, tgt)
+        for seg, o in zip(joined["segments"], outs):
+            seg.update(batch_size=o.get("batch_size"), bytes_sent=o["bytes_sent"])
+        return {**outs[0], **joined, "bytes_sent": sum(o["bytes_sent"] for o in outs)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="split point (must match the server's; default: the model config's)")
     ap.add_argument("--token-file", default=None, help="bearer token file (default: $ESRT_SERVE_TOKEN)")
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--no-segment", dest="segment", action="store_false",
+                    help="do not segment audio longer than the encoder's window: cut it to one window (warns)")
     args = ap.parse_args(argv)
 
     try:
@@ -215,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rc = 0
     for path in args.audio:
         try:
-            out = client.translate(path, src, tgt)
+            out = client.translate(path, src, tgt, segment=args.segment)
         except (EdgeError, audio_lib.AudioError) as e:
             print(f"error: {path}: {e}", file=sys.stderr)
             rc = 1

@@ -9,6 +9,10 @@ HTTP API (aiohttp):
   is compiled, 503 `{"status": "warming", ...}` before (readiness); `GET /metrics` -> Prometheus
   text format, every HTTP response counted by status.
 
+One request is one encoder window. A recording longer than that is segmented where the audio is:
+the edge client (`esrt_jax.edge`) cuts it at pauses, sends one payload per segment (several at
+once, so they are batched here) and joins the answers in order with each segment's start/end.
+
 Requests need `Authorization: Bearer <token>` (token from `--token-file` or $ESRT_SERVE_TOKEN).
 Concurrent requests are batched dynamically (up to `max_batch`, waiting at most `max_wait_ms`)
 into one jitted decode that runs in a worker thread, so the event loop keeps accepting requests.

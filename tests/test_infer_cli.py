@@ -62,32 +62,38 @@ def test_utterances_inputs(corpus):
 def test_edge_only_npz_then_from_embeds_is_exactly_the_one_process_output(tiny, corpus, one_process, tmp_path):
     tr, fp = tiny
     utts, want = one_process
-    feats = cli.encode_utterances(tr, utts, 4)  # edge process
-    out = cli.write_embeds(tmp_path / "e.npz", feats, utts, fingerprint=fp, split=tr.split)
+    feats, segs = cli.encode_segments(tr, utts, 4)  # edge process
+    # the tones (0.8-1.4 s) are longer than the tiny encoder's 0.64 s window: 2-3 segments each
+    parts = [s.part for s in segs if s.id == "u2"]
+    assert len(segs) == len(feats) > len(utts) and len(parts) >= 3 and parts == list(range(len(parts)))
+    out = cli.write_embeds(tmp_path / "e.npz", feats, segs, fingerprint=fp, split=tr.split)
     got_feats, got_utts = cli.read_embeds(out, fingerprint=fp, split=tr.split, shape=tr.feature_shape)  # cloud
-    assert np.array_equal(got_feats, feats) and got_utts == [cli.Utterance(u.id, u.audio, u.src, u.tgt) for u in utts]
-    assert cli.decode_features(tr, got_feats, got_utts, 4) == want
+    assert np.array_equal(got_feats, feats) and got_utts == segs
+    assert cli.join_segments(cli.decode_features(tr, got_feats, got_utts, 4), got_utts) == want
     assert all(r["transcription"] or r["translation"] for r in want)  # the tiny model does say something
+    assert [len(r["segments"]) for r in want] == [sum(s.id == u.id for s in segs) for u in utts]
 
 
 def test_edge_only_fp16_payloads_then_from_embeds(tiny, corpus, one_process, tmp_path):
     tr, fp = tiny
     utts, want = one_process
-    feats = cli.encode_utterances(tr, utts, 4)
-    out = cli.write_embeds(tmp_path / "e.jsonl", feats, utts, fingerprint=fp, split=tr.split, scheme="fp16")
+    feats, segs = cli.encode_segments(tr, utts, 4)
+    out = cli.write_embeds(tmp_path / "e.jsonl", feats, segs, fingerprint=fp, split=tr.split, scheme="fp16")
     got_feats, got_utts = cli.read_embeds(out, fingerprint=fp, split=tr.split, shape=tr.feature_shape)
     assert np.array_equal(got_feats, feats.astype(np.float16).astype(np.float32))  # exact fp16 round trip
-    got = cli.decode_features(tr, got_feats, got_utts, 4)
+    assert got_utts == segs  # segment times and parts travel with the payloads
+    got = cli.join_segments(cli.decode_features(tr, got_feats, got_utts, 4), got_utts)
     # The cloud decodes exactly what was sent; for this model fp16 rounding changes no token either.
     assert got == want
     lines = out.read_text().splitlines()
-    assert len(lines) == 3 and base64.b64decode(json.loads(lines[0])["payload"]).startswith(pl.MAGIC)
+    assert len(lines) == len(segs) and base64.b64decode(json.loads(lines[0])["payload"]).startswith(pl.MAGIC)
 
 
 def test_single_raw_payload_needs_languages(tiny, corpus, tmp_path):
     tr, fp = tiny
-    utts = cli.utterances(audio=[str(corpus / "audio" / "u2.wav")], src="fra", tgt="eng")
-    feats = cli.encode_utterances(tr, utts)
+    utts = cli.utterances(audio=[str(write_tone(tmp_path / "u2.wav", 0.6, 400.0))], src="fra", tgt="eng")
+    feats, segs = cli.encode_segments(tr, utts)
+    assert len(segs) == 1 and (segs[0].start, segs[0].end) == (0.0, 0.6)  # within one window: all of it
     raw = cli.write_embeds(tmp_path / "u2.bin", feats, utts, fingerprint=fp, split=tr.split, scheme="int8",
                            compress=True)
     assert raw.read_bytes().startswith(pl.MAGIC)
@@ -96,6 +102,10 @@ def test_single_raw_payload_needs_languages(tiny, corpus, tmp_path):
     x, u = cli.read_embeds(raw, fingerprint=fp, split=tr.split, shape=tr.feature_shape, src="fra", tgt="eng")
     assert np.abs(x - feats).max() <= pl.error_bound(feats[0], "int8").max() + 1e-6
     assert cli.decode_features(tr, x, u)[0]["src"] == "fra"
+    long_feats, long_segs = cli.encode_segments(tr, cli.utterances(audio=[str(corpus / "audio" / "u2.wav")],
+                                                                   src="fra", tgt="eng"))
+    with pytest.raises(cli.InferError, match=r"got \d+ segments"):
+        cli.write_embeds(tmp_path / "long.bin", long_feats, long_segs, fingerprint=fp, split=tr.split)
     with pytest.raises(cli.InferError, match="holds one utterance"):
         cli.write_embeds(tmp_path / "two.bin", np.concatenate([feats, feats]), utts * 2, fingerprint=fp,
                          split=tr.split)
@@ -104,7 +114,7 @@ def test_single_raw_payload_needs_languages(tiny, corpus, tmp_path):
 def test_from_embeds_rejects_files_for_another_model(tiny, corpus, one_process, tmp_path):
     tr, fp = tiny
     utts, _ = one_process
-    feats = cli.encode_utterances(tr, utts[:1])
+    feats = cli.encode_segments(tr, utts[:1])[0][:1]
     for name in ("a.jsonl", "a.npz"):
         f = cli.write_embeds(tmp_path / name, feats, utts[:1], fingerprint="feedfacefeedface", split=tr.split)
         with pytest.raises(cli.InferError, match="made by model"):
@@ -210,7 +220,7 @@ def test_from_embeds_rejects_nonfinite_and_crafted_payloads(trained_run, corpus,
     loaded = load_model(cfg_path, run_dir)
     tr = translator_for(loaded)
     utts = cli.utterances(audio=[str(corpus / "audio" / "u0.wav")], src="eng", tgt="deu")
-    feats = cli.encode_utterances(tr, utts)
+    feats = cli.encode_segments(tr, utts)[0][:1]
     good = cli.write_embeds(tmp_path / "g.bin", feats, utts, fingerprint=loaded.fingerprint,
                             split=tr.split).read_bytes()
     n = 2 * int(np.prod(tr.feature_shape))

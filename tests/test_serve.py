@@ -236,7 +236,7 @@ def test_quantised_and_compressed_payloads_are_served(server, tiny):
 
 def test_edge_client_sends_only_the_payload(server, tiny, tmp_path):
     tr, fp = tiny
-    wav = write_tone(tmp_path / "a.wav", 1.5, 220.0)
+    wav = write_tone(tmp_path / "a.wav", 0.6, 220.0)  # within the tiny encoder's 0.64 s window
     client = EdgeClient(tr, fp, server=server.url, token=TOKEN, scheme="fp16")
     sent = []
     orig = client.send
@@ -247,6 +247,7 @@ def test_edge_client_sends_only_the_payload(server, tiny, tmp_path):
     assert len(sent) == 1 and sent[0].startswith(pl.MAGIC) and out["bytes_sent"] == len(sent[0])
     assert len(sent[0]) < 0.1 * dur * 16000 * 2  # far smaller than the PCM it replaces
     assert (out["transcription"], out["translation"]) == expected(tr, x, "eng", "deu")
+    assert [(s["start"], s["end"]) for s in out["segments"]] == [(0.0, 0.6)]
     with pytest.raises(ValueError, match="not a feature payload"):
         orig(b"RIFF....WAVEfmt ", "eng", "deu")
     bad = EdgeClient(tr, fp, server=server.url, token="nope")
@@ -416,7 +417,7 @@ def test_serve_and_edge_commands_end_to_end(tmp_path, capsys):
 
     cfg_path, run_dir, _ = make_tiny_run(tmp_path)
     (tmp_path / "token").write_text(TOKEN + "\n")
-    wav = write_tone(tmp_path / "a.wav", 1.2, 300.0)
+    wav = write_tone(tmp_path / "a.wav", 0.6, 300.0)  # one window (long recordings: test_longform.py)
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"}
     common = ["--config", str(cfg_path), "--checkpoint", str(run_dir)]

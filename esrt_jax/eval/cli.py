@@ -5,6 +5,7 @@ Decode + score:
     python eval.py --config configs/demo.yaml --checkpoint runs/demo [--data test.jsonl]
         [--src eng,deu] [--tgt all] [--langs eng,deu,fra] [--limit N] [--beam 5] [--batch 64]
         [--task srt|asr|smt] [--max-new-tokens N] [--out DIR] [--overwrite] [--no-swap]
+        [--no-segment]
 
 decodes every (utterance, target) record of `--data` (ESRT or LLM-SRT JSONL; default: the demo
 corpus' test sets when the config trains on it: with `data.demo_heldout_clips`, the trained clips
@@ -14,7 +15,9 @@ once for all its targets (`esrt_jax.eval.decode`), writes `DIR/results.jsonl` in
 result schema, then scores it into DIR exactly as `--score` does. An interrupted decode resumes
 from the records already in `results.jsonl`. Then, unless `--no-swap`, the same records are
 decoded again with each clip's audio swapped for another clip's (`results.swapped.jsonl`), for
-the listening diagnostic (audio gain, distinct outputs: `esrt_jax.eval.listening`). Without --src/--tgt/--langs, the languages are the
+the listening diagnostic (audio gain, distinct outputs: `esrt_jax.eval.listening`). Audio longer
+than the encoder's window is cut into segments at pauses, each decoded, and the joined texts are
+scored (`--no-segment`: cut to one window instead). Without --src/--tgt/--langs, the languages are the
 run config's `data.languages` when it names them (the languages the model was trained on).
 
 Score only (no model):
@@ -94,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-swap", dest="swap", action="store_false",
                    help="skip the listening check (a second decode with each clip's audio replaced by "
                         "another clip's, scored as the audio gain; it doubles the decode time)")
+    d.add_argument("--no-segment", dest="segment", action="store_false",
+                   help="do not segment audio longer than the encoder's window (default: cut it into segments "
+                        "at pauses, decode each and score the joined text): cut it to one window (warns)")
     d.add_argument("--encoder-cache", metavar="DIR",
                    help="encoder feature cache (python -m esrt_jax.data.encode_cache ... --data TEST.jsonl) "
                         "to read instead of running the encoder (default: the config's data.encoder_cache)")
@@ -275,7 +281,8 @@ def _decode_and_score(args, loaded, tr, data: str, langs, t_start: float, t_load
     try:
         stats = dec.decode_to_file(tr, items, results_path, task=args.task, batch=args.batch,
                                    progress=not args.no_progress, overwrite=args.overwrite, info=info,
-                                   fingerprint=loaded.fingerprint, encoder_cache=cache)
+                                   fingerprint=loaded.fingerprint, encoder_cache=cache,
+                                   segment=args.segment)
     except dec.DecodeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2, None
@@ -299,7 +306,8 @@ def _decode_and_score(args, loaded, tr, data: str, langs, t_start: float, t_load
             sw = dec.decode_to_file(tr, items, sw_path, task=args.task, batch=args.batch,
                                     progress=not args.no_progress, overwrite=args.overwrite,
                                     info={**info, "audio": "swapped"}, fingerprint=loaded.fingerprint,
-                                    audio_of=partners.__getitem__, encoder_cache=cache)
+                                    audio_of=partners.__getitem__, encoder_cache=cache,
+                                    segment=args.segment)
         except dec.DecodeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2, None

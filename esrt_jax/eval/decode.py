@@ -7,14 +7,20 @@ Input: ESRT (`{id, audio, src, tgt, asr, s2tt}`) or LLM-SRT (`{audio, source, pr
 one (utterance, target language) record a line, read with `esrt_jax.data.records.record_from_json`.
 Bad records (malformed JSON, missing keys, unknown language codes, missing audio files,
 duplicate ids) are returned as `results.Issue`s with their line numbers and skipped; audio that
-exists but cannot be decoded is found at encode time and reported the same way. Nothing in the
-data makes decoding crash.
+exists but cannot be decoded (or is empty or silent) is found at encode time and reported the
+same way. Nothing in the data makes decoding crash.
+
+Long recordings (longer than the encoder's window) are cut into segments at pauses
+(`esrt_jax.audio.mel_segments`); each record decodes all its audio's segments, and the joined
+texts (`esrt_jax.infer.longform`) are what is written and scored. `segment=False` cuts each audio
+to one window instead (with a warning). With an encoder cache (one window per audio) and with a
+`mel_fn` there is no segmentation.
 
 Audio is encoded ONCE per utterance and reused for all its target languages: records are grouped
 by audio path (first appearance order); up to `batch` utterances are loaded, turned into log-mel
-(`esrt_jax.audio.mel_from_file`, the same front end the edge client uses: the 30 s Whisper
-log-mel, cut to the encoder's `num_frames` for test-sized encoders, so features are identical to
-what a deployed edge would send) and encoded by `Translator.encode`; their records are then
+(`esrt_jax.audio.mel_segments`, the same front end the edge client uses: the 30 s Whisper
+log-mel of each segment, cut to the encoder's `num_frames` for test-sized encoders, so features
+are identical to what a deployed edge would send) and encoded by `Translator.encode`; their records are then
 decoded `batch` at a time by `Translator.decode` (bucketed, jitted; SRT output split at
 `<|src|><|tgt|>`). Results are written grouped by utterance in that order.
 
@@ -42,11 +48,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from esrt_jax import languages
-from esrt_jax.audio import AudioError, mel_from_file
+from esrt_jax.audio import AudioError, mel_segments
 from esrt_jax.data.encode_cache import CacheError
 from esrt_jax.data.records import record_from_json
 from esrt_jax.data.tasks import TASKS, marker
 from esrt_jax.eval.results import RESULT_FIELDS, Issue
+from esrt_jax.infer import longform
 from esrt_jax.infer.cloud import model_fingerprint
 
 __all__ = [
@@ -269,7 +276,9 @@ def translator_fingerprint(translator) -> str:
 # Settings a results file must share with the run that appends to it. The fingerprint covers the
 # config and the adapter weights; stage/step (from `info`, when given) also catch a checkpoint that
 # only changed LLM/LoRA weights.
-_MATCH_KEYS = ("fingerprint", "stage", "step", "task", "split", "generate")
+_MATCH_KEYS = ("fingerprint", "stage", "step", "task", "split", "generate", "segment")
+# Keys added after the first results files were written: not compared when a file lacks them.
+_NEWER_KEYS = ("segment",)
 
 
 def _check_meta(results: Path, meta: dict, overwrite: bool) -> None:
@@ -280,7 +289,7 @@ def _check_meta(results: Path, meta: dict, overwrite: bool) -> None:
                 old = json.loads(mp.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as e:
                 raise DecodeError(f"{mp}: unreadable ({e}); pass overwrite=True (--overwrite) to start over")
-            diff = [k for k in _MATCH_KEYS if old.get(k) != meta.get(k)]
+            diff = [k for k in _MATCH_KEYS if old.get(k) != meta.get(k) and (k in old or k not in _NEWER_KEYS)]
             if diff:
                 detail = "; ".join(f"{k}: file {old.get(k)!r}, now {meta.get(k)!r}" for k in diff)
                 raise DecodeError(f"{results} was decoded with other settings ({detail}); resuming would mix "
@@ -294,17 +303,12 @@ def _check_meta(results: Path, meta: dict, overwrite: bool) -> None:
     mp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
-def _default_mel_fn(translator) -> Callable[[str], np.ndarray]:
-    enc = translator.config.encoder
-    return lambda path: mel_from_file(path, enc.num_mel_bins, enc.num_frames)[0]
-
-
 def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.PathLike, *,
                    task: str = "srt", batch: int = 64, progress: bool = True, overwrite: bool = False,
                    info: dict | None = None, fingerprint: str | None = None,
                    mel_fn: Callable[[str], np.ndarray] | None = None,
                    audio_of: Callable[[str], str] | None = None, encoder_cache=None,
-                   on_batch: Callable[[int], None] | None = None, log=None) -> DecodeStats:
+                   on_batch: Callable[[int], None] | None = None, log=None, segment: bool = True) -> DecodeStats:
     """Decode `items` with `translator` into `results` (JSONL, public ESRT schema), resuming.
 
     `batch`: utterances per encode chunk and records per decode call (the translator pads both
@@ -314,7 +318,9 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
     (the listening check's swapped decode). `encoder_cache`: a `FeatureCache` of this model's
     encoder; the cached encoder outputs then replace front end + encoder (an audio missing from
     it is a `DecodeError` naming it). `on_batch(n_written)` is called after each write.
-    `log`: stream for warnings and the progress bar (default stderr).
+    `log`: stream for warnings and the progress bar (default stderr). `segment`: cut audio longer
+    than the encoder's window into segments (decoded each, texts joined) instead of cutting it to
+    one window.
     """
     if task not in TASKS:
         raise DecodeError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
@@ -324,17 +330,25 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
     results = Path(results)
     gen = dataclasses.asdict(translator.gen_cfg)
     meta = {"fingerprint": fingerprint or translator_fingerprint(translator), "task": task,
-            "split": translator.split, "generate": json.loads(json.dumps(gen)), **(info or {})}
+            "split": translator.split, "generate": json.loads(json.dumps(gen)), "segment": segment,
+            **(info or {})}
     _check_meta(results, meta, overwrite)
     done, warnings = read_done(results)
     for w in warnings:
         print(f"warning: {w}", file=log)
     audio_of = audio_of or (lambda p: p)
+    # load(path) -> (inputs (S, ...) float32, its S segments or None for one unsegmented window)
     if encoder_cache is not None:
-        load, run = (lambda p: np.asarray(encoder_cache[audio_of(p)], np.float32)), translator.adapt
+        load, run = (lambda p: (np.asarray(encoder_cache[audio_of(p)], np.float32)[None], None)), translator.adapt
+    elif mel_fn is not None:
+        load, run = (lambda p: (np.asarray(mel_fn(audio_of(p)), np.float32)[None], None)), translator.encode
     else:
-        mel_fn = mel_fn or _default_mel_fn(translator)
-        load, run = (lambda p: np.asarray(mel_fn(audio_of(p)), np.float32)), translator.encode
+        enc = translator.config.encoder
+
+        def load(p):
+            mels, segs = mel_segments(audio_of(p), enc.num_mel_bins, enc.num_frames, segment=segment)
+            return np.asarray(mels, np.float32), segs if len(segs) > 1 else None
+        run = translator.encode
     enc_step = max(1, min(batch, translator.max_batch))
     stats = DecodeStats(selected=len(items))
     stats.already_done = sum(it.key in done for it in items)
@@ -346,10 +360,11 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
                 if all(items[i].key in done for i in idx):
                     continue
                 t0 = time.perf_counter()
-                inputs, ok = [], []
+                inputs, ok, segs_of = [], [], {}
                 for p in paths:
                     try:
-                        inputs.append(load(p))
+                        x, segs_of[p] = load(p)
+                        inputs.append(x)
                         ok.append(p)
                     except CacheError as e:
                         raise DecodeError(str(e)) from None
@@ -361,27 +376,35 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
                         bar.update(sum(items[i].key not in done for i in bad))
                 if not ok:
                     continue
-                feats = np.concatenate([run(np.stack(inputs[j:j + enc_step]))
-                                        for j in range(0, len(inputs), enc_step)])
-                row_of = {p: r for r, p in enumerate(ok)}
+                flat = np.concatenate(inputs)  # (rows, ...): every segment of every audio
+                feats = np.concatenate([run(flat[j:j + enc_step]) for j in range(0, len(flat), enc_step)])
+                first = np.cumsum([0] + [len(x) for x in inputs])
+                rows_of = {p: range(first[k], first[k + 1]) for k, p in enumerate(ok)}
                 stats.audio_encoded += len(ok)
                 t1 = time.perf_counter()
                 stats.encode_s += t1 - t0
-                idx = [i for i in idx if items[i].path in row_of]
-                for b in range(0, len(idx), batch):
-                    chunk = [items[i] for i in idx[b:b + batch]]
-                    if all(it.key in done for it in chunk):
+                idx = [i for i in idx if items[i].path in rows_of]
+                # (item, feature row) for every segment of every record, decoded `batch` rows at a
+                # time; a record is written once all its segments are decoded.
+                rows = [(i, r) for i in idx for r in rows_of[items[i].path]]
+                pending: dict[int, list[dict]] = {}
+                for b in range(0, len(rows), batch):
+                    chunk = rows[b:b + batch]
+                    if all(items[i].key in done for i, _ in chunk):
                         continue
                     t2 = time.perf_counter()
+                    its = [items[i] for i, _ in chunk]
                     outs = translator.decode(
-                        feats[[row_of[it.path] for it in chunk]], [it.src for it in chunk],
-                        [it.tgt for it in chunk], task=task,
-                        transcriptions=[it.asr for it in chunk] if task == "smt" else None)
+                        feats[[r for _, r in chunk]], [it.src for it in its], [it.tgt for it in its], task=task,
+                        transcriptions=[it.asr for it in its] if task == "smt" else None)
                     lines = []
-                    for it, o in zip(chunk, outs):
-                        if it.key in done:
+                    for (i, _), o in zip(chunk, outs):
+                        it = items[i]
+                        pending.setdefault(i, []).append(o)
+                        if it.key in done or len(pending[i]) < len(rows_of[it.path]):
                             continue
-                        lines.append(json.dumps(_result(it, o, task), ensure_ascii=False) + "\n")
+                        joined = _join(pending.pop(i), segs_of[it.path], it.src, it.tgt)
+                        lines.append(json.dumps(_result(it, joined, task), ensure_ascii=False) + "\n")
                         done.add(it.key)
                     out.write("".join(lines))
                     out.flush()
@@ -393,6 +416,16 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
     finally:
         bar.close()
     return stats
+
+
+def _join(outs: list[dict], segs, src: str, tgt: str) -> dict:
+    """A record's per-segment decodes -> one {"asr", "s2tt", "response"} (texts joined in order)."""
+    if len(outs) == 1:
+        return outs[0]
+    ov = longform.overlaps_of(segs) if segs else []
+    return {"asr": longform.join_texts([o["asr"] for o in outs], src, ov),
+            "s2tt": longform.join_texts([o["s2tt"] for o in outs], tgt, ov),
+            "response": " ".join(o["response"].strip() for o in outs)}
 
 
 def _result(it: EvalItem, out: dict, task: str) -> dict:

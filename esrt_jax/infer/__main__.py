@@ -9,8 +9,15 @@ The two halves can run apart (on two machines, or at two times):
     python -m esrt_jax.infer ... --jsonl test.jsonl --edge-only feats.jsonl     # edge: audio -> features
     python -m esrt_jax.infer ... --from-embeds feats.jsonl                       # cloud: features -> text
 
-`--edge-only OUT` writes what the edge would send: `OUT.jsonl` holds one line per utterance with its
-payload (`esrt_jax.infer.payload`, `--scheme fp16|int8|int4`, `--zstd`) in base64; any other name
+Recordings longer than the encoder's window (30 s for Whisper; `max_source_positions / 50` s in
+general) are cut into segments at pauses (`esrt_jax.audio.find_segments`: energy-based voice
+activity, at most one window each, a small overlap where speech runs longer than a window); each
+segment is decoded and the texts are joined in order. Each result then also lists its
+"segments": [{"start", "end", "transcription", "translation"}] (seconds). `--no-segment` cuts every
+recording to one window instead, with a warning. Empty or silent audio is an error naming the file.
+
+`--edge-only OUT` writes what the edge would send: `OUT.jsonl` holds one line per segment with its
+times and payload (`esrt_jax.infer.payload`, `--scheme fp16|int8|int4`, `--zstd`) in base64; any other name
 holds the raw payload of a single utterance (exactly the HTTP body the edge client sends; give
 `--src/--tgt` again when decoding it); `OUT.npz` holds float32 features (bit-exact, for checks).
 `--from-embeds FILE` verifies each payload against the loaded model (fingerprint, split point,
@@ -32,7 +39,8 @@ from typing import Sequence
 from esrt_jax.config import ConfigError
 from esrt_jax.infer import payload as pl
 from esrt_jax.infer.batch import (InferError, Utterance, check_trained, decode_features,  # noqa: F401
-                                  encode_utterances, read_embeds, translate, utterances, write_embeds)
+                                  encode_segments, encode_utterances, join_segments, read_embeds, translate,
+                                  utterances, write_embeds)
 from esrt_jax.infer.cloud import translator_for
 from esrt_jax.train.restore import load_model
 
@@ -61,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--zstd", action="store_true", help="zstd-compress --edge-only payloads")
     ap.add_argument("--split", default=None, choices=pl.SPLITS, help="split point (default: the model config's)")
     ap.add_argument("--task", default="srt", choices=("srt", "asr"))
+    ap.add_argument("--no-segment", dest="segment", action="store_false",
+                    help="do not segment recordings longer than the encoder's window: cut them to it (warns)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--num-beams", type=int, default=None)
@@ -98,18 +108,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             feats, utts = read_embeds(args.from_embeds, fingerprint=fp, split=tr.split, shape=tr.feature_shape,
                                       src=args.src, tgt=args.tgt)
             check_trained(utts, loaded.languages)
-            results = decode_features(tr, feats, utts, args.batch_size, args.task)
+            results = join_segments(decode_features(tr, feats, utts, args.batch_size, args.task), utts)
         else:
             utts = utterances(args.audio, args.jsonl, args.src, args.tgt)
             check_trained(utts, loaded.languages)
             if args.edge_only:
-                feats = encode_utterances(tr, utts, args.batch_size)
-                out = write_embeds(args.edge_only, feats, utts, fingerprint=fp, split=tr.split,
+                feats, segs = encode_segments(tr, utts, args.batch_size, segment=args.segment)
+                out = write_embeds(args.edge_only, feats, segs, fingerprint=fp, split=tr.split,
                                    scheme=args.scheme, compress=args.zstd)
-                print(f"wrote {len(utts)} utterance(s) of {tr.split} features {tr.feature_shape} to {out} "
-                      f"({out.stat().st_size} bytes, model {fp})", file=sys.stderr)
+                print(f"wrote {len(utts)} utterance(s) ({len(segs)} segments) of {tr.split} features "
+                      f"{tr.feature_shape} to {out} ({out.stat().st_size} bytes, model {fp})", file=sys.stderr)
                 return 0
-            results = translate(tr, utts, args.batch_size, args.task)
+            results = translate(tr, utts, args.batch_size, args.task, segment=args.segment)
     except (InferError, ValueError, OSError) as e:  # LanguageError, ConfigError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

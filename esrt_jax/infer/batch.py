@@ -1,10 +1,18 @@
 """Batch inference on files, both halves or one: the library behind `python -m esrt_jax.infer`.
 
-`utterances` reads --audio files / a JSONL of records; `encode_utterances` (edge half: audio ->
-mel -> features), `decode_features` (cloud half: features -> text) and `translate` (both) work on
-any object with the `Translator` interface; `write_embeds` / `read_embeds` are the edge-only files
-(JSONL of base64 payloads, one raw payload, or .npz of float32 features), every payload checked
-against the loaded model on reading.
+`utterances` reads --audio files / a JSONL of records; `encode_segments` (edge half: audio ->
+segments -> mel -> features), `decode_features` (cloud half: features -> text), `join_segments`
+(a recording's segments -> one result) and `translate` (all three) work on any object with the
+`Translator` interface; `write_embeds` / `read_embeds` are the edge-only files (JSONL of base64
+payloads, one raw payload, or .npz of float32 features, one row per segment with its times),
+every payload checked against the loaded model on reading.
+
+Long recordings: a recording longer than the encoder's window is cut into segments
+(`esrt_jax.audio.find_segments`); each segment is an `Utterance` with its `start`/`end` seconds and
+its `part` number, decoded like any utterance, and `join_segments` joins a recording's parts into
+one result {..., "transcription", "translation", "segments": [{"start", "end", "transcription",
+"translation"}]} (`esrt_jax.infer.longform`). `segment=False` cuts each recording to one window
+instead (with a warning when that drops audio).
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ from typing import Sequence
 import numpy as np
 
 from esrt_jax import languages
-from esrt_jax.audio import mel_from_file
+from esrt_jax.audio import SAMPLE_RATE, Segment, mel_from_file, mel_segments
 from esrt_jax.data.records import record_from_json
+from esrt_jax.infer import longform
 from esrt_jax.infer import payload as pl
 
 
@@ -37,6 +46,13 @@ class Utterance:
     tgt: str
     transcription: str = ""   # references, when the JSONL has them
     translation: str = ""
+    start: float | None = None  # a segment of the recording: its times in seconds, its number
+    end: float | None = None
+    part: int = 0
+
+    @property
+    def segment(self) -> Segment:
+        return Segment(round(self.start * SAMPLE_RATE), round(self.end * SAMPLE_RATE))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -75,7 +91,8 @@ def utterances(audio: Sequence[str] = (), jsonl: str | None = None, src: str | N
 
 
 def encode_utterances(translator, utts: Sequence[Utterance], batch_size: int = 8) -> np.ndarray:
-    """The edge half for many utterances: audio files -> features (N, *feature_shape) float32."""
+    """The edge half, one window per utterance (no segmentation: longer audio is cut, with a
+    warning): audio files -> features (N, *feature_shape) float32."""
     enc = translator.config.encoder
     feats = []
     for i in range(0, len(utts), batch_size):
@@ -85,23 +102,73 @@ def encode_utterances(translator, utts: Sequence[Utterance], batch_size: int = 8
     return np.concatenate(feats)
 
 
+def encode_segments(translator, utts: Sequence[Utterance], batch_size: int = 8, *, segment: bool = True
+                    ) -> tuple[np.ndarray, list[Utterance]]:
+    """The edge half on recordings of any length: audio files -> (features (M, *feature_shape),
+    the M segments as `Utterance`s with start/end/part), each file read once. AudioError (a
+    ValueError) names the file for empty, silent or unreadable audio."""
+    enc = translator.config.encoder
+    mels, feats, segs = [], [], []
+    for n, u in enumerate(utts, 1):
+        m, spans = mel_segments(u.audio, enc.num_mel_bins, enc.num_frames, segment=segment)
+        mels += list(m)
+        segs += [dataclasses.replace(u, start=round(s.start_s, 3), end=round(s.end_s, 3), part=k)
+                 for k, s in enumerate(spans)]
+        while len(mels) >= batch_size or (mels and n == len(utts)):  # encode as they come: bounded memory
+            feats.append(translator.encode(np.stack(mels[:batch_size])))
+            mels = mels[batch_size:]
+    return np.concatenate(feats), segs
+
+
 def decode_features(translator, feats: np.ndarray, utts: Sequence[Utterance], batch_size: int = 8,
                     task: str = "srt") -> list[dict]:
-    """The cloud half: features (N, ...) -> result dicts, in the order of `utts`."""
+    """The cloud half: features (N, ...) -> result dicts, in the order of `utts` (segments get
+    their "start"/"end" too; `join_segments` joins them)."""
     results = []
     for i in range(0, len(utts), batch_size):
         chunk = utts[i:i + batch_size]
         outs = translator.decode(feats[i:i + batch_size], [u.src for u in chunk], [u.tgt for u in chunk],
                                  task=task)
         for u, o in zip(chunk, outs):
-            results.append({"id": u.id, "audio": u.audio, "src": u.src, "tgt": u.tgt,
-                            "transcription": o["asr"], "translation": o["s2tt"]})
+            r = {"id": u.id, "audio": u.audio, "src": u.src, "tgt": u.tgt,
+                 "transcription": o["asr"], "translation": o["s2tt"]}
+            if u.start is not None:
+                r.update(start=u.start, end=u.end)
+            results.append(r)
     return results
 
 
-def translate(translator, utts: Sequence[Utterance], batch_size: int = 8, task: str = "srt") -> list[dict]:
-    """Both halves in one process."""
-    return decode_features(translator, encode_utterances(translator, utts, batch_size), utts, batch_size, task)
+def join_segments(results: Sequence[dict], utts: Sequence[Utterance]) -> list[dict]:
+    """`decode_features` rows of segments -> one row per recording (a new one at each part 0):
+    the texts joined in order, "segments" listing each part's times and texts. Rows without
+    times (a raw payload) pass through unchanged."""
+    out: list[dict] = []
+    group: list[tuple[dict, Utterance]] = []
+
+    def flush():
+        if group:
+            first = {k: v for k, v in group[0][0].items() if k not in ("start", "end")}
+            segs = [u.segment for _, u in group]
+            out.append({**first, **longform.join_outputs(segs, [r for r, _ in group], first["src"], first["tgt"])})
+            group.clear()
+
+    for r, u in zip(results, utts, strict=True):
+        if u.start is None:
+            flush()
+            out.append(r)
+            continue
+        if u.part == 0:
+            flush()
+        group.append((r, u))
+    flush()
+    return out
+
+
+def translate(translator, utts: Sequence[Utterance], batch_size: int = 8, task: str = "srt", *,
+              segment: bool = True) -> list[dict]:
+    """Both halves in one process, recordings of any length -> one joined result each."""
+    feats, segs = encode_segments(translator, utts, batch_size, segment=segment)
+    return join_segments(decode_features(translator, feats, segs, batch_size, task), segs)
 
 
 # ----------------------------------------------------------------------------- edge-only files
@@ -113,20 +180,25 @@ def write_embeds(path: str | Path, feats: np.ndarray, utts: Sequence[Utterance],
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npz":
+        nan = float("nan")
         np.savez(path, features=np.asarray(feats, np.float32), ids=np.array([u.id for u in utts]),
                  audio=np.array([u.audio for u in utts]), src=np.array([u.src for u in utts]),
-                 tgt=np.array([u.tgt for u in utts]), fingerprint=np.array(fingerprint), split=np.array(split))
+                 tgt=np.array([u.tgt for u in utts]), fingerprint=np.array(fingerprint), split=np.array(split),
+                 start=np.array([nan if u.start is None else u.start for u in utts], np.float64),
+                 end=np.array([nan if u.end is None else u.end for u in utts], np.float64),
+                 part=np.array([u.part for u in utts], np.int64))
         return path
     blobs = [pl.encode(f, fingerprint=fingerprint, split=split, scheme=scheme, compress=compress) for f in feats]
     if path.suffix == ".jsonl":
         with open(path, "w", encoding="utf-8") as f:
             for u, b in zip(utts, blobs):
-                f.write(json.dumps({"id": u.id, "audio": u.audio, "src": u.src, "tgt": u.tgt,
+                times = {} if u.start is None else {"start": u.start, "end": u.end, "part": u.part}
+                f.write(json.dumps({"id": u.id, "audio": u.audio, "src": u.src, "tgt": u.tgt, **times,
                                     "payload": base64.b64encode(b).decode()}, ensure_ascii=False) + "\n")
         return path
     if len(blobs) != 1:
-        raise InferError(f"{path}: a raw payload file holds one utterance, got {len(blobs)}; "
-                         f"name the output *.jsonl (or *.npz) for many")
+        raise InferError(f"{path}: a raw payload file holds one utterance of one segment, got {len(blobs)} "
+                         f"segments; name the output *.jsonl (or *.npz) for many (or a long recording)")
     path.write_bytes(blobs[0])
     return path
 
@@ -148,19 +220,22 @@ def read_embeds(path: str | Path, *, fingerprint: str, split: str, shape: tuple[
             z = np.load(path, allow_pickle=False)
             fp, sp, feats = str(z["fingerprint"]), str(z["split"]), z["features"]
             meta = [z[k] for k in ("ids", "audio", "src", "tgt")]
+            n = len(feats)  # segment times: absent from files written before long-form support
+            times = [z[k] if k in z else np.full(n, d) for k, d in (("start", np.nan), ("end", np.nan), ("part", 0))]
         except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
             raise InferError(f"{path}: not an --edge-only .npz ({type(e).__name__}: {e})") from None
         if fp != fingerprint or sp != split:
             raise InferError(f"{path}: features were made by model {fp} split {sp}, "
                              f"the loaded model is {fingerprint} split {split}")
-        if feats.shape[1:] != tuple(shape) or not all(len(m) == len(feats) for m in meta):
+        if feats.shape[1:] != tuple(shape) or not all(len(m) == len(feats) for m in meta + times):
             raise InferError(f"{path}: features of shape {feats.shape[1:]} do not match the model's {tuple(shape)}")
         if not np.issubdtype(feats.dtype, np.floating) or not np.all(np.isfinite(feats)):
             raise InferError(f"{path}: features contain NaN or Inf (or are not floats)")
         try:
-            utts = [Utterance(str(i), str(a), languages.get(str(s)).code, languages.get(str(t)).code)
-                    for i, a, s, t in zip(*meta)]
-        except languages.LanguageError as e:
+            utts = [Utterance(str(i), str(a), languages.get(str(s)).code, languages.get(str(t)).code,
+                              **_times(b, e, k))
+                    for i, a, s, t, b, e, k in zip(*meta, *times)]
+        except ValueError as e:  # LanguageError, bad segment times
             raise InferError(f"{path}: {e}") from None
         return feats.astype(np.float32), utts
     feats, utts = [], []
@@ -171,7 +246,7 @@ def read_embeds(path: str | Path, *, fingerprint: str, split: str, shape: tuple[
             r = json.loads(line)
             blob = base64.b64decode(r["payload"], validate=True)
             u = Utterance(str(r.get("id", n)), str(r.get("audio", "")), languages.get(r["src"]).code,
-                          languages.get(r["tgt"]).code)
+                          languages.get(r["tgt"]).code, **_times(r.get("start"), r.get("end"), r.get("part", 0)))
         except (ValueError, KeyError, TypeError) as e:
             raise InferError(f"{path}:{n}: not an edge-features record ({type(e).__name__}: {e})") from None
         feats.append(_decode_payload(blob, f"{path}:{n}", fingerprint, split, shape))
@@ -179,6 +254,16 @@ def read_embeds(path: str | Path, *, fingerprint: str, split: str, shape: tuple[
     if not utts:
         raise InferError(f"{path}: no records")
     return np.stack(feats), utts
+
+
+def _times(start, end, part) -> dict:
+    """Segment times read from an edge-only file -> Utterance fields (none: not a segment)."""
+    if start is None or end is None or not (np.isfinite(float(start)) and np.isfinite(float(end))):
+        return {}
+    start, end, part = float(start), float(end), int(part)
+    if not 0 <= start < end or part < 0:
+        raise ValueError(f"bad segment times start={start} end={end} part={part}")
+    return {"start": start, "end": end, "part": part}
 
 
 def _decode_payload(blob: bytes, where, fingerprint, split, shape) -> np.ndarray:
