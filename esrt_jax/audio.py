@@ -369,9 +369,14 @@ def window_seconds(num_frames: int = N_FRAMES) -> float:
 
 def _frame_db(x: np.ndarray) -> np.ndarray:
     """(T,) -> (ceil(T / 160),) RMS per 10 ms frame in dB re full scale (floor -100)."""
-    n = -(-x.size // _VAD_FRAME)
-    fr = np.pad(x.astype(np.float64), (0, n * _VAD_FRAME - x.size)).reshape(n, _VAD_FRAME)
-    return 10.0 * np.log10(np.maximum(np.mean(fr * fr, axis=1), 1e-10))
+    x = np.asarray(x, np.float32)
+    full = x.size // _VAD_FRAME
+    fr = x[:full * _VAD_FRAME].reshape(full, _VAD_FRAME)  # a view: no copy of a long recording
+    power = np.einsum("ij,ij->i", fr, fr) / _VAD_FRAME
+    if x.size > full * _VAD_FRAME:  # the last, partial frame
+        tail = x[full * _VAD_FRAME:]
+        power = np.append(power, np.dot(tail, tail) / tail.size)
+    return 10.0 * np.log10(np.maximum(power.astype(np.float64), 1e-10))
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:

@@ -310,13 +310,19 @@ def test_eval_scores_the_joined_output(model, recording, cli_out, tmp_path):
     from esrt_jax.eval import decode as dec
 
     _, _, loaded, tr = model
-    (tmp_path / "test.jsonl").write_text(json.dumps({"id": "long", "audio": str(recording[0]), "src": "eng",
-                                                     "tgt": "deu", "asr": "ref", "s2tt": "ref"}) + "\n")
+    from esrt_jax.eval.cli import build_parser
+
+    sf.write(tmp_path / "quiet.wav", gap(5.0), SR)
+    (tmp_path / "test.jsonl").write_text("".join(
+        json.dumps({"id": i, "audio": str(a), "src": "eng", "tgt": "deu", "asr": "ref", "s2tt": "ref"}) + "\n"
+        for i, a in (("long", recording[0]), ("quiet", tmp_path / "quiet.wav"))))
     items, issues = dec.read_items(tmp_path / "test.jsonl")
     assert not issues
     stats = dec.decode_to_file(tr, items, tmp_path / "results.jsonl", batch=8, progress=False,
                                fingerprint=loaded.fingerprint)
-    assert (stats.decoded, stats.audio_encoded) == (1, 1)
+    assert (stats.decoded, stats.audio_encoded, stats.failed) == (1, 1, 1)
+    assert [(i.line, i.kind) for i in stats.issues] == [(2, "bad_audio")] and "no speech found" in stats.issues[0].message
+    assert build_parser().parse_args(["--no-segment"]).segment is False
     (row,) = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert (row["asr_r"], row["s2tt_r"]) == (cli_out["transcription"], cli_out["translation"])
     assert json.loads(dec.meta_path(tmp_path / "results.jsonl").read_text())["segment"] is True

@@ -320,13 +320,15 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
     it is a `DecodeError` naming it). `on_batch(n_written)` is called after each write.
     `log`: stream for warnings and the progress bar (default stderr). `segment`: cut audio longer
     than the encoder's window into segments (decoded each, texts joined) instead of cutting it to
-    one window.
+    one window (always for task smt, whose prompt is the whole transcription).
     """
     if task not in TASKS:
         raise DecodeError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
     if batch < 1:
         raise DecodeError(f"batch must be >= 1, got {batch}")
     log = log or sys.stderr
+    # SMT prompts hold the whole reference transcription: each segment would translate all of it.
+    segment = segment and task != "smt"
     results = Path(results)
     gen = dataclasses.asdict(translator.gen_cfg)
     meta = {"fingerprint": fingerprint or translator_fingerprint(translator), "task": task,
