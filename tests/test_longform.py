@@ -1,6 +1,6 @@
 """Long recordings: the segmenter (`esrt_jax.audio.find_segments`), the text join
-(`esrt_jax.infer.longform`), and a recording of 20 demo-corpus clips with pauses (~50 s, longer
-than Whisper's 30 s and 17 windows of the 3 s test encoder) through the inference CLI, the edge
+(`esrt_jax.infer.longform`), and a recording of 20 demo-corpus clips with pauses (~2 min, longer
+than Whisper's 30 s and 40 windows of the 3 s test encoder) through the inference CLI, the edge
 client against the real HTTP service, and eval: one segment per clip, in order, with monotone
 timestamps, the same joined output on every path."""
 
@@ -131,12 +131,12 @@ def test_join_texts():
 
 TOKEN = "long-form-token"
 N_CLIPS = 20
-PAUSE = 1.0
+PAUSE = 5.0  # 20 clips of ~1-2.5 s with these pauses: a recording over two minutes
 
 
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory):
-    """20 demo-corpus clips (10 sentences, eng and deu) with 1 s pauses and a little noise, as one
+    """20 demo-corpus clips (10 sentences, eng and deu) with 5 s pauses and a little noise (~2 min), as one
     wav -> (path, waveform, [(start, end) of each clip's speech (samples above 0.02)] seconds)."""
     from esrt_jax.data.demo import build_demo_corpus
 
@@ -157,7 +157,7 @@ def recording(tmp_path_factory):
     x = x + 3e-4 * np.random.default_rng(0).standard_normal(x.size).astype(np.float32)
     path = d / "long.wav"
     sf.write(path, x, SR, subtype="FLOAT")
-    assert x.size / SR > 30.0
+    assert x.size / SR >= 120.0, x.size / SR
     return path, A.load_audio(path, max_seconds=None), where
 
 
