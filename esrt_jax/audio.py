@@ -29,8 +29,6 @@ import os
 import warnings
 from typing import Literal, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import soundfile as sf
 import soxr
@@ -173,6 +171,8 @@ def pad_or_trim(audio, n_samples: int = N_SAMPLES, *, axis: int = -1):
         widths[axis] = (0, n_samples - length)
         if isinstance(audio, np.ndarray):
             return np.pad(audio, widths)
+        import jax.numpy as jnp  # JAX only for jax arrays: the edge device's numpy path runs without it
+
         return jnp.pad(audio, widths)
     return audio
 
@@ -278,6 +278,9 @@ def log_mel_spectrogram_jax(audio, n_mels: int = 80):
     `jax.default_matmul_precision("highest")` (or the global setting) to match the numpy
     version to ~1e-5.
     """
+    import jax  # JAX only here: the numpy front end runs on an edge device without it
+    import jax.numpy as jnp
+
     x = jnp.asarray(audio, jnp.float32)
     if x.ndim != 2 or x.shape[1] != N_SAMPLES:
         raise AudioError(

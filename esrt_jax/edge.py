@@ -1,5 +1,6 @@
 """Edge client: `python -m esrt_jax.edge --config C --checkpoint CK --audio a.wav --src eng --tgt deu
---server http://host:8080 [--scheme fp16|int8|int4] [--zstd] [--token-file F]`.
+--server http://host:8080 [--scheme fp16|int8|int4] [--zstd] [--token-file F]`, or on a device
+without JAX: `python -m esrt_jax.edge --runtime onnx --model OUT/edge.onnx --audio a.wav ...`.
 
 Runs the front end (`esrt_jax.audio`: decode, resample, 30 s log-mel), the Whisper encoder and the
 adapter on this machine and POSTs only the resulting feature payload (`esrt_jax.infer.payload`) to
@@ -11,9 +12,16 @@ A recording longer than the encoder's window is segmented here, where the audio 
 one request per segment, sent concurrently so that the service batches them; the answers are
 joined in order (`esrt_jax.infer.longform`) and the output lists each segment's start/end seconds.
 
+Two runtimes of the edge half with one interface (`split`, `feature_shape`, `mel_shape`,
+`encode(mel) -> features`): `EdgeModel` (our jitted JAX model, from the run config + checkpoint)
+and `OnnxEdgeModel` (the file `python -m esrt_jax.export --edge --format onnx` writes, run by
+onnxruntime; its model fingerprint comes from the file's metadata). Before sending, the client
+checks the service's fingerprint and split point (`GET /healthz`) and refuses a mismatch.
+
 Library use::
 
     client = EdgeClient.from_checkpoint("configs/demo.yaml", "runs/demo", server=URL, token=T)
+    client = EdgeClient.from_onnx("export/edge.onnx", server=URL, token=T)   # no JAX needed
     client.translate("a.wav", "eng", "deu")   # {"transcription", "translation", ..., "bytes_sent", "segments"}
 """
 
@@ -30,20 +38,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
-from flax import nnx
 
 from esrt_jax import audio as audio_lib
 from esrt_jax import languages
-from esrt_jax.convert.whisper import load_whisper_encoder
 from esrt_jax.infer import longform
 from esrt_jax.infer import payload as pl
-from esrt_jax.infer.cloud import model_fingerprint
-from esrt_jax.infer.translator import encode_batch
-from esrt_jax.models.qformer import SpeechAdapter
-from esrt_jax.models.speech_llm import SpeechLLM, SpeechLLMConfig
-from esrt_jax.train import restore
-from esrt_jax.train.config import load_run_config
-from esrt_jax.train.speech import speech_config
+
+RUNTIMES = ("jax", "onnx")
+ONNX_FORMAT = "esrt-jax-edge-onnx"  # `esrt.format` in an exported model's metadata
 
 
 class EdgeError(RuntimeError):
@@ -54,24 +56,16 @@ class EdgeError(RuntimeError):
         self.status = status
 
 
-class EdgeHalf(nnx.Module):
-    """Only the edge's parts of a `SpeechLLM` (encoder + adapter): no LLM weights on the device.
-
-    `encode` (and the `adapt` it calls) are `SpeechLLM`'s own, so edge features are computed by
-    the same code as the one-process path.
-    """
-
-    encode = SpeechLLM.encode
-    adapt = SpeechLLM.adapt
-
-    def __init__(self, config: SpeechLLMConfig, encoder, adapter):
-        self.config, self.encoder, self.adapter = config, encoder, adapter
+class EdgeModelError(ValueError):
+    """An exported edge model file that cannot be used (unreadable, not ours, wrong metadata)."""
 
 
 class EdgeModel:
-    """The edge half with the `Translator.encode` interface (config, split, feature_shape, encode)."""
+    """The JAX edge half (`models.speech_llm.EdgeHalf`) with the `Translator.encode` interface."""
 
-    def __init__(self, half: EdgeHalf, split: str | None = None, max_batch: int = 8):
+    def __init__(self, half, split: str | None = None, max_batch: int = 8):
+        from flax import nnx  # JAX only for this runtime: the onnx one runs on a device without it
+
         self.config = half.config
         self.split = split or half.config.split
         self.max_batch = max_batch
@@ -81,42 +75,76 @@ class EdgeModel:
     def feature_shape(self) -> tuple[int, int]:
         return self.config.feature_shape(self.split)
 
+    @property
+    def mel_shape(self) -> tuple[int, int]:
+        return self.config.encoder.num_mel_bins, self.config.encoder.num_frames
+
     def encode(self, mel: np.ndarray) -> np.ndarray:
         """(B, n_mels, frames) -> (B, *feature_shape) float32 (batch padded to a power of 2)."""
+        from esrt_jax.infer.translator import encode_batch  # JAX: see __init__
+
         return encode_batch(self.graphdef, self.state, mel, self.split, self.max_batch)
 
 
 def load_edge(config, checkpoint, overrides: Sequence[str] = (), *, split: str | None = None
               ) -> tuple[EdgeModel, str]:
-    """Run config + checkpoint -> (EdgeModel, model fingerprint) without loading the LLM.
+    """Run config + checkpoint -> (EdgeModel, model fingerprint) without loading the LLM
+    (`train.restore.load_edge_half`)."""
+    from esrt_jax.train import restore  # JAX: see EdgeModel
 
-    With `model.whisper` (a local HF dir) the encoder is read from it and the trained adapter from
-    the checkpoint; the LLM is never built. A config whose encoder is a seeded random init (the
-    demo) is rebuilt with the whole model (tiny), so that the encoder weights are the same.
+    half, fingerprint = restore.load_edge_half(config, checkpoint, overrides)
+    return EdgeModel(half, split), fingerprint
+
+
+class OnnxEdgeModel:
+    """The exported edge half (`esrt_jax.export.onnx_edge`) in onnxruntime, CPU: no JAX.
+
+    mel (B, n_mels, frames) -> features (B, *feature_shape) float32 (any batch size). `threads`:
+    onnxruntime's intra-op threads (default: its own, one per core).
     """
-    ck = step = None
-    stage = None
-    if checkpoint is not None:
-        ck, stage, step = restore.resolve_checkpoint(checkpoint)
-    cfg = load_run_config(config, overrides).for_stage(stage or "srt")
-    if not cfg.model.get("whisper"):
-        loaded = restore.load_model(config, checkpoint, overrides)
-        m = loaded.model
-        half = EdgeHalf(m.config, m.encoder, m.adapter)
-    else:
-        scfg = speech_config(cfg)
-        enc = load_whisper_encoder(cfg.model["whisper"], dtype=scfg.encoder.dtype,
-                                   scan_layers=scfg.encoder.scan_layers)
-        half = EdgeHalf(scfg, enc, SpeechAdapter(scfg.adapter, rngs=nnx.Rngs(int(cfg.model.get("seed", 0)))))
-        if ck is not None:
-            trained = restore.restore_adapter(cfg, ck, step)
-            restore.merge_params(half, {"adapter": trained})
-    return EdgeModel(half, split), model_fingerprint(half)
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
+        try:
+            import onnxruntime as ort  # optional: the `[onnx]` extra, the device's only runtime
+        except ImportError:
+            raise EdgeModelError("--runtime onnx needs onnxruntime: pip install 'esrt-jax[onnx]' "
+                                 "(on a device: onnxruntime numpy soundfile soxr zstandard pyyaml)") from None
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise EdgeModelError(f"{self.path}: edge model file does not exist")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own error types; keep its message
+            raise EdgeModelError(f"{self.path}: cannot load the ONNX model ({type(e).__name__}: "
+                                 f"{str(e)[:300]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("esrt.format") != ONNX_FORMAT:
+            raise EdgeModelError(f"{self.path}: not an esrt-jax edge model (metadata esrt.format is "
+                                 f"{meta.get('esrt.format')!r}); export one with "
+                                 f"`python -m esrt_jax.export --edge --format onnx`")
+        try:
+            self.fingerprint = meta["esrt.fingerprint"]
+            self.split = meta["esrt.split"]
+            self.feature_shape = tuple(json.loads(meta["esrt.feature_shape"]))
+            self.mel_shape = tuple(json.loads(meta["esrt.mel_shape"]))
+        except (KeyError, ValueError) as e:
+            raise EdgeModelError(f"{self.path}: edge model metadata is incomplete ({e})") from None
+
+    def encode(self, mel: np.ndarray) -> np.ndarray:
+        """(B, n_mels, frames) -> (B, *feature_shape) float32."""
+        x = np.ascontiguousarray(mel, np.float32)
+        if x.ndim != 3 or x.shape[1:] != self.mel_shape:
+            raise ValueError(f"edge model {self.path} expects mel (B, {self.mel_shape[0]}, "
+                             f"{self.mel_shape[1]}), got {x.shape}")
+        return self.session.run(["features"], {"mel": x})[0]
 
 
 class EdgeEncoder:
-    """The edge half: audio -> features -> payload bytes. `translator` is an `EdgeModel` (or a
-    `Translator`, whose `encode` is the same computation)."""
+    """The edge half: audio -> features -> payload bytes. `translator` is an `EdgeModel`, an
+    `OnnxEdgeModel` or a `Translator` (whose `encode` is the same computation as `EdgeModel`'s)."""
 
     def __init__(self, translator, fingerprint: str, *, scheme: str = "fp16", compress: bool = False,
                  group_size: int = 32):
@@ -125,8 +153,10 @@ class EdgeEncoder:
         self.translator = translator
         self.fingerprint = fingerprint
         self.scheme, self.compress, self.group_size = scheme, compress, group_size
-        enc = translator.config.encoder
-        self.n_mels, self.num_frames = enc.num_mel_bins, enc.num_frames
+        shape = getattr(translator, "mel_shape", None)
+        if shape is None:  # a Translator
+            shape = translator.config.encoder.num_mel_bins, translator.config.encoder.num_frames
+        self.n_mels, self.num_frames = shape
 
     @property
     def split(self) -> str:
@@ -173,6 +203,37 @@ class EdgeClient(EdgeEncoder):
         model, fingerprint = load_edge(config, checkpoint, overrides, split=split)
         return cls(model, fingerprint, **kw)
 
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, *, threads: int | None = None, **kw) -> "EdgeClient":
+        """The exported edge model at `path` in onnxruntime; its fingerprint from its metadata."""
+        model = OnnxEdgeModel(path, threads=threads)
+        return cls(model, model.fingerprint, **kw)
+
+    def check_service(self) -> dict:
+        """`GET /healthz`; refuse (EdgeError) a service whose model fingerprint or split point
+        differs from this edge half's -> the service's health JSON."""
+        url = f"{self.server}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout) as r:
+                health = json.loads(r.read())
+        except urllib.error.HTTPError as e:  # 503 while warming up still describes the model
+            try:
+                health = json.loads(e.read())
+            except ValueError:
+                raise EdgeError(f"{url}: HTTP {e.code}: {e.reason}", e.code) from None
+        except urllib.error.URLError as e:
+            raise EdgeError(f"{url}: cannot reach the server ({e.reason})") from None
+        except ValueError:
+            raise EdgeError(f"{url}: the answer is not JSON") from None
+        if health.get("fingerprint") != self.fingerprint:
+            raise EdgeError(f"this edge model is {self.fingerprint}, the service at {self.server} runs model "
+                            f"{health.get('fingerprint')}: use the edge half of the service's checkpoint "
+                            f"(re-export it with `python -m esrt_jax.export --edge`)")
+        if health.get("split") not in (None, self.split):
+            raise EdgeError(f"this edge model sends split {self.split!r}, the service at {self.server} "
+                            f"expects {health.get('split')!r}")
+        return health
+
     def send(self, body: bytes, src: str, tgt: str) -> dict:
         """POST one payload; -> the service's JSON answer plus `bytes_sent` (the HTTP body)."""
         if not body.startswith(pl.MAGIC):  # the body is a payload, never anything else
@@ -212,8 +273,13 @@ class EdgeClient(EdgeEncoder):
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m esrt_jax.edge", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True, help="run config YAML (the same as the server's)")
-    ap.add_argument("--checkpoint", required=True, help="run dir, stage dir or step dir (same as the server's)")
+    ap.add_argument("--runtime", default="jax", choices=RUNTIMES,
+                    help="jax: our model from --config/--checkpoint; onnx: the exported --model in "
+                         "onnxruntime (no JAX needed)")
+    ap.add_argument("--config", help="run config YAML (the same as the server's; --runtime jax)")
+    ap.add_argument("--checkpoint", help="run dir, stage dir or step dir (same as the server's; --runtime jax)")
+    ap.add_argument("--model", help="exported edge model, OUT/edge.onnx or OUT/edge.int8.onnx (--runtime onnx)")
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: one per core)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--audio", required=True, nargs="+", help="audio file(s) (wav/flac/...)")
     ap.add_argument("--src", required=True, help="source language (ISO 639-3)")
@@ -228,15 +294,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-segment", dest="segment", action="store_false",
                     help="do not segment audio longer than the encoder's window: cut it to one window (warns)")
     args = ap.parse_args(argv)
+    if args.runtime == "jax" and not (args.config and args.checkpoint):
+        ap.error("--runtime jax needs --config and --checkpoint")
+    if args.runtime == "onnx" and (not args.model or args.config or args.checkpoint or args.set or args.split):
+        ap.error("--runtime onnx takes --model (the exported file, which fixes the split point) instead of "
+                 "--config/--checkpoint/--set/--split")
 
     try:
         src, tgt = languages.get(args.src).code, languages.get(args.tgt).code
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     token = pl.read_token(args.token_file)
-    client = EdgeClient.from_checkpoint(args.config, args.checkpoint, args.set, split=args.split,
-                                        server=args.server, token=token, scheme=args.scheme,
-                                        compress=args.zstd, timeout=args.timeout)
+    kw = dict(server=args.server, token=token, scheme=args.scheme, compress=args.zstd, timeout=args.timeout)
+    try:
+        if args.runtime == "onnx":
+            client = EdgeClient.from_onnx(args.model, threads=args.threads, **kw)
+        else:
+            client = EdgeClient.from_checkpoint(args.config, args.checkpoint, args.set, split=args.split, **kw)
+        client.check_service()
+    except (EdgeError, EdgeModelError) as e:
+        raise SystemExit(f"error: {e}") from None
     rc = 0
     for path in args.audio:
         try:

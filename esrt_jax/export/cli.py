@@ -10,10 +10,11 @@ from typing import Sequence
 
 from esrt_jax.config import CheckpointError, ConfigError
 from esrt_jax.export import __doc__ as EXPORT_DOC
-from esrt_jax.export.common import ExportError
+from esrt_jax.export.common import ExportError, find_run_config, stage_checkpoint
 from esrt_jax.export.from_hf import import_export
 from esrt_jax.export.to_hf import export_run
 from esrt_jax.train.config import STAGES
+from esrt_jax.train.restore import load_edge_half
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m esrt_jax.export", description=EXPORT_DOC.split("\n\n")[0],
@@ -38,7 +39,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
     p.add_argument("--no-data-state", action="store_true",
                    help="import: do not open the training data to store an iterator state")
+    p.add_argument("--edge", action="store_true",
+                   help="export only the edge half (encoder + adapter) for a device: OUT/edge.onnx")
+    p.add_argument("--format", default="onnx", choices=("onnx",), help="edge export format")
+    p.add_argument("--int8", action="store_true", help="edge: also OUT/edge.int8.onnx (dynamic int8 weights)")
+    p.add_argument("--split", default=None, choices=("qformer", "projector"),
+                   help="edge: split point (default: the model config's; must match the service's)")
     args = p.parse_args(argv)
+    if args.edge and (args.import_dir or args.peft or args.merge_lora):
+        p.error("--edge exports the edge half only: no --import, --peft or --merge-lora")
+    if not args.edge and (args.int8 or args.split):
+        p.error("--int8 and --split belong to --edge")
     if args.import_dir is None and args.out is None:
         p.error("give --out OUT (export) or --import OUT (import)")
     if args.import_dir is not None and (args.out or args.peft or args.merge_lora or args.step or args.stage):
@@ -46,9 +57,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def export_edge(args: argparse.Namespace) -> int:
+    """`--edge --format onnx`: the run's edge half -> OUT/edge.onnx [+ OUT/edge.int8.onnx]."""
+    try:  # optional: the `[onnx]` extra
+        from esrt_jax.export.onnx_edge import export_edge_onnx
+    except ImportError as e:
+        raise ExportError(f"--edge --format onnx needs onnx and onnxruntime: pip install 'esrt-jax[onnx]' ({e})") from None
+    config = find_run_config(args.run, args.config, args.stage)
+    half, fingerprint = load_edge_half(config, stage_checkpoint(args.run, args.stage, args.step), args.overrides)
+    paths = export_edge_onnx(half, fingerprint, args.out, split=args.split, int8=args.int8)
+    print(f"exported the edge half of {args.run} (model {fingerprint}, split "
+          f"{args.split or half.config.split}) to {args.out}")
+    for kind, path in paths.items():
+        size = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
+        print(f"  {kind}: {path} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.edge:
+            return export_edge(args)
         if args.import_dir is not None:
             step_dir = import_export(args.import_dir, args.run, data_state=not args.no_data_state)
             run = Path(args.run).absolute()

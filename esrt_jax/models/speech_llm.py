@@ -148,6 +148,20 @@ class SpeechLLM(nnx.Module):
         return h[:, Q - 1:Q - 1 + tokens.shape[1]]
 
 
+class EdgeHalf(nnx.Module):
+    """Only the edge's parts of a `SpeechLLM` (encoder + adapter): no LLM weights on the device.
+
+    `encode` (and the `adapt` it calls) are `SpeechLLM`'s own, so edge features are computed by
+    the same code as the one-process path.
+    """
+
+    encode = SpeechLLM.encode
+    adapt = SpeechLLM.adapt
+
+    def __init__(self, config: SpeechLLMConfig, encoder: WhisperEncoder, adapter: SpeechAdapter):
+        self.config, self.encoder, self.adapter = config, encoder, adapter
+
+
 def batch_mel(batch: dict, n_mels: int, num_frames: int = 3000) -> jax.Array:
     """Host mel (`mel`) or on-device mel from raw 30 s audio (`audio`), cut to the encoder's
     first `num_frames` frames (as the edge front end does for encoders shorter than 30 s)."""

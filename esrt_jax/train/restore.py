@@ -25,10 +25,13 @@ from flax import nnx
 from esrt_jax import languages
 from esrt_jax.infer import cloud
 from esrt_jax.infer.cloud import model_fingerprint
-from esrt_jax.models.speech_llm import SpeechLLM
+from esrt_jax.convert.whisper import load_whisper_encoder
+from esrt_jax.models.qformer import SpeechAdapter
+from esrt_jax.models.speech_llm import EdgeHalf, SpeechLLM
 from esrt_jax.pytree import key_name
 from esrt_jax.train.checkpoint import restore_params
 from esrt_jax.train.config import STAGES, load_run_config
+from esrt_jax.train.speech import speech_config
 
 SERVE_ORDER = STAGES[::-1]  # a run dir is served from its last finished stage
 
@@ -154,6 +157,32 @@ def load_model(config: str | Path, checkpoint: str | Path | None, overrides: Seq
         trained, step = restore_trainable(cfg, ck, step)
         merge_params(model, trained)
     return LoadedModel(model, tokenizer, cfg, stage, step, ck, trained_languages(cfg, ck))
+
+
+def load_edge_half(config: str | Path, checkpoint: str | Path | None, overrides: Sequence[str] = ()
+                   ) -> tuple[EdgeHalf, str]:
+    """Run config + checkpoint -> (the edge half: encoder + trained adapter, model fingerprint)
+    without loading the LLM.
+
+    With `model.whisper` (a local HF dir) the encoder is read from it and the trained adapter from
+    the checkpoint; the LLM is never built. A config whose encoder is a seeded random init (the
+    demo) is rebuilt with the whole model (tiny), so that the encoder weights are the same.
+    """
+    ck = step = stage = None
+    if checkpoint is not None:
+        ck, stage, step = resolve_checkpoint(checkpoint)
+    cfg = load_run_config(config, overrides).for_stage(stage or "srt")
+    if not cfg.model.get("whisper"):
+        m = load_model(config, checkpoint, overrides).model
+        half = EdgeHalf(m.config, m.encoder, m.adapter)
+    else:
+        scfg = speech_config(cfg)
+        enc = load_whisper_encoder(cfg.model["whisper"], dtype=scfg.encoder.dtype,
+                                   scan_layers=scfg.encoder.scan_layers)
+        half = EdgeHalf(scfg, enc, SpeechAdapter(scfg.adapter, rngs=nnx.Rngs(int(cfg.model.get("seed", 0)))))
+        if ck is not None:
+            merge_params(half, {"adapter": restore_adapter(cfg, ck, step)})
+    return half, model_fingerprint(half)
 
 
 def trained_languages(cfg, ck: Path | None) -> tuple[str, ...] | None:
