@@ -25,6 +25,7 @@ from those payloads (token agreement with JAX's, BLEU / WER): the int8 model's q
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -45,15 +46,6 @@ DIMS = {  # HF WhisperConfig encoder keys
 }
 
 
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def load() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -70,8 +62,20 @@ def fp16_ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(key(a) - key(b))
 
 
-def bench_dims(name: str, args, workdir: Path) -> list[tuple]:
-    import jax
+def payload_report(y: np.ndarray, ref: np.ndarray, fingerprint: str) -> str:
+    """How the fp16 payloads of features `y` and `ref` (B, ...) differ."""
+    from esrt_jax.infer import payload as pl
+
+    dec = [np.stack([pl.decode(pl.encode(r, fingerprint=fingerprint, split="projector")).features for r in x])
+           for x in (y, ref)]
+    ulps = fp16_ulps(y, ref)
+    far = ulps > 1
+    return (f"{np.mean(ulps == 0) * 100:.2f}% of values identical, max |diff| {np.abs(dec[0] - dec[1]).max():.2e}; "
+            f"{int(far.sum())} values > 1 fp16 ulp apart"
+            + (f", all with |x| < {np.abs(ref[far]).max() * 1.01:.0e}" if far.any() else ""))
+
+
+def bench_dims(name: str, args, workdir: Path) -> None:
     import torch
     from flax import nnx
     from transformers import Qwen2Config, WhisperConfig
@@ -80,7 +84,6 @@ def bench_dims(name: str, args, workdir: Path) -> list[tuple]:
     from esrt_jax.convert.llm_srt import load_llm_srt_into
     from esrt_jax.edge import EdgeModel, OnnxEdgeModel
     from esrt_jax.export.onnx_edge import export_edge_onnx
-    from esrt_jax.infer import payload as pl
     from esrt_jax.infer.cloud import model_fingerprint
     from esrt_jax.models.llm import config_from_hf
     from esrt_jax.models.qformer import QFormerConfig, SpeechAdapter
@@ -109,62 +112,77 @@ def bench_dims(name: str, args, workdir: Path) -> list[tuple]:
     half = EdgeHalf(SpeechLLMConfig(enc_cfg, ad_cfg, llm), encoder, adapter)
     fingerprint = model_fingerprint(half)
     mel = np.random.default_rng(0).standard_normal((1, dims["num_mel_bins"], 3000)).astype(np.float32)
-    rows = []
 
-    # PyTorch eager: the reference
-    with torch.inference_mode():
-        run_t = lambda: t_proj.encoder_projector(t_enc(torch.from_numpy(mel)).last_hidden_state)  # noqa: E731
+    # Each runtime: a builder -> (run, what its one-off cost was). Interleaved (default for
+    # whisper-base): all built, then the timed runs go round by round, so that a machine shared
+    # with other work loads each runtime alike. Sequential (--sequential, and whisper-large-v3,
+    # whose four copies of the weights would not fit beside other work): one runtime at a time.
+    torch.set_grad_enabled(False)
+    held = {"torch": (t_enc, t_proj), "half": half}
+    del t_enc, t_proj, half, encoder, adapter
+    paths = {}
+
+    def build_torch():
+        t_enc, t_proj = held.pop("torch")
+        return lambda: t_proj.encoder_projector(t_enc(torch.from_numpy(mel)).last_hidden_state).numpy(), ""
+
+    def build_jax():
+        model = EdgeModel(held["half"], max_batch=1)  # what the JAX edge client runs
+        return lambda: model.encode(mel), "compile "
+
+    def build_onnx(kind):
+        if not paths:
+            t0 = time.perf_counter()
+            paths.update(export_edge_onnx(held.pop("half"), fingerprint, workdir / name, int8=True))
+            print(f"export: {time.perf_counter() - t0:.1f} s; files: fp32 {file_mb(paths['fp32']):.1f} MiB, "
+                  f"int8 {file_mb(paths['int8']):.1f} MiB")
         t0 = time.perf_counter()
-        y_t = run_t().numpy()
-        first = time.perf_counter() - t0
-        torch_ms = median_ms(run_t, repeats)
-    rows.append(("PyTorch eager (HF + reference adapter)", f"first call {first:.2f} s", torch_ms, y_t))
-    del t_enc, t_proj
-    gc.collect()
+        m = OnnxEdgeModel(paths[kind], threads=args.threads)
+        return functools.partial(m.encode, mel), f"session {time.perf_counter() - t0:.1f} s + "
 
-    # ours, jitted (the JAX edge client's EdgeModel)
-    model = EdgeModel(half, max_batch=1)
-    t0 = time.perf_counter()
-    y_j = model.encode(mel)
-    compile_s = time.perf_counter() - t0
-    jax_ms = median_ms(lambda: model.encode(mel), repeats)
-    rows.insert(0, ("JAX jitted (ours)", f"compile {compile_s:.1f} s", jax_ms, y_j))
+    builders = {"PyTorch eager (HF + reference adapter)": build_torch, "JAX jitted (ours)": build_jax,
+                "ONNX fp32 (onnxruntime)": functools.partial(build_onnx, "fp32"),
+                "ONNX int8 (onnxruntime)": functools.partial(build_onnx, "int8")}
+    once, outs, times = {}, {}, {label: [] for label in builders}
 
-    # ONNX export
-    out = workdir / name
-    t0 = time.perf_counter()
-    paths = export_edge_onnx(half, fingerprint, out, int8=True)
-    export_s = time.perf_counter() - t0
-    del model, half, encoder, adapter
-    gc.collect()
-    jax.clear_caches()
-    for kind in ("fp32", "int8"):
+    def start(label):
+        fn, note = builders[label]()
         t0 = time.perf_counter()
-        onnx_model = OnnxEdgeModel(paths[kind], threads=args.threads)
-        build = time.perf_counter() - t0
-        y = onnx_model.encode(mel)
-        ms = median_ms(lambda: onnx_model.encode(mel), repeats)
-        rows.append((f"ONNX {kind} (onnxruntime)", f"session {build:.1f} s", ms, y))
-        del onnx_model
-        gc.collect()
+        outs[label] = fn()
+        once[label] = f"{note}{time.perf_counter() - t0:.1f} s"
+        return fn
 
-    print(f"export: {export_s:.1f} s; files: fp32 {file_mb(paths['fp32']):.1f} MiB, "
-          f"int8 {file_mb(paths['int8']):.1f} MiB")
-    print(f"{'runtime':40s} {'one-off':>16s} {'ms/utt':>9s} {'vs torch':>9s} {'max|f - JAX|':>13s}")
-    for label, once, ms, y in rows:
-        print(f"{label:40s} {once:>16s} {ms:9.1f} {torch_ms / ms:8.2f}x {np.abs(y - y_j).max():13.2e}")
-    y_f32, y_i8 = rows[-2][3], rows[-1][3]
-    ulps = fp16_ulps(y_f32, y_j)
-    dec = [pl.decode(pl.encode(y[0], fingerprint=fingerprint, split="projector")).features for y in (y_f32, y_j)]
-    print(f"fp16 payload, ONNX fp32 vs JAX: {np.mean(ulps == 0) * 100:.2f}% of values identical, max "
-          f"{ulps.max()} fp16 ulp, max |diff| {np.abs(dec[0] - dec[1]).max():.2e} (fp16 spacing at the "
-          f"largest value {np.spacing(np.float16(np.abs(y_j).max())):.1e})")
+    def time_once(label, fn):
+        t0 = time.perf_counter()
+        fn()
+        times[label].append((time.perf_counter() - t0) * 1e3)
+
+    if args.sequential or name == "large-v3":
+        for label in builders:
+            fn = start(label)
+            for _ in range(repeats):
+                time_once(label, fn)
+            del fn
+            gc.collect()
+    else:
+        fns = {label: start(label) for label in builders}
+        for _ in range(repeats):
+            for label, fn in fns.items():
+                time_once(label, fn)
+    ms = {label: statistics.median(t) for label, t in times.items()}
+    torch_label, jax_label, *onnx_labels = builders
+    y_j = outs[jax_label]
+    print(f"{'runtime':40s} {'one-off':>22s} {'ms/utt':>9s} {'(min-max)':>15s} {'vs torch':>9s} {'max|f - JAX|':>13s}")
+    for label in (jax_label, *onnx_labels, torch_label):
+        print(f"{label:40s} {once[label]:>22s} {ms[label]:9.1f} {min(times[label]):7.0f}-{max(times[label]):<7.0f} "
+              f"{ms[torch_label] / ms[label]:8.2f}x {np.abs(outs[label] - y_j).max():13.2e}")
+    y_f32, y_i8 = outs["ONNX fp32 (onnxruntime)"], outs["ONNX int8 (onnxruntime)"]
+    print(f"fp16 payload, ONNX fp32 vs JAX: {payload_report(y_f32, y_j, fingerprint)}")
     rel = np.abs(y_i8 - y_j).max() / np.abs(y_j).max()
     cos = float((y_i8 * y_j).sum() / np.sqrt((y_i8 ** 2).sum() * (y_j ** 2).sum()))
     print(f"int8 vs JAX features: max |diff| {np.abs(y_i8 - y_j).max():.3e} ({rel * 100:.2f}% of max |f|), "
           f"mean |diff| {np.abs(y_i8 - y_j).mean():.3e}, cosine {cos:.6f}")
     print(f"after whisper-{name}: {load()}")
-    return rows
 
 
 def run_quality(args, workdir: Path) -> None:
@@ -194,16 +212,15 @@ def run_quality(args, workdir: Path) -> None:
     print(f"\n== quality on {args.checkpoint} (model {loaded.fingerprint}, split {tr.split}, "
           f"features {tr.feature_shape}): {len(utts)} test records; {load()}")
     ids = {}
-    print(f"{'edge half':10s} {'max|f - JAX|':>13s} {'fp16 payload = JAX':>19s} {'max ulp':>8s} "
-          f"{'tokens = JAX':>13s} {'exact':>6s} {'BLEU':>6s} {'WER':>6s}")
+    print(f"{'edge half':10s} {'max|f - JAX|':>13s} {'tokens = JAX':>13s} {'exact':>6s} {'BLEU':>6s} {'WER':>6s}"
+          f"   fp16 payload vs JAX's")
     for name, f in feats.items():
         x = np.stack([pl.decode(pl.encode(r, fingerprint=loaded.fingerprint, split=tr.split)).features for r in f])
         ids[name] = decode_ids(tr, x, utts, 8)  # what the service decodes from the fp16 payloads
-        ulps = fp16_ulps(f, feats["JAX"])
         tok, exact = agreement(ids[name], ids["JAX"])
         bleu, wer = quality(texts(tr, ids[name], utts), utts)
-        print(f"{name:10s} {np.abs(f - feats['JAX']).max():13.2e} {np.mean(ulps == 0) * 100:18.2f}% "
-              f"{ulps.max():8d} {tok:13.3f} {exact:6.2f} {bleu:6.1f} {wer:6.1f}")
+        print(f"{name:10s} {np.abs(f - feats['JAX']).max():13.2e} {tok:13.3f} {exact:6.2f} {bleu:6.1f} {wer:6.1f}   "
+              f"{payload_report(f, feats['JAX'], loaded.fingerprint)}")
 
 
 def main() -> None:
@@ -212,13 +229,20 @@ def main() -> None:
                     help="speed at these dims (none: `--dims` alone, e.g. for the quality part only)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs (default: 10 base, 3 large-v3)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
-                    help="torch and onnxruntime threads (default: all cores, which XLA uses)")
+                    help="torch, onnxruntime and XLA threads: all cores (default) or 1")
+    ap.add_argument("--sequential", action="store_true",
+                    help="time one runtime after the other (less memory; always for large-v3)")
     ap.add_argument("--llm-dim", type=int, default=2048, help="projector output width")
     ap.add_argument("--workdir", default=None, help="where the ONNX files go (default: a temp dir)")
     ap.add_argument("--config", default=None, help="a trained run's config (with --checkpoint): quality too")
     ap.add_argument("--checkpoint", default=None, help="the trained run dir")
     ap.add_argument("--records", type=int, default=0, help="quality: test records (0: all)")
     args = ap.parse_args()
+    if args.threads == 1:  # XLA's CPU backend: all cores, or one thread with these flags
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1")
+    elif args.threads != os.cpu_count():
+        ap.error(f"--threads: all cores ({os.cpu_count()}) or 1 (XLA cannot be limited otherwise)")
 
     import jax
     import onnxruntime

@@ -45,7 +45,6 @@ from esrt_jax.infer import longform
 from esrt_jax.infer import payload as pl
 
 RUNTIMES = ("jax", "onnx")
-ONNX_FORMAT = "esrt-jax-edge-onnx"  # `esrt.format` in an exported model's metadata
 
 
 class EdgeError(RuntimeError):
@@ -121,10 +120,13 @@ class OnnxEdgeModel:
             raise EdgeModelError(f"{self.path}: cannot load the ONNX model ({type(e).__name__}: "
                                  f"{str(e)[:300]})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
-        if meta.get("esrt.format") != ONNX_FORMAT:
+        if meta.get("esrt.format") != pl.EDGE_MODEL_FORMAT:
             raise EdgeModelError(f"{self.path}: not an esrt-jax edge model (metadata esrt.format is "
                                  f"{meta.get('esrt.format')!r}); export one with "
                                  f"`python -m esrt_jax.export --edge --format onnx`")
+        if meta.get("esrt.version") != str(pl.EDGE_MODEL_VERSION):
+            raise EdgeModelError(f"{self.path}: edge model format version {meta.get('esrt.version')!r}, this "
+                                 f"client reads version {pl.EDGE_MODEL_VERSION}")
         try:
             self.fingerprint = meta["esrt.fingerprint"]
             self.split = meta["esrt.split"]

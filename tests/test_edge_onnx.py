@@ -98,6 +98,23 @@ def test_int8_model_is_smaller_keeps_metadata_and_stays_close(tmp_path):
     assert 0 < np.abs(a - b).max() < 0.2 * np.abs(a).max() and cos > 0.99
 
 
+def test_large_models_keep_their_weights_beside_and_a_reexport_replaces_them(plain_half, tmp_path, monkeypatch):
+    from esrt_jax.export import onnx_edge
+
+    monkeypatch.setattr(onnx_edge, "EXTERNAL_DATA_BYTES", 1000)  # whisper-large-v3 is over the real limit
+    x = mels(2, seed=4)
+    sizes = []
+    for _ in range(2):  # the second export into the same dir must not append to the first's data
+        paths = export_edge_onnx(plain_half, "f" * 16, tmp_path, int8=True)
+        data = [p.parent / (p.name + ".data") for p in paths.values()]
+        sizes.append([d.stat().st_size for d in data])
+        assert paths["fp32"].stat().st_size < sizes[-1][0]  # the graph alone; the weights beside it
+    assert sizes[0] == sizes[1]
+    got = OnnxEdgeModel(paths["fp32"]).encode(x)
+    assert np.abs(got - EdgeModel(plain_half).encode(x)).max() <= 1e-5
+    assert OnnxEdgeModel(paths["int8"]).encode(x).shape == got.shape
+
+
 def test_export_cli_writes_the_runs_edge_half(tmp_path, capsys):
     from esrt_jax.edge import load_edge
     from esrt_jax.export import main as export_main
@@ -178,6 +195,17 @@ def test_onnx_edge_client_refuses_another_models_file(service, exported, tmp_pat
         edge_main(["--runtime", "onnx", "--model", str(tmp_path / "junk.onnx"), *args])
     with pytest.raises(EdgeModelError, match="does not exist"):
         OnnxEdgeModel(tmp_path / "missing.onnx")
+    import onnx
+
+    h = onnx.helper  # a valid ONNX model, but not an exported edge half
+    other = h.make_model(h.make_graph([h.make_node("Identity", ["mel"], ["features"])], "g",
+                                      [h.make_tensor_value_info("mel", onnx.TensorProto.FLOAT, [1])],
+                                      [h.make_tensor_value_info("features", onnx.TensorProto.FLOAT, [1])]),
+                         opset_imports=[h.make_opsetid("", 17)])
+    other.ir_version = 8
+    onnx.save_model(other, str(tmp_path / "other.onnx"))
+    with pytest.raises(EdgeModelError, match="not an esrt-jax edge model"):
+        OnnxEdgeModel(tmp_path / "other.onnx")
     with pytest.raises(SystemExit):  # --runtime onnx takes --model, not --config/--checkpoint
         edge_main(["--runtime", "onnx", "--config", "x.yaml", "--checkpoint", "r", *args])
 

@@ -62,7 +62,8 @@ def export_edge(args: argparse.Namespace) -> int:
     try:  # optional: the `[onnx]` extra
         from esrt_jax.export.onnx_edge import export_edge_onnx
     except ImportError as e:
-        raise ExportError(f"--edge --format onnx needs onnx and onnxruntime: pip install 'esrt-jax[onnx]' ({e})") from None
+        raise ExportError(f"--edge --format onnx needs onnx and onnxruntime: pip install 'esrt-jax[onnx]' "
+                          f"({e})") from None
     config = find_run_config(args.run, args.config, args.stage)
     half, fingerprint = load_edge_half(config, stage_checkpoint(args.run, args.stage, args.step), args.overrides)
     paths = export_edge_onnx(half, fingerprint, args.out, split=args.split, int8=args.int8)

@@ -20,7 +20,8 @@ at export time) and still need onnxruntime's transformers optimizer to find the 
 
 Metadata (`metadata_props`, read by `esrt_jax.edge --runtime onnx`): `esrt.fingerprint` (the model
 fingerprint the service checks, `infer.cloud.model_fingerprint`), `esrt.split`,
-`esrt.feature_shape`, `esrt.mel_shape` (JSON lists), `esrt.format` / `esrt.version`.
+`esrt.feature_shape`, `esrt.mel_shape` (JSON lists), `esrt.format` / `esrt.version`
+(`infer.payload.EDGE_MODEL_FORMAT` / `EDGE_MODEL_VERSION`).
 Models over 1.8 GB (whisper-large-v3's encoder) keep their weights in an external data file beside
 the .onnx (`edge.onnx.data`).
 """
@@ -38,16 +39,13 @@ from flax import nnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from esrt_jax.export.common import ExportError
+from esrt_jax.infer.payload import EDGE_MODEL_FORMAT, EDGE_MODEL_VERSION
 from esrt_jax.models.qformer import QFormerConfig, flat_params
 from esrt_jax.models.whisper import WhisperEncoderConfig
 
-FORMAT = "esrt-jax-edge-onnx"
-VERSION = 1
 OPSET = 17
 MS = "com.microsoft"
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GiB; above this the weights go beside
-META_KEYS = ("esrt.format", "esrt.version", "esrt.fingerprint", "esrt.split", "esrt.feature_shape",
-             "esrt.mel_shape")
 
 
 class _Graph:
@@ -216,8 +214,9 @@ def edge_model_proto(half: Any, fingerprint: str, split: str | None = None):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="esrt-jax", doc_string="ESRT edge half: log-mel -> features")
     model.ir_version = 8
-    meta = {"esrt.format": FORMAT, "esrt.version": str(VERSION), "esrt.fingerprint": fingerprint,
-            "esrt.split": split, "esrt.feature_shape": json.dumps(fshape), "esrt.mel_shape": json.dumps(mel_shape)}
+    meta = {"esrt.format": EDGE_MODEL_FORMAT, "esrt.version": str(EDGE_MODEL_VERSION),
+            "esrt.fingerprint": fingerprint, "esrt.split": split, "esrt.feature_shape": json.dumps(fshape),
+            "esrt.mel_shape": json.dumps(mel_shape)}
     helper.set_model_props(model, meta)
     return model
 
@@ -227,6 +226,7 @@ def save_model(model, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     big = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    (path.parent / (path.name + ".data")).unlink(missing_ok=True)  # onnx appends to an existing one
     onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
                     location=path.name + ".data" if big else None)
     return path
@@ -237,6 +237,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     run time) of the fp32 edge model at `src`; quantize_dynamic keeps the metadata."""
     src, dst = Path(src), Path(dst)
     big = (src.parent / (src.name + ".data")).exists()
+    (dst.parent / (dst.name + ".data")).unlink(missing_ok=True)  # onnx appends to an existing one
     # DefaultTensorType: shape inference cannot type the outputs of com.microsoft ops; all are f32
     quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Attention"],
                      use_external_data_format=big,

@@ -49,6 +49,12 @@ MAX_NDIM = 8
 DECODED_PER_BYTE = 4      # decoded (scales + data) may be at most this many times max_bytes
 
 
+# The exported edge model (`export.onnx_edge` writes it, `edge.OnnxEdgeModel` reads it) carries the
+# same fingerprint and split point as its payloads, in its metadata under `esrt.format`/`esrt.version`.
+EDGE_MODEL_FORMAT = "esrt-jax-edge-onnx"
+EDGE_MODEL_VERSION = 1
+
+
 class PayloadError(ValueError):
     """A payload cannot be decoded; `status` is the HTTP status a server should answer."""
 
