@@ -107,7 +107,7 @@ class OnnxEdgeModel:
             import onnxruntime as ort  # optional: the `[onnx]` extra, the device's only runtime
         except ImportError:
             raise EdgeModelError("--runtime onnx needs onnxruntime: pip install 'esrt-jax[onnx]' "
-                                 "(on a device: onnxruntime numpy soundfile soxr zstandard pyyaml)") from None
+                                 "(on a device: onnxruntime numpy soundfile soxr zstandard)") from None
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise EdgeModelError(f"{self.path}: edge model file does not exist")
