@@ -243,8 +243,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         build_demo_corpus(tmp_path / "x", langs=("eng", "xxx"), progress=False)
     with pytest.raises(DemoCorpusError, match="at least 2 languages"):
         build_demo_corpus(tmp_path / "x", langs=("eng",), progress=False)
-    with pytest.raises(DemoCorpusError, match=r"voices_per_lang must be in \[1, 6\], got 7"):
-        build_demo_corpus(tmp_path / "x", voices_per_lang=7, progress=False)
+    with pytest.raises(DemoCorpusError, match=r"voices_per_lang must be in \[1, 10\], got 11"):
+        build_demo_corpus(tmp_path / "x", voices_per_lang=11, progress=False)
     with pytest.raises(DemoCorpusError, match="audio_format must be one of"):
         build_demo_corpus(tmp_path / "x", audio_format="mp3", progress=False)
     foreign = tmp_path / "mine"
@@ -291,3 +291,36 @@ def test_heldout_clip_split_and_noisy_copies(builds, tmp_path):
     noisy.unlink()
     demo.noisy_clips(d, split["train"])
     assert (d / rows[0]["audio"]).read_bytes() == first
+
+
+def test_heldout_clip_split_with_a_dev_voice(tmp_path):
+    """With 3+ voices each training sentence is held out in one voice (test) and a second (dev),
+    trained in the others; `trained` is one trained voice per sentence."""
+    d = build_demo_corpus(tmp_path / "v4", langs=("eng", "deu"), voices_per_lang=4, max_sentences=4, progress=False)
+    split = demo.clip_split(d)
+    recs = {k: [json.loads(l) for l in p.read_text("utf-8").splitlines()] for k, p in split.items()}
+    keys = {k: {(r["sentence"], r["src"], r["speaker"]) for r in v} for k, v in recs.items()}
+    assert not keys["heldout"] & keys["dev"] and not (keys["heldout"] | keys["dev"]) & keys["train"]
+    assert keys["trained"] < keys["train"]
+    assert len(keys["heldout"]) == len(keys["dev"]) == len(keys["trained"]) == 4 * 2
+    assert len(keys["train"]) == 4 * 2 * 2
+    for s in range(4):  # voices rotate by sentence: voice k held out, k + 1 dev, k + 2 the probe
+        v = [f"espeak-{x}" for x in demo.VOICE_VARIANTS[:4]]
+        assert {sp for t, _, sp in keys["heldout"] if t == s} == {v[s % 4]}
+        assert {sp for t, _, sp in keys["dev"] if t == s} == {v[(s + 1) % 4]}
+        assert {sp for t, _, sp in keys["trained"] if t == s} == {v[(s + 2) % 4]}
+    assert demo.clip_split(d) == split  # cached
+
+
+def test_demo_corpus_for_names_its_folder_by_the_settings(monkeypatch, tmp_path):
+    """The default corpus keeps the default folder; other settings get their own sibling, so a
+    run never rebuilds another run's corpus in place."""
+    monkeypatch.setenv("ESRT_JAX_DEMO_DIR", str(tmp_path / "demo"))
+    calls = []
+    monkeypatch.setattr(demo, "build_demo_corpus", lambda out, **kw: calls.append((Path(out), kw)) or Path(out))
+    assert demo.demo_corpus_for({}) == tmp_path / "demo"
+    assert calls[-1][1]["langs"] is None and calls[-1][1]["voices_per_lang"] == 2
+    assert demo.demo_corpus_for({"languages": ["fra", "eng", "deu"], "demo_voices": 8}) == tmp_path / "demo-eng-deu-fra-v8"
+    assert calls[-1][1]["voices_per_lang"] == 8
+    assert demo.demo_corpus_for({"languages": list(demo_sentences.LANGS)}) == tmp_path / "demo"
+    assert demo.demo_corpus_for({"demo_dir": str(tmp_path / "x"), "demo_voices": 3}) == tmp_path / "x"

@@ -45,7 +45,7 @@ import traceback
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import espeakng_loader
 import numpy as np
@@ -74,7 +74,7 @@ ESPEAK_VOICES = {
 }
 # espeak-ng voice variants (espeak-ng-data/voices/!v), alternating male/female; the first
 # `voices_per_lang` are used for every language.
-VOICE_VARIANTS = ("m3", "f2", "m1", "f4", "m7", "f5")
+VOICE_VARIANTS = ("m3", "f2", "m1", "f4", "m7", "f5", "m2", "f1", "m4", "f3")
 
 # espeak-ng API constants (speak_lib.h).
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -99,6 +99,26 @@ def default_demo_dir() -> Path:
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache).expanduser() / "esrt_jax" / "demo"
+
+
+def demo_corpus_for(data: Mapping, *, progress: bool = True) -> Path:
+    """Build (or reuse) the demo corpus a run config's `data` section asks for; returns its dir.
+
+    `data.languages` (default: every table language) and `data.demo_voices` (espeak variants per
+    language, default 2) choose the corpus; `data.demo_dir` its folder, by default
+    `default_demo_dir()` for the default corpus and a sibling named by the settings
+    (`demo-eng-deu-fra-v8`) for any other, so that runs with different settings never rebuild
+    each other's corpus in place.
+    """
+    langs = data.get("languages") or None
+    voices = int(data.get("demo_voices") or 2)
+    out = data.get("demo_dir")
+    if not out:
+        out = default_demo_dir()
+        chosen = [l for l in demo_sentences.LANGS if l in set(langs)] if langs else list(demo_sentences.LANGS)
+        if voices != 2 or chosen != list(demo_sentences.LANGS):
+            out = out.with_name(f"{out.name}-{'-'.join(chosen)}-v{voices}")
+    return build_demo_corpus(out, langs=langs, voices_per_lang=voices, progress=progress)
 
 
 def split_of(sentence: int) -> str:
@@ -508,35 +528,49 @@ def _build(out_dir, chosen, variants, sentences, audio_format, config, config_ha
 
 
 def clip_split(demo_dir: str | os.PathLike, sentences: int | None = None) -> dict[str, Path]:
-    """The held-out-clip view of a built demo corpus: {"train": ..., "heldout": ...}.
+    """The held-out-clip view of a built demo corpus: {"train", "heldout", "dev", "trained"} -> JSONL.
 
     Every training sentence of the table is held out in ONE voice (the k-th training sentence in
-    voice k mod n_voices) and trained in the others: `train` holds the other voices' records,
-    `heldout` the held-out voice's. Each held-out clip is audio the model never saw, of a sentence
-    it was trained on (in another voice), in a voice it was trained on (on other sentences): a
-    test of listening, not of translating unseen sentences (that is test.jsonl). `sentences`:
-    only the first n training sentences. Written once next to the corpus' own JSONL files (same
-    folder, so the relative audio paths hold), atomically.
+    voice k mod n_voices): `heldout` holds those records. Each held-out clip is audio the model
+    never saw, of a sentence it was trained on (in other voices), in a voice it was trained on (on
+    other sentences): a test of listening, not of translating unseen sentences (that is
+    test.jsonl). With 3 or more voices the next voice, (k + 1) mod n, is held out too as `dev`
+    (so the dev set the training loop reports on is not the test set); with 2, `dev` is
+    `heldout`. `train` holds the remaining voices' records, `trained` those of one of them per
+    sentence (the first after the held-out ones: a test set of trained clips as large as
+    `heldout`). `sentences`: only the first n training sentences. Written once next to the
+    corpus' own JSONL files (same folder, so the relative audio paths hold), atomically.
     """
     d = Path(demo_dir)
     voices = json.loads((d / "manifest.json").read_text())["voices"]
-    if len(voices) < 2:
+    n = len(voices)
+    if n < 2:
         raise DemoCorpusError(f"{d}: held-out clips need at least 2 voices, the corpus has {voices}")
-    tag = f"s{sentences}" if sentences else "all"
-    paths = {"train": d / f"train_clips_{tag}.jsonl", "heldout": d / f"heldout_clips_{tag}.jsonl"}
+    tag = (f"s{sentences}" if sentences else "all") + ("-dev" if n >= 3 else "")
+    paths = {key: d / f"{key}_clips_{tag}.jsonl" for key in ("train", "heldout", "trained")}
+    paths["dev"] = d / f"dev_clips_{tag}.jsonl" if n >= 3 else paths["heldout"]
     if all(p.is_file() for p in paths.values()):
         return paths
     lines = (d / "train.jsonl").read_text(encoding="utf-8").splitlines()
     kept = sorted({json.loads(l)["sentence"] for l in lines})[:sentences]
-    held_voice = {s: voices[k % len(voices)] for k, s in enumerate(kept)}
-    out: dict[str, list[str]] = {"train": [], "heldout": []}
+    held = 2 if n >= 3 else 1  # voices held out per sentence
+    role = {
+        s: {voices[k % n]: "heldout", voices[(k + 1) % n]: "dev" if n >= 3 else "trained",
+            voices[(k + held) % n]: "trained"}
+        for k, s in enumerate(kept)
+    }
+    out: dict[Path, list[str]] = {p: [] for p in paths.values()}
     for line in lines:
         r = json.loads(line)
-        if r["sentence"] in held_voice:
-            out["heldout" if r["speaker"] == held_voice[r["sentence"]] else "train"].append(line + "\n")
-    for key, p in paths.items():
+        if r["sentence"] not in role:
+            continue
+        key = role[r["sentence"]].get(r["speaker"], "train")
+        out[paths[key]].append(line + "\n")
+        if key == "trained":
+            out[paths["train"]].append(line + "\n")
+    for p, rows in out.items():
         tmp = p.with_name(f".{p.name}.{os.getpid()}")
-        tmp.write_text("".join(out[key]), encoding="utf-8")
+        tmp.write_text("".join(rows), encoding="utf-8")
         os.replace(tmp, p)
     return paths
 
