@@ -309,6 +309,8 @@ def test_heldout_clip_split_with_a_dev_voice(tmp_path):
         assert {sp for t, _, sp in keys["heldout"] if t == s} == {v[s % 4]}
         assert {sp for t, _, sp in keys["dev"] if t == s} == {v[(s + 1) % 4]}
         assert {sp for t, _, sp in keys["trained"] if t == s} == {v[(s + 2) % 4]}
+    tests = [json.loads(l) for l in split["test"].read_text("utf-8").splitlines()]
+    assert tests == []  # max_sentences=4: no test sentence in this corpus
     assert demo.clip_split(d) == split  # cached
 
 

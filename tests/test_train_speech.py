@@ -52,13 +52,14 @@ def test_model_block_errors_name_the_key():
 
 
 def test_encoder_gets_gradients_when_trainable_names_it():
-    """train.trainable may name the encoder (the demo's random one): it then gets real gradients
-    (no stop_gradient in the model), and is absent from the trainable tree otherwise."""
+    """train.trainable may name the encoder (the demo's random one, configs/demo.yaml): it then
+    gets real gradients (no stop_gradient in the model), and is absent from the trainable tree
+    otherwise."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    frozen_enc = speech.build_model(cfg("train.token_dropout=0"), abstract=True)
+    frozen_enc = speech.build_model(cfg("train.token_dropout=0", 'train.trainable=["^adapter/","^llm/"]'), abstract=True)
     assert "encoder" not in frozen_enc.trainable and "encoder" in frozen_enc.frozen
     b = speech.build_model(cfg("train.token_dropout=0", 'train.trainable=["^adapter/","^encoder/"]'))
     assert "encoder" in b.trainable

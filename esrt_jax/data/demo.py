@@ -528,7 +528,7 @@ def _build(out_dir, chosen, variants, sentences, audio_format, config, config_ha
 
 
 def clip_split(demo_dir: str | os.PathLike, sentences: int | None = None) -> dict[str, Path]:
-    """The held-out-clip view of a built demo corpus: {"train", "heldout", "dev", "trained"} -> JSONL.
+    """The held-out-clip view of a built demo corpus: {"train", "heldout", "dev", "trained", "test"} -> JSONL.
 
     Every training sentence of the table is held out in ONE voice (the k-th training sentence in
     voice k mod n_voices): `heldout` holds those records. Each held-out clip is audio the model
@@ -538,8 +538,11 @@ def clip_split(demo_dir: str | os.PathLike, sentences: int | None = None) -> dic
     (so the dev set the training loop reports on is not the test set); with 2, `dev` is
     `heldout`. `train` holds the remaining voices' records, `trained` those of one of them per
     sentence (the first after the held-out ones: a test set of trained clips as large as
-    `heldout`). `sentences`: only the first n training sentences. Written once next to the
-    corpus' own JSONL files (same folder, so the relative audio paths hold), atomically.
+    `heldout`). `test` holds the held-out sentences (test.jsonl) in two voices each (the k-th in
+    voices k and k + 1 mod n: every voice, and as many records as `heldout` when the table has
+    as many test sentences as `sentences / 2`). `sentences`: only the first n training
+    sentences. Written once next to the corpus' own JSONL files (same folder, so the relative
+    audio paths hold), atomically.
     """
     d = Path(demo_dir)
     voices = json.loads((d / "manifest.json").read_text())["voices"]
@@ -549,6 +552,7 @@ def clip_split(demo_dir: str | os.PathLike, sentences: int | None = None) -> dic
     tag = (f"s{sentences}" if sentences else "all") + ("-dev" if n >= 3 else "")
     paths = {key: d / f"{key}_clips_{tag}.jsonl" for key in ("train", "heldout", "trained")}
     paths["dev"] = d / f"dev_clips_{tag}.jsonl" if n >= 3 else paths["heldout"]
+    paths["test"] = d / f"test_clips_{tag}.jsonl" if n >= 3 else d / "test.jsonl"
     if all(p.is_file() for p in paths.values()):
         return paths
     lines = (d / "train.jsonl").read_text(encoding="utf-8").splitlines()
@@ -568,6 +572,14 @@ def clip_split(demo_dir: str | os.PathLike, sentences: int | None = None) -> dic
         out[paths[key]].append(line + "\n")
         if key == "trained":
             out[paths["train"]].append(line + "\n")
+    if n >= 3:
+        tests = (d / "test.jsonl").read_text(encoding="utf-8").splitlines()
+        order = {s: k for k, s in enumerate(sorted({json.loads(l)["sentence"] for l in tests}))}
+        for line in tests:
+            r = json.loads(line)
+            k = order[r["sentence"]]
+            if r["speaker"] in (voices[k % n], voices[(k + 1) % n]):
+                out[paths["test"]].append(line + "\n")
     for p, rows in out.items():
         tmp = p.with_name(f".{p.name}.{os.getpid()}")
         tmp.write_text("".join(rows), encoding="utf-8")

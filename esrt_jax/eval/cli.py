@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 
 from esrt_jax import metrics
 from esrt_jax.config import ConfigError
-from esrt_jax.data.demo import build_demo_corpus, clip_split, default_demo_dir, noisy_clips
+from esrt_jax.data.demo import clip_split, demo_corpus_for, noisy_clips
 from esrt_jax.data.encode_cache import FeatureCache, encoder_fingerprint
 from esrt_jax.eval import compare as cmp
 from esrt_jax.eval import decode as dec
@@ -174,19 +174,18 @@ def _default_data(cfg) -> str | None:
 
 def default_test_sets(cfg) -> list[tuple[str, str]]:
     """[(label, test file)] for a run config that trains on the demo corpus (built if needed): its
-    test set of held-out sentences and, with `data.demo_heldout_clips`, first the trained clips with
-    noise added and the held-out clips (training sentences, each in the voice it was not trained
-    in). [] otherwise."""
+    test set of held-out sentences and, with `data.demo_heldout_clips`, first one trained voice's
+    clips with noise added and the held-out clips (training sentences, each in a voice it was not
+    trained in); see `esrt_jax.data.demo.clip_split`. [] otherwise."""
     if not cfg.data.get("demo"):
         return []
-    d = build_demo_corpus(cfg.data.get("demo_dir") or default_demo_dir())
-    out = []
-    if cfg.data.get("demo_heldout_clips"):
-        split = clip_split(d, cfg.data.get("demo_sentences"))
-        out.append(("trained clips + noise", str(noisy_clips(d, split["train"]))))
-        out.append(("held-out clips", str(split["heldout"])))
-    out.append(("held-out sentences", str(d / "test.jsonl")))
-    return out
+    d = demo_corpus_for(cfg.data)
+    if not cfg.data.get("demo_heldout_clips"):
+        return [("held-out sentences", str(d / "test.jsonl"))]
+    split = clip_split(d, cfg.data.get("demo_sentences"))
+    return [("trained clips + noise", str(noisy_clips(d, split["trained"]))),
+            ("held-out clips", str(split["heldout"])),
+            ("held-out sentences", str(split["test"]))]
 
 
 def run_decode(args: argparse.Namespace) -> int:

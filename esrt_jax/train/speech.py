@@ -21,10 +21,11 @@ factors; the encoder and the LLM base weights are frozen (`train.trainable` over
 
 Data block (`data:`): the keys of `esrt_jax.data.pipeline.DataConfig` (batch size comes from
 `train.batch_size`) plus `dev: [sources]` for dev loss / decodes and `demo: true` to use the
-offline demo corpus (built on first use) for both. With `demo_heldout_clips: true` (and optionally
+offline demo corpus (built on first use) for both; `demo_voices: n` espeak voices per language
+(default 2; the corpus covers `languages`). With `demo_heldout_clips: true` (and optionally
 `demo_sentences: n`, the first n training sentences) each training sentence is held out in one
-voice and trained in the others; those held-out clips are the dev (and eval) set
-(`esrt_jax.data.demo.clip_split`).
+voice (the eval set) and, with 3+ voices, in a second one (the dev set; with 2 voices dev is the
+eval set), and trained in the others (`esrt_jax.data.demo.clip_split`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from esrt_jax.convert import hf_io
 from esrt_jax.convert.llm import load_hf_model
 from esrt_jax.convert.tokenizer import check_vocab, load_tokenizer
 from esrt_jax.convert.whisper import load_whisper_encoder
-from esrt_jax.data.demo import build_demo_corpus, clip_split, default_demo_dir
+from esrt_jax.data.demo import clip_split, demo_corpus_for
 from esrt_jax.data.encode_cache import FeatureCache, encoder_fingerprint
 from esrt_jax.data.pipeline import (DataConfig, make_eval_batches, make_train_dataset, max_answer_tokens,
                                      open_sources)
@@ -71,7 +72,8 @@ from esrt_jax.train.config import RunConfig
 MODEL_KEYS = {"builder", "whisper", "whisper_config", "llm", "llm_config", "tokenizer", "tokenizer_vocab",
               "adapter", "llm_dtype", "llm_param_dtype", "encoder_dtype", "scan_layers", "remat", "split",
               "seed", "decode", "infer"}
-DATA_EXTRA = {"builder", "dev", "demo", "demo_dir", "dev_task", "demo_heldout_clips", "demo_sentences"}
+DATA_EXTRA = {"builder", "dev", "demo", "demo_dir", "dev_task", "demo_heldout_clips", "demo_sentences",
+              "demo_voices"}
 BATCH_KEYS = ("mel", "audio", "enc", "tokens", "loss_mask", "attention_mask")
 
 
@@ -117,8 +119,7 @@ def speech_config(cfg: RunConfig):
 # ----------------------------------------------------------------------------- tokenizer
 
 def demo_dir(cfg: RunConfig) -> Path:
-    d = cfg.data.get("demo_dir")
-    return build_demo_corpus(d if d else default_demo_dir(), progress=jax.process_index() == 0)
+    return demo_corpus_for(cfg.data, progress=jax.process_index() == 0)
 
 
 @functools.lru_cache(maxsize=4)
@@ -355,11 +356,11 @@ def _data_config(cfg: RunConfig, batch_size: int | None = None):
 
 def _demo_split(cfg: RunConfig, split: str) -> Path:
     """The demo corpus' train/dev file; with data.demo_heldout_clips, its held-out-clip view (dev:
-    the held-out clips of the training sentences)."""
+    clips of the training sentences in a voice they are not trained in; see `clip_split`)."""
     d = demo_dir(cfg)
     if not cfg.data.get("demo_heldout_clips"):
         return d / f"{split}.jsonl"
-    return clip_split(d, cfg.data.get("demo_sentences"))["train" if split == "train" else "heldout"]
+    return clip_split(d, cfg.data.get("demo_sentences"))["train" if split == "train" else "dev"]
 
 
 def _dev_source(cfg: RunConfig):
