@@ -38,7 +38,7 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint", default=None, help="run dir / stage dir (default: runs/demo if it exists)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--langs", default=None, help="comma list (default: the config's data.languages)")
-    ap.add_argument("--voices", type=int, default=6, help="espeak voice variants (speakers), 2..6")
+    ap.add_argument("--voices", type=int, default=6, help="espeak voice variants (speakers), 2..10")
     ap.add_argument("--sentences", type=int, default=40, help="sentences of the demo table to speak")
     ap.add_argument("--corpus-dir", default=None, help="where to build the probe corpus (cached)")
     ap.add_argument("--scheme", default="fp16", help="payload codec of the transmitted features")

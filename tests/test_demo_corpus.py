@@ -326,3 +326,22 @@ def test_demo_corpus_for_names_its_folder_by_the_settings(monkeypatch, tmp_path)
     assert calls[-1][1]["voices_per_lang"] == 8
     assert demo.demo_corpus_for({"languages": list(demo_sentences.LANGS)}) == tmp_path / "demo"
     assert demo.demo_corpus_for({"demo_dir": str(tmp_path / "x"), "demo_voices": 3}) == tmp_path / "x"
+
+
+def test_eval_default_test_sets_of_the_demo(monkeypatch, tmp_path):
+    """eval.py's default demo test sets: one trained voice + noise, the held-out voice and the
+    held-out sentences, none of them trained on, each clip in one set only."""
+    from esrt_jax.eval import cli
+    from esrt_jax.train.config import load_run_config
+
+    d = build_demo_corpus(tmp_path / "v3", langs=("eng", "deu"), voices_per_lang=3, max_sentences=10, progress=False)
+    monkeypatch.setattr(cli, "demo_corpus_for", lambda data: d)
+    cfg = load_run_config("configs/demo.yaml", ["data.demo_sentences=null"])
+    sets = cli.default_test_sets(cfg)
+    assert [label for label, _ in sets] == ["trained clips + noise", "held-out clips", "held-out sentences"]
+    rows = [[json.loads(l) for l in Path(p).read_text("utf-8").splitlines()] for _, p in sets]
+    trained = {json.loads(l)["audio"] for l in (d / "train_clips_all-dev.jsonl").read_text("utf-8").splitlines()}
+    assert all(r["audio"].startswith("noisy30/") and r["audio"][len("noisy30/"):] in trained for r in rows[0])
+    assert not {r["audio"] for r in rows[1]} & trained
+    assert {r["sentence"] for r in rows[2]} == {9} and len({r["speaker"] for r in rows[2]}) == 2
+    assert len(rows[0]) == len(rows[1]) == 8 * 2 * 1  # 8 training sentences x 2 languages x 1 target
