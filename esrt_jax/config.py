@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -206,8 +208,35 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(data: Any, where: str = "") -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string of nested `data` by the environment
+    variable (or the default, `~` expanded), e.g. `llm: ${ESRT_REAL_DIR:-~/.cache/esrt_jax/real}/gemma3-270m`.
+    An unset variable without a default is an error naming the dotted key."""
+    if isinstance(data, Mapping):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(data)]
+    if not isinstance(data, str) or "${" not in data:
+        return data
+
+    def sub(m: re.Match) -> str:
+        value = os.environ.get(m.group(1))
+        if value is None:
+            if m.group(2) is None:
+                raise ConfigError(f"{where}: environment variable {m.group(1)} is not set "
+                                  f"(write ${{{m.group(1)}:-default}} to give a default)")
+            value = os.path.expanduser(m.group(2))
+        return value
+
+    return _ENV_REF.sub(sub, data)
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, with an error naming the file when it is missing or malformed."""
+    """Read a YAML mapping, with an error naming the file when it is missing or malformed;
+    `${VAR}` / `${VAR:-default}` in strings are taken from the environment (`expand_env`)."""
     path = Path(path)
     if not path.is_file():
         near = sorted(str(p) for p in path.parent.glob("*.y*ml")) if path.parent.is_dir() else []
@@ -220,7 +249,10 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
-    return data
+    try:
+        return expand_env(data)
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:

@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,20 @@ def test_errors_name_the_key(data, msg):
     with pytest.raises(ConfigError) as e:
         from_dict(Run, data)
     assert msg in str(e.value)
+
+
+def test_env_interpolation(tmp_path, monkeypatch):
+    f = tmp_path / "c.yaml"
+    f.write_text("name: ${ESRT_TEST_DIR:-~/x}/m\nlangs: [\"${ESRT_TEST_LANG}\", eng]\n")
+    monkeypatch.delenv("ESRT_TEST_DIR", raising=False)
+    monkeypatch.setenv("ESRT_TEST_LANG", "deu")
+    cfg = load(Run, f)
+    assert cfg.name == str(Path("~/x").expanduser() / "m") and cfg.langs == ("deu", "eng")
+    monkeypatch.setenv("ESRT_TEST_DIR", "/data/real")
+    assert load(Run, f).name == "/data/real/m"
+    monkeypatch.delenv("ESRT_TEST_LANG")
+    with pytest.raises(ConfigError, match=r"c.yaml: langs\[0\]: environment variable ESRT_TEST_LANG is not set"):
+        load(Run, f)
 
 
 def test_bad_override_and_missing_file(tmp_path):
