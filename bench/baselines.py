@@ -101,7 +101,7 @@ class LLMTranslator:
 
         self.tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
-                                                          torch_dtype=torch.float32).eval()
+                                                          dtype=torch.float32).eval()
         # Stop at the end of the line: "\n" and "\n\n" are separate tokens in some vocabularies.
         self.stop = sorted({self.tok.encode(nl, add_special_tokens=False)[-1] for nl in ("\n", "\n\n")}
                            | {self.tok.eos_token_id})
