@@ -176,17 +176,20 @@ def test_cli_main_edge_only_then_from_embeds(trained_run, corpus, tmp_path, caps
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("encoder", ["seeded", "hf_dir"])
+@pytest.mark.parametrize("encoder", ["seeded", "hf_dir", "hf_dir_trained"])
 def test_edge_loads_only_encoder_and_adapter_and_matches_the_full_model(encoder, trained_run, tmp_path):
     from esrt_jax.edge import EdgeModel, load_edge
     from esrt_jax.infer.cloud import translator_for
     from esrt_jax.train.restore import load_model
 
-    if encoder == "hf_dir":
+    if encoder.startswith("hf_dir"):
         pytest.importorskip("torch")
         from helpers_sllm import save_tiny_whisper
 
-        cfg_path, run_dir, _ = make_tiny_run(tmp_path, whisper_dir=save_tiny_whisper(tmp_path / "whisper"))
+        # hf_dir_trained: training tuned the encoder too, so the edge must take it from the checkpoint
+        sets = ['train.trainable=["^encoder/", "^adapter/"]'] if encoder == "hf_dir_trained" else ()
+        cfg_path, run_dir, _ = make_tiny_run(tmp_path, whisper_dir=save_tiny_whisper(tmp_path / "whisper"),
+                                             overrides=sets)
     else:
         cfg_path, run_dir, _ = trained_run
     for split in ("qformer", "projector"):
@@ -197,7 +200,7 @@ def test_edge_loads_only_encoder_and_adapter_and_matches_the_full_model(encoder,
         assert fp == loaded.fingerprint
         mel = np.random.default_rng(1).standard_normal((3, 80, 64)).astype(np.float32)
         np.testing.assert_array_equal(edge.encode(mel), tr.encode(mel))
-    if encoder == "hf_dir":  # no LLM params were built on the edge
+    if encoder != "seeded":  # no LLM params were built on the edge
         from flax import nnx
 
         names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(edge.state)}

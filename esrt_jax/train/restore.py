@@ -118,14 +118,6 @@ def restore_trainable(cfg, ck: Path, step: int | None = None) -> tuple[Any, int]
     return restore_params(ck, target, step)
 
 
-def restore_adapter(cfg, ck: Path, step: int | None = None) -> Any:
-    """Only the trained adapter params of a checkpoint (nested dict under `adapter/`)."""
-    trained, _ = restore_trainable(cfg, ck, step)
-    if "adapter" not in trained:
-        raise KeyError(f"checkpoint {ck} holds no adapter params (trainable: {sorted(trained)})")
-    return trained["adapter"]
-
-
 def inference_builder(cfg):
     """`build_inference(cfg) -> (SpeechLLM, tokenizer)` of the config's model-builder module: the
     model with its pretrained / frozen weights (converted HF parts or a seeded random init)."""
@@ -164,8 +156,8 @@ def load_edge_half(config: str | Path, checkpoint: str | Path | None, overrides:
     """Run config + checkpoint -> (the edge half: encoder + trained adapter, model fingerprint)
     without loading the LLM.
 
-    With `model.whisper` (a local HF dir) the encoder is read from it and the trained adapter from
-    the checkpoint; the LLM is never built. A config whose encoder is a seeded random init (the
+    With `model.whisper` (a local HF dir) the encoder is read from it and the trained adapter (and
+    encoder, when `train.trainable` names it) from the checkpoint; the LLM is never built. A config whose encoder is a seeded random init (the
     demo) is rebuilt with the whole model (tiny), so that the encoder weights are the same.
     """
     ck = step = stage = None
@@ -180,8 +172,11 @@ def load_edge_half(config: str | Path, checkpoint: str | Path | None, overrides:
         enc = load_whisper_encoder(cfg.model["whisper"], dtype=scfg.encoder.dtype,
                                    scan_layers=scfg.encoder.scan_layers)
         half = EdgeHalf(scfg, enc, SpeechAdapter(scfg.adapter, rngs=nnx.Rngs(int(cfg.model.get("seed", 0)))))
-        if ck is not None:
-            merge_params(half, {"adapter": restore_adapter(cfg, ck, step)})
+        if ck is not None:  # the trained adapter, and the encoder too where training tuned it
+            trained, _ = restore_trainable(cfg, ck, step)
+            if "adapter" not in trained:
+                raise KeyError(f"checkpoint {ck} holds no adapter params (trainable: {sorted(trained)})")
+            merge_params(half, {k: v for k, v in trained.items() if k in ("encoder", "adapter")})
     return half, model_fingerprint(half)
 
 
