@@ -13,7 +13,7 @@ from flax import nnx
 
 from esrt_jax.models.llm import LoraConfig, config_from_hf
 from esrt_jax.models.qformer import QFormerConfig
-from esrt_jax.models.speech_llm import SpeechLLM, SpeechLLMConfig, loss_fn
+from esrt_jax.models.speech_llm import SpeechLLM, SpeechLLMConfig, answer_xent, loss_fn
 from esrt_jax.models.whisper import WhisperEncoderConfig
 
 B, T, N_MELS, FRAMES = 3, 24, 16, 32
@@ -56,8 +56,10 @@ def _both(model, batch, rng):
     def vg(**kw):
         f = lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, dropout_rng=rng, **kw)  # noqa: E731
         return jax.value_and_grad(f, has_aux=True)(params)
-    # 5 positions per chunk (15 // B): several chunks and a padded last one
-    return jax.jit(lambda: (vg(full_logits=True), vg(chunk_tokens=15)))()
+    # 5 positions per chunk (15 // B): several chunks, a padded last one, and (answers moved to
+    # the front of each row) only 4 of the 5 chunks run; plus the undifferentiated loss (dev loss)
+    plain = lambda: loss_fn(nnx.merge(graphdef, params, rest), batch, dropout_rng=rng, chunk_tokens=15)[0]  # noqa: E731
+    return jax.jit(lambda: (vg(full_logits=True), vg(chunk_tokens=15), plain()))()
 
 
 @pytest.mark.parametrize("family,lora", [(f, False) for f in FAMILIES] + [("qwen2", True)])
@@ -65,8 +67,9 @@ def test_chunked_loss_and_grads_match_full_logits(family, lora):
     model = _model(family, lora)
     batch = _batch()
     rng = jax.random.key(7) if lora else None
-    ((l_full, a_full), g_full), ((l_chunk, a_chunk), g_chunk) = _both(model, batch, rng)
+    ((l_full, a_full), g_full), ((l_chunk, a_chunk), g_chunk), l_plain = _both(model, batch, rng)
     assert abs(float(l_full) - float(l_chunk)) <= 1e-5, (float(l_full), float(l_chunk))
+    assert abs(float(l_full) - float(l_plain)) <= 1e-5, (float(l_full), float(l_plain))
     assert float(a_full["accuracy"]) == float(a_chunk["accuracy"])
     assert float(a_full["tokens"]) == float(a_chunk["tokens"]) == float(batch["loss_mask"].sum())
     flat_f, flat_c = nnx.to_flat_state(g_full), nnx.to_flat_state(g_chunk)
@@ -97,3 +100,40 @@ def test_compiled_loss_never_holds_the_full_logits():
     assert largest_vocab_buffer(full_logits=True) >= B * t * V
     c = 12 // B
     assert largest_vocab_buffer(chunk_tokens=12) <= max(B * c * V, V * COMMON["hidden_size"])
+
+
+def test_answer_xent_never_runs_the_head_on_non_answer_positions():
+    """Answers are moved to the front of each row and only the chunks holding them run: NaN
+    hidden states at every prompt/padding position leave the loss and all gradients finite and
+    equal to the plain cross-entropy over the answer positions (tied head with soft-capping)."""
+    rs = np.random.RandomState(0)
+    Bn, Tn, D, V = 2, 12, 8, 50
+    emb = jnp.asarray(rs.randn(V, D), jnp.float32)
+    h = jnp.asarray(rs.randn(Bn, Tn, D), jnp.float32)
+    labels = jnp.asarray(rs.randint(0, V, (Bn, Tn)), jnp.int32)
+    w = np.zeros((Bn, Tn), np.float32)
+    w[0, [2, 5, 9]] = 1.0
+    w[1, [0, 7, 11]] = 1.0
+    w = jnp.asarray(w)
+    h_nan = jnp.where(w[..., None] > 0, h, jnp.nan)
+
+    def loss(h, emb, chunk_tokens):
+        head = lambda x: jnp.tanh(x @ emb.T / 5.0) * 5.0  # noqa: E731
+        return answer_xent(head, h, labels, w, chunk_tokens=chunk_tokens)[0]
+
+    def reference(h, emb):
+        logits = jnp.tanh(h @ emb.T / 5.0) * 5.0
+        ce = -jax.nn.log_softmax(logits)[jnp.arange(Bn)[:, None], jnp.arange(Tn)[None], labels]
+        return jnp.where(w > 0, ce, 0.0).sum()
+
+    ref, (gh_ref, ge_ref) = jax.value_and_grad(reference, (0, 1))(h, emb)
+    # 3 positions per chunk: one of the 4 chunks runs
+    val, (gh, ge) = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=2)(h_nan, emb, 6)
+    assert abs(float(val) - float(ref)) <= 1e-5
+    assert np.isfinite(np.asarray(gh)).all() and np.isfinite(np.asarray(ge)).all()
+    np.testing.assert_allclose(np.asarray(gh), np.where(np.asarray(w)[..., None] > 0, gh_ref, 0.0), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ge), np.asarray(ge_ref), atol=1e-5)
+    # one chunk holding every position (plain path) gives the same on finite inputs
+    val1, (gh1, ge1) = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=2)(h, emb, 256)
+    assert abs(float(val1) - float(ref)) <= 1e-5
+    np.testing.assert_allclose(np.asarray(ge1), np.asarray(ge_ref), atol=1e-5)

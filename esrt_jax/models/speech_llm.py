@@ -17,6 +17,7 @@ enter unscaled, as the reference passes them through `inputs_embeds`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from typing import Any, Callable, Literal
@@ -170,45 +171,115 @@ def batch_mel(batch: dict, n_mels: int, num_frames: int = 3000) -> jax.Array:
     return log_mel_spectrogram_jax(batch["audio"], n_mels)[..., :num_frames]
 
 
-LOSS_CHUNK_TOKENS = 256  # LM-head rows (batch x positions) per chunk of the text-only loss
+LOSS_CHUNK_TOKENS = 256  # LM-head rows (batch x positions) per chunk of the answer-only loss
 
 
 def answer_xent(head: Callable[[jax.Array], jax.Array], h: jax.Array, labels: jax.Array,
                 weights: jax.Array, *, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[jax.Array, jax.Array]:
-    """Cross-entropy summed over the weighted positions without materialising (B, T, V) logits.
+    """Cross-entropy summed over the weighted (answer) positions only, without materialising
+    (B, T, V) logits.
 
-    head: (..., D) -> (..., V) f32 logits; h (B, T, D) hidden states; labels, weights (B, T).
-    -> (sum of weight * ce, sum of weight * [argmax == label]), both f32 scalars.
+    head: (..., D) -> (..., V) f32 logits (may close over traced params); h (B, T, D) hidden
+    states; labels, weights (B, T). -> (sum of weight * ce, sum of weight * [argmax == label]),
+    both f32 scalars.
 
-    The head + cross-entropy run over chunks of c = chunk_tokens // B positions (rows stay rows,
-    so batch sharding is kept) in a scan whose body is under `jax.checkpoint`: the backward pass
-    recomputes one chunk's logits at a time. Peak: one (B, c, V) f32 chunk and its gradient.
-    (Skipping chunks without loss positions by `lax.cond` would save FLOPs, but differentiating a
-    cond inside a scan materialises per-chunk residuals of both branches: it multiplied memory.)
+    Each row's positions with nonzero weight are moved to its front (stable), and the head +
+    cross-entropy run over chunks of c = chunk_tokens // B positions (rows stay rows, so batch
+    sharding is kept) only until the longest row's answers are covered: a `while_loop` with a
+    data-dependent trip count, so prompt and padding positions cost nothing. The derivative is
+    hand-written (`jax.custom_vjp`, as in fused linear-cross-entropy kernels): the forward pass
+    computes each chunk's logits once, its softmax gradient and, through the head's VJP, the
+    gradient of h; the backward pass only scales it. That is two head matmuls per answer row
+    instead of three (forward, rematerialised forward, backward) per text row. Gradients of the
+    head's own params (a trainable head) are computed by a second loop in the backward pass,
+    which XLA removes when they are unused (frozen head). Peak: one (B, c, V) f32 chunk. When one
+    chunk holds all T positions the head simply runs on all of them (XLA already computes that
+    with two head matmuls).
     """
     B, T, D = h.shape
     w = weights.astype(jnp.float32)
     c = max(1, min(T, chunk_tokens // B))
     n = -(-T // c)
+    if n == 1:  # one chunk holds every position: nothing to skip, plain autodiff is as cheap
+        logits = head(h)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        hit = jax.lax.stop_gradient((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+        return (ce * w).sum(), (hit * w).sum()
+    # answer positions first in each row (a differentiable gather; its transpose scatters back)
+    order = jnp.argsort(w == 0, axis=1, stable=True)
+    h = jnp.take_along_axis(h, order[..., None], axis=1)
+    labels = jnp.take_along_axis(labels, order, axis=1)
+    w = jnp.take_along_axis(w, order, axis=1)
     pad = n * c - T
     if pad:
         h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
         labels = jnp.pad(labels, ((0, 0), (0, pad)))
         w = jnp.pad(w, ((0, 0), (0, pad)))
-    # (n, B, c, ...): scan over chunks of positions
-    xs = (h.reshape(B, n, c, D).swapaxes(0, 1), labels.reshape(B, n, c).swapaxes(0, 1),
-          w.reshape(B, n, c).swapaxes(0, 1))
+    # The head as an explicit function of its (hoisted) params, as custom_vjp requires.
+    fn, consts = jax.closure_convert(head, h[:, :c])
+    ce, hit = _chunked_xent(fn, c, consts, h, labels, w)
+    return ce, jax.lax.stop_gradient(hit)
 
-    @jax.checkpoint
-    def body(carry, x):
-        hc, lc, wc = x
-        logits = head(hc)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, lc)
-        hit = (jnp.argmax(logits, -1) == lc).astype(jnp.float32)
-        return (carry[0] + (ce * wc).sum(), carry[1] + (hit * wc).sum()), None
 
-    (ce, hit), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), xs)
-    return ce, hit
+def _chunk_count(w: jax.Array, c: int) -> jax.Array:
+    """Chunks of c positions that cover every row's (front-moved) weighted positions."""
+    return (jnp.max(jnp.sum(w != 0, axis=1)) + c - 1) // c
+
+
+def _chunk(x: jax.Array, i: jax.Array, c: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
+
+
+def _chunk_stats(fn, consts, hc, lc, wc):
+    """One chunk: (ce sum, hit sum, d(ce sum)/d logits (B, c, V), head VJP)."""
+    out, vjp = jax.vjp(fn, hc, *consts)
+    logits = out.astype(jnp.float32)
+    top = jax.lax.stop_gradient(jnp.max(logits, -1, keepdims=True))
+    e = jnp.exp(logits - top)  # one exp over the vocabulary, for both the loss and its gradient
+    total = e.sum(-1)
+    ce = jnp.log(total) + top[..., 0] - jnp.take_along_axis(logits, lc[..., None], -1)[..., 0]
+    hit = (jnp.argmax(logits, -1) == lc).astype(jnp.float32)
+    # softmax - one_hot(label), times the weight
+    g = e * (wc / total)[..., None]
+    g = jnp.where(jnp.arange(logits.shape[-1]) == lc[..., None], g - wc[..., None], g)
+    return (ce * wc).sum(), (hit * wc).sum(), g.astype(out.dtype), vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_xent(fn, c, consts, h, labels, w):
+    def body(i, acc):
+        ce, hit, _, _ = _chunk_stats(fn, consts, _chunk(h, i, c), _chunk(labels, i, c), _chunk(w, i, c))
+        return acc[0] + ce, acc[1] + hit
+    zero = jnp.zeros((), jnp.float32)
+    return jax.lax.fori_loop(0, _chunk_count(w, c), body, (zero, zero))
+
+
+def _chunked_xent_fwd(fn, c, consts, h, labels, w):
+    def body(i, acc):
+        ce, hit, dh = acc
+        s_ce, s_hit, g, vjp = _chunk_stats(fn, consts, _chunk(h, i, c), _chunk(labels, i, c), _chunk(w, i, c))
+        dh = jax.lax.dynamic_update_slice_in_dim(dh, vjp(g)[0].astype(dh.dtype), i * c, axis=1)
+        return ce + s_ce, hit + s_hit, dh
+    zero = jnp.zeros((), jnp.float32)
+    ce, hit, dh = jax.lax.fori_loop(0, _chunk_count(w, c), body, (zero, zero, jnp.zeros_like(h)))
+    return (ce, hit), (consts, h, labels, w, dh)
+
+
+def _chunked_xent_bwd(fn, c, res, ct):
+    consts, h, labels, w, dh = res
+    g_ce = ct[0]  # the hit count is not differentiable
+
+    def body(i, acc):
+        _, _, g, vjp = _chunk_stats(fn, consts, _chunk(h, i, c), _chunk(labels, i, c), _chunk(w, i, c))
+        return jax.tree.map(jnp.add, acc, vjp(g)[1:])
+    # the head's param gradients; dead code (removed by XLA) when the head is frozen
+    d_consts = jax.lax.fori_loop(0, _chunk_count(w, c), body,
+                                 tuple(jnp.zeros_like(x) for x in consts))
+    d_consts = [(d * g_ce).astype(x.dtype) for d, x in zip(d_consts, consts)]
+    return (d_consts, (dh * g_ce).astype(h.dtype), None, None)
+
+
+_chunked_xent.defvjp(_chunked_xent_fwd, _chunked_xent_bwd)
 
 
 def loss_fn(model: SpeechLLM, batch: dict, *, dropout_rng: jax.Array | None = None,
