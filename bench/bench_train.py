@@ -18,7 +18,9 @@ The PyTorch reference is assembled and trained as LLM-SRT does it: transformers'
 are copied from the torch modules into ours with our converters, so all run the same function.
 
 Reports compile time, steady-state steps/s and examples/s of each, the ratio to PyTorch (goal for
-(c): >= 3x), and the compiled step's temporary memory (XLA memory analysis).
+(c): >= 3x), the compiled step's temporary memory (XLA memory analysis), and the matmul FLOPs of
+one step (ours: the dots of the compiled HLO times their loop trip counts; PyTorch:
+`torch.utils.flop_counter`), so that time per FLOP can be compared too.
 
     python bench/bench_train.py                     # both settings, full size (slow on a small CPU)
     python bench/bench_train.py --quick             # tiny shapes, smoke test
@@ -62,6 +64,45 @@ def shapes(quick: bool, setting: str) -> dict:
     if setting == "gemma":
         s.update(vocab=262144, d_llm=640, llm_layers=4, llm_heads=4, llm_kv=1, llm_ffn=2048, head_dim=256)
     return s
+
+
+def hlo_dot_flops(hlo: str) -> float:
+    """Matmul FLOPs of a compiled XLA module: 2 x output size x contracted size of every dot, times
+    the trip counts of the while loops around it (a loop with a data-dependent trip count counts
+    once)."""
+    import math
+    import re
+
+    comps: dict[str, list[str]] = {}
+    entry = cur = None
+    for line in hlo.splitlines():
+        head = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            cur = head.group(2)
+            comps[cur] = []
+            entry = cur if head.group(1) else entry
+        elif cur and line.startswith("  "):
+            comps[cur].append(line.strip().removeprefix("ROOT "))
+
+    def dims(shape: str) -> list[int]:
+        return [int(d) for d in shape.split(",") if d]
+
+    def flops(comp: str) -> float:
+        shapes, total = {}, 0.0
+        for ins in comps.get(comp, []):
+            m = re.match(r"%?([\w.\-]+) = \w+\[([0-9,]*)\]\S* (\w+)\(([^)]*)\)", ins)
+            if m:
+                shapes[m.group(1)] = dims(m.group(2))
+                if m.group(3) == "dot":
+                    lhs = shapes[re.findall(r"%([\w.\-]+)", m.group(4))[0]]
+                    k = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins).group(1)
+                    total += 2 * math.prod(dims(m.group(2))) * math.prod(lhs[i] for i in dims(k))
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins)
+            for callee in re.findall(r"(?:calls|body|to_apply)=%?([\w.\-]+)", ins):
+                total += flops(callee) * (int(trips.group(1)) if trips and " while(" in ins else 1)
+        return total
+
+    return flops(entry)
 
 
 def main() -> None:
@@ -172,7 +213,7 @@ def run_setting(args, setting: str) -> None:
         return loss, {"tokens": aux["tokens"]}
 
     variants = {"(a) today": (today_loss, dict(mel=mel, **text)),
-                "(b) + text-only chunked loss": (chunked_loss, dict(mel=mel, **text)),
+                "(b) + answer-only chunked loss": (chunked_loss, dict(mel=mel, **text)),
                 "(c) + encoder cache": (chunked_loss, dict(enc=enc_out, **text))}
     opt = make_optimizer(TrainConfig(lr=1e-4, warmup_steps=0, steps=1000))
     results = {}
@@ -186,13 +227,14 @@ def run_setting(args, setting: str) -> None:
         compiled = step.lower(tr, os_, bundle.frozen, batch, jax.random.key(0)).compile()
         compile_s = time.perf_counter() - t0
         temp = compiled.memory_analysis().temp_size_in_bytes
+        flops = hlo_dot_flops(compiled.as_text())
         tr, os_, met = compiled(tr, os_, bundle.frozen, batch, jax.random.key(0))  # warm-up
         first = float(met["loss"])  # at the initial weights: the same number for every variant
         t0 = time.perf_counter()
         for i in range(steps):
             tr, os_, met = compiled(tr, os_, bundle.frozen, batch, jax.random.key(i))
         jax.block_until_ready(met)
-        results[name] = (steps / (time.perf_counter() - t0), compile_s, temp, first)
+        results[name] = (steps / (time.perf_counter() - t0), compile_s, temp, first, flops)
         del tr, os_, compiled, step, bundle
         print(f"  {name}: done", flush=True)
 
@@ -218,19 +260,22 @@ def run_setting(args, setting: str) -> None:
         topt.step()
         return float(loss.detach())
 
-    t_loss = torch_step()  # warm-up (loss at the initial weights)
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        t_loss = torch_step()  # warm-up (loss at the initial weights)
+    t_flops = counter.get_total_flops()
     t0 = time.perf_counter()
     for _ in range(steps):
         torch_step()
     ref = steps / (time.perf_counter() - t0)
 
-    print(f"{'':28s} {'steps/s':>8s} {'ex/s':>7s} {'vs PyTorch':>10s} {'compile':>8s} {'temp mem':>9s} "
-          f"{'loss@init':>9s}")
-    print(f"{'PyTorch reference':28s} {ref:8.3f} {ref * B:7.2f} {'1.00x':>10s} {'-':>8s} {'-':>9s} "
-          f"{t_loss:8.4f}")
-    for name, (sps, comp, temp, first) in results.items():
-        print(f"{name:28s} {sps:8.3f} {sps * B:7.2f} {sps / ref:9.2f}x {comp:7.1f}s {temp / 2**20:7.0f}MiB "
-              f"{first:8.4f}")
+    print(f"{'':30s} {'steps/s':>8s} {'ex/s':>7s} {'vs PyTorch':>10s} {'compile':>8s} {'temp mem':>9s} "
+          f"{'loss@init':>9s} {'GFLOP/step':>10s} {'GFLOP/s':>8s}")
+    print(f"{'PyTorch reference':30s} {ref:8.3f} {ref * B:7.2f} {'1.00x':>10s} {'-':>8s} {'-':>9s} "
+          f"{t_loss:8.4f} {t_flops / 1e9:10.1f} {t_flops * ref / 1e9:8.1f}")
+    for name, (sps, comp, temp, first, flops) in results.items():
+        print(f"{name:30s} {sps:8.3f} {sps * B:7.2f} {sps / ref:9.2f}x {comp:7.1f}s {temp / 2**20:7.0f}MiB "
+              f"{first:8.4f} {flops / 1e9:10.1f} {flops * sps / 1e9:8.1f}")
     c = results["(c) + encoder cache"][0] / ref
     print(f"goal (c) >= 3x PyTorch examples/s: {c:.2f}x ({'met' if c >= 3 else 'NOT met'})", flush=True)
 
