@@ -105,6 +105,21 @@ def hlo_dot_flops(hlo: str) -> float:
     return flops(entry)
 
 
+def count_cpu_sdpa(fc, aten) -> None:
+    """Give torch's flop_counter the formulas of the CPU kernels of scaled_dot_product_attention
+    (it has none and counts them as 0); once per process."""
+    if aten._scaled_dot_product_flash_attention_for_cpu in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kw):
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _sdpa_back(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kw):
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 def main() -> None:
     args = parse()
     if args.threads:
@@ -260,8 +275,9 @@ def run_setting(args, setting: str) -> None:
         topt.step()
         return float(loss.detach())
 
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
+    from torch.utils import flop_counter as fc
+    count_cpu_sdpa(fc, torch.ops.aten)
+    with fc.FlopCounterMode(display=False) as counter:
         t_loss = torch_step()  # warm-up (loss at the initial weights)
     t_flops = counter.get_total_flops()
     t0 = time.perf_counter()
