@@ -203,6 +203,14 @@ def test_missing_previous_stage_names_path_and_command(tmp_path):
         run_cli.main(["--stage=smt", "--config", str(y), "--run-dir", str(tmp_path / "run")])
 
 
+def test_missing_init_from_is_one_line(tmp_path):
+    y = tmp_path / "toy.yaml"
+    y.write_text(json.dumps(TOY))
+    with pytest.raises(SystemExit, match=rf"--init-from {tmp_path}/nope: no such checkpoint folder"):
+        run_cli.main(["--stage=asr", "--config", str(y), "--run-dir", str(tmp_path / "run"),
+                      "--init-from", str(tmp_path / "nope")])
+
+
 def test_train_help_documents_the_stage(capsys):
     with pytest.raises(SystemExit):
         run_cli.parse_args(["--help"])

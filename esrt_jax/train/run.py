@@ -168,6 +168,8 @@ def main(argv=None) -> list:
         raise SystemExit(f"error: {e}") from None
     run_dir = Path(args.run_dir or cfg.run_dir)
     stages = STAGES if args.stage == "all" else (args.stage,)
+    if args.init_from and not Path(args.init_from).is_dir():
+        raise SystemExit(f"error: --init-from {args.init_from}: no such checkpoint folder")
     model_builder, data_builder = cfg.model_builder(), cfg.data_builder()
 
     if not args.dry_run:
