@@ -1,6 +1,7 @@
 """`python train.py --stage=asr|smt|srt|all --config configs/X.yaml [--set k=v ...]`.
 
-Each stage trains into RUN_DIR/<stage>/ (checkpoints/, metrics.jsonl, tb/). A stage starts
+Each stage trains into RUN_DIR/<stage>/ (checkpoints/, metrics.jsonl, tb/) and redraws
+RUN_DIR/curves.png (train and dev loss per stage, see train/curves.py). A stage starts
 from the previous stage's final trainable params (the optimizer restarts, as in the papers)
 unless `--init-from` names a checkpoint folder; rerunning a command resumes from the last
 checkpoint; a finished stage is skipped.
@@ -31,6 +32,7 @@ from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train.checkpoint import (CheckpointMismatch, Checkpointer, UnreadableCheckpoint, abstract_like,
                                        restore_params)
 from esrt_jax.train.config import STAGES, load_run_config
+from esrt_jax.train.curves import plot_curves
 from esrt_jax.train.dryrun import dry_run
 from esrt_jax.train.loop import log0, run_stage, stage_shardings
 from esrt_jax.train.optimizer import make_optimizer
@@ -217,6 +219,8 @@ def main(argv=None) -> list:
             steps = sorted(res.losses)
             log0(f"[{stage}] done: step {res.final_step}, first logged loss {res.losses[steps[0]]:.4f}, "
                  f"last {res.losses[steps[-1]]:.4f}; checkpoints in {stage_ckpt_dir(run_dir, stage)}")
+        if jax.process_index() == 0 and not res.skipped:
+            log0(f"[{stage}] curves: {plot_curves(run_dir)}")
         results.append(res)
     return results
 
