@@ -29,8 +29,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -106,17 +104,24 @@ class LLMTranslator:
         self.stop = sorted({self.tok.encode(nl, add_special_tokens=False)[-1] for nl in ("\n", "\n\n")}
                            | {self.tok.eos_token_id})
 
-    def translate(self, text: str, src: str, tgt: str, shots: list[tuple[str, str]]) -> str:
+    def translate(self, texts: list[str], src: str, tgt: str, shots: list[tuple[str, str]],
+                  batch: int = 8) -> list[str]:
+        """Greedy translations of `texts`, `batch` prompts per `generate` call (left-padded)."""
         import torch
 
         s, t = languages.get(src).name, languages.get(tgt).name
-        prompt = "".join(f"{s}: {a}\n{t}: {b}\n\n" for a, b in shots) + f"{s}: {text}\n{t}:"
-        ids = self.tok(prompt, return_tensors="pt")
-        with torch.no_grad():
-            out = self.model.generate(**ids, max_new_tokens=64, do_sample=False,
-                                      eos_token_id=self.stop)
-        text = self.tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        return text.strip().split("\n")[0].strip()
+        head = "".join(f"{s}: {a}\n{t}: {b}\n\n" for a, b in shots)
+        self.tok.padding_side = "left"  # generation continues every row from its last token
+        out = []
+        for i in range(0, len(texts), batch):
+            prompts = [f"{head}{s}: {x}\n{t}:" for x in texts[i:i + batch]]
+            ids = self.tok(prompts, return_tensors="pt", padding=True)
+            with torch.no_grad():
+                gen = self.model.generate(**ids, max_new_tokens=64, do_sample=False,
+                                          eos_token_id=self.stop, pad_token_id=self.tok.pad_token_id)
+            for row in gen[:, ids["input_ids"].shape[1]:]:
+                out.append(self.tok.decode(row, skip_special_tokens=True).strip().split("\n")[0].strip())
+        return out
 
 
 def result(r: dict, asr_r: str | None, s2tt_r: str | None) -> dict:
@@ -164,20 +169,24 @@ def main(argv=None) -> dict:
             asr = dict(zip(audios, whisper.run(audios, src, "transcribe")))
             st = dict(zip(audios, whisper.run(audios, src, "translate"))) if "whisper" in systems else {}
             print(f"{data.name} {src}: Whisper on {len(audios)} clips in {time.time() - t:.0f} s", flush=True)
-            shots: dict[str, list] = {}
             t = time.time()
             for r in rs:
                 if "whisper" in systems and r["tgt"] == "eng":
                     rows["whisper"].append(result(r, asr[r["audio"]], st[r["audio"]]))
-                if llm is None:
-                    continue
-                sh = shots.setdefault(r["tgt"], few_shot(shots_file, src, r["tgt"], a.shots))
+            if llm is None:
+                continue
+            by_tgt = defaultdict(list)
+            for r in rs:
+                by_tgt[r["tgt"]].append(r)
+            for tgt, ts in by_tgt.items():
+                sh = few_shot(shots_file, src, tgt, a.shots)
                 if "cascade" in systems:
-                    rows["cascade"].append(result(r, asr[r["audio"]], llm.translate(asr[r["audio"]], src, r["tgt"], sh)))
+                    hyps = llm.translate([asr[r["audio"]] for r in ts], src, tgt, sh)
+                    rows["cascade"] += [result(r, asr[r["audio"]], h) for r, h in zip(ts, hyps)]
                 if "oracle" in systems:
-                    rows["oracle"].append(result(r, None, llm.translate(r["asr"], src, r["tgt"], sh)))
-            if llm is not None:
-                print(f"{data.name} {src}: LLM on {len(rs)} records in {time.time() - t:.0f} s", flush=True)
+                    hyps = llm.translate([r["asr"] for r in ts], src, tgt, sh)
+                    rows["oracle"] += [result(r, None, h) for r, h in zip(ts, hyps)]
+            print(f"{data.name} {src}: LLM on {len(rs)} records in {time.time() - t:.0f} s", flush=True)
     summary = {}
     for name in systems:
         d = out / name
