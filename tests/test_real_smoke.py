@@ -179,7 +179,7 @@ def test_real_model_hears_four_clips(tmp_path):
     cfg = _config(tmp_path, data, [
         f"data.encoder_cache={tmp_path / 'cache'}", f"stages.asr.train.steps={HEAR_STEPS}",
         "train.batch_size=4", "train.warmup_steps=5", "train.decode_samples=4",
-        f"train.ckpt_every={HEAR_STEPS}", "model.decode.max_new_tokens=16"])
+        f"train.ckpt_every={HEAR_STEPS}", "train.eval_every=0", "model.decode.max_new_tokens=16"])
     _cli("-m", "esrt_jax.data.encode_cache", "--config", str(cfg), "--out", str(tmp_path / "cache"),
          "--dtype", "bfloat16")
     _cli(str(ROOT / "train.py"), "--stage=asr", "--config", str(cfg))
