@@ -211,6 +211,16 @@ def test_missing_init_from_is_one_line(tmp_path):
                       "--init-from", str(tmp_path / "nope")])
 
 
+def test_from_init_starts_a_later_stage_without_the_previous_one(tmp_path):
+    y = tmp_path / "toy.yaml"
+    y.write_text(json.dumps(TOY))
+    args = ["--stage=smt", "--config", str(y), "--run-dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match="--init-from DIR or --from-init, not both"):
+        run_cli.main(args + ["--from-init", "--init-from", str(tmp_path)])
+    (res,) = run_cli.main(args + ["--from-init"])
+    assert res.final_step == 5 and not (tmp_path / "run" / "asr").exists()
+
+
 def test_train_help_documents_the_stage(capsys):
     with pytest.raises(SystemExit):
         run_cli.parse_args(["--help"])

@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-from", default=None,
                    help="checkpoint folder (a stage's checkpoints/ dir) to take the first stage's "
                         "trainable params from, instead of the previous stage")
+    p.add_argument("--from-init", action="store_true",
+                   help="start the first stage from the model's initial params, not from the previous "
+                        "stage (curriculum ablations: --stage=srt --from-init trains SRT only)")
     p.add_argument("--run-dir", default=None, help="output folder (default: the config's run_dir)")
     p.add_argument("--dry-run", action="store_true",
                    help="compile on abstract params and print per-device memory; trains nothing")
@@ -170,6 +173,8 @@ def main(argv=None) -> list:
         raise SystemExit(f"error: {e}") from None
     run_dir = Path(args.run_dir or cfg.run_dir)
     stages = STAGES if args.stage == "all" else (args.stage,)
+    if args.init_from and args.from_init:
+        raise SystemExit("error: give --init-from DIR or --from-init, not both")
     if args.init_from and not Path(args.init_from).is_dir():
         raise SystemExit(f"error: --init-from {args.init_from}: no such checkpoint folder")
     model_builder, data_builder = cfg.model_builder(), cfg.data_builder()
@@ -195,7 +200,7 @@ def main(argv=None) -> list:
         if not resuming:
             if args.init_from and i == 0:
                 src = Path(args.init_from)
-            elif stage != "asr":
+            elif stage != "asr" and not (args.from_init and i == 0):
                 src = previous_params_dir(args, cfg, stage, run_dir)
         bundle = model_builder(scfg, abstract=False)
         init = None
