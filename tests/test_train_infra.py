@@ -14,7 +14,7 @@ import train_toy
 from esrt_jax.config import ConfigError, from_dict
 from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train import run as run_cli
-from esrt_jax.train.checkpoint import Checkpointer, abstract_like, restore_params
+from esrt_jax.train.checkpoint import CheckpointMismatch, Checkpointer, abstract_like, restore_params
 from esrt_jax.train.config import MeshConfig, RunConfig, TrainConfig, load_run_config
 from esrt_jax.train.loop import run_stage, stage_shardings
 from esrt_jax.train.optimizer import make_optimizer, make_schedule
@@ -186,6 +186,25 @@ def test_checkpoint_saved_on_8_devices_restores_on_1(runs):
     params, step = restore_params(d / "eight" / "checkpoints", abstract_like(bundle.trainable, sh["trainable"]))
     assert step == 5
     assert all(x.sharding.mesh.devices.size == 1 for x in jax.tree.leaves(params))
+
+
+def test_params_new_in_a_stage_start_from_their_init(runs, capsys):
+    """E.g. LoRA enabled after an adapter-only ASR stage: saved params restored, new ones from `fill`."""
+    cfg, d, _, _ = runs
+    ck = d / "eight" / "checkpoints"
+    bundle = train_toy.build_model(cfg)
+    saved, _ = restore_params(ck, bundle.trainable)
+    grown = {**bundle.trainable, "lora_new": {"b": np.full((3,), 7.0, np.float32)}}
+    with pytest.raises(CheckpointMismatch, match="lora_new/b: missing vs"):
+        restore_params(ck, grown)
+    params, step = restore_params(ck, grown, fill=grown)
+    assert step == 5 and "1 params are not in" in capsys.readouterr().err
+    np.testing.assert_array_equal(params["lora_new"]["b"], 7.0)
+    for a, b in zip(jax.tree.leaves({k: v for k, v in params.items() if k != "lora_new"}), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(a, b)
+    reshaped = jax.tree.map(lambda x: np.zeros((*x.shape, 2), x.dtype), bundle.trainable)
+    with pytest.raises(CheckpointMismatch, match="params differ"):
+        restore_params(ck, reshaped, fill=reshaped)  # a shape change is never filled
 
 
 def test_finished_stage_is_skipped(runs):

@@ -204,10 +204,35 @@ def _unreadable(directory: Path, step: int, err: Exception) -> UnreadableCheckpo
         f"dir {directory}/<step>")
 
 
-def restore_params(directory: str | Path, abstract_trainable: Any, step: int | None = None) -> tuple[Any, int]:
+def _keep_paths(tree: Any, keep: set[str], prefix: str = "") -> Any:
+    """The nested-dict `tree` with only the leaves whose '/'-joined path is in `keep`."""
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            sub = _keep_paths(v, keep, path + "/")
+            if sub:
+                out[k] = sub
+        elif path in keep:
+            out[k] = v
+    return out
+
+
+def _overlay(base: Any, top: Any) -> Any:
+    """`base` (nested dicts) with the leaves that `top` has replaced."""
+    return {k: (_overlay(v, top[k]) if isinstance(v, dict) else top[k]) if k in top else v
+            for k, v in base.items()}
+
+
+def restore_params(directory: str | Path, abstract_trainable: Any, step: int | None = None, *,
+                   fill: Any = None) -> tuple[Any, int]:
     """Only the trainable params of a stage's checkpoint folder (latest step by default).
 
-    Used to start a stage from the previous stage's final params (optimizer restarts).
+    Used to start a stage from the previous stage's final params (optimizer restarts). `fill`
+    (concrete params shaped like `abstract_trainable`, nested dicts): params that the checkpoint
+    does not have are taken from it, with a one-line notice: params new in this stage, e.g. LoRA
+    enabled after an adapter-only ASR stage. Shape differences and params only in the checkpoint
+    are a `CheckpointMismatch` either way.
     """
     directory = Path(directory).absolute()
     if not directory.is_dir():
@@ -222,13 +247,20 @@ def restore_params(directory: str | Path, abstract_trainable: Any, step: int | N
             bad = shape_mismatches(saved_params_tree(directory, step), abstract_trainable)
         except Exception as e:  # noqa: BLE001 - unreadable metadata
             raise _unreadable(directory, step, e) from None
-        if bad:
+        new = [b.split(":")[0] for b in bad if ": missing vs " in b] if fill is not None else []
+        if len(new) < len(bad):
+            bad = [b for b in bad if b.split(":")[0] not in new]
             raise CheckpointMismatch(f"checkpoint {directory}/{step} does not fit the model built from the "
                                      f"config: {len(bad)} params differ, e.g. {bad[0]}")
+        target = abstract_trainable
+        if new:
+            target = _keep_paths(abstract_trainable, set(_flat_shapes(abstract_trainable)) - set(new))
+            print(f"note: {len(new)} params are not in {directory}/{step} and start from their initial "
+                  f"values (new in this stage), e.g. {new[0]}", file=sys.stderr, flush=True)
         try:
-            out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_trainable)))
+            out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
         except Exception as e:  # noqa: BLE001 - shapes fit, so a failed read is a damaged step
             raise _unreadable(directory, step, e) from None
-        return out["params"], step
+        return (_overlay(fill, out["params"]) if new else out["params"]), step
     finally:
         mngr.close()

@@ -208,7 +208,8 @@ def main(argv=None) -> list:
             mesh = mesh_lib.make_mesh(scfg.mesh)
             sh = stage_shardings(bundle, make_optimizer(scfg.train), mesh, mesh_lib.make_rules(scfg.mesh.rules))
             try:
-                init, step = restore_params(src, abstract_like(bundle.trainable, sh["trainable"]))
+                init, step = restore_params(src, abstract_like(bundle.trainable, sh["trainable"]),
+                                            fill=bundle.trainable)
             except (UnreadableCheckpoint, CheckpointMismatch) as e:
                 raise SystemExit(f"error: [{stage}] cannot start from {src}: {e}") from None
             log0(f"[{stage}] starting from trainable params of {src} (step {step}); optimizer restarts")
