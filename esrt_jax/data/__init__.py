@@ -12,6 +12,7 @@ _EXPORTS = {
                 "SourceError", "open_source"),
     "tasks": ("TASKS", "TASK_IDS", "TaskTokenizer", "format_task", "split_srt_output", "collate"),
     "mixture": ("MixturePlan", "build_components", "temperature_probs"),
+    "augment": ("AugmentConfig",),
     "pipeline": ("DataConfig", "WeightChange", "BadRecordBudgetError", "make_train_dataset",
                  "make_train_iterator", "make_eval_batches"),
 }

@@ -50,6 +50,7 @@ import numpy as np
 from esrt_jax import audio as audio_lib
 from esrt_jax import languages
 from esrt_jax.config import ConfigError, check
+from esrt_jax.data import augment as aug_lib
 from esrt_jax.data import records as rec_lib
 from esrt_jax.data.encode_cache import FeatureCache
 from esrt_jax.data.mixture import MixturePlan, PlanItem, build_components
@@ -102,7 +103,8 @@ class DataConfig:
     `languages`: keep only these (empty = all). `batch_size`: GLOBAL batch (divided among
     processes). `features`: `mel` (host) or `audio` (mel on device). `encoder_cache`: a folder
     built by `esrt_jax.data.encode_cache`; batches then carry the cached encoder output `enc`
-    (b, P, d_model) instead of `mel`/`audio`, and no audio is read."""
+    (b, P, d_model) instead of `mel`/`audio`, and no audio is read. `augment`: training-only
+    audio augmentation (`esrt_jax.data.augment`; off by default)."""
 
     train: tuple[str, ...] = ()
     tasks: dict[str, float] = dataclasses.field(default_factory=lambda: {"srt": 1.0})
@@ -126,9 +128,14 @@ class DataConfig:
     bad_record_min: int = 20
     shard_index: int | None = None
     shard_count: int | None = None
+    augment: aug_lib.AugmentConfig = aug_lib.AugmentConfig()
 
     def validate(self) -> None:
         _check_weights(self.tasks, "tasks")
+        check(not (self.augment.enabled and self.encoder_cache), "augment",
+              "cannot augment cached encoder outputs (data.encoder_cache): no audio is read")
+        check(not (self.augment.masks and self.features != "mel"), "augment",
+              "mel masks need features: mel (with features: audio only speed and noise apply)")
         steps = [c.step for c in self.schedule]
         check(steps == sorted(set(steps)), "schedule", f"steps must increase, got {steps}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
@@ -233,15 +240,17 @@ class BadRecordTracker:
 
 
 class ExampleBuilder:
-    """PlanItem -> features + token ids for one example, or None for a bad record."""
+    """PlanItem -> features + token ids for one example, or None for a bad record. `augment`:
+    apply `cfg.augment` (training only), seeded by the example's global key."""
 
     def __init__(self, source: rec_lib.RecordSource, task_tok: TaskTokenizer, cfg: DataConfig,
-                 tracker: BadRecordTracker):
+                 tracker: BadRecordTracker, *, augment: bool = False):
         self.source, self.task_tok, self.cfg, self.tracker = source, task_tok, cfg, tracker
         self.max_len = max(cfg.text_buckets)
         self.cache = open_feature_cache(cfg)
+        self.augment = augment and cfg.augment.enabled
 
-    def build(self, task: str, record: rec_lib.Record):
+    def build(self, task: str, record: rec_lib.Record, key: int = 0):
         for code in (record.src,) + ((record.tgt,) if task != "asr" else ()):
             if not languages.is_known(code):
                 self.tracker.add(record.id, "unknown language", repr(code))
@@ -267,9 +276,15 @@ class ExampleBuilder:
         except audio_lib.AudioError as e:
             self.tracker.add(record.id, "corrupt audio", str(e))
             return None
+        rng = aug_lib.example_rng(self.cfg.seed, key) if self.augment else None
+        if rng is not None and self.cfg.augment.waveform:
+            wav = aug_lib.perturb_waveform(wav, self.cfg.augment, rng)
+        frames = -(-len(wav) // audio_lib.HOP_LENGTH)
         wav = audio_lib.pad_or_trim(wav, audio_lib.N_SAMPLES)
         if self.cfg.features == "mel":
             feat = audio_lib.log_mel_spectrogram(wav, self.cfg.n_mels)
+            if rng is not None and self.cfg.augment.masks:
+                feat = aug_lib.mask_mel(feat, frames, self.cfg.augment, rng)
         else:
             feat = np.asarray(wav, np.float32)
         self.tracker.ok()
@@ -282,7 +297,7 @@ class ExampleBuilder:
         except Exception as e:  # a source that cannot produce this row (corrupt shard, ...)
             self.tracker.add(f"#{item.record}", "malformed record", f"{type(e).__name__}: {e}")
             return None
-        out = self.build(task, record)
+        out = self.build(task, record, item.key)
         if out is None:
             return {"key": item.key, "record": item.record, "task": -1, "feat": None, "text": None}
         feat, text = out
@@ -384,7 +399,7 @@ def make_train_dataset(cfg: DataConfig, tokenizer, source: rec_lib.RecordSource 
     task_tok = TaskTokenizer(tokenizer, add_bos=cfg.add_bos)
     plan = make_plan(cfg, source)
     ds = _ProcessSlice(plan, cfg.batch_size, index, count)
-    ds = ds.map(ExampleBuilder(source, task_tok, cfg, tracker))
+    ds = ds.map(ExampleBuilder(source, task_tok, cfg, tracker, augment=True))
     ds = ds.batch(cfg.batch_size // count, batch_fn=_Collate(cfg, task_tok.pad_id))
     ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                prefetch_buffer_size=cfg.prefetch))

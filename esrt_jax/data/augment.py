@@ -1,0 +1,99 @@
+"""Training-only audio augmentation (`data.augment`): speed perturbation, additive white noise and
+SpecAugment-style masks of the log-mel.
+
+A model trained on a few voices learns the voices along with the words; perturbing each training
+example's audio (a new perturbation every time the example is drawn) makes what it hears vary more
+than the words do. Applied by the training pipeline (`pipeline.make_train_dataset`) only; dev and
+eval batches (`make_eval_batches`) are never augmented. Deterministic: the random draws of an
+example come from `(data.seed, global example index)`, so a run, a resumed run and a multi-process
+run see the same augmented batches.
+
+    speed perturbation: the waveform resampled by a factor f ~ U[1 - speed, 1 + speed] (tempo and
+      pitch together, as Kaldi's speed perturbation), by linear interpolation
+    noise: with probability `noise_prob`, white noise at an SNR ~ U[noise_snr] dB over the clip
+    masks: `freq_masks` bands of up to `freq_mask_width` mel bins and `time_masks` spans of up to
+      `time_mask_width` frames (inside the clip, not its padding) set to the clip's mean log-mel
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from esrt_jax.config import check
+
+__all__ = ["AugmentConfig", "example_rng", "perturb_waveform", "mask_mel"]
+
+_STREAM = 0x5A7A  # separates augmentation draws from other users of (seed, key)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """`data.augment`: all off by default (the papers train without augmentation)."""
+
+    speed: float = 0.0                   # max relative speed change (0.1: f in [0.9, 1.1]); 0 = off
+    noise_snr: tuple[float, ...] = ()    # (low, high) dB; () = no noise
+    noise_prob: float = 0.5              # share of examples that get noise (when noise_snr is set)
+    freq_masks: int = 0
+    freq_mask_width: int = 0             # mel bins, max per mask
+    time_masks: int = 0
+    time_mask_width: int = 0             # frames (10 ms), max per mask
+
+    @property
+    def enabled(self) -> bool:
+        return self.waveform or self.masks
+
+    @property
+    def waveform(self) -> bool:
+        return self.speed > 0 or bool(self.noise_snr)
+
+    @property
+    def masks(self) -> bool:
+        return (self.freq_masks > 0 and self.freq_mask_width > 0) or (
+            self.time_masks > 0 and self.time_mask_width > 0)
+
+    def validate(self) -> None:
+        check(0 <= self.speed < 0.5, "speed", f"must be in [0, 0.5), got {self.speed}")
+        check(len(self.noise_snr) in (0, 2), "noise_snr", f"must be [] or [low, high] dB, got {list(self.noise_snr)}")
+        if self.noise_snr:
+            check(self.noise_snr[0] <= self.noise_snr[1], "noise_snr", f"low > high: {list(self.noise_snr)}")
+        check(0 <= self.noise_prob <= 1, "noise_prob", f"must be in [0, 1], got {self.noise_prob}")
+        for name in ("freq_masks", "freq_mask_width", "time_masks", "time_mask_width"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+
+
+def example_rng(seed: int, key: int) -> np.random.Generator:
+    """The augmentation draws of global example `key` under data seed `seed`."""
+    return np.random.default_rng([_STREAM, int(seed), int(key)])
+
+
+def perturb_waveform(wav: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """(n,) float32 -> (m,) float32 (m ~ n / f): speed perturbation, then noise."""
+    x = np.asarray(wav, np.float32)
+    if cfg.speed > 0 and len(x) > 1:
+        f = rng.uniform(1.0 - cfg.speed, 1.0 + cfg.speed)
+        x = np.interp(np.arange(0.0, len(x) - 1, f), np.arange(len(x)), x).astype(np.float32)
+    if cfg.noise_snr and rng.uniform() < cfg.noise_prob:
+        snr = rng.uniform(*cfg.noise_snr)
+        power = float(np.mean(x.astype(np.float64) ** 2))
+        x = x + rng.standard_normal(len(x)).astype(np.float32) * np.float32(np.sqrt(power / 10 ** (snr / 10)))
+    return x
+
+
+def mask_mel(mel: np.ndarray, frames: int, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """(n_mels, T) -> a masked copy, same shape and dtype. `frames`: the clip's frames (masks
+    stay inside them; the padding after them is left alone)."""
+    out = np.array(mel, copy=True)
+    n_mels, t = out.shape
+    frames = max(1, min(int(frames), t))
+    fill = out[:, :frames].mean()
+    for _ in range(cfg.freq_masks if cfg.freq_mask_width > 0 else 0):
+        w = int(rng.integers(0, min(cfg.freq_mask_width, n_mels) + 1))
+        lo = int(rng.integers(0, n_mels - w + 1))
+        out[lo:lo + w, :frames] = fill
+    for _ in range(cfg.time_masks if cfg.time_mask_width > 0 else 0):
+        w = int(rng.integers(0, min(cfg.time_mask_width, frames) + 1))
+        lo = int(rng.integers(0, frames - w + 1))
+        out[:, lo:lo + w] = fill
+    return out
