@@ -52,6 +52,7 @@ __all__ = [
     "mel_from_file",
     "Segment",
     "window_seconds",
+    "encoder_frames",
     "find_segments",
     "mel_segments",
 ]
@@ -368,6 +369,12 @@ class Segment:
 def window_seconds(num_frames: int = N_FRAMES) -> float:
     """The encoder's window in seconds for `num_frames` mel frames (100 per second)."""
     return num_frames * HOP_LENGTH / SAMPLE_RATE
+
+
+def encoder_frames(num_samples: int, max_frames: int = N_FRAMES // 2) -> int:
+    """Whisper encoder frames (one per 2 mel hops, 20 ms) that cover `num_samples` of 16 kHz audio,
+    in [1, max_frames]: the real length a Q-Former with `attend_padding: false` attends over."""
+    return int(min(max_frames, max(1, -(-int(num_samples) // (2 * HOP_LENGTH)))))
 
 
 def _frame_db(x: np.ndarray) -> np.ndarray:

@@ -457,3 +457,42 @@ def test_bf16_compute_and_logical_axes():
     assert adapter.query.get_metadata()["out_sharding"] == (None, "q_len", "embed")
     key_axes = adapter.qformer.layers[0].crossattention.key.kernel.get_metadata()["out_sharding"]
     assert key_axes == ("enc_embed", "heads")
+
+
+# ------------------------------------------------------------------------------------------
+# attend_padding: false (cross-attention over the real encoder frames only)
+# ------------------------------------------------------------------------------------------
+
+def test_attend_padding_false_equals_key_padding_mask_over_all_frames():
+    """Off (default, LLM-SRT): enc_frames is ignored. On: a bucketed prefix of the frames with
+    enc_frames == all frames with an explicit key-padding mask == the LLM-SRT-style PyTorch
+    projector given that mask as `atts`, <= 1e-5; and a frame count is required."""
+    from esrt_jax.audio import encoder_frames
+
+    frames = np.array([encoder_frames(13 * 320 + 5, T_ENC), encoder_frames(29 * 320, T_ENC)])  # 14, 29
+    assert frames.tolist() == [14, 29] and encoder_frames(10**9, T_ENC) == T_ENC and encoder_frames(0) == 1
+    enc, _ = encoder_input(seed=4)
+    mask = (np.arange(T_ENC)[None] < frames[:, None]).astype(np.int64)
+    ref_model = torch_reference(tiny_cfg(num_hidden_layers=3, cross_attention_frequency=1), seed=6)
+    sd = numpy_state_dict(ref_model)
+    with torch.no_grad():
+        ref = ref_model.encoder_projector(t(enc), t(mask)).numpy()
+        ref_all = ref_model.encoder_projector(t(enc)).numpy()
+
+    def adapter(**kw):
+        a = SpeechAdapter(tiny_cfg(num_hidden_layers=3, cross_attention_frequency=1, **kw), rngs=nnx.Rngs(0))
+        llm_srt.load_llm_srt_into(a, sd)
+        return a
+
+    default = adapter()
+    assert max_diff(default(jnp.asarray(enc), enc_frames=jnp.asarray(frames)), ref_all) <= 1e-5
+    real = adapter(attend_padding=False)
+    full_masked = real(jnp.asarray(enc), jnp.asarray(mask))
+    P = 32  # the batch's longest real length (29) rounded up to a bucket of 16 frames
+    trimmed = jax.jit(lambda e, f: real(e, enc_frames=f))(jnp.asarray(enc[:, :P]), jnp.asarray(frames))
+    assert max_diff(full_masked, ref) <= 1e-5 and max_diff(trimmed, ref) <= 1e-5
+    assert max_diff(trimmed, ref_all) > 1e-3  # the padding mattered
+    with pytest.raises(ValueError, match="attend_padding: false.*enc_frames"):
+        real(jnp.asarray(enc))
+    with pytest.raises(ValueError, match="no valid frame"):
+        real(jnp.asarray(enc), enc_frames=jnp.asarray([0, 3]))

@@ -45,6 +45,13 @@ class QFormerConfig:
     <= 2560: Linear(H, 1536)-ReLU-Linear(1536, llm_dim); else Linear(H, 2560)-ReLU-Linear(2560,
     llm_dim). pool_k = k: mean-pool the Q outputs in windows of k, then Linear(H, 2560)-ReLU-
     Linear(2560, llm_dim) whatever llm_dim. Always followed by LayerNorm(llm_dim, projector_eps).
+
+    attend_padding: True (LLM-SRT, and every published adapter): the cross-attention attends over
+    all encoder frames, the 30 s padding included. False: only over each example's real frames
+    (`enc_frames`, the count of encoder frames covering its audio; `audio.encoder_frames`), so
+    callers may also pass only a prefix of the frames (e.g. the batch's longest real length
+    rounded up to a bucket) and skip the keys/values of the padding. A different model: an
+    adapter trained one way should be run the same way.
     """
 
     num_hidden_layers: int = 8
@@ -60,6 +67,7 @@ class QFormerConfig:
     encoder_hidden_size: int = 1280
     num_queries: int = 80
     pool_k: int | None = None
+    attend_padding: bool = True
     llm_dim: int = 2048
     projector_eps: float = 1e-5
     dtype: str = "float32"
@@ -260,6 +268,23 @@ class QFormer(nnx.Module):
         return x
 
 
+def frames_mask(cfg: QFormerConfig, enc: Any, enc_mask: Any = None, enc_frames: Any = None) -> Any:
+    """The encoder mask the cross-attention uses: `enc_mask` as given when `cfg.attend_padding`
+    (LLM-SRT: the padding is attended to; `enc_frames` is ignored); otherwise frames
+    < enc_frames (B,), combined with `enc_mask` when both are given. (B, T_enc) bool or None."""
+    if cfg.attend_padding:
+        return enc_mask
+    if enc_frames is None:
+        if enc_mask is None:
+            raise ValueError("this adapter has attend_padding: false (cross-attention over the real "
+                             "encoder frames only) and needs each example's real frame count: pass "
+                             "enc_frames (B,) (esrt_jax.audio.encoder_frames) or an encoder mask")
+        return enc_mask
+    T = enc.shape[1]
+    real = jnp.arange(T)[None, :] < jnp.asarray(enc_frames).reshape(-1, 1)
+    return real if enc_mask is None else real & jnp.asarray(enc_mask).astype(bool)
+
+
 def check_encoder_input(cfg: QFormerConfig, enc: Any, enc_mask: Any = None) -> None:
     """Shape checks (always) and an all-padding check (when the mask is concrete, i.e. not traced)."""
     shape = tuple(enc.shape)
@@ -314,9 +339,14 @@ class SpeechAdapter(nnx.Module):
         self.norm = LayerNorm(cfg.llm_dim, eps=cfg.projector_eps, dtype=dt, param_dtype=pdt, rngs=rngs)
 
     def qformer_features(self, enc: jax.Array, enc_mask: jax.Array | None = None, *,
-                         deterministic: bool = True,
+                         enc_frames: jax.Array | None = None, deterministic: bool = True,
                          rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
-        """(B, T_enc, d_enc) [+ (B, T_enc) mask] -> Q-Former outputs (B, Q, H)."""
+        """(B, T_enc, d_enc) [+ (B, T_enc) mask] -> Q-Former outputs (B, Q, H).
+
+        enc_frames (B,) int: real encoder frames per example; used (as a key-padding mask over
+        frames >= enc_frames) only when `config.attend_padding` is False, where it (or an
+        explicit enc_mask) is required. `enc` may then be a prefix of the frames."""
+        enc_mask = frames_mask(self.config, enc, enc_mask, enc_frames)
         check_encoder_input(self.config, enc, enc_mask)
         q = jnp.broadcast_to(self.query[...], (enc.shape[0], *self.query.shape[1:]))
         return self.qformer(q.astype(dtype_from_name(self.config.dtype)), enc, enc_mask,
@@ -349,9 +379,11 @@ class SpeechAdapter(nnx.Module):
         return self.head(self.pool(qformer_out))
 
     def __call__(self, enc: jax.Array, enc_mask: jax.Array | None = None, *,
-                 deterministic: bool = True, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
-        """(B, T_enc, d_enc) [+ (B, T_enc) mask] -> (B, Q', llm_dim)."""
-        return self.project(self.qformer_features(enc, enc_mask, deterministic=deterministic, rngs=rngs))
+                 enc_frames: jax.Array | None = None, deterministic: bool = True,
+                 rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+        """(B, T_enc, d_enc) [+ (B, T_enc) mask] -> (B, Q', llm_dim); enc_frames: `qformer_features`."""
+        return self.project(self.qformer_features(enc, enc_mask, enc_frames=enc_frames,
+                                                  deterministic=deterministic, rngs=rngs))
 
 
 # ----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 from typing import Any, Callable, Literal
 
 import jax
@@ -94,18 +95,22 @@ class SpeechLLM(nnx.Module):
         return model
 
     # -- edge -----------------------------------------------------------------------------
-    def encode(self, mel: jax.Array, *, split: Split | None = None, deterministic: bool = True,
-               rngs: Any = None) -> jax.Array:
-        """mel (B, n_mels, 3000) -> (B, Q', llm_dim) ("projector") or (B, Q, H) ("qformer")."""
-        return self.adapt(self.encoder(mel), split=split, deterministic=deterministic, rngs=rngs)
+    def encode(self, mel: jax.Array, *, split: Split | None = None, enc_frames: jax.Array | None = None,
+               deterministic: bool = True, rngs: Any = None) -> jax.Array:
+        """mel (B, n_mels, 3000) -> (B, Q', llm_dim) ("projector") or (B, Q, H) ("qformer").
+        enc_frames (B,): real encoder frames, needed by an adapter with attend_padding false."""
+        return self.adapt(self.encoder(mel), split=split, enc_frames=enc_frames,
+                          deterministic=deterministic, rngs=rngs)
 
-    def adapt(self, enc: jax.Array, *, split: Split | None = None, deterministic: bool = True,
-              rngs: Any = None) -> jax.Array:
-        """Encoder output (B, P, d_model) (e.g. from the feature cache) -> what `encode` returns."""
+    def adapt(self, enc: jax.Array, *, split: Split | None = None, enc_frames: jax.Array | None = None,
+              deterministic: bool = True, rngs: Any = None) -> jax.Array:
+        """Encoder output (B, P, d_model) (e.g. from the feature cache; with attend_padding false
+        P may be a prefix covering every example's enc_frames) -> what `encode` returns."""
         # No stop_gradient: gradients reach the encoder only when train.trainable names it (the
         # demo's random encoder); a frozen encoder is never differentiated, so costs nothing.
         enc = enc.astype(dtype_from_name(self.encoder.config.dtype))
-        feats = self.adapter.qformer_features(enc, deterministic=deterministic, rngs=rngs)
+        feats = self.adapter.qformer_features(enc, enc_frames=enc_frames, deterministic=deterministic,
+                                              rngs=rngs)
         if (split or self.config.split) == "qformer":
             return feats
         return self.adapter.project(feats)
@@ -171,11 +176,23 @@ def batch_mel(batch: dict, n_mels: int, num_frames: int = 3000) -> jax.Array:
     return log_mel_spectrogram_jax(batch["audio"], n_mels)[..., :num_frames]
 
 
-LOSS_CHUNK_TOKENS = 256  # LM-head rows (batch x positions) per chunk of the answer-only loss
+LOSS_CHUNK_TOKENS = 256  # at most this many LM-head rows (positions) per chunk of the answer-only loss
+# Within that cap, chunks are at most 1/LOSS_MIN_CHUNKS of the positions, so that the loop stops
+# close to the last answer (the head runs on few non-answer positions), unless that leaves fewer
+# than LOSS_MIN_ROWS rows (smaller matmuls would stream the head's weights once per few rows).
+LOSS_MIN_CHUNKS = 4
+LOSS_MIN_ROWS = 64
+
+
+def loss_chunk(groups: int, n: int, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> int:
+    """Positions per group in one chunk of `answer_xent` for `groups` groups of `n` positions."""
+    budget = max(1, chunk_tokens // groups)  # the memory cap: always respected
+    return max(1, min(n, budget, max(-(-LOSS_MIN_ROWS // groups), -(-n // LOSS_MIN_CHUNKS))))
 
 
 def answer_xent(head: Callable[[jax.Array], jax.Array], h: jax.Array, labels: jax.Array,
-                weights: jax.Array, *, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[jax.Array, jax.Array]:
+                weights: jax.Array, *, chunk_tokens: int = LOSS_CHUNK_TOKENS,
+                row_groups: int = 1) -> tuple[jax.Array, jax.Array]:
     """Cross-entropy summed over the weighted (answer) positions only, without materialising
     (B, T, V) logits.
 
@@ -183,34 +200,44 @@ def answer_xent(head: Callable[[jax.Array], jax.Array], h: jax.Array, labels: ja
     states; labels, weights (B, T). -> (sum of weight * ce, sum of weight * [argmax == label]),
     both f32 scalars.
 
-    Each row's positions with nonzero weight are moved to its front (stable), and the head +
-    cross-entropy run over chunks of c = chunk_tokens // B positions (rows stay rows, so batch
-    sharding is kept) only until the longest row's answers are covered: a `while_loop` with a
-    data-dependent trip count, so prompt and padding positions cost nothing. The derivative is
+    The B rows are split into G = gcd(B, row_groups) groups of consecutive rows (give the
+    number of batch shards, so that each device keeps its own rows; 1 = the whole batch). Each
+    group's B/G * T positions with nonzero weight are moved to its front (stable), and the head +
+    cross-entropy run over chunks of c positions per group (`loss_chunk`: at most
+    chunk_tokens // G; within that, a quarter of the group's positions or LOSS_MIN_ROWS rows,
+    whichever is more) only until the group with the most answers is covered: a `while_loop`
+    with a data-dependent trip count, so the head runs on answer positions (plus the last
+    chunk's remainder and, with several groups, the shorter groups' tail) and prompt and
+    padding positions cost nothing. The derivative is
     hand-written (`jax.custom_vjp`, as in fused linear-cross-entropy kernels): the forward pass
     computes each chunk's logits once, its softmax gradient and, through the head's VJP, the
     gradient of h; the backward pass only scales it. That is two head matmuls per answer row
     instead of three (forward, rematerialised forward, backward) per text row. Gradients of the
     head's own params (a trainable head) are computed by a second loop in the backward pass,
-    which XLA removes when they are unused (frozen head). Peak: one (B, c, V) f32 chunk. When one
-    chunk holds all T positions the head simply runs on all of them (XLA already computes that
+    which XLA removes when they are unused (frozen head). Peak: one (G, c, V) f32 chunk. When one
+    chunk holds all positions the head simply runs on all of them (XLA already computes that
     with two head matmuls).
     """
     B, T, D = h.shape
-    w = weights.astype(jnp.float32)
-    c = max(1, min(T, chunk_tokens // B))
-    n = -(-T // c)
+    G = math.gcd(B, max(1, row_groups))
+    N = B // G * T
+    h, labels = h.reshape(G, N, D), labels.reshape(G, N)
+    w = weights.astype(jnp.float32).reshape(G, N)
+    c = loss_chunk(G, N, chunk_tokens)
+    n = -(-N // c)
     if n == 1:  # one chunk holds every position: nothing to skip, plain autodiff is as cheap
         logits = head(h)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         hit = jax.lax.stop_gradient((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
         return (ce * w).sum(), (hit * w).sum()
-    # answer positions first in each row (a differentiable gather; its transpose scatters back)
+    # answer positions first in each group (a differentiable gather; its transpose scatters back)
     order = jnp.argsort(w == 0, axis=1, stable=True)
     h = jnp.take_along_axis(h, order[..., None], axis=1)
     labels = jnp.take_along_axis(labels, order, axis=1)
     w = jnp.take_along_axis(w, order, axis=1)
-    pad = n * c - T
+    # non-answer positions a chunk still covers: zero inputs (whatever they held), zero weight
+    h = jnp.where(w[..., None] != 0, h, jnp.zeros((), h.dtype))
+    pad = n * c - N
     if pad:
         h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
         labels = jnp.pad(labels, ((0, 0), (0, pad)))
@@ -222,7 +249,7 @@ def answer_xent(head: Callable[[jax.Array], jax.Array], h: jax.Array, labels: ja
 
 
 def _chunk_count(w: jax.Array, c: int) -> jax.Array:
-    """Chunks of c positions that cover every row's (front-moved) weighted positions."""
+    """Chunks of c positions that cover every group's (front-moved) weighted positions."""
     return (jnp.max(jnp.sum(w != 0, axis=1)) + c - 1) // c
 
 
@@ -283,13 +310,16 @@ _chunked_xent.defvjp(_chunked_xent_fwd, _chunked_xent_bwd)
 
 
 def loss_fn(model: SpeechLLM, batch: dict, *, dropout_rng: jax.Array | None = None,
-            full_logits: bool = False, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[jax.Array, dict]:
+            full_logits: bool = False, chunk_tokens: int = LOSS_CHUNK_TOKENS,
+            row_groups: int = 1) -> tuple[jax.Array, dict]:
     """Mean next-token cross-entropy over answer+eos tokens (f32) and token accuracy.
 
     batch: mel (B, n_mels, 3000), audio (B, 480000) or cached encoder output enc (B, P, d_model),
-    tokens/loss_mask/attention_mask (B, T); optional input_tokens (B, T): the tokens fed to the
+    tokens/loss_mask/attention_mask (B, T); enc_frames (B,) real encoder frames (used by an
+    adapter with attend_padding false, which needs it); optional input_tokens (B, T): the tokens fed to the
     LLM when they differ from the targets (token dropout, see esrt_jax.train.speech).
-    The LM head runs only on the text positions, in chunks (`answer_xent`); `full_logits`
+    The LM head runs only on the answer positions, in chunks (`answer_xent`; `row_groups`: the
+    number of batch shards, so that each keeps its rows); `full_logits`
     computes the (B, T, V) logits at once instead (the reference the chunked loss is tested
     against, and the baseline of bench/bench_train.py).
     """
@@ -298,12 +328,14 @@ def loss_fn(model: SpeechLLM, batch: dict, *, dropout_rng: jax.Array | None = No
     if train:
         dropout_rng, adapter_rng = jax.random.split(dropout_rng)
         rngs = nnx.Rngs(dropout=adapter_rng)
+    frames = batch.get("enc_frames")
     if "enc" in batch:  # the feature cache: the frozen encoder does not run
-        speech = model.adapt(batch["enc"], split="projector", deterministic=not train, rngs=rngs)
+        speech = model.adapt(batch["enc"], split="projector", enc_frames=frames,
+                             deterministic=not train, rngs=rngs)
     else:
         enc = model.config.encoder
         speech = model.encode(batch_mel(batch, enc.num_mel_bins, enc.num_frames), split="projector",
-                              deterministic=not train, rngs=rngs)
+                              enc_frames=frames, deterministic=not train, rngs=rngs)
     inputs = batch.get("input_tokens", batch["tokens"])
     w = batch["loss_mask"].astype(jnp.float32)
     n = jnp.maximum(w.sum(), 1.0)
@@ -314,7 +346,8 @@ def loss_fn(model: SpeechLLM, batch: dict, *, dropout_rng: jax.Array | None = No
         hits = ((jnp.argmax(logits, -1) == batch["tokens"]) * w).sum()
     else:
         h = model.text_hidden(speech, inputs, batch["attention_mask"], dropout_rng=dropout_rng)
-        ce_sum, hits = answer_xent(model.llm.head, h, batch["tokens"], w, chunk_tokens=chunk_tokens)
+        ce_sum, hits = answer_xent(model.llm.head, h, batch["tokens"], w, chunk_tokens=chunk_tokens,
+                                   row_groups=row_groups)
     loss = ce_sum / n
     return loss, {"loss": loss, "accuracy": hits / n, "tokens": w.sum()}
 
