@@ -56,10 +56,12 @@ def _both(model, batch, rng):
     def vg(**kw):
         f = lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch, dropout_rng=rng, **kw)  # noqa: E731
         return jax.value_and_grad(f, has_aux=True)(params)
-    # 5 positions per chunk (15 // B): several chunks, a padded last one, and (answers moved to
-    # the front of each row) only 4 of the 5 chunks run; plus the undifferentiated loss (dev loss)
+    # 15 positions per chunk (the budget): several chunks, a padded last one, and (the 32 answers
+    # moved to the front) only 3 of the 5 chunks run; 3 row groups (one per row) too; plus the
+    # undifferentiated loss (dev loss)
     plain = lambda: loss_fn(nnx.merge(graphdef, params, rest), batch, dropout_rng=rng, chunk_tokens=15)[0]  # noqa: E731
-    return jax.jit(lambda: (vg(full_logits=True), vg(chunk_tokens=15), plain()))()
+    return jax.jit(lambda: (vg(full_logits=True), vg(chunk_tokens=15), plain(),
+                            vg(chunk_tokens=15, row_groups=3)))()
 
 
 @pytest.mark.parametrize("family,lora", [(f, False) for f in FAMILIES] + [("qwen2", True)])
@@ -67,7 +69,7 @@ def test_chunked_loss_and_grads_match_full_logits(family, lora):
     model = _model(family, lora)
     batch = _batch()
     rng = jax.random.key(7) if lora else None
-    ((l_full, a_full), g_full), ((l_chunk, a_chunk), g_chunk), l_plain = _both(model, batch, rng)
+    ((l_full, a_full), g_full), ((l_chunk, a_chunk), g_chunk), l_plain, ((l_g, _), g_g) = _both(model, batch, rng)
     assert abs(float(l_full) - float(l_chunk)) <= 1e-5, (float(l_full), float(l_chunk))
     assert abs(float(l_full) - float(l_plain)) <= 1e-5, (float(l_full), float(l_plain))
     assert float(a_full["accuracy"]) == float(a_chunk["accuracy"])
@@ -76,6 +78,10 @@ def test_chunked_loss_and_grads_match_full_logits(family, lora):
     worst = max(float(jnp.max(jnp.abs(a.get_value() - b.get_value()))) for (_, a), (_, b) in zip(flat_f, flat_c))
     scale = max(float(jnp.max(jnp.abs(a.get_value()))) for _, a in flat_f)
     assert scale > 0 and worst <= 1e-5, (family, worst, scale)
+    assert abs(float(l_full) - float(l_g)) <= 1e-5
+    worst_g = max(float(jnp.max(jnp.abs(a.get_value() - b.get_value())))
+                  for (_, a), (_, b) in zip(flat_f, nnx.to_flat_state(g_g)))
+    assert worst_g <= 1e-5, (family, worst_g, scale)
 
 
 def test_compiled_loss_never_holds_the_full_logits():
@@ -98,8 +104,7 @@ def test_compiled_loss_never_holds_the_full_logits():
         return max(math.prod(int(d) for d in s.split(",")) for s in shapes)
 
     assert largest_vocab_buffer(full_logits=True) >= B * t * V
-    c = 12 // B
-    assert largest_vocab_buffer(chunk_tokens=12) <= max(B * c * V, V * COMMON["hidden_size"])
+    assert largest_vocab_buffer(chunk_tokens=12) <= max(12 * V, V * COMMON["hidden_size"])
 
 
 def test_answer_xent_never_runs_the_head_on_non_answer_positions():
@@ -127,7 +132,7 @@ def test_answer_xent_never_runs_the_head_on_non_answer_positions():
         return jnp.where(w > 0, ce, 0.0).sum()
 
     ref, (gh_ref, ge_ref) = jax.value_and_grad(reference, (0, 1))(h, emb)
-    # 3 positions per chunk: one of the 4 chunks runs
+    # 6 positions per chunk: one of the 4 chunks runs
     val, (gh, ge) = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=2)(h_nan, emb, 6)
     assert abs(float(val) - float(ref)) <= 1e-5
     assert np.isfinite(np.asarray(gh)).all() and np.isfinite(np.asarray(ge)).all()
@@ -137,3 +142,29 @@ def test_answer_xent_never_runs_the_head_on_non_answer_positions():
     val1, (gh1, ge1) = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=2)(h, emb, 256)
     assert abs(float(val1) - float(ref)) <= 1e-5
     np.testing.assert_allclose(np.asarray(ge1), np.asarray(ge_ref), atol=1e-5)
+
+
+def test_default_chunks_skip_non_answer_rows_at_short_texts():
+    """With the default chunk budget the train bench's shape (B 4 x T 64) is cut into chunks of
+    64 positions over the whole batch, answers first: 150 answers run 3 chunks, never the 4th;
+    NaN at every non-answer position leaves loss and gradient finite and exact."""
+    from esrt_jax.models.speech_llm import loss_chunk
+
+    assert loss_chunk(1, 4 * 64) == 64 and loss_chunk(8, 32 * 256 // 8) == 32 and loss_chunk(1, 16) == 16
+    assert loss_chunk(1, 72, 15) == 15  # the memory budget (chunk_tokens // groups) always caps it
+    rs = np.random.RandomState(1)
+    Bn, Tn, D, V = 4, 64, 8, 50
+    emb = jnp.asarray(rs.randn(V, D), jnp.float32)
+    h = jnp.asarray(rs.randn(Bn, Tn, D), jnp.float32)
+    labels = jnp.asarray(rs.randint(0, V, (Bn, Tn)), jnp.int32)
+    w = jnp.asarray((np.arange(Tn)[None] >= np.array([16, 20, 30, 40])[:, None]), jnp.float32)
+    head = lambda e, x: x @ e.T  # noqa: E731
+    ref = jax.value_and_grad(lambda h, e: (-jax.nn.log_softmax(head(e, h))[
+        jnp.arange(Bn)[:, None], jnp.arange(Tn)[None], labels] * w).sum(), (0, 1))(h, emb)
+    for groups in (1, 2, 4):
+        val, (gh, ge) = jax.jit(jax.value_and_grad(
+            lambda h, e: answer_xent(lambda x: head(e, x), h, labels, w, row_groups=groups)[0], (0, 1)))(
+            jnp.where(w[..., None] > 0, h, jnp.nan), emb)
+        assert abs(float(val) - float(ref[0])) <= 1e-5 * abs(float(ref[0])), groups
+        np.testing.assert_allclose(np.asarray(gh), np.asarray(ref[1][0]), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(ge), np.asarray(ref[1][1]), atol=1e-4)

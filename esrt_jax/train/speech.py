@@ -223,13 +223,15 @@ def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
 
     p_drop = cfg.train.token_dropout
     pad_id = None if abstract or not p_drop else _pad_id(cfg)
+    # the answer-only loss compacts answers within each batch shard's rows (keeps them local)
+    row_groups = mesh_lib.batch_divisor(mesh_lib.make_mesh(cfg.mesh), mesh_lib.make_rules(cfg.mesh.rules))
 
     def module_loss(m, batch, rng):
         if p_drop and rng is not None:
             rng, drop_rng = jax.random.split(rng)
             drop = jax.random.bernoulli(drop_rng, p_drop, batch["tokens"].shape) & (batch["loss_mask"] > 0)
             batch = {**batch, "input_tokens": jnp.where(drop, pad_id, batch["tokens"])}
-        loss, aux = speech_llm.loss_fn(m, batch, dropout_rng=rng)
+        loss, aux = speech_llm.loss_fn(m, batch, dropout_rng=rng, row_groups=row_groups)
         return loss, {"accuracy": aux["accuracy"], "tokens": aux["tokens"]}
 
     bundle, graphdef = split_nnx(model, cfg.train.trainable or default_trainable(cfg), module_loss)
