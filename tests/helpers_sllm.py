@@ -15,7 +15,7 @@ from helpers_tokenizer import tiny_tokenizer
 
 
 @functools.lru_cache(maxsize=2)
-def tiny_speech_llm(seed: int = 0):
+def tiny_speech_llm(seed: int = 0, attend_padding: bool = True):
     from transformers import Qwen2Config
 
     from esrt_jax.models.llm import config_from_hf
@@ -24,7 +24,7 @@ def tiny_speech_llm(seed: int = 0):
     enc = WhisperEncoderConfig(num_mel_bins=80, d_model=32, encoder_layers=2, encoder_attention_heads=4,
                                encoder_ffn_dim=64, max_source_positions=32)
     ad = QFormerConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                       encoder_hidden_size=32, num_queries=6, llm_dim=64)
+                       encoder_hidden_size=32, num_queries=6, llm_dim=64, attend_padding=attend_padding)
     llm = config_from_hf(Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128,
                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     return SpeechLLM(SpeechLLMConfig(enc, ad, llm), rngs=nnx.Rngs(seed))

@@ -171,3 +171,55 @@ def test_model_builder_checks_the_cache(built, tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     spec = build_model(load_run_config(tmp_path / "run.yaml").for_stage("srt")).batch_spec(2)
     assert "mel" not in spec and spec["enc"].shape == (2, 32, 32)
+
+
+def test_real_lengths_trimmed_batches_and_attend_padding_false(built, tmp_path):
+    """The cache records each audio's real encoder frames; batches carry them (`enc_frames`, the
+    same from the cache and from the audio); `enc_frame_bucket` cuts `enc` to the batch's longest
+    one rounded up to the bucket; an adapter with attend_padding false gives the same loss on the
+    cut batch, the full cached one and the mel (<= 1e-6); the builder refuses the bucket for an
+    adapter that attends over the padding, and a cache without lengths for one that does not."""
+    import soundfile as sf
+
+    from esrt_jax.audio import encoder_frames
+
+    d, src, model, load, keys, _ = built
+    cache = ec.FeatureCache(d / "c")
+    assert cache.has_frames
+    want = {k: encoder_frames(sf.info(k).frames, 32) for k in keys}
+    assert {k: cache.frames(k) for k in keys} == want and 15 <= min(want.values()) < max(want.values()) < 32
+    common = dict(train=(str(d / "train.jsonl"),), batch_size=4, text_buckets=(64,), n_mels=80,
+                  shard_index=0, shard_count=1)
+    cut = next(iter(make_train_dataset(DataConfig(**common, encoder_cache=str(d / "c"), enc_frame_bucket=8),
+                                       tiny_tokenizer(320))))
+    full = next(iter(make_train_dataset(DataConfig(**common, encoder_cache=str(d / "c")), tiny_tokenizer(320))))
+    mel = next(iter(make_train_dataset(DataConfig(**common), tiny_tokenizer(320))))
+    real = [want[src[int(r)].audio] for r in cut["record"]]
+    assert cut["enc_frames"].tolist() == full["enc_frames"].tolist() == mel["enc_frames"].tolist() == real
+    assert cut["enc"].shape == (4, -(-max(real) // 8) * 8, 32) and full["enc"].shape == (4, 32, 32)
+    np.testing.assert_array_equal(cut["enc"], full["enc"][:, :cut["enc"].shape[1]])
+    m = tiny_speech_llm(attend_padding=False)
+    keep = ("tokens", "loss_mask", "attention_mask", "enc_frames")
+    losses = [float(loss_fn(m, {k: jnp.asarray(v) for k, v in b.items() if k in keep + (f,)})[0])
+              for b, f in ((cut, "enc"), (full, "enc"), (mel, "mel"))]
+    assert max(losses) - min(losses) <= 1e-6, losses
+    padded = float(loss_fn(model, {k: jnp.asarray(v) for k, v in full.items() if k in keep + ("enc",)})[0])
+    assert abs(padded - losses[0]) > 1e-4  # attending over the padding is another model
+    # the model builder's checks
+    save_tiny_tokenizer(tmp_path / "tok", vocab_size=320)
+    cfg = yaml.safe_load(RUN_CONFIG.format(run_dir=tmp_path / "runs", tok_dir=tmp_path / "tok"))
+    cfg["data"].update(encoder_cache=str(d / "c"), enc_frame_bucket=8)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="attend_padding"):
+        build_model(load_run_config(tmp_path / "run.yaml").for_stage("srt"), abstract=True)
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in (d / "c").iterdir():
+        if not f.name.startswith("frames-"):
+            (old / f.name).symlink_to(f)
+    assert not ec.FeatureCache(old).has_frames and ec.FeatureCache(old).frames(keys[0]) is None
+    cfg["data"].update(encoder_cache=str(old), enc_frame_bucket=0)
+    cfg["model"]["adapter"]["attend_padding"] = False
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="no audio lengths"):
+        build_model(load_run_config(tmp_path / "run.yaml").for_stage("srt"), abstract=True)

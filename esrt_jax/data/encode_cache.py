@@ -15,6 +15,11 @@ Layout of DIR (written by `build`, read by `FeatureCache`):
                        shard i // shard_size, row i % shard_size
     shard-00000.npy    (<= shard_size, P, d_model) float32, or bfloat16 stored as uint16 bits;
                        memory-mapped on read (random access from Grain workers)
+    frames-00000.npy   (<= shard_size,) int32: encoder frames covering each audio's real length
+                       (`audio.encoder_frames`; what an adapter with attend_padding false
+                       attends over, and what `data.enc_frame_bucket` trims to); written
+                       before its shard. Caches built before it existed have none: such a cache
+                       serves only adapters that attend over the padding.
 
 A shard is written to a temporary name and renamed, so a killed build leaves only complete
 shards; a rerun skips them. Multi-host: process p builds shards p, p + count, ... (run the
@@ -72,6 +77,10 @@ def _shard_path(out: Path, i: int) -> Path:
     return out / f"shard-{i:05d}.npy"
 
 
+def _frames_path(out: Path, i: int) -> Path:
+    return out / f"frames-{i:05d}.npy"
+
+
 class FeatureCache:
     """Read side: `cache[audio_key] -> (P, d_model)` float32 or bfloat16 (a memory-mapped row).
 
@@ -97,6 +106,7 @@ class FeatureCache:
         keys = json.loads((self.path / "keys.json").read_text())
         self._index = {k: i for i, k in enumerate(keys)}
         self._shards: dict[int, np.ndarray] = {}
+        self._frames: dict[int, np.ndarray] = {}
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -113,6 +123,23 @@ class FeatureCache:
                 f"data.encoder_cache: {self.path} was built for encoder/front end {self.meta['fingerprint']} "
                 f"({self.meta['frontend']}), but this model's is {fingerprint}; rebuild the cache "
                 f"for this encoder (python -m esrt_jax.data.encode_cache)")
+
+    @property
+    def has_frames(self) -> bool:
+        """Whether every shard records its audios' real lengths (caches built since they do)."""
+        return all(_frames_path(self.path, i).is_file() for i in range(self.meta["shards"]))
+
+    def frames(self, key: str) -> int | None:
+        """Encoder frames covering `key`'s real audio, or None when this cache does not record them."""
+        i = self._index.get(key)
+        if i is None:
+            self[key]  # the error naming the audio
+        s, r = divmod(i, self.meta["shard_size"])
+        arr = self._frames.get(s)
+        if arr is None:
+            f = _frames_path(self.path, s)
+            arr = self._frames[s] = np.load(f) if f.is_file() else np.zeros(0, np.int32)
+        return int(arr[r]) if arr.size else None
 
     def __contains__(self, key: str) -> bool:
         return key in self._index
@@ -134,7 +161,7 @@ class FeatureCache:
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_shards"] = {}
+        d["_shards"], d["_frames"] = {}, {}
         return d
 
 
@@ -143,7 +170,9 @@ def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], o
           process_index: int = 0, process_count: int = 1, progress: bool = True) -> dict:
     """Encode every key's audio once (skipping finished shards) -> {'built', 'skipped'} shard counts.
 
-    encoder: a `WhisperEncoder`; load_mel(key) -> (n_mels, frames) float32 mel.
+    encoder: a `WhisperEncoder`; load_mel(key) -> (n_mels, frames) float32 mel; when load_mel
+    also has `.samples(key)` (as `mel_loader`'s has), the audio's sample count, its real length
+    is recorded (frames-*.npy), else the full window is.
     Batches are split over the local devices (data parallel); this process builds the shards
     i with i % process_count == process_index.
     """
@@ -188,6 +217,7 @@ def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], o
     for i in todo:
         shard_keys = keys[i * shard_size:(i + 1) * shard_size]
         rows = []
+        samples = getattr(load_mel, "samples", None)
         for j in range(0, len(shard_keys), per):
             mels = np.stack([load_mel(k) for k in shard_keys[j:j + per]]).astype(np.float32)
             n = len(mels)
@@ -197,7 +227,12 @@ def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], o
         arr = np.concatenate(rows)
         if dtype == "bfloat16":
             arr = arr.view(np.uint16)  # .npy has no bfloat16: store the bits
+        real = np.array([cfg.max_source_positions if samples is None else
+                         audio_lib.encoder_frames(samples(k), cfg.max_source_positions) for k in shard_keys],
+                        np.int32)
         tmp = out / f".tmp-{i:05d}-{os.getpid()}.npy"
+        np.save(tmp, real)
+        os.replace(tmp, _frames_path(out, i))  # before the shard: a whole shard has its lengths
         np.save(tmp, arr)
         os.replace(tmp, _shard_path(out, i))  # atomic: a kill leaves whole shards only
         bar.update(1)
@@ -205,19 +240,34 @@ def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], o
     return {"built": len(todo), "skipped": len(mine) - len(todo)}
 
 
+class _MelLoader:
+    def __init__(self, encoder_cfg, first: dict, sample_rate: int):
+        self.cfg, self.first, self.sample_rate = encoder_cfg, first, sample_rate
+        self.lengths: dict[str, int] = {}
+
+    def __call__(self, key: str) -> np.ndarray:
+        src, i = self.first[key]
+        wav = rec_lib.load_audio_of(src[i], self.sample_rate)
+        self.lengths[key] = int(wav.size)
+        wav = audio_lib.pad_or_trim(wav, audio_lib.N_SAMPLES)
+        return audio_lib.log_mel_spectrogram(wav, self.cfg.num_mel_bins)[:, :self.cfg.num_frames]
+
+    def samples(self, key: str) -> int:
+        """The sample count of `key`'s audio (read when its mel was)."""
+        if key not in self.lengths:
+            self(key)
+        return self.lengths.pop(key)
+
+
 def mel_loader(encoder_cfg, sources, sample_rate: int = 16000) -> Callable[[str], np.ndarray]:
     """key -> (n_mels, frames) mel of the first record with that audio (the pipeline's front end:
-    30 s pad/trim, host log-mel, cut to the encoder's frames for test-sized encoders)."""
+    30 s pad/trim, host log-mel, cut to the encoder's frames for test-sized encoders); its
+    `.samples(key)` gives the audio's length before padding."""
     first: dict[str, tuple] = {}
     for src in sources:
         for i, k in enumerate(src.index().audio_key):
             first.setdefault(str(k), (src, i))
-
-    def load(key: str) -> np.ndarray:
-        src, i = first[key]
-        wav = audio_lib.pad_or_trim(rec_lib.load_audio_of(src[i], sample_rate), audio_lib.N_SAMPLES)
-        return audio_lib.log_mel_spectrogram(wav, encoder_cfg.num_mel_bins)[:, :encoder_cfg.num_frames]
-    return load
+    return _MelLoader(encoder_cfg, first, sample_rate)
 
 
 def main(argv=None) -> dict:

@@ -103,7 +103,11 @@ class DataConfig:
     `languages`: keep only these (empty = all). `batch_size`: GLOBAL batch (divided among
     processes). `features`: `mel` (host) or `audio` (mel on device). `encoder_cache`: a folder
     built by `esrt_jax.data.encode_cache`; batches then carry the cached encoder output `enc`
-    (b, P, d_model) instead of `mel`/`audio`, and no audio is read. `augment`: training-only
+    (b, P, d_model) instead of `mel`/`audio`, and no audio is read. Every batch carries
+    `enc_frames` (b,): the encoder frames covering each audio's real length (what an adapter
+    with attend_padding false attends over). `enc_frame_bucket` (cache only; 0 = off): cut `enc`
+    to the batch's longest `enc_frames` rounded up to a multiple of this (static shapes per
+    bucket); only for such an adapter (the model builder checks). `augment`: training-only
     audio augmentation (`esrt_jax.data.augment`; off by default)."""
 
     train: tuple[str, ...] = ()
@@ -116,6 +120,7 @@ class DataConfig:
     text_buckets: tuple[int, ...] = (64, 128, 256)
     features: Literal["mel", "audio"] = "mel"
     encoder_cache: str | None = None
+    enc_frame_bucket: int = 0
     n_mels: int = 128
     sample_rate: int = 16000
     workers: int = 0
@@ -145,6 +150,9 @@ class DataConfig:
               "text_buckets", f"need positive lengths, got {list(self.text_buckets)}")
         check(list(self.text_buckets) == sorted(set(self.text_buckets)), "text_buckets",
               f"must increase, got {list(self.text_buckets)}")
+        check(self.enc_frame_bucket >= 0, "enc_frame_bucket", "must be >= 0 (0 = keep every frame)")
+        check(not self.enc_frame_bucket or self.encoder_cache, "enc_frame_bucket",
+              "trims the cached encoder output: set data.encoder_cache too")
         check(self.n_mels in (80, 128), "n_mels", f"Whisper uses 80 or 128, got {self.n_mels}")
         check(self.sample_rate == 16000, "sample_rate", "Whisper needs 16000")
         check(self.workers >= 0, "workers", "must be >= 0 (0 = in-process)")
@@ -266,8 +274,10 @@ class ExampleBuilder:
                              f"{task} has {len(text)} tokens > largest bucket {self.max_len}")
             return None
         if self.cache is not None:  # a key missing from the cache raises (names the audio)
+            feat = self.cache[record.audio]
             self.tracker.ok()
-            return self.cache[record.audio], text
+            frames = self.cache.frames(record.audio)
+            return feat, text, feat.shape[0] if frames is None else frames
         if record.audio_bytes is None and not os.path.isfile(record.audio):
             self.tracker.add(record.id, "missing audio", record.audio)
             return None
@@ -280,6 +290,7 @@ class ExampleBuilder:
         if rng is not None and self.cfg.augment.waveform:
             wav = aug_lib.perturb_waveform(wav, self.cfg.augment, rng)
         frames = -(-len(wav) // audio_lib.HOP_LENGTH)
+        enc_frames = audio_lib.encoder_frames(wav.size)
         wav = audio_lib.pad_or_trim(wav, audio_lib.N_SAMPLES)
         if self.cfg.features == "mel":
             feat = audio_lib.log_mel_spectrogram(wav, self.cfg.n_mels)
@@ -288,7 +299,7 @@ class ExampleBuilder:
         else:
             feat = np.asarray(wav, np.float32)
         self.tracker.ok()
-        return feat, text
+        return feat, text, enc_frames
 
     def __call__(self, item) -> dict | None:
         task = TASKS[item.task]
@@ -300,9 +311,9 @@ class ExampleBuilder:
         out = self.build(task, record, item.key)
         if out is None:
             return {"key": item.key, "record": item.record, "task": -1, "feat": None, "text": None}
-        feat, text = out
+        feat, text, frames = out
         return {"key": item.key, "record": item.record, "task": item.task, "feat": feat,
-                "text": text}
+                "text": text, "frames": frames}
 
 
 def open_feature_cache(cfg: DataConfig):
@@ -326,11 +337,17 @@ class _Collate:
             shape, dtype, key = (self.cfg.n_mels, audio_lib.N_FRAMES), np.float32, "mel"
         else:
             shape, dtype, key = (audio_lib.N_SAMPLES,), np.float32, "audio"
+        # empty rows (bad records, eval padding): one frame, so a masked row is never empty
+        frames = np.array([e.get("frames") or 1 for e in examples], np.int32)
+        if self.cfg.enc_frame_bucket and key == "enc":
+            b = self.cfg.enc_frame_bucket
+            shape = (min(shape[0], -(-int(frames.max()) // b) * b),) + tuple(shape[1:])
         feats = np.zeros((len(examples),) + tuple(shape), dtype)
         for i, e in enumerate(examples):
             if e["feat"] is not None:
-                feats[i] = e["feat"]
+                feats[i] = e["feat"][:shape[0]]
         out[key] = feats
+        out["enc_frames"] = frames
         out["task"] = np.array([e["task"] for e in examples], np.int32)
         out["valid"] = (out["task"] >= 0).astype(np.int32)
         out["example_key"] = np.array([e["key"] for e in examples], np.int64)

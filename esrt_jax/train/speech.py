@@ -74,7 +74,7 @@ MODEL_KEYS = {"builder", "whisper", "whisper_config", "llm", "llm_config", "toke
               "seed", "decode", "infer"}
 DATA_EXTRA = {"builder", "dev", "demo", "demo_dir", "dev_task", "demo_heldout_clips", "demo_sentences",
               "demo_voices"}
-BATCH_KEYS = ("mel", "audio", "enc", "tokens", "loss_mask", "attention_mask")
+BATCH_KEYS = ("mel", "audio", "enc", "enc_frames", "tokens", "loss_mask", "attention_mask")
 
 
 def _check_keys(block: dict, allowed: set, where: str) -> None:
@@ -238,19 +238,28 @@ def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
     buckets = tuple(cfg.data.get("text_buckets", (64, 128, 256)))
     n_mels = scfg.encoder.num_mel_bins
     frames = N_FRAMES  # what the data pipeline emits (30 s); loss_fn cuts it to the encoder's frames
+    if cfg.data.get("enc_frame_bucket") and scfg.adapter.attend_padding:
+        raise ConfigError("data.enc_frame_bucket cuts the padding off the encoder output, but "
+                          "model.adapter.attend_padding is true (LLM-SRT: the adapter attends over the "
+                          "padding); set model.adapter.attend_padding: false or drop data.enc_frame_bucket")
     if cfg.data.get("encoder_cache"):  # batches carry the cached encoder output, checked here
         cache = _feature_cache(cfg, None if abstract else model.encoder)
+        if not scfg.adapter.attend_padding and not cache.has_frames:
+            raise ConfigError(f"data.encoder_cache: {cache.path} records no audio lengths (built by "
+                              f"an older version), which model.adapter.attend_padding: false needs; "
+                              f"rebuild it (python -m esrt_jax.data.encode_cache)")
         feat = {"enc": ((scfg.encoder.max_source_positions, scfg.encoder.d_model),
                         jnp.bfloat16 if cache.meta["dtype"] == "bfloat16" else jnp.float32)}
     else:
         feat = {"mel": ((n_mels, frames), jnp.float32)}
     bundle.batch_spec = lambda rows: {
         **{k: jax.ShapeDtypeStruct((rows, *shape), dt) for k, (shape, dt) in feat.items()},
+        "enc_frames": jax.ShapeDtypeStruct((rows,), jnp.int32),
         "tokens": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32),
         "loss_mask": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32),
         "attention_mask": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32)}
     bundle.flops_per_example = _model_flops_per_example(scfg, max(buckets))
-    bundle.speech_keys = ("mel", "audio", "enc")
+    bundle.speech_keys = ("mel", "audio", "enc", "enc_frames")
     if not abstract:
         bundle.decode_fn = _decoder(cfg, graphdef, nnx.state(model))
     return bundle
@@ -290,28 +299,28 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         rows = [int(i) for i in batch["record"] if i >= 0]
         recs = [dev[i] for i in rows]
         task = _dev_task(cfg, dc)
+        x = batch["enc_frames"][:len(rows)]  # (each row's real frames ride along with its features)
         if "enc" in batch:  # cached encoder output: only the adapter runs
-            adapt = jax.jit(lambda e: model.adapt(e, split=tr.split))
-            x = np.asarray(batch["enc"][:len(rows)])
+            x = (np.asarray(batch["enc"][:len(rows)]), x)
 
             def run(feats):
-                return tr.decode(np.asarray(adapt(jnp.asarray(feats))), [r.src for r in recs],
+                return tr.decode(tr.adapt(*feats), [r.src for r in recs],
                                  [r.tgt for r in recs], task=task,
                                  transcriptions=[r.transcription for r in recs] if task == "smt" else None)
         else:
             enc = model.config.encoder
-            x = np.asarray(batch_mel({k: v[:len(rows)] for k, v in batch.items() if k in ("mel", "audio")},
-                                     enc.num_mel_bins, enc.num_frames))
+            x = (np.asarray(batch_mel({k: v[:len(rows)] for k, v in batch.items() if k in ("mel", "audio")},
+                                      enc.num_mel_bins, enc.num_frames)), x)
 
             def run(feats):
-                return tr.translate(feats, [r.src for r in recs], [r.tgt for r in recs], task=task,
-                                    transcriptions=[r.transcription for r in recs] if task == "smt" else None)
+                return tr.translate(feats[0], [r.src for r in recs], [r.tgt for r in recs], task=task,
+                                    enc_frames=feats[1], transcriptions=[r.transcription for r in recs] if task == "smt" else None)
 
         outs = run(x)
         rep = _report(task, recs, outs)
         # Listening check (esrt_jax.eval.listening): each clip's features swapped with the next
         # clip's; a model that ignores the audio scores the same. Distinct outputs / references.
-        swapped = _report(task, recs, run(rotate_rows(x, [True] * len(recs))))
+        swapped = _report(task, recs, run(tuple(rotate_rows(a, [True] * len(recs)) for a in x)))
         rep.update({f"{k}_swapped": v for k, v in swapped.items() if k in ("wer", "bleu")})
         if "bleu" in rep:
             rep["bleu_gain"] = rep["bleu"] - rep["bleu_swapped"]
