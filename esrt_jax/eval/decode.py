@@ -48,7 +48,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from esrt_jax import languages
-from esrt_jax.audio import AudioError, mel_segments
+from esrt_jax.audio import AudioError, encoder_frames, mel_segments
 from esrt_jax.data.encode_cache import CacheError
 from esrt_jax.data.records import record_from_json
 from esrt_jax.data.tasks import TASKS, marker
@@ -339,17 +339,27 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
     for w in warnings:
         print(f"warning: {w}", file=log)
     audio_of = audio_of or (lambda p: p)
-    # load(path) -> (inputs (S, ...) float32, its S segments or None for one unsegmented window)
+    # load(path) -> (inputs (S, ...) float32, its S segments or None for one unsegmented window,
+    # real encoder frames (S,) of each input or None when unknown: an adapter with
+    # attend_padding false needs them, the default one ignores them)
+    max_frames = translator.config.encoder.max_source_positions
+    # only such an adapter is given them (other edge runtimes' encode takes the mel alone)
+    real_frames = not getattr(translator.config.adapter, "attend_padding", True)
     if encoder_cache is not None:
-        load, run = (lambda p: (np.asarray(encoder_cache[audio_of(p)], np.float32)[None], None)), translator.adapt
+        def load(p):
+            f = encoder_cache.frames(audio_of(p))
+            return (np.asarray(encoder_cache[audio_of(p)], np.float32)[None], None,
+                    None if f is None else np.array([f], np.int32))
+        run = translator.adapt
     elif mel_fn is not None:
-        load, run = (lambda p: (np.asarray(mel_fn(audio_of(p)), np.float32)[None], None)), translator.encode
+        load, run = (lambda p: (np.asarray(mel_fn(audio_of(p)), np.float32)[None], None, None)), translator.encode
     else:
         enc = translator.config.encoder
 
         def load(p):
             mels, segs = mel_segments(audio_of(p), enc.num_mel_bins, enc.num_frames, segment=segment)
-            return np.asarray(mels, np.float32), segs if len(segs) > 1 else None
+            frames = np.array([encoder_frames(s.end - s.start, max_frames) for s in segs], np.int32)
+            return np.asarray(mels, np.float32), segs if len(segs) > 1 else None, frames
         run = translator.encode
     enc_step = max(1, min(batch, translator.max_batch))
     stats = DecodeStats(selected=len(items))
@@ -362,11 +372,12 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
                 if all(items[i].key in done for i in idx):
                     continue
                 t0 = time.perf_counter()
-                inputs, ok, segs_of = [], [], {}
+                inputs, ok, segs_of, frames = [], [], {}, []
                 for p in paths:
                     try:
-                        x, segs_of[p] = load(p)
+                        x, segs_of[p], f = load(p)
                         inputs.append(x)
+                        frames.append(f)
                         ok.append(p)
                     except CacheError as e:
                         raise DecodeError(str(e)) from None
@@ -379,7 +390,10 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
                 if not ok:
                     continue
                 flat = np.concatenate(inputs)  # (rows, ...): every segment of every audio
-                feats = np.concatenate([run(flat[j:j + enc_step]) for j in range(0, len(flat), enc_step)])
+                fr = None if not real_frames or any(f is None for f in frames) else np.concatenate(frames)
+                feats = np.concatenate([run(flat[j:j + enc_step]) if fr is None else
+                                        run(flat[j:j + enc_step], fr[j:j + enc_step])
+                                        for j in range(0, len(flat), enc_step)])
                 first = np.cumsum([0] + [len(x) for x in inputs])
                 rows_of = {p: range(first[k], first[k + 1]) for k, p in enumerate(ok)}
                 stats.audio_encoded += len(ok)

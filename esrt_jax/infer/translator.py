@@ -23,13 +23,13 @@ from esrt_jax.models.speech_llm import SpeechLLM
 
 
 @partial(jax.jit, static_argnames=("graphdef", "split"))
-def _encode(graphdef, state, mel, split):
-    return nnx.merge(graphdef, state).encode(mel, split=split)
+def _encode(graphdef, state, mel, split, frames=None):
+    return nnx.merge(graphdef, state).encode(mel, split=split, enc_frames=frames)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "split"))
-def _adapt(graphdef, state, enc, split):
-    return nnx.merge(graphdef, state).adapt(enc, split=split)
+def _adapt(graphdef, state, enc, split, frames=None):
+    return nnx.merge(graphdef, state).adapt(enc, split=split, enc_frames=frames)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "split", "cfg"))
@@ -49,17 +49,22 @@ def _pow2_bucket(n: int, cap: int) -> int:
 
 
 def encode_batch(graphdef, state, mel: np.ndarray, split: str, max_batch: int, *,
-                 from_encoder: bool = False) -> np.ndarray:
+                 from_encoder: bool = False, enc_frames: np.ndarray | None = None) -> np.ndarray:
     """The edge computation: (B, n_mels, frames) -> features (B, *feature_shape) float32, the
     batch padded to a power-of-2 bucket so that a warm model never recompiles. Shared by
     `Translator.encode` and the edge client (`esrt_jax.edge.EdgeModel`, encoder + adapter only).
-    `from_encoder`: the input is already the encoder output (B, P, d_model) (the feature cache)."""
+    `from_encoder`: the input is already the encoder output (B, P, d_model) (the feature cache).
+    `enc_frames` (B,): real encoder frames per row (`audio.encoder_frames`), needed by an adapter
+    with attend_padding false (the callers that know the audio's length pass it)."""
     x = np.asarray(mel, np.float32)
     B = x.shape[0]
     Bp = _pow2_bucket(B, max_batch)
+    f = None if enc_frames is None else np.asarray(enc_frames, np.int32)
     if Bp != B:
         x = np.concatenate([x, np.zeros((Bp - B,) + x.shape[1:], np.float32)])
-    out = (_adapt if from_encoder else _encode)(graphdef, state, jnp.asarray(x), split)
+        f = None if f is None else np.concatenate([f, np.ones(Bp - B, np.int32)])
+    out = (_adapt if from_encoder else _encode)(graphdef, state, jnp.asarray(x), split,
+                                                None if f is None else jnp.asarray(f))
     return np.asarray(jax.device_get(out), np.float32)[:B]
 
 
@@ -100,13 +105,15 @@ class Translator:
         return len(by_bucket)
 
     # -- edge -----------------------------------------------------------------------------
-    def encode(self, mel: np.ndarray) -> np.ndarray:
-        """(B, n_mels, 3000) -> features (B, *feature_shape) float32 (batch padded to a bucket)."""
-        return encode_batch(self.graphdef, self.state, mel, self.split, self.max_batch)
+    def encode(self, mel: np.ndarray, enc_frames: np.ndarray | None = None) -> np.ndarray:
+        """(B, n_mels, 3000) -> features (B, *feature_shape) float32 (batch padded to a bucket);
+        enc_frames (B,): see `encode_batch`."""
+        return encode_batch(self.graphdef, self.state, mel, self.split, self.max_batch, enc_frames=enc_frames)
 
-    def adapt(self, enc: np.ndarray) -> np.ndarray:
+    def adapt(self, enc: np.ndarray, enc_frames: np.ndarray | None = None) -> np.ndarray:
         """Cached encoder output (B, P, d_model) -> features, as `encode` without the encoder."""
-        return encode_batch(self.graphdef, self.state, enc, self.split, self.max_batch, from_encoder=True)
+        return encode_batch(self.graphdef, self.state, enc, self.split, self.max_batch, from_encoder=True,
+                            enc_frames=enc_frames)
 
     # -- cloud ----------------------------------------------------------------------------
     def prompts(self, src: Sequence[str], tgt: Sequence[str], task: str = "srt",
@@ -162,6 +169,7 @@ class Translator:
             out.append({"response": text, "asr": asr, "s2tt": s2tt})
         return out
 
-    def translate(self, mel: np.ndarray, src: Sequence[str], tgt: Sequence[str], **kw) -> list[dict]:
+    def translate(self, mel: np.ndarray, src: Sequence[str], tgt: Sequence[str], *,
+                  enc_frames: np.ndarray | None = None, **kw) -> list[dict]:
         """Both halves in one process: mel -> results."""
-        return self.decode(self.encode(mel), src, tgt, **kw)
+        return self.decode(self.encode(mel, enc_frames), src, tgt, **kw)
