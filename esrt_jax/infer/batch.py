@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from esrt_jax import languages
-from esrt_jax.audio import SAMPLE_RATE, Segment, mel_from_file, mel_segments
+from esrt_jax.audio import SAMPLE_RATE, Segment, encoder_frames, mel_from_file, mel_segments
 from esrt_jax.data.records import record_from_json
 from esrt_jax.infer import longform
 from esrt_jax.infer import payload as pl
@@ -96,9 +96,10 @@ def encode_utterances(translator, utts: Sequence[Utterance], batch_size: int = 8
     enc = translator.config.encoder
     feats = []
     for i in range(0, len(utts), batch_size):
-        mels = np.stack([mel_from_file(u.audio, enc.num_mel_bins, enc.num_frames)[0]
-                         for u in utts[i:i + batch_size]])
-        feats.append(translator.encode(mels))
+        loaded = [mel_from_file(u.audio, enc.num_mel_bins, enc.num_frames) for u in utts[i:i + batch_size]]
+        # real encoder frames: what an adapter with attend_padding false attends over
+        frames = [encoder_frames(round(sec * SAMPLE_RATE), enc.max_source_positions) for _, sec in loaded]
+        feats.append(translator.encode(np.stack([m for m, _ in loaded]), np.array(frames, np.int32)))
     return np.concatenate(feats)
 
 
@@ -108,15 +109,16 @@ def encode_segments(translator, utts: Sequence[Utterance], batch_size: int = 8, 
     the M segments as `Utterance`s with start/end/part), each file read once. AudioError (a
     ValueError) names the file for empty, silent or unreadable audio."""
     enc = translator.config.encoder
-    mels, feats, segs = [], [], []
+    mels, frames, feats, segs = [], [], [], []
     for n, u in enumerate(utts, 1):
         m, spans = mel_segments(u.audio, enc.num_mel_bins, enc.num_frames, segment=segment)
         mels += list(m)
+        frames += [encoder_frames(s.end - s.start, enc.max_source_positions) for s in spans]
         segs += [dataclasses.replace(u, start=round(s.start_s, 3), end=round(s.end_s, 3), part=k)
                  for k, s in enumerate(spans)]
         while len(mels) >= batch_size or (mels and n == len(utts)):  # encode as they come: bounded memory
-            feats.append(translator.encode(np.stack(mels[:batch_size])))
-            mels = mels[batch_size:]
+            feats.append(translator.encode(np.stack(mels[:batch_size]), np.array(frames[:batch_size], np.int32)))
+            mels, frames = mels[batch_size:], frames[batch_size:]
     return np.concatenate(feats), segs
 
 
