@@ -2,7 +2,9 @@
 
 `configs/real_small.yaml` (folders from $ESRT_REAL_DIR, default ~/.cache/esrt_jax/real) is trained
 for two steps by the real CLI (`python train.py`, one CPU device) on four demo-corpus clips, with the
-encoder running on the audio and LoRA on; the stage's closing dev decode runs; the run is exported
+encoder running on the audio, LoRA on and the adapter over all 30 s of frames (the config's own ASR
+stage is adapter-only over the real frames; the overrides keep the LoRA export path covered); the
+stage's closing dev decode runs; the run is exported
 to Hugging Face (LoRA merged) and imported back. Checked: the exported LLM, loaded by transformers,
 gives our model's logits on [speech embeddings][text] (fp32), the merged weights differ from the
 base checkpoint's (the LoRA factors were trained), and the re-imported run gives the same speech
@@ -83,7 +85,8 @@ def run(tmp_path_factory):
     _require_real()
     root = tmp_path_factory.mktemp("real_smoke")
     cfg = _config(root, _tiny_set(root / "tiny.jsonl"), [
-        "data.encoder_cache=null", f"stages.asr.train.steps={STEPS}", "train.batch_size=2",
+        "data.encoder_cache=null", "data.enc_frame_bucket=0", "model.adapter.attend_padding=true",
+        "stages.asr.lora.enabled=true", f"stages.asr.train.steps={STEPS}", "train.batch_size=2",
         "train.warmup_steps=0", "train.lr=1e-2", "train.decode_samples=2", f"train.ckpt_every={STEPS}",
         "model.decode.max_new_tokens=6", "model.adapter.num_queries=8"])
     _cli(str(ROOT / "train.py"), "--stage=asr", "--config", str(cfg))
@@ -178,6 +181,7 @@ def test_real_model_hears_four_clips(tmp_path):
     data = _tiny_set(tmp_path / "four.jsonl")
     cfg = _config(tmp_path, data, [
         f"data.encoder_cache={tmp_path / 'cache'}", f"stages.asr.train.steps={HEAR_STEPS}",
+        "stages.asr.lora.enabled=true",  # 4 clips decode within 25 steps with LoRA (adapter alone: slower)
         "train.batch_size=4", "train.warmup_steps=5", "train.decode_samples=4",
         f"train.ckpt_every={HEAR_STEPS}", "train.eval_every=0", "model.decode.max_new_tokens=16"])
     _cli("-m", "esrt_jax.data.encode_cache", "--config", str(cfg), "--out", str(tmp_path / "cache"),
