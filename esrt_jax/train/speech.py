@@ -299,28 +299,24 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         rows = [int(i) for i in batch["record"] if i >= 0]
         recs = [dev[i] for i in rows]
         task = _dev_task(cfg, dc)
-        x = batch["enc_frames"][:len(rows)]  # (each row's real frames ride along with its features)
+        frames = batch["enc_frames"][:len(rows)]  # each row's real frames ride along with its features
         if "enc" in batch:  # cached encoder output: only the adapter runs
-            x = (np.asarray(batch["enc"][:len(rows)]), x)
-
-            def run(feats):
-                return tr.decode(tr.adapt(*feats), [r.src for r in recs],
-                                 [r.tgt for r in recs], task=task,
-                                 transcriptions=[r.transcription for r in recs] if task == "smt" else None)
+            feats, encode = np.asarray(batch["enc"][:len(rows)]), tr.adapt
         else:
             enc = model.config.encoder
-            x = (np.asarray(batch_mel({k: v[:len(rows)] for k, v in batch.items() if k in ("mel", "audio")},
-                                      enc.num_mel_bins, enc.num_frames)), x)
+            feats = np.asarray(batch_mel({k: v[:len(rows)] for k, v in batch.items() if k in ("mel", "audio")},
+                                         enc.num_mel_bins, enc.num_frames))
+            encode = tr.encode
 
-            def run(feats):
-                return tr.translate(feats[0], [r.src for r in recs], [r.tgt for r in recs], task=task,
-                                    enc_frames=feats[1], transcriptions=[r.transcription for r in recs] if task == "smt" else None)
+        def run(feats, frames):
+            return tr.decode(encode(feats, frames), [r.src for r in recs], [r.tgt for r in recs], task=task,
+                             transcriptions=[r.transcription for r in recs] if task == "smt" else None)
 
-        outs = run(x)
+        outs = run(feats, frames)
         rep = _report(task, recs, outs)
         # Listening check (esrt_jax.eval.listening): each clip's features swapped with the next
         # clip's; a model that ignores the audio scores the same. Distinct outputs / references.
-        swapped = _report(task, recs, run(tuple(rotate_rows(a, [True] * len(recs)) for a in x)))
+        swapped = _report(task, recs, run(*(rotate_rows(a, [True] * len(recs)) for a in (feats, frames))))
         rep.update({f"{k}_swapped": v for k, v in swapped.items() if k in ("wer", "bleu")})
         if "bleu" in rep:
             rep["bleu_gain"] = rep["bleu"] - rep["bleu_swapped"]
