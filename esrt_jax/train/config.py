@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -81,6 +82,9 @@ class TrainConfig:
     clip_norm: float = 1.0             # global-norm clipping; 0 disables
     # Regexes over '/'-joined param paths; empty = the model builder's default trainable set.
     trainable: tuple[str, ...] = ()
+    # Per-group learning rates: regex over param paths -> factor on the lr (and weight decay) of the
+    # trainable params it matches, e.g. {"/lora_[ab]$": 0.1}; first match in order wins, others x1.
+    lr_scale: dict[str, float] = field(default_factory=dict)
     frozen_dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
     ckpt_every: int = 500
@@ -114,6 +118,12 @@ class TrainConfig:
         check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         check(self.decode_every >= 0, "decode_every", f"must be >= 0, got {self.decode_every}")
         check(self.decode_samples >= 1, "decode_samples", f"must be >= 1, got {self.decode_samples}")
+        for pat, f in self.lr_scale.items():
+            check(f > 0, f"lr_scale.{pat}", f"must be > 0, got {f}")
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ConfigError(f"lr_scale.{pat}: not a regular expression ({e})") from None
         check(0.0 <= self.token_dropout < 1.0, "token_dropout", f"must be in [0, 1), got {self.token_dropout}")
 
 

@@ -8,8 +8,13 @@ given to `init`, so frozen weights get neither gradients nor optimizer state.
 
 from __future__ import annotations
 
+import re
+
+import jax
 import optax
 
+from esrt_jax.config import ConfigError
+from esrt_jax.pytree import path_str
 from esrt_jax.train.config import TrainConfig
 
 
@@ -34,4 +39,30 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    if cfg.lr_scale:
+        parts.append(scale_by_path(cfg.lr_scale))
     return optax.chain(*parts)
+
+
+def scale_by_path(factors: dict[str, float]) -> optax.GradientTransformation:
+    """Multiply each update by the factor of the first regex (re.search over the param's 'a/b/c'
+    path) that matches it, 1 if none: per-group learning rates after AdamW. `init` refuses a
+    pattern that matches no trainable param (a typo would otherwise train at the full lr)."""
+    pats = [(re.compile(p), f) for p, f in factors.items()]
+
+    def factor(path) -> float:
+        s = path_str(path)
+        return next((f for p, f in pats if p.search(s)), 1.0)
+
+    def init(params):
+        paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+        for p, _ in pats:
+            if not any(p.search(s) for s in paths):
+                raise ConfigError(f"train.lr_scale: {p.pattern!r} matches no trainable param; "
+                                  f"they look like: {', '.join(paths[:4])} ...")
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p), updates), state
+
+    return optax.GradientTransformation(init, update)
