@@ -18,8 +18,8 @@ Layout of DIR (written by `build`, read by `FeatureCache`):
     frames-00000.npy   (<= shard_size,) int32: encoder frames covering each audio's real length
                        (`audio.encoder_frames`; what an adapter with attend_padding false
                        attends over, and what `data.enc_frame_bucket` trims to); written
-                       before its shard. Caches built before it existed have none: such a cache
-                       serves only adapters that attend over the padding.
+                       before its shard. Caches built before it existed have none (they serve
+                       only adapters that attend over the padding) until a rerun adds them.
 
 A shard is written to a temporary name and renamed, so a killed build leaves only complete
 shards; a rerun skips them. Multi-host: process p builds shards p, p + count, ... (run the
@@ -168,11 +168,13 @@ class FeatureCache:
 def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], out: str | os.PathLike, *,
           dtype: str = "float32", shard_size: int = 256, batch: int = 16, sample_rate: int = 16000,
           process_index: int = 0, process_count: int = 1, progress: bool = True) -> dict:
-    """Encode every key's audio once (skipping finished shards) -> {'built', 'skipped'} shard counts.
+    """Encode every key's audio once (skipping finished shards) -> {'built', 'skipped',
+    'frames_added'} shard counts.
 
     encoder: a `WhisperEncoder`; load_mel(key) -> (n_mels, frames) float32 mel; when load_mel
     also has `.samples(key)` (as `mel_loader`'s has), the audio's sample count, its real length
-    is recorded (frames-*.npy), else the full window is.
+    is recorded (frames-*.npy), else the full window is; finished shards of an older cache that
+    lack their lengths get them (audio read, nothing encoded): 'frames_added' counts them.
     Batches are split over the local devices (data parallel); this process builds the shards
     i with i % process_count == process_index.
     """
@@ -208,16 +210,29 @@ def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], o
         return nnx.merge(graphdef, state)(mel).astype(out_dt)
 
     per = -(-batch // len(devices)) * len(devices)  # a multiple of the local device count
+    samples = getattr(load_mel, "samples", None)
+
+    def save_frames(i: int, shard_keys: list[str]) -> None:
+        real = np.array([cfg.max_source_positions if samples is None else
+                         audio_lib.encoder_frames(samples(k), cfg.max_source_positions) for k in shard_keys],
+                        np.int32)
+        tmp = out / f".tmp-{i:05d}-{os.getpid()}.npy"
+        np.save(tmp, real)
+        os.replace(tmp, _frames_path(out, i))
+
     mine = [i for i in range(meta["shards"]) if i % process_count == process_index]
     todo = [i for i in mine if not _shard_path(out, i).is_file()]
     for i in todo:  # partial writes of a killed run
         for stale in out.glob(f".tmp-{i:05d}-*"):
             stale.unlink(missing_ok=True)
+    # shards built before the cache recorded audio lengths
+    older = [i for i in mine if i not in todo and not _frames_path(out, i).is_file()] if samples else []
+    for i in tqdm(older, desc="encoder cache lengths (older shards)", unit="shard", disable=not progress):
+        save_frames(i, keys[i * shard_size:(i + 1) * shard_size])
     bar = tqdm(total=len(todo), desc="encoder cache shards", unit="shard", disable=not progress)
     for i in todo:
         shard_keys = keys[i * shard_size:(i + 1) * shard_size]
         rows = []
-        samples = getattr(load_mel, "samples", None)
         for j in range(0, len(shard_keys), per):
             mels = np.stack([load_mel(k) for k in shard_keys[j:j + per]]).astype(np.float32)
             n = len(mels)
@@ -227,17 +242,13 @@ def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], o
         arr = np.concatenate(rows)
         if dtype == "bfloat16":
             arr = arr.view(np.uint16)  # .npy has no bfloat16: store the bits
-        real = np.array([cfg.max_source_positions if samples is None else
-                         audio_lib.encoder_frames(samples(k), cfg.max_source_positions) for k in shard_keys],
-                        np.int32)
+        save_frames(i, shard_keys)  # before the shard: a whole shard has its lengths
         tmp = out / f".tmp-{i:05d}-{os.getpid()}.npy"
-        np.save(tmp, real)
-        os.replace(tmp, _frames_path(out, i))  # before the shard: a whole shard has its lengths
         np.save(tmp, arr)
         os.replace(tmp, _shard_path(out, i))  # atomic: a kill leaves whole shards only
         bar.update(1)
     bar.close()
-    return {"built": len(todo), "skipped": len(mine) - len(todo)}
+    return {"built": len(todo), "skipped": len(mine) - len(todo), "frames_added": len(older)}
 
 
 class _MelLoader:
@@ -253,9 +264,10 @@ class _MelLoader:
         return audio_lib.log_mel_spectrogram(wav, self.cfg.num_mel_bins)[:, :self.cfg.num_frames]
 
     def samples(self, key: str) -> int:
-        """The sample count of `key`'s audio (read when its mel was)."""
+        """The sample count of `key`'s audio (noted when its mel was computed, else read)."""
         if key not in self.lengths:
-            self(key)
+            src, i = self.first[key]
+            return int(rec_lib.load_audio_of(src[i], self.sample_rate).size)
         return self.lengths.pop(key)
 
 
@@ -306,7 +318,8 @@ def main(argv=None) -> dict:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    print(f"{args.out}: {stats['built']} shards built, {stats['skipped']} already there "
+    added = f", audio lengths added to {stats['frames_added']} older shards" if stats["frames_added"] else ""
+    print(f"{args.out}: {stats['built']} shards built, {stats['skipped']} already there{added} "
           f"({len(keys)} utterances)")
     return stats
 

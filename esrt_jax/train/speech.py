@@ -247,7 +247,7 @@ def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
         if not scfg.adapter.attend_padding and not cache.has_frames:
             raise ConfigError(f"data.encoder_cache: {cache.path} records no audio lengths (built by "
                               f"an older version), which model.adapter.attend_padding: false needs; "
-                              f"rebuild it (python -m esrt_jax.data.encode_cache)")
+                              f"rerun python -m esrt_jax.data.encode_cache on it (adds them, encodes nothing)")
         feat = {"enc": ((scfg.encoder.max_source_positions, scfg.encoder.d_model),
                         jnp.bfloat16 if cache.meta["dtype"] == "bfloat16" else jnp.float32)}
     else:
