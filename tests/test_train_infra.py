@@ -72,7 +72,7 @@ def test_schedule_warmup_linear_cosine():
     assert float(c(0)) == pytest.approx(1.0) and float(c(50)) == pytest.approx(0.55) and float(c(100)) == pytest.approx(0.1)
 
 
-def test_lr_scale_gives_a_param_group_its_own_lr():
+def test_lr_scale_gives_a_param_group_its_own_lr(tmp_path):
     cfg = from_dict(RunConfig, {"train": {"lr": 0.1, "warmup_steps": 0, "schedule": "constant", "clip_norm": 0,
                                           "weight_decay": 0.0, "lr_scale": {"/lora_[ab]$": 0.1}}})
     params = {"adapter": {"w": np.ones(3, np.float32)}, "llm": {"lora_a": np.ones(3, np.float32)}}
@@ -82,11 +82,15 @@ def test_lr_scale_gives_a_param_group_its_own_lr():
     np.testing.assert_allclose(upd["adapter"]["w"], -0.1, rtol=1e-5)  # Adam's first step: -lr * sign
     np.testing.assert_allclose(upd["llm"]["lora_a"], -0.01, rtol=1e-5)
     with pytest.raises(ConfigError, match=r"lr_scale: '/lora_b\$' matches no trainable param"):
-        make_optimizer(TrainConfig(lr_scale={"/lora_b$": 0.1})).init(params)
+        make_optimizer(TrainConfig(lr_scale={"/lora_b$": 0.1}), params)
     with pytest.raises(ConfigError, match=r"lr_scale\.x: must be > 0"):
         from_dict(RunConfig, {"train": {"lr_scale": {"x": 0.0}}})
     staged = from_dict(RunConfig, {"stages": {"srt": {"train": {"lr_scale": {"^llm/": 0.5}}}}})
     assert staged.for_stage("srt").train.lr_scale == {"^llm/": 0.5} and staged.for_stage("asr").train.lr_scale == {}
+    # through the trainer (sharded optimizer state), and a regex that names no trainable param
+    assert run_toy(toy_cfg(lr_scale={"^head/": 0.5}), tmp_path / "ok", mesh1()).final_step == 5
+    with pytest.raises(ConfigError, match="matches no trainable param"):
+        run_toy(toy_cfg(lr_scale={"^hed/": 0.5}), tmp_path / "typo", mesh1())
 
 
 def test_rules_spec_for():

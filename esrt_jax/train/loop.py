@@ -416,7 +416,7 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
     check_batch_size(tc, mesh, rules)
     bundle = with_init_params(with_frozen_dtype(bundle, tc), init_params)
 
-    optimizer = make_optimizer(tc)
+    optimizer = make_optimizer(tc, bundle.trainable)
     schedule = make_schedule(tc)
     sh = stage_shardings(bundle, optimizer, mesh, rules)
     log0(f"[{cfg.stage}] mesh {dict(mesh.shape)} on {jax.device_count()} devices, "

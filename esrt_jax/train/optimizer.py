@@ -33,7 +33,15 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warm), after], [warm])
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, trainable=None) -> optax.GradientTransformation:
+    """AdamW of `cfg`; given the `trainable` pytree, first checks that every `cfg.lr_scale` regex
+    matches one of its params (a typo would otherwise train that group at the full lr)."""
+    if cfg.lr_scale and trainable is not None:
+        paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(trainable)]
+        for pat in cfg.lr_scale:
+            if not any(re.search(pat, s) for s in paths):
+                raise ConfigError(f"train.lr_scale: {pat!r} matches no trainable param; "
+                                  f"they look like: {', '.join(paths[:4])} ...")
     sched = make_schedule(cfg)
     parts = []
     if cfg.clip_norm > 0:
@@ -46,23 +54,13 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 def scale_by_path(factors: dict[str, float]) -> optax.GradientTransformation:
     """Multiply each update by the factor of the first regex (re.search over the param's 'a/b/c'
-    path) that matches it, 1 if none: per-group learning rates after AdamW. `init` refuses a
-    pattern that matches no trainable param (a typo would otherwise train at the full lr)."""
+    path) that matches it, 1 if none: per-group learning rates after AdamW."""
     pats = [(re.compile(p), f) for p, f in factors.items()]
 
-    def factor(path) -> float:
-        s = path_str(path)
-        return next((f for p, f in pats if p.search(s)), 1.0)
-
-    def init(params):
-        paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-        for p, _ in pats:
-            if not any(p.search(s) for s in paths):
-                raise ConfigError(f"train.lr_scale: {p.pattern!r} matches no trainable param; "
-                                  f"they look like: {', '.join(paths[:4])} ...")
-        return optax.EmptyState()
-
     def update(updates, state, params=None):
-        return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p), updates), state
+        def scale(path, u):
+            s = path_str(path)
+            return u * next((f for p, f in pats if p.search(s)), 1.0)
+        return jax.tree_util.tree_map_with_path(scale, updates), state
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
