@@ -42,6 +42,7 @@ __all__ = [
     "N_SAMPLES",
     "N_FRAMES",
     "load_audio",
+    "mel_centers_hz",
     "prepare_audio",
     "pad_or_trim",
     "mel_filters",
@@ -195,6 +196,12 @@ def _mel_to_hz_slaney(mels: np.ndarray) -> np.ndarray:
     freq = 200.0 * mels / 3.0
     log_region = mels >= 15.0
     return np.where(log_region, 1000.0 * np.exp((np.log(6.4) / 27.0) * (mels - 15.0)), freq)
+
+
+def mel_centers_hz(n_mels: int, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """(n_mels,) float64: the centre frequency (Hz) of each slaney mel filter of `log_mel_spectrogram`."""
+    mel_pts = np.linspace(_hz_to_mel_slaney(0.0), _hz_to_mel_slaney(sr / 2.0), n_mels + 2)
+    return _mel_to_hz_slaney(mel_pts)[1:-1]
 
 
 @functools.lru_cache(maxsize=8)

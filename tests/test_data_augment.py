@@ -46,13 +46,48 @@ def test_functions_are_deterministic_and_keep_shapes():
     np.testing.assert_array_equal(A.perturb_waveform(wav, off, A.example_rng(0, 5)), wav)
 
 
+class _Draw:
+    """An rng whose uniform() returns a chosen value: a warp factor we know."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def uniform(self, low, high):
+        assert low <= self.value <= high
+        return self.value
+
+
+def test_warp_moves_a_tone_by_the_factor():
+    """A 1 kHz tone's mel peak moves to the filter nearest a * 1 kHz; the padding is left alone."""
+    t = np.arange(audio_lib.SAMPLE_RATE) / audio_lib.SAMPLE_RATE
+    wav = (0.3 * np.sin(2 * np.pi * 1000.0 * t)).astype(np.float32)
+    mel = audio_lib.log_mel_spectrogram(audio_lib.pad_or_trim(wav), 80)  # the tone fills frames < 100
+    centres = audio_lib.mel_centers_hz(80)
+    cfg = A.AugmentConfig(freq_warp=0.2)
+    assert cfg.enabled and cfg.mel and not cfg.masks
+    for a in (0.8, 1.0, 1.2):
+        w = A.warp_mel(mel, 100, cfg, _Draw(a))
+        assert w.shape == mel.shape and w.dtype == mel.dtype
+        peak = centres[int(w[:, 50].argmax())]
+        assert abs(peak - a * 1000.0) <= 0.06 * a * 1000.0, (a, peak)
+        np.testing.assert_array_equal(w[:, 100:], mel[:, 100:])
+    np.testing.assert_array_equal(A.warp_mel(mel, 100, cfg, _Draw(1.0)), mel)
+    np.testing.assert_array_equal(A.warp_mel(mel, 100, A.AugmentConfig(), None), mel)  # off: no draw
+    w = A.warp_mel(mel, 100, cfg, A.example_rng(0, 5))
+    np.testing.assert_array_equal(w, A.warp_mel(mel, 100, cfg, A.example_rng(0, 5)))
+
+
 def test_config_validation():
     cfg = from_dict(P.DataConfig, {"augment": {"speed": 0.1, "noise_snr": [10, 30]}})
     assert cfg.augment.speed == 0.1 and cfg.augment.noise_snr == (10.0, 30.0)
     with pytest.raises(ConfigError, match=r"augment\.noise_snr: must be \[\] or \[low, high\]"):
         from_dict(P.DataConfig, {"augment": {"noise_snr": [10]}})
-    with pytest.raises(ConfigError, match=r"augment: mel masks need features: mel"):
+    with pytest.raises(ConfigError, match=r"augment: mel masks and freq_warp need features: mel"):
         from_dict(P.DataConfig, {"features": "audio", "augment": {"time_masks": 1, "time_mask_width": 3}})
+    with pytest.raises(ConfigError, match=r"augment: mel masks and freq_warp need features: mel"):
+        from_dict(P.DataConfig, {"features": "audio", "augment": {"freq_warp": 0.1}})
+    with pytest.raises(ConfigError, match=r"augment\.freq_warp: must be in \[0, 0\.5\)"):
+        from_dict(P.DataConfig, {"augment": {"freq_warp": 0.5}})
     with pytest.raises(ConfigError, match=r"augment: cannot augment cached encoder outputs"):
         from_dict(P.DataConfig, {"encoder_cache": "x", "augment": {"speed": 0.1}})
 

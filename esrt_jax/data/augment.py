@@ -11,6 +11,9 @@ run see the same augmented batches.
     speed perturbation: the waveform resampled by a factor f ~ U[1 - speed, 1 + speed] (tempo and
       pitch together, as Kaldi's speed perturbation), by linear interpolation
     noise: with probability `noise_prob`, white noise at an SNR ~ U[noise_snr] dB over the clip
+    frequency warp (vocal tract length perturbation): the log-mel's frequency axis scaled by a factor
+      a ~ U[1 - freq_warp, 1 + freq_warp] (the spectrum at f moves to a * f: formants and pitch
+      harmonics of a longer or shorter vocal tract, at the same tempo), before the masks
     masks: `freq_masks` bands of up to `freq_mask_width` mel bins and `time_masks` spans of up to
       `time_mask_width` frames (inside the clip, not its padding) set to the clip's mean log-mel
 """
@@ -21,9 +24,10 @@ import dataclasses
 
 import numpy as np
 
+from esrt_jax.audio import mel_centers_hz
 from esrt_jax.config import check
 
-__all__ = ["AugmentConfig", "example_rng", "perturb_waveform", "mask_mel"]
+__all__ = ["AugmentConfig", "example_rng", "perturb_waveform", "warp_mel", "mask_mel"]
 
 _STREAM = 0x5A7A  # separates augmentation draws from other users of (seed, key)
 
@@ -35,6 +39,7 @@ class AugmentConfig:
     speed: float = 0.0                   # max relative speed change (0.1: f in [0.9, 1.1]); 0 = off
     noise_snr: tuple[float, ...] = ()    # (low, high) dB; () = no noise
     noise_prob: float = 0.5              # share of examples that get noise (when noise_snr is set)
+    freq_warp: float = 0.0               # max relative frequency scaling (0.1: a in [0.9, 1.1]); 0 = off
     freq_masks: int = 0
     freq_mask_width: int = 0             # mel bins, max per mask
     time_masks: int = 0
@@ -42,11 +47,16 @@ class AugmentConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.waveform or self.masks
+        return self.waveform or self.mel
 
     @property
     def waveform(self) -> bool:
         return self.speed > 0 or bool(self.noise_snr)
+
+    @property
+    def mel(self) -> bool:
+        """Anything applied to the log-mel (warp or masks)."""
+        return self.freq_warp > 0 or self.masks
 
     @property
     def masks(self) -> bool:
@@ -55,6 +65,7 @@ class AugmentConfig:
 
     def validate(self) -> None:
         check(0 <= self.speed < 0.5, "speed", f"must be in [0, 0.5), got {self.speed}")
+        check(0 <= self.freq_warp < 0.5, "freq_warp", f"must be in [0, 0.5), got {self.freq_warp}")
         check(len(self.noise_snr) in (0, 2), "noise_snr", f"must be [] or [low, high] dB, got {list(self.noise_snr)}")
         if self.noise_snr:
             check(self.noise_snr[0] <= self.noise_snr[1], "noise_snr", f"low > high: {list(self.noise_snr)}")
@@ -79,6 +90,28 @@ def perturb_waveform(wav: np.ndarray, cfg: AugmentConfig, rng: np.random.Generat
         power = float(np.mean(x.astype(np.float64) ** 2))
         x = x + rng.standard_normal(len(x)).astype(np.float32) * np.float32(np.sqrt(power / 10 ** (snr / 10)))
     return x
+
+
+def warp_mel(mel: np.ndarray, frames: int, cfg: AugmentConfig, rng: np.random.Generator,
+             sr: int = 16000) -> np.ndarray:
+    """(n_mels, T) log-mel -> a copy with its frequency axis scaled by a ~ U[1 -+ cfg.freq_warp]:
+    row i takes the (linearly interpolated) log-mel at frequency centre_i / a, so what was at f
+    is now at a * f (edge rows repeat past the band). `frames`: the clip's frames (the padding
+    after them is left alone). Unchanged when `cfg.freq_warp` is 0 (no draw)."""
+    out = np.array(mel, copy=True)
+    if cfg.freq_warp <= 0:
+        return out
+    a = rng.uniform(1.0 - cfg.freq_warp, 1.0 + cfg.freq_warp)
+    n_mels, t = out.shape
+    frames = max(1, min(int(frames), t))
+    centres = mel_centers_hz(n_mels, sr)
+    pos = np.interp(centres / a, centres, np.arange(n_mels))  # fractional source row of each row
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, n_mels - 1)
+    w = (pos - lo).astype(out.dtype)[:, None]
+    clip = out[:, :frames]
+    out[:, :frames] = clip[lo] * (1 - w) + clip[hi] * w
+    return out
 
 
 def mask_mel(mel: np.ndarray, frames: int, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:

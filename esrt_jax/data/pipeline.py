@@ -139,8 +139,8 @@ class DataConfig:
         _check_weights(self.tasks, "tasks")
         check(not (self.augment.enabled and self.encoder_cache), "augment",
               "cannot augment cached encoder outputs (data.encoder_cache): no audio is read")
-        check(not (self.augment.masks and self.features != "mel"), "augment",
-              "mel masks need features: mel (with features: audio only speed and noise apply)")
+        check(not (self.augment.mel and self.features != "mel"), "augment",
+              "mel masks and freq_warp need features: mel (with features: audio only speed and noise apply)")
         steps = [c.step for c in self.schedule]
         check(steps == sorted(set(steps)), "schedule", f"steps must increase, got {steps}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
@@ -294,6 +294,8 @@ class ExampleBuilder:
         wav = audio_lib.pad_or_trim(wav, audio_lib.N_SAMPLES)
         if self.cfg.features == "mel":
             feat = audio_lib.log_mel_spectrogram(wav, self.cfg.n_mels)
+            if rng is not None and self.cfg.augment.freq_warp > 0:
+                feat = aug_lib.warp_mel(feat, frames, self.cfg.augment, rng, self.cfg.sample_rate)
             if rng is not None and self.cfg.augment.masks:
                 feat = aug_lib.mask_mel(feat, frames, self.cfg.augment, rng)
         else:
