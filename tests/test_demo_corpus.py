@@ -8,6 +8,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import espeakng_loader
 import numpy as np
 import pytest
 import soundfile as sf
@@ -71,6 +72,11 @@ def test_sentence_table_is_complete_and_in_the_right_scripts():
 def test_every_language_has_an_espeak_voice():
     assert set(demo_sentences.LANGS) <= set(demo.ESPEAK_VOICES)
     assert len(set(demo.VOICE_VARIANTS)) == len(demo.VOICE_VARIANTS) >= 2
+    # Appended, never reordered: a corpus of the first n voices (v8, v10) keeps its content.
+    assert demo.VOICE_VARIANTS[:10] == ("m3", "f2", "m1", "f4", "m7", "f5", "m2", "f1", "m4", "f3")
+    variants = Path(espeakng_loader.get_data_path()) / "voices" / "!v"
+    missing = [v for v in demo.VOICE_VARIANTS if not (variants / v).is_file()]
+    assert not missing, f"espeak-ng variants not in the wheel's data: {missing}"
 
 
 def test_full_corpus_plan_counts():
@@ -243,8 +249,8 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         build_demo_corpus(tmp_path / "x", langs=("eng", "xxx"), progress=False)
     with pytest.raises(DemoCorpusError, match="at least 2 languages"):
         build_demo_corpus(tmp_path / "x", langs=("eng",), progress=False)
-    with pytest.raises(DemoCorpusError, match=r"voices_per_lang must be in \[1, 10\], got 11"):
-        build_demo_corpus(tmp_path / "x", voices_per_lang=11, progress=False)
+    with pytest.raises(DemoCorpusError, match=r"voices_per_lang must be in \[1, 20\], got 21"):
+        build_demo_corpus(tmp_path / "x", voices_per_lang=21, progress=False)
     with pytest.raises(DemoCorpusError, match="audio_format must be one of"):
         build_demo_corpus(tmp_path / "x", audio_format="mp3", progress=False)
     foreign = tmp_path / "mine"

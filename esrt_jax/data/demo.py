@@ -72,9 +72,11 @@ ESPEAK_VOICES = {
     "vie": "vi",
     "kor": "ko",
 }
-# espeak-ng voice variants (espeak-ng-data/voices/!v), alternating male/female; the first
-# `voices_per_lang` are used for every language.
-VOICE_VARIANTS = ("m3", "f2", "m1", "f4", "m7", "f5", "m2", "f1", "m4", "f3")
+# espeak-ng voice variants (espeak-ng-data/voices/!v); the first `voices_per_lang` are used for
+# every language. The first 10 alternate male/female; the next 10 (more voices to learn words
+# from, not voices) are appended, so a corpus of the first n is the same whatever comes after.
+VOICE_VARIANTS = ("m3", "f2", "m1", "f4", "m7", "f5", "m2", "f1", "m4", "f3",
+                  "m5", "Annie", "m6", "linda", "m8", "steph", "Alex", "Andy", "Michael", "victor")
 
 # espeak-ng API constants (speak_lib.h).
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
