@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from esrt_jax.data import prepare_fleurs as PF
@@ -132,3 +133,98 @@ def test_hf_datasets_copy_gives_the_same_records(fleurs, tmp_path):
         for x, y in zip(ra, rb):
             assert str(tmp_path / "hf" / "audio") in y.audio
             assert Path(x.audio).read_bytes() == Path(y.audio).read_bytes()
+
+
+def _wav_bytes(seconds: float, freq: float) -> bytes:
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(seconds * 16000)) / 16000
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000, format="WAV",
+             subtype="PCM_16")
+    return buf.getvalue()
+
+
+def write_hub_download(root: Path) -> tuple[Path, dict]:
+    """What `snapshot_download("google/fleurs", allow_patterns=hub_patterns(...))` leaves: per
+    language `data/<config>/<split>.tsv` and `data/<config>/audio/<split>.tar.gz` holding
+    `<split>/<name>.wav` (real PCM WAV bytes, a different tone per clip), plus a member outside
+    the split folder that must not be written anywhere. Returns (the `data/` root, name -> bytes)."""
+    import io
+    import tarfile
+
+    clips = {}
+    for li, (lang, sents) in enumerate(TEXT.items()):
+        d = root / "data" / lang
+        (d / "audio").mkdir(parents=True)
+        for split in ("train", "dev"):
+            rows, members = [], []
+            for sid, text in sents.items():
+                if ("dev" if sid == 11 else "train") != split:
+                    continue
+                name = f"{900 + 10 * li + sid}.wav"
+                clips[name] = _wav_bytes(0.05 + 0.01 * sid, 200.0 + 50 * li + sid)
+                rows.append([str(sid), name, text, text.lower(), "x", "1", "FEMALE"])
+                members.append((f"{split}/{name}", clips[name]))
+            members.append(("../escape.wav", _wav_bytes(0.01, 100.0)))
+            (d / f"{split}.tsv").write_text("".join("\t".join(r) + "\n" for r in rows),
+                                            encoding="utf-8")
+            with tarfile.open(d / "audio" / f"{split}.tar.gz", "w:gz") as tf:
+                for name, data in members:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    return root / "data", clips
+
+
+def test_hub_patterns_name_the_repository_files():
+    assert PF.HUB_REPO == "google/fleurs"
+    assert PF.hub_patterns(["nld", "eng"], ["dev"]) == [
+        "data/nl_nl/dev.tsv", "data/nl_nl/audio/dev.tar.gz",
+        "data/en_us/dev.tsv", "data/en_us/audio/dev.tar.gz"]
+    with pytest.raises(PF.FleursError, match="unknown split"):
+        PF.hub_patterns(["eng"], ["validation"])
+    with pytest.raises(PF.FleursError, match="unknown language code 'xxq'"):
+        PF.hub_patterns(["xxq"], ["dev"])
+
+
+def test_hub_download_layout_gives_records_with_the_audio(tmp_path):
+    """The hub's layout (clips still in tar.gz archives) -> records joined on the sentence id, the
+    audio bytes as they were in the archive and readable by the project's audio loader;
+    only the requested splits are extracted, nothing outside their folders; a rerun extracts
+    nothing more."""
+    import soundfile as sf
+
+    from esrt_jax.audio import load_audio
+
+    root, clips = write_hub_download(tmp_path / "hub")
+    s = PF.prepare(root, ["eng", "deu", "fra"], tmp_path / "out", splits=["train"])
+    assert s["extracted"] == 5 and s["missing_audio"] == 0
+    assert s["splits"] == {"train": 8} and s["missing_translation"] == 2
+    assert not (root / "en_us" / "audio" / "dev").exists()  # dev was not asked for
+    assert not list(tmp_path.rglob("escape.wav"))
+    recs = list(JsonlSource(tmp_path / "out" / "train.jsonl"))
+    by = {(r.src, r.tgt, r.transcription): r for r in recs}
+    r = by[("fra", "deu", "Le chat dort.")]
+    assert r.translation == "Die Katze schläft."
+    for r in recs:
+        data = Path(r.audio).read_bytes()
+        assert data == clips[Path(r.audio).name]
+        wav, sr = sf.read(r.audio, dtype="float32")
+        assert sr == 16000 and np.allclose(load_audio(r.audio), wav, atol=1e-6)
+    assert sorted((r.src, r.tgt, r.id.split("_")[3]) for r in recs) == sorted([
+        ("eng", "deu", "10"), ("eng", "fra", "10"), ("eng", "deu", "12"), ("deu", "eng", "10"),
+        ("deu", "fra", "10"), ("deu", "eng", "12"), ("fra", "eng", "10"), ("fra", "deu", "10")])
+    again = PF.prepare(root, ["eng", "deu", "fra"], tmp_path / "out2", splits=["train", "dev"])
+    assert again["extracted"] == 3 and again["splits"] == {"train": 8, "dev": 6}
+
+
+def test_unreadable_archive_names_it(tmp_path):
+    root, _ = write_hub_download(tmp_path / "hub")
+    bad = root / "de_de" / "audio" / "dev.tar.gz"
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(PF.FleursError, match=r"de_de/audio/dev\.tar\.gz: cannot read the archive"):
+        PF.prepare(root, ["eng", "deu"], tmp_path / "out", splits=["dev"])

@@ -5,10 +5,21 @@
 
 Input, FLEURS' own layout: one folder per language named by its FLEURS config (`en_us`,
 `de_de`, `cmn_hans_cn`, ...; `esrt_jax.languages` maps codes to them), each with
-`{train,dev,test}.tsv` and the audio under `audio/{split}/<file name>` (the extracted
-`audio/{split}.tar.gz`). TSV columns (no header): sentence id, file name, raw transcription,
+`{train,dev,test}.tsv` and the audio under `audio/{split}/<file name>`, or still packed in
+`audio/{split}.tar.gz` (the clips a requested split needs are then extracted next to it, as
+they are: no decoding). TSV columns (no header): sentence id, file name, raw transcription,
 normalized transcription, characters, number of samples, gender. The sentence id is shared by
 all languages: the same sentence read in each of them.
+
+This is the layout of the `google/fleurs` dataset repository on the Hugging Face hub under its
+`data/` folder, so a download of the files `hub_patterns(langs, splits)` names is a `--root`:
+
+    huggingface_hub.snapshot_download("google/fleurs", repo_type="dataset", local_dir=D,
+                                      allow_patterns=hub_patterns(["nld", "eng"], ["dev"]))
+    python -m esrt_jax.data.prepare_fleurs --root D/data --langs nld,eng --splits dev --out OUT
+
+(`datasets.load_dataset("google/fleurs", ...)` needs the repository's loading script, which
+`datasets` >= 4 no longer runs; the raw files need neither it nor torchcodec.)
 
 An HF `datasets` copy works too: per language folder the output of
 `load_dataset("google/fleurs", "en_us").save_to_disk("ROOT/en_us")` (columns id,
@@ -33,6 +44,7 @@ import json
 import os
 import random
 import sys
+import tarfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +52,11 @@ from typing import Sequence
 
 from esrt_jax import languages
 
-__all__ = ["FleursError", "Utterance", "read_language", "prepare", "main"]
+__all__ = ["FleursError", "Utterance", "HUB_REPO", "hub_patterns", "extract_audio", "read_language",
+           "prepare", "main"]
 
 SPLITS = ("train", "dev", "test")
+HUB_REPO = "google/fleurs"  # a dataset repository on the Hugging Face hub
 
 
 class FleursError(ValueError):
@@ -56,6 +70,56 @@ class Utterance:
     raw: str
     normalized: str
     split: str
+
+
+def hub_patterns(langs: Sequence[str], splits: Sequence[str]) -> list[str]:
+    """The files of `HUB_REPO` that `prepare` reads for these languages (our codes) and splits:
+    `data/<config>/<split>.tsv` and `data/<config>/audio/<split>.tar.gz` each, for
+    `huggingface_hub.snapshot_download(..., allow_patterns=...)`; the download's `data/`
+    folder is then a `--root`."""
+    bad = [s for s in splits if s not in SPLITS]
+    if bad:
+        raise FleursError(f"unknown split(s) {bad}; FLEURS has {list(SPLITS)}")
+    out = []
+    for c in langs:
+        try:
+            cfg = languages.get(c).fleurs
+        except languages.LanguageError as e:
+            raise FleursError(str(e)) from None
+        out += [p for s in splits for p in (f"data/{cfg}/{s}.tsv", f"data/{cfg}/audio/{s}.tar.gz")]
+    return out
+
+
+def extract_audio(folder: Path, split: str, names: Sequence[str]) -> int:
+    """Write the clips `names` (file names from the split's TSV) that are not yet under
+    `folder/audio/<split>/` from `folder/audio/<split>.tar.gz`, bytes as they are. Members are
+    matched by base name (FLEURS' archives hold `<split>/<name>`), so nothing lands outside that
+    folder; reading stops once every name is found. Returns the number written (0 without an
+    archive); an unreadable archive is a `FleursError` naming it."""
+    archive = folder / "audio" / f"{split}.tar.gz"
+    dest = folder / "audio" / split
+    todo = {n for n in names if n and os.path.basename(n) == n and not (dest / n).is_file()}
+    if not todo or not archive.is_file():
+        return 0
+    written = 0
+    try:
+        with tarfile.open(archive, "r:*") as tf:
+            for m in tf:  # sequential: a .tar.gz has no index
+                name = os.path.basename(m.name)
+                if not m.isfile() or name not in todo:
+                    continue
+                data = tf.extractfile(m).read()
+                dest.mkdir(parents=True, exist_ok=True)
+                part = dest / (name + ".part")
+                part.write_bytes(data)
+                part.replace(dest / name)  # a killed run leaves no half-written clip
+                todo.discard(name)
+                written += 1
+                if not todo:
+                    break
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise FleursError(f"{archive}: cannot read the archive ({e})") from None
+    return written
 
 
 def _language_dirs(root: Path) -> dict[str, Path]:
@@ -170,6 +234,14 @@ def prepare(root: str | os.PathLike, langs: Sequence[str], out: str | os.PathLik
     for c, u in utts.items():
         if not u:
             raise FleursError(f"{found[languages.normalize(c)]}: no {'/'.join(SPLITS)}.tsv rows")
+    summary = {"splits": {}, "extracted": 0, "missing_audio": 0, "missing_translation": 0,
+               "examples": []}
+    for c in codes:  # clips still packed in audio/<split>.tar.gz (the hub's layout)
+        folder = found[languages.normalize(c)]
+        if not _is_hf_copy(folder):
+            for split in splits:
+                summary["extracted"] += extract_audio(
+                    folder, split, [Path(x.file).name for x in utts[c] if x.split == split])
     field = "raw" if text == "raw" else "normalized"
     # sentence id -> text, per language: the first utterance of that sentence (any split).
     sentence_text = {c: {} for c in codes}
@@ -179,7 +251,6 @@ def prepare(root: str | os.PathLike, langs: Sequence[str], out: str | os.PathLik
             if t and x.sentence not in sentence_text[c]:
                 sentence_text[c][x.sentence] = t
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"splits": {}, "missing_audio": 0, "missing_translation": 0, "examples": []}
     base = os.path.abspath(out)
     for split in splits:
         by_dir: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -237,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FleursError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if s["extracted"]:
+        print(f"extracted {s['extracted']} clips from the audio/<split>.tar.gz archives")
     print(", ".join(f"{k}: {v} records" for k, v in s["splits"].items()) + f" -> {a.out}")
     if s["missing_audio"] or s["missing_translation"]:
         print(f"left out: {s['missing_audio']} utterances without audio, "
