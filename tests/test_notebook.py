@@ -5,7 +5,6 @@ diagnostic, export, transformers reload). The notebook is executed once per modu
 real folders section 7 is switched off and the real test skips, except under CI=true, where it
 fails (like tests/test_real_smoke.py)."""
 
-import os
 from pathlib import Path
 
 import nbformat
@@ -13,9 +12,10 @@ import pytest
 import yaml
 from nbclient import NotebookClient
 
+from helpers_real import REAL, skip_unless_ci
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "colab" / "esrt_jax.ipynb"
-REAL = Path(os.environ.get("ESRT_REAL_DIR") or "~/.cache/esrt_jax/real").expanduser()
 REAL_NEEDS = ("whisper-base/config.json", "gemma3-270m/config.json", "fillets/train.jsonl",
               "fillets/dev.jsonl", "fillets_ces/train.jsonl", "fillets_ces/dev.jsonl")
 ENC_CACHE = REAL / "enc_cache" / "whisper-base-fillets"  # used when there, else the encoder runs
@@ -89,9 +89,7 @@ def test_notebook_real_path_on_local_folders(executed):
     if missing:
         msg = (f"real folders {', '.join(missing)} not in {REAL} (ESRT_REAL_DIR); README 'Does it learn? "
                f"Real weights, real speech' builds them")
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true: " + msg)
-        pytest.skip(msg)
+        skip_unless_ci(msg)
     tmp, nb, text = executed
     real = tmp / "real"
     assert "real path: local; configs/real_small.yaml + [" in text

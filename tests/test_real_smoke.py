@@ -25,8 +25,9 @@ import pytest
 import yaml
 from safetensors import safe_open
 
+from helpers_real import REAL, skip_unless_ci
+
 ROOT = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("ESRT_REAL_DIR") or "~/.cache/esrt_jax/real").expanduser()
 NEEDED = ("whisper-base", "gemma3-270m")
 STEPS = 2
 
@@ -36,9 +37,7 @@ def _require_real():
     if missing:
         msg = (f"real models {', '.join(missing)} not in {REAL} (ESRT_REAL_DIR); build them with "
                f"`bash ../shared/tools/real/real_models.sh --only whisper-base,gemma3-270m`")
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true: " + msg)
-        pytest.skip(msg)
+        skip_unless_ci(msg)
 
 
 def _tiny_set(path: Path) -> Path:

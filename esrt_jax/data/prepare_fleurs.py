@@ -77,17 +77,26 @@ def hub_patterns(langs: Sequence[str], splits: Sequence[str]) -> list[str]:
     `data/<config>/<split>.tsv` and `data/<config>/audio/<split>.tar.gz` each, for
     `huggingface_hub.snapshot_download(..., allow_patterns=...)`; the download's `data/`
     folder is then a `--root`."""
+    _check_splits(splits)
+    out = []
+    for c in langs:
+        cfg = _language(c).fleurs
+        out += [p for s in splits for p in (f"data/{cfg}/{s}.tsv", f"data/{cfg}/audio/{s}.tar.gz")]
+    return out
+
+
+def _check_splits(splits: Sequence[str]) -> None:
     bad = [s for s in splits if s not in SPLITS]
     if bad:
         raise FleursError(f"unknown split(s) {bad}; FLEURS has {list(SPLITS)}")
-    out = []
-    for c in langs:
-        try:
-            cfg = languages.get(c).fleurs
-        except languages.LanguageError as e:
-            raise FleursError(str(e)) from None
-        out += [p for s in splits for p in (f"data/{cfg}/{s}.tsv", f"data/{cfg}/audio/{s}.tar.gz")]
-    return out
+
+
+def _language(code: str):
+    """`languages.get(code)`, its error as a `FleursError`."""
+    try:
+        return languages.get(code)
+    except languages.LanguageError as e:
+        raise FleursError(str(e)) from None
 
 
 def extract_audio(folder: Path, split: str, names: Sequence[str]) -> int:
@@ -209,16 +218,11 @@ def prepare(root: str | os.PathLike, langs: Sequence[str], out: str | os.PathLik
         raise FleursError(f"--root {root} is not a folder")
     if text not in ("raw", "normalized"):
         raise FleursError(f"--text must be raw or normalized, got {text!r}")
-    bad_split = [s for s in splits if s not in SPLITS]
-    if bad_split:
-        raise FleursError(f"unknown split(s) {bad_split}; FLEURS has {list(SPLITS)}")
+    _check_splits(splits)
     codes = []
     for c in langs:
-        try:
-            languages.get(c)
-            codes.append(c.strip().lower())  # the spelling asked for (zho stays zho)
-        except languages.LanguageError as e:
-            raise FleursError(str(e)) from None
+        _language(c)
+        codes.append(c.strip().lower())  # the spelling asked for (zho stays zho)
     if len(set(codes)) < 2:
         raise FleursError(f"need at least two languages, got {list(langs)}")
     found = _language_dirs(root)
