@@ -31,6 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from esrt_jax.pytree import merge_trees
+
 
 class UnreadableCheckpoint(ValueError):
     """A checkpoint step cannot be read back: the message names the folder/step and what to do."""
@@ -218,12 +220,6 @@ def _keep_paths(tree: Any, keep: set[str], prefix: str = "") -> Any:
     return out
 
 
-def _overlay(base: Any, top: Any) -> Any:
-    """`base` (nested dicts) with the leaves that `top` has replaced."""
-    return {k: (_overlay(v, top[k]) if isinstance(v, dict) else top[k]) if k in top else v
-            for k, v in base.items()}
-
-
 def restore_params(directory: str | Path, abstract_trainable: Any, step: int | None = None, *,
                    fill: Any = None) -> tuple[Any, int]:
     """Only the trainable params of a stage's checkpoint folder (latest step by default).
@@ -261,6 +257,6 @@ def restore_params(directory: str | Path, abstract_trainable: Any, step: int | N
             out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
         except Exception as e:  # noqa: BLE001 - shapes fit, so a failed read is a damaged step
             raise _unreadable(directory, step, e) from None
-        return (_overlay(fill, out["params"]) if new else out["params"]), step
+        return (merge_trees(fill, out["params"]) if new else out["params"]), step
     finally:
         mngr.close()
