@@ -228,6 +228,18 @@ def test_params_new_in_a_stage_start_from_their_init(runs, capsys):
         restore_params(ck, reshaped, fill=reshaped)  # a shape change is never filled
 
 
+def test_changed_optimizer_is_a_mismatch_not_a_damaged_step(runs):
+    """Resuming a stage with another optax chain (here train.lr_scale added) names the cause and
+    leaves every saved step in place (a failed restore would otherwise move them aside as corrupt)."""
+    cfg, d, _, _ = runs
+    shutil.copytree(d / "one", d / "one_scaled")
+    scaled = toy_cfg(steps=8, lr_scale={".": 0.5})
+    with pytest.raises(CheckpointMismatch, match="another optimizer state.*lr_scale"):
+        run_toy(scaled, d / "one_scaled", mesh1())
+    assert not list((d / "one_scaled").rglob("*.corrupt"))
+    assert run_toy(toy_cfg(steps=8), d / "one_scaled", mesh1()).resumed_from == 5
+
+
 def test_finished_stage_is_skipped(runs):
     cfg, d, r1, r8 = runs
     again = run_toy(cfg, d / "one", mesh1())

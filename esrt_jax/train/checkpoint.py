@@ -13,8 +13,8 @@ the previous or the new checkpoint, never a torn one. Restores take abstract tar
 onto 1 device or any other mesh.
 
 A step that cannot be read back (a truncated or damaged file) is moved aside to `<step>.corrupt`
-with a one-line notice and the previous kept step is used; a step whose param shapes differ from the
-model (a changed config) is never touched: that is a `CheckpointMismatch`.
+with a one-line notice and the previous kept step is used; a step whose param shapes or optimizer
+state differ from the model's (a changed config) is never touched: that is a `CheckpointMismatch`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ class UnreadableCheckpoint(ValueError):
 
 
 class CheckpointMismatch(ValueError):
-    """The checkpoint's params do not fit the model built from the config."""
+    """The checkpoint's params or optimizer state do not fit the model and optimizer of the config."""
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple]:
@@ -56,10 +57,27 @@ def shape_mismatches(saved_tree: Any, abstract: Any) -> list[str]:
     return out
 
 
-def saved_params_tree(directory: Path, step: int) -> Any:
-    """The tree of `ArrayMetadata` (shapes, dtypes) of a step's params, read without restoring."""
-    meta = ocp.StandardCheckpointHandler().metadata(Path(directory) / str(step) / "params")
+def saved_params_tree(directory: Path, step: int, item: str = "params") -> Any:
+    """The tree of `ArrayMetadata` (shapes, dtypes) of a step's `item` (params or opt), read without
+    restoring."""
+    meta = ocp.StandardCheckpointHandler().metadata(Path(directory) / str(step) / item)
     return getattr(meta, "tree", meta)
+
+
+def state_skeleton(tree: Any) -> Any:
+    """A pytree's nesting and leaf shapes in the form Orbax stores it: tuples as lists, named tuples
+    as dicts of their fields, empty nodes (optax's EmptyState) as None, leaves as shapes."""
+    if hasattr(tree, "shape"):
+        return tuple(tree.shape)
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        tree = {f: getattr(tree, f) for f in tree._fields}
+    if isinstance(tree, Mapping):
+        out = {str(k): state_skeleton(v) for k, v in tree.items()}
+    elif isinstance(tree, (list, tuple)):
+        out = [state_skeleton(v) for v in tree]
+    else:
+        return None
+    return out or None
 
 
 class _IterState:
@@ -127,13 +145,21 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(_IterState(data_iter, snapshot=True))
         return self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def check_shapes(self, step: int, abstract_trainable: Any) -> None:
-        """Raise `CheckpointMismatch` when `step`'s saved params do not fit `abstract_trainable`
-        (other errors: the step's metadata is unreadable)."""
+    def check_shapes(self, step: int, abstract_trainable: Any, abstract_opt: Any = None) -> None:
+        """Raise `CheckpointMismatch` when `step`'s saved params do not fit `abstract_trainable`, or
+        its optimizer state does not fit `abstract_opt` (other errors: the step's metadata is
+        unreadable)."""
         bad = shape_mismatches(saved_params_tree(self.directory, step), abstract_trainable)
         if bad:
             raise CheckpointMismatch(f"checkpoint {self.directory}/{step} does not fit the model: "
                                      f"{len(bad)} params differ, e.g. {bad[0]}")
+        if abstract_opt is not None and (state_skeleton(saved_params_tree(self.directory, step, "opt"))
+                                         != state_skeleton(abstract_opt)):
+            # E.g. train.lr_scale or clip_norm changed mid-stage: the optax chain has other elements.
+            raise CheckpointMismatch(
+                f"checkpoint {self.directory}/{step} has another optimizer state than the config's optimizer "
+                f"(was train.lr_scale or train.clip_norm changed?): revert the change to resume, or start a "
+                f"new run dir from its params with --init-from {self.directory}")
 
     def restore_latest(self, abstract_trainable: Any, abstract_opt: Any, data_iter: Any = None) -> dict | None:
         """`restore` of the newest readable step (None: no step at all). Unreadable steps are moved
@@ -141,7 +167,7 @@ class Checkpointer:
         bad: list[int] = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
-                self.check_shapes(step, abstract_trainable)
+                self.check_shapes(step, abstract_trainable, abstract_opt)
             except CheckpointMismatch:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to read metadata = unreadable step
