@@ -57,7 +57,7 @@ def shape_mismatches(saved_tree: Any, abstract: Any) -> list[str]:
     return out
 
 
-def saved_params_tree(directory: Path, step: int, item: str = "params") -> Any:
+def saved_tree(directory: Path, step: int, item: str = "params") -> Any:
     """The tree of `ArrayMetadata` (shapes, dtypes) of a step's `item` (params or opt), read without
     restoring."""
     meta = ocp.StandardCheckpointHandler().metadata(Path(directory) / str(step) / item)
@@ -149,11 +149,11 @@ class Checkpointer:
         """Raise `CheckpointMismatch` when `step`'s saved params do not fit `abstract_trainable`, or
         its optimizer state does not fit `abstract_opt` (other errors: the step's metadata is
         unreadable)."""
-        bad = shape_mismatches(saved_params_tree(self.directory, step), abstract_trainable)
+        bad = shape_mismatches(saved_tree(self.directory, step), abstract_trainable)
         if bad:
             raise CheckpointMismatch(f"checkpoint {self.directory}/{step} does not fit the model: "
                                      f"{len(bad)} params differ, e.g. {bad[0]}")
-        if abstract_opt is not None and (state_skeleton(saved_params_tree(self.directory, step, "opt"))
+        if abstract_opt is not None and (state_skeleton(saved_tree(self.directory, step, "opt"))
                                          != state_skeleton(abstract_opt)):
             # E.g. train.lr_scale or clip_norm changed mid-stage: the optax chain has other elements.
             raise CheckpointMismatch(
@@ -266,7 +266,7 @@ def restore_params(directory: str | Path, abstract_trainable: Any, step: int | N
         if step is None:
             raise FileNotFoundError(f"checkpoint folder {directory} holds no complete checkpoint")
         try:
-            bad = shape_mismatches(saved_params_tree(directory, step), abstract_trainable)
+            bad = shape_mismatches(saved_tree(directory, step), abstract_trainable)
         except Exception as e:  # noqa: BLE001 - unreadable metadata
             raise _unreadable(directory, step, e) from None
         new = [b.split(":")[0] for b in bad if ": missing vs " in b] if fill is not None else []
