@@ -49,9 +49,9 @@ def _flat_shapes(tree: Any) -> dict[str, tuple]:
             for path, leaf in leaves}
 
 
-def shape_mismatches(saved_tree: Any, abstract: Any) -> list[str]:
+def shape_mismatches(saved: Any, abstract: Any) -> list[str]:
     """Param paths whose shape differs (or that exist on one side only), as 'path: saved vs model'."""
-    a, b = _flat_shapes(saved_tree), _flat_shapes(abstract)
+    a, b = _flat_shapes(saved), _flat_shapes(abstract)
     out = [f"{k}: {a.get(k, 'missing')} vs {b.get(k, 'missing')}" for k in sorted(a.keys() | b.keys())
            if a.get(k) != b.get(k)]
     return out
