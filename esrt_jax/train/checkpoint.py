@@ -66,7 +66,9 @@ def saved_tree(directory: Path, step: int, item: str = "params") -> Any:
 
 def state_skeleton(tree: Any) -> Any:
     """A pytree's nesting and leaf shapes in the form Orbax stores it: tuples as lists, named tuples
-    as dicts of their fields, empty nodes (optax's EmptyState) as None, leaves as shapes."""
+    as dicts of their fields, empty nodes (optax's EmptyState) as None, leaves as shapes. Compared
+    whole, not leaf by leaf as `shape_mismatches` does: one more EmptyState in an optax chain adds
+    no leaf, yet Orbax refuses to restore into it."""
     if hasattr(tree, "shape"):
         return tuple(tree.shape)
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
