@@ -52,6 +52,11 @@ class QFormerConfig:
     callers may also pass only a prefix of the frames (e.g. the batch's longest real length
     rounded up to a bucket) and skip the keys/values of the padding. A different model: an
     adapter trained one way should be run the same way.
+
+    window_queries (needs attend_padding False): query i cross-attends only to the i-th of Q equal
+    windows of each clip's real frames, widened by `window_overlap` frames on each side, so the
+    outputs follow time in order (what a CTC alignment loss needs; ESRT-12B's windows, SALMONN's
+    window-level Q-Former). Same shapes and weights as the plain Q-Former: only the mask differs.
     """
 
     num_hidden_layers: int = 8
@@ -68,6 +73,8 @@ class QFormerConfig:
     num_queries: int = 80
     pool_k: int | None = None
     attend_padding: bool = True
+    window_queries: bool = False
+    window_overlap: int = 2
     llm_dim: int = 2048
     projector_eps: float = 1e-5
     dtype: str = "float32"
@@ -90,6 +97,9 @@ class QFormerConfig:
             activation(self.hidden_act)
         except ValueError as e:
             raise ConfigError(f"hidden_act: {e}") from None
+        check(self.window_overlap >= 0, "window_overlap", f"must be >= 0, got {self.window_overlap}")
+        check(not (self.window_queries and self.attend_padding), "window_queries",
+              "windows are cut from each clip's real frames: set attend_padding: false too")
         if self.pool_k is not None:
             check(self.pool_k >= 1, "pool_k", f"must be >= 1 or null, got {self.pool_k}")
             check(self.num_queries % self.pool_k == 0, "pool_k",
@@ -205,7 +215,9 @@ class QFormerAttention(nnx.Module):
         scores = jnp.einsum("blhd,bshd->bhls", q, k).astype(jnp.float32) * self.head_dim ** -0.5
         if kv_mask is not None:
             # Like transformers' additive finfo.min mask: a fully masked row attends uniformly.
-            scores = jnp.where(kv_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+            # (B, S) masks every query alike; (B, L, S) per query (window_queries).
+            m = kv_mask[:, None, None, :] if kv_mask.ndim == 2 else kv_mask[:, None, :, :]
+            scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         train = rngs is not None
         probs = self.attn_dropout(probs, deterministic=not train, rngs=rngs)
@@ -244,7 +256,8 @@ class QFormerLayer(nnx.Module):
 class QFormer(nnx.Module):
     """transformers' `Blip2QFormerModel` (query path): LN + dropout on the queries, then the layers.
 
-    queries (B, Q, H), enc (B, T_enc, d_enc), enc_mask (B, T_enc) bool/int or None -> (B, Q, H).
+    queries (B, Q, H), enc (B, T_enc, d_enc), enc_mask (B, T_enc) bool/int or None -> (B, Q, H);
+    `cross_mask` (B, Q, T_enc), when given, replaces enc_mask in the cross-attention (windows).
     """
 
     def __init__(self, cfg: QFormerConfig, *, rngs: nnx.Rngs):
@@ -256,13 +269,15 @@ class QFormer(nnx.Module):
         self.layers = nnx.List([QFormerLayer(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
 
     def __call__(self, queries: jax.Array, enc: jax.Array, enc_mask: jax.Array | None = None, *,
-                 deterministic: bool = True, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+                 cross_mask: jax.Array | None = None, deterministic: bool = True,
+                 rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
         check_encoder_input(self.config, enc, enc_mask)
         r = _dropout_key(rngs, deterministic)
         dt = dtype_from_name(self.config.dtype)
         x = self.dropout(self.layernorm(queries), deterministic=r is None, rngs=r)
         enc = enc.astype(dt)
-        mask = None if enc_mask is None else enc_mask.astype(bool)
+        mask = cross_mask if cross_mask is not None else enc_mask
+        mask = None if mask is None else mask.astype(bool)
         for layer in self.layers:
             x = layer(x, enc, mask, rngs=r)
         return x
@@ -283,6 +298,18 @@ def frames_mask(cfg: QFormerConfig, enc: Any, enc_mask: Any = None, enc_frames: 
     T = enc.shape[1]
     real = jnp.arange(T)[None, :] < jnp.asarray(enc_frames).reshape(-1, 1)
     return real if enc_mask is None else real & jnp.asarray(enc_mask).astype(bool)
+
+
+def window_mask(num_queries: int, frames_mask: Any, overlap: int) -> Any:
+    """Per-query windows over the real frames: frames_mask (B, T) (a prefix of real frames per row)
+    -> (B, Q, T) bool; query i covers frames [i F / Q - overlap, (i + 1) F / Q + overlap) of the
+    row's F real frames (floor / ceil, so every query has at least one frame)."""
+    F = jnp.sum(frames_mask, axis=-1, dtype=jnp.int32)[:, None, None]  # (B, 1, 1)
+    i = jnp.arange(num_queries, dtype=jnp.int32)[None, :, None]
+    t = jnp.arange(frames_mask.shape[-1], dtype=jnp.int32)[None, None, :]
+    start = (i * F) // num_queries - overlap
+    end = -((-(i + 1) * F) // num_queries) + overlap
+    return (t >= start) & (t < end) & frames_mask[:, None, :].astype(bool)
 
 
 def check_encoder_input(cfg: QFormerConfig, enc: Any, enc_mask: Any = None) -> None:
@@ -346,10 +373,12 @@ class SpeechAdapter(nnx.Module):
         enc_frames (B,) int: real encoder frames per example; used (as a key-padding mask over
         frames >= enc_frames) only when `config.attend_padding` is False, where it (or an
         explicit enc_mask) is required. `enc` may then be a prefix of the frames."""
-        enc_mask = frames_mask(self.config, enc, enc_mask, enc_frames)
-        check_encoder_input(self.config, enc, enc_mask)
+        cfg = self.config
+        enc_mask = frames_mask(cfg, enc, enc_mask, enc_frames)
+        check_encoder_input(cfg, enc, enc_mask)
+        cross = window_mask(cfg.num_queries, enc_mask, cfg.window_overlap) if cfg.window_queries else None
         q = jnp.broadcast_to(self.query[...], (enc.shape[0], *self.query.shape[1:]))
-        return self.qformer(q.astype(dtype_from_name(self.config.dtype)), enc, enc_mask,
+        return self.qformer(q.astype(dtype_from_name(cfg.dtype)), enc, enc_mask, cross_mask=cross,
                             deterministic=deterministic, rngs=rngs)
 
     def pool(self, x: jax.Array) -> jax.Array:

@@ -249,7 +249,7 @@ class WhisperEncoderBlock(nnx.Module):
 
 
 class WhisperEncoder(nnx.Module):
-    """Whisper audio encoder. mel (B, n_mels, 2P) -> (B, P, D).
+    """Whisper audio encoder. mel (B, n_mels, 2T) -> (B, T, D) (T = P: the 30 s window; or shorter).
 
     Parameters (logical axes): conv1/conv2 kernel (K, in, D) ("conv_k", "conv_in", "enc_embed"),
     embed_positions (P, D) Buffer, blocks.* stacked (L, ...) with a leading "layers" axis,
@@ -276,17 +276,22 @@ class WhisperEncoder(nnx.Module):
         self.layer_norm = LayerNorm(D, eps=cfg.layer_norm_eps, axes=("enc_embed",), **kw)
 
     def embed(self, mel: jax.Array) -> jax.Array:
-        """Conv stem + positions. mel (B, n_mels, 2P) -> (B, P, D)."""
+        """Conv stem + positions. mel (B, n_mels, 2T) -> (B, T, D), T <= P.
+
+        2T = `num_frames` is Whisper's 30 s window (what HF accepts); a shorter even window (a
+        clip's real length, rounded up to a bucket) gets the first T positions: the encoder then
+        attends over the speech only, ~P/T times cheaper (`audio.encoder_frames` gives T)."""
         cfg = self.config
-        if mel.ndim != 3 or mel.shape[1] != cfg.num_mel_bins or mel.shape[2] != cfg.num_frames:
+        if (mel.ndim != 3 or mel.shape[1] != cfg.num_mel_bins or mel.shape[2] > cfg.num_frames
+                or mel.shape[2] % 2 or mel.shape[2] < 2):
             raise ValueError(f"Whisper encoder expects mel of shape (B, {cfg.num_mel_bins}, "
                              f"{cfg.num_frames}) (100 frames per second: pad/trim the audio to "
-                             f"{cfg.num_frames / 100:g} s), "
+                             f"{cfg.num_frames / 100:g} s) or a shorter even number of frames, "
                              f"got {tuple(mel.shape)}")
         gelu = activation("gelu")  # HF hard-codes exact GELU in the stem
         x = gelu(self.conv1(mel, channels_first=True))
         x = gelu(self.conv2(x))
-        return x + self.embed_positions[...].astype(x.dtype)
+        return x + self.embed_positions[...][:x.shape[1]].astype(x.dtype)
 
     def __call__(self, mel: jax.Array, *, return_hidden_states: bool = False
                  ) -> jax.Array | tuple[jax.Array, jax.Array]:
