@@ -55,6 +55,7 @@ from esrt_jax.data import records as rec_lib
 from esrt_jax.data.encode_cache import FeatureCache
 from esrt_jax.data.mixture import MixturePlan, PlanItem, build_components
 from esrt_jax.data.tasks import TASK_IDS, TASKS, TaskError, TaskTokenizer, collate
+from esrt_jax.metrics import normalize_transcript
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ __all__ = [
     "open_feature_cache",
 ]
 
+CTC_LABEL_BUCKET = 16  # CTC label lengths are padded to a multiple of this
 BAD_REASONS = ("missing audio", "corrupt audio", "unknown language", "empty text",
                "too long", "malformed record")
 
@@ -108,7 +110,10 @@ class DataConfig:
     with attend_padding false attends over). `enc_frame_bucket` (cache only; 0 = off): cut `enc`
     to the batch's longest `enc_frames` rounded up to a multiple of this (static shapes per
     bucket); only for such an adapter (the model builder checks). `augment`: training-only
-    audio augmentation (`esrt_jax.data.augment`; off by default)."""
+    audio augmentation (`esrt_jax.data.augment`; off by default). `ctc_units` (the align stage):
+    the CTC label units, one character each (unit i + 1 = ctc_units[i]; 0 is the blank); batches
+    then also carry `ctc_labels` (b, L) int32 and `ctc_paddings` (b, L) float32 (1 = padding): the
+    record's transcript after Whisper's text normaliser, characters outside the units dropped."""
 
     train: tuple[str, ...] = ()
     tasks: dict[str, float] = dataclasses.field(default_factory=lambda: {"srt": 1.0})
@@ -134,6 +139,7 @@ class DataConfig:
     shard_index: int | None = None
     shard_count: int | None = None
     augment: aug_lib.AugmentConfig = aug_lib.AugmentConfig()
+    ctc_units: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _check_weights(self.tasks, "tasks")
@@ -159,6 +165,9 @@ class DataConfig:
         check(self.worker_buffer >= 1, "worker_buffer", "must be >= 1")
         check(self.read_threads >= 1, "read_threads", "must be >= 1")
         check(self.prefetch >= 1, "prefetch", "must be >= 1")
+        check(all(isinstance(u, str) and len(u) == 1 for u in self.ctc_units)
+              and len(set(self.ctc_units)) == len(self.ctc_units), "ctc_units",
+              "must be distinct single characters")
         check(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)")
         check(0 <= self.bad_record_budget < 1, "bad_record_budget", "must be in [0, 1)")
         check(self.bad_record_min >= 0, "bad_record_min", "must be >= 0")
@@ -257,6 +266,13 @@ class ExampleBuilder:
         self.max_len = max(cfg.text_buckets)
         self.cache = open_feature_cache(cfg)
         self.augment = augment and cfg.augment.enabled
+        self.ctc_table = {u: i + 1 for i, u in enumerate(cfg.ctc_units)}
+
+    def ctc_labels(self, record: rec_lib.Record) -> list[int] | None:
+        """The transcript as CTC units (see `DataConfig.ctc_units`), or None without units."""
+        if not self.ctc_table:
+            return None
+        return [self.ctc_table[ch] for ch in ctc_text(record.transcription) if ch in self.ctc_table]
 
     def build(self, task: str, record: rec_lib.Record, key: int = 0):
         for code in (record.src,) + ((record.tgt,) if task != "asr" else ()):
@@ -315,7 +331,7 @@ class ExampleBuilder:
             return {"key": item.key, "record": item.record, "task": -1, "feat": None, "text": None}
         feat, text, frames = out
         return {"key": item.key, "record": item.record, "task": item.task, "feat": feat,
-                "text": text, "frames": frames}
+                "text": text, "frames": frames, "ctc": self.ctc_labels(record)}
 
 
 def open_feature_cache(cfg: DataConfig):
@@ -350,11 +366,32 @@ class _Collate:
                 feats[i] = e["feat"][:shape[0]]
         out[key] = feats
         out["enc_frames"] = frames
+        if self.cfg.ctc_units:
+            out["ctc_labels"], out["ctc_paddings"] = pad_labels([e.get("ctc") or [] for e in examples])
         out["task"] = np.array([e["task"] for e in examples], np.int32)
         out["valid"] = (out["task"] >= 0).astype(np.int32)
         out["example_key"] = np.array([e["key"] for e in examples], np.int64)
         out["record"] = np.array([e["record"] for e in examples], np.int64)
         return out
+
+
+def ctc_text(text: str) -> str:
+    """What the align stage's CTC learns to spell: Whisper's text normaliser (what CER scores),
+    single spaces, none at the ends."""
+    return " ".join(normalize_transcript(text).split())
+
+
+def pad_labels(labels: Sequence[Sequence[int]], bucket: int = CTC_LABEL_BUCKET
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Label lists -> (b, L) int32 labels and (b, L) float32 paddings (1 = padding), L the longest
+    rounded up to `bucket` (few distinct shapes to compile)."""
+    L = max(1, -(-max((len(x) for x in labels), default=1) // bucket) * bucket)
+    out = np.zeros((len(labels), L), np.int32)
+    pad = np.ones((len(labels), L), np.float32)
+    for i, x in enumerate(labels):
+        out[i, :len(x)] = x
+        pad[i, :len(x)] = 0.0
+    return out, pad
 
 
 class _ProcessSlice(grain.MapDataset):

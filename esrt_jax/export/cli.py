@@ -13,7 +13,7 @@ from esrt_jax.export import __doc__ as EXPORT_DOC
 from esrt_jax.export.common import ExportError, find_run_config, stage_checkpoint
 from esrt_jax.export.from_hf import import_export
 from esrt_jax.export.to_hf import export_run
-from esrt_jax.train.config import STAGES
+from esrt_jax.train.config import LLM_STAGES
 from esrt_jax.train.restore import load_edge_half
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="export directory (created)")
     p.add_argument("--import", dest="import_dir", default=None, metavar="OUT",
                    help="turn an export directory back into an Orbax checkpoint in --run")
-    p.add_argument("--stage", default=None, choices=STAGES,
+    p.add_argument("--stage", default=None, choices=LLM_STAGES,
                    help="stage to export (default: the last one with a checkpoint)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     g = p.add_mutually_exclusive_group()

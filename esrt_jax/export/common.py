@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from esrt_jax.train.config import STAGES
+from esrt_jax.train.config import LLM_STAGES
 from esrt_jax.train.restore import resolve_checkpoint
 
 FORMAT = "esrt-jax-export"
@@ -48,8 +48,8 @@ def stage_checkpoint(run_dir: str | os.PathLike, stage: str | None, step: int | 
         if stage is None:
             raise ExportError(f"{run}: cannot tell the stage of {ck}; pass --stage")
     else:
-        if stage not in STAGES:
-            raise ExportError(f"--stage {stage!r}: unknown stage; stages are {list(STAGES)}")
+        if stage not in LLM_STAGES:
+            raise ExportError(f"--stage {stage!r}: unknown stage; stages are {list(LLM_STAGES)}")
         ck = run / stage / "checkpoints"
         if not ck.is_dir():
             raise ExportError(f"{run}: stage {stage} has no checkpoints ({ck} does not exist)")

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -249,14 +250,16 @@ def _keep_paths(tree: Any, keep: set[str], prefix: str = "") -> Any:
 
 
 def restore_params(directory: str | Path, abstract_trainable: Any, step: int | None = None, *,
-                   fill: Any = None) -> tuple[Any, int]:
+                   fill: Any = None, drop: Sequence[str] = ()) -> tuple[Any, int]:
     """Only the trainable params of a stage's checkpoint folder (latest step by default).
 
     Used to start a stage from the previous stage's final params (optimizer restarts). `fill`
     (concrete params shaped like `abstract_trainable`, nested dicts): params that the checkpoint
     does not have are taken from it, with a one-line notice: params new in this stage, e.g. LoRA
-    enabled after an adapter-only ASR stage. Shape differences and params only in the checkpoint
-    are a `CheckpointMismatch` either way.
+    enabled after an adapter-only ASR stage. `drop`: regexes over the paths of params that only
+    the checkpoint has and this model does not use (read, then left out, with a notice: the align
+    stage's CTC head). Shape differences and other params only in the checkpoint are a
+    `CheckpointMismatch`.
     """
     directory = Path(directory).absolute()
     if not directory.is_dir():
@@ -272,8 +275,10 @@ def restore_params(directory: str | Path, abstract_trainable: Any, step: int | N
         except Exception as e:  # noqa: BLE001 - unreadable metadata
             raise _unreadable(directory, step, e) from None
         new = [b.split(":")[0] for b in bad if ": missing vs " in b] if fill is not None else []
-        if len(new) < len(bad):
-            bad = [b for b in bad if b.split(":")[0] not in new]
+        extra = [b.split(":")[0] for b in bad if b.endswith(" vs missing")
+                 and any(re.search(p, b.split(":")[0]) for p in drop)]
+        if len(new) + len(extra) < len(bad):
+            bad = [b for b in bad if b.split(":")[0] not in new + extra]
             raise CheckpointMismatch(f"checkpoint {directory}/{step} does not fit the model built from the "
                                      f"config: {len(bad)} params differ, e.g. {bad[0]}")
         target = abstract_trainable
@@ -281,10 +286,16 @@ def restore_params(directory: str | Path, abstract_trainable: Any, step: int | N
             target = _keep_paths(abstract_trainable, set(_flat_shapes(abstract_trainable)) - set(new))
             print(f"note: {len(new)} params are not in {directory}/{step} and start from their initial "
                   f"values (new in this stage), e.g. {new[0]}", file=sys.stderr, flush=True)
+        if extra:  # Orbax restores whole trees: read them too, then leave them out
+            target = merge_trees(target, jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                                      _keep_paths(saved_tree(directory, step), set(extra))))
+            print(f"note: {len(extra)} params of {directory}/{step} are not used from here on and are "
+                  f"left out, e.g. {extra[0]}", file=sys.stderr, flush=True)
         try:
             out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
         except Exception as e:  # noqa: BLE001 - shapes fit, so a failed read is a damaged step
             raise _unreadable(directory, step, e) from None
-        return (merge_trees(fill, out["params"]) if new else out["params"]), step
+        params = _keep_paths(out["params"], set(_flat_shapes(abstract_trainable))) if extra else out["params"]
+        return (merge_trees(fill, params) if new else params), step
     finally:
         mngr.close()

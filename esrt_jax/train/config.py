@@ -26,8 +26,11 @@ from esrt_jax.config import ConfigError, apply_overrides, check, from_dict, load
 from esrt_jax.models.llm_config import LoraConfig
 from esrt_jax.train.bundle import import_object
 
-# The curriculum, in training order; a run dir is served from its last finished stage.
-STAGES = ("asr", "smt", "srt")
+# The curriculum, in training order. The LLM stages make a servable model (a run dir is served
+# from its last finished one); "align" (the adapter without the LLM, esrt_jax.train.align) comes
+# first and runs only when the config has a `stages.align` block.
+LLM_STAGES = ("asr", "smt", "srt")
+STAGES = ("align",) + LLM_STAGES
 # The plug-ins a config gets when it names none (see `RunConfig.model_builder`).
 DEFAULT_MODEL_BUILDER = "esrt_jax.train.speech:build_model"
 DEFAULT_DATA_BUILDER = "esrt_jax.train.speech:build_data"
@@ -154,6 +157,16 @@ class RunConfig:
             b = block.get("builder")
             check(b is None or (isinstance(b, str) and ":" in b), f"{key}.builder",
                   f"must be 'package.module:function', got {b!r}")
+
+    def curriculum(self) -> tuple[str, ...]:
+        """The stages `--stage=all` runs, in order: align when configured, then the LLM stages."""
+        return tuple(s for s in STAGES if s != "align" or "align" in self.stages)
+
+    def previous_stage(self, name: str) -> str | None:
+        """The stage `name` starts from (None: the first of the curriculum)."""
+        order = self.curriculum()
+        i = order.index(name) if name in order else STAGES.index(name)
+        return order[i - 1] if i > 0 else None
 
     def model_builder(self) -> Callable:
         """`model.builder` (default: the speech LLM): fn(cfg, *, abstract) -> TrainBundle."""

@@ -30,10 +30,10 @@ from esrt_jax.models.qformer import SpeechAdapter
 from esrt_jax.models.speech_llm import EdgeHalf, SpeechLLM
 from esrt_jax.pytree import key_name
 from esrt_jax.train.checkpoint import restore_params
-from esrt_jax.train.config import STAGES, load_run_config
+from esrt_jax.train.config import LLM_STAGES, load_run_config
 from esrt_jax.train.speech import speech_config
 
-SERVE_ORDER = STAGES[::-1]  # a run dir is served from its last finished stage
+SERVE_ORDER = LLM_STAGES[::-1]  # a run dir is served from its last finished stage
 
 
 @dataclasses.dataclass

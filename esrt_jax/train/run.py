@@ -90,7 +90,7 @@ def _command(args, stage: str, run_dir: Path) -> str:
 
 def previous_params_dir(args, cfg, stage: str, run_dir: Path) -> Path:
     """The previous stage's checkpoint folder, checked to hold its final step."""
-    prev = STAGES[STAGES.index(stage) - 1]
+    prev = cfg.previous_stage(stage)
     d = stage_ckpt_dir(run_dir, prev)
     want = cfg.for_stage(prev).train.steps
     hint = (f"; create it with: {_command(args, prev, run_dir)}  (or start this stage from another "
@@ -172,7 +172,7 @@ def main(argv=None) -> list:
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     run_dir = Path(args.run_dir or cfg.run_dir)
-    stages = STAGES if args.stage == "all" else (args.stage,)
+    stages = cfg.curriculum() if args.stage == "all" else (args.stage,)
     if args.init_from and args.from_init:
         raise SystemExit("error: give --init-from DIR or --from-init, not both")
     if args.init_from and not Path(args.init_from).is_dir():
@@ -200,7 +200,7 @@ def main(argv=None) -> list:
         if not resuming:
             if args.init_from and i == 0:
                 src = Path(args.init_from)
-            elif stage != "asr" and not (args.from_init and i == 0):
+            elif cfg.previous_stage(stage) and not (args.from_init and i == 0):
                 src = previous_params_dir(args, cfg, stage, run_dir)
         bundle = model_builder(scfg, abstract=False)
         init = None
@@ -208,8 +208,10 @@ def main(argv=None) -> list:
             mesh = mesh_lib.make_mesh(scfg.mesh)
             sh = stage_shardings(bundle, make_optimizer(scfg.train), mesh, mesh_lib.make_rules(scfg.mesh.rules))
             try:
+                # the align stage's CTC head is not part of the speech LLM: left out
                 init, step = restore_params(src, abstract_like(bundle.trainable, sh["trainable"]),
-                                            fill=bundle.trainable)
+                                            fill=bundle.trainable,
+                                            drop=(".",) if cfg.previous_stage(stage) == "align" else ())
             except (UnreadableCheckpoint, CheckpointMismatch) as e:
                 raise SystemExit(f"error: [{stage}] cannot start from {src}: {e}") from None
             log0(f"[{stage}] starting from trainable params of {src} (step {step}); optimizer restarts")

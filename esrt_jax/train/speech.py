@@ -65,16 +65,18 @@ from esrt_jax.models.qformer import QFormerConfig, SpeechAdapter
 from esrt_jax.models.speech_llm import SpeechLLM, SpeechLLMConfig, batch_mel
 from esrt_jax.models.whisper import WhisperEncoder, WhisperEncoderConfig
 from esrt_jax.pytree import merge_trees, rotate_rows
+from esrt_jax.train import align
 from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train.bundle import TrainBundle, split_nnx
 from esrt_jax.train.config import RunConfig
 
 MODEL_KEYS = {"builder", "whisper", "whisper_config", "llm", "llm_config", "tokenizer", "tokenizer_vocab",
               "adapter", "llm_dtype", "llm_param_dtype", "encoder_dtype", "scan_layers", "remat", "split",
-              "seed", "decode", "infer"}
+              "seed", "decode", "infer", "align"}
 DATA_EXTRA = {"builder", "dev", "demo", "demo_dir", "dev_task", "demo_heldout_clips", "demo_sentences",
               "demo_voices"}
-BATCH_KEYS = ("mel", "audio", "enc", "enc_frames", "tokens", "loss_mask", "attention_mask")
+BATCH_KEYS = ("mel", "audio", "enc", "enc_frames", "tokens", "loss_mask", "attention_mask", "ctc_labels",
+              "ctc_paddings")
 
 
 def _check_keys(block: dict, allowed: set, where: str) -> None:
@@ -217,7 +219,10 @@ def _model_flops_per_example(scfg, text_len: int) -> float:
 
 
 def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
-    """model.builder: the speech LLM as a TrainBundle (loss = speech_llm.loss_fn)."""
+    """model.builder: the speech LLM as a TrainBundle (loss = speech_llm.loss_fn); in the align
+    stage the adapter + CTC head without the LLM (`esrt_jax.train.align`)."""
+    if cfg.stage == "align":
+        return _build_align(cfg, abstract=abstract)
     model = _build_module(cfg, abstract=abstract, on_mesh=True)
     scfg = model.config
 
@@ -263,6 +268,71 @@ def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
     if not abstract:
         bundle.decode_fn = _decoder(cfg, graphdef, nnx.state(model))
     return bundle
+
+
+@functools.lru_cache(maxsize=4)
+def _char_units(train_specs: tuple[str, ...]) -> tuple[str, ...]:
+    src = open_sources(list(train_specs))
+    return align.char_units(src[i].transcription for i in range(len(src)))
+
+
+def align_units(cfg: RunConfig) -> tuple[str, ...]:
+    """The align stage's CTC units: the characters of the training transcripts."""
+    return _char_units(tuple(_data_config(cfg, ctc=False).train))
+
+
+def _build_align(cfg: RunConfig, *, abstract: bool) -> TrainBundle:
+    """The align stage's bundle: frozen encoder (unless the batches carry cached encoder output),
+    adapter and CTC head; no LLM layer is built."""
+    scfg = speech_config(cfg)
+    acfg = from_dict(align.AlignConfig, dict(cfg.model.get("align") or {}), prefix="model.align")
+    units = align_units(cfg)
+    m = cfg.model
+    cached = bool(cfg.data.get("encoder_cache"))
+    seed = int(m.get("seed", 0))
+
+    def make(load: bool):
+        rngs = nnx.Rngs(seed)
+        enc = None
+        if not cached:
+            enc = (load_whisper_encoder(m["whisper"], dtype=scfg.encoder.dtype,
+                                        scan_layers=scfg.encoder.scan_layers)
+                   if load and m.get("whisper") else WhisperEncoder(scfg.encoder, rngs=rngs))
+        return align.AlignModel(enc, SpeechAdapter(scfg.adapter, rngs=rngs), acfg, len(units), rngs=rngs)
+
+    model = nnx.eval_shape(lambda: make(False)) if abstract else make(True)
+    bundle, graphdef = split_nnx(model, cfg.train.trainable or align.TRAINABLE, align.loss)
+    e, a = scfg.encoder, scfg.adapter
+    if cached:
+        cache = _feature_cache(cfg, None)
+        feat = {"enc": ((e.max_source_positions, e.d_model),
+                        jnp.bfloat16 if cache.meta["dtype"] == "bfloat16" else jnp.float32)}
+    else:
+        feat = {"mel": ((e.num_mel_bins, N_FRAMES), jnp.float32)}
+    labels = max(tuple(cfg.data.get("text_buckets", (64, 128, 256))))
+    bundle.batch_spec = lambda rows: {
+        **{k: jax.ShapeDtypeStruct((rows, *shape), dt) for k, (shape, dt) in feat.items()},
+        "enc_frames": jax.ShapeDtypeStruct((rows,), jnp.int32),
+        "ctc_labels": jax.ShapeDtypeStruct((rows, labels), jnp.int32),
+        "ctc_paddings": jax.ShapeDtypeStruct((rows, labels), jnp.float32)}
+    ad_params = a.num_hidden_layers * (4 * a.hidden_size ** 2 + 2 * a.hidden_size * a.intermediate_size)
+    bundle.flops_per_example = 6 * ad_params * a.num_queries
+    bundle.speech_keys = align.SPEECH_KEYS
+    if not abstract and _dev_source(cfg) is not None:
+        bundle.decode_fn = align.decoder(graphdef, nnx.state(model), units, _align_dev_batches(cfg))
+    return bundle
+
+
+def _align_dev_batches(cfg: RunConfig):
+    def dev_batches(n: int):
+        dev = _dev_source(cfg)
+        dc = _data_config(cfg, batch_size=n)
+        batch = next(make_eval_batches(dc, tokenizer_for(cfg), dev, "asr", batch_size=n))
+        rows = [int(i) for i in batch["record"] if i >= 0]
+        return ({k: np.asarray(v[:len(rows)]) for k, v in _Select()(batch).items()
+                 if k not in ("tokens", "loss_mask", "attention_mask")},
+                [dev[i].transcription for i in rows])
+    return dev_batches
 
 
 def _feature_cache(cfg: RunConfig, encoder):
@@ -351,11 +421,13 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
 
 # ----------------------------------------------------------------------------- data
 
-def _data_config(cfg: RunConfig, batch_size: int | None = None):
+def _data_config(cfg: RunConfig, batch_size: int | None = None, *, ctc: bool = True):
     d = {k: v for k, v in cfg.data.items() if k not in DATA_EXTRA}
     _check_keys(d, {f.name for f in dataclasses.fields(DataConfig)}, "data")
     if cfg.data.get("demo") and not d.get("train"):
         d["train"] = [str(_demo_split(cfg, "train"))]
+    if cfg.stage == "align" and ctc:  # CTC over each record's transcript: task weights do not apply
+        d.update(tasks={"asr": 1.0}, schedule=(), ctc_units=align_units(cfg))
     d["batch_size"] = batch_size or cfg.train.batch_size
     d.setdefault("n_mels", speech_config(cfg).encoder.num_mel_bins)
     return from_dict(DataConfig, d, prefix="data")
