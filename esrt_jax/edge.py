@@ -139,15 +139,15 @@ class OnnxEdgeModel:
         if self.split not in pl.SPLITS:
             raise EdgeModelError(f"{self.path}: metadata esrt.split is {self.split!r}, not one of {pl.SPLITS}")
         # the metadata must describe the graph it sits on (a tampered one would fail in onnxruntime)
-        graph = {"mel": (self.session.get_inputs(), self.mel_shape),
-                 "features": (self.session.get_outputs(), self.feature_shape)}
-        for name, (args, want) in graph.items():
+        graph = {"mel": (self.session.get_inputs(), "esrt.mel_shape", self.mel_shape),
+                 "features": (self.session.get_outputs(), "esrt.feature_shape", self.feature_shape)}
+        for name, (args, key, want) in graph.items():
             shape = next((a.shape for a in args if a.name == name), None)
             if shape is None:
                 raise EdgeModelError(f"{self.path}: the ONNX graph has no {name!r} input/output")
             if len(shape) != 1 + len(want) or any(isinstance(d, int) and d != w for d, w in zip(shape[1:], want)):
-                raise EdgeModelError(f"{self.path}: metadata says {name} is (B, {', '.join(map(str, want))}), "
-                                     f"the graph's {name} is {shape}: the metadata was altered")
+                raise EdgeModelError(f"{self.path}: metadata {key} says {name} is (B, {', '.join(map(str, want))}), "
+                                     f"the graph's {name} is {shape}: the file was altered")
 
     def encode(self, mel: np.ndarray) -> np.ndarray:
         """(B, n_mels, frames) -> (B, *feature_shape) float32."""

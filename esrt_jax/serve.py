@@ -56,6 +56,7 @@ from esrt_jax.train.restore import load_backend
 log = logging.getLogger("esrt_jax.serve")
 UPLOAD_GRACE_S = 1.0   # on shutdown, a body still uploading gets this long to finish before its 503
 CLIENT_CLOSED = 499    # metrics/access-log status of a request whose client went away (nginx's)
+LINGER_S = 2.0         # after answering a request whose body was not read, read (and drop) it this long
 
 
 class Backend(Protocol):
@@ -237,7 +238,8 @@ class _Connection(RequestHandler):
         self.limits.count(status)
         if status >= 500:
             return super().handle_error(request, status, exc, message)
-        log.info("bad request from %s: %s", request.remote, message or exc)  # the client's fault: no traceback
+        # the client's fault: one line, no traceback (aiohttp's messages quote the bad bytes over lines)
+        log.info("bad request from %s: %s", request.remote, " ".join(str(message or exc).split())[:300])
         resp = web.Response(status=status, text=f"{status}: {message or 'bad request'}\n")
         resp.force_close()
         return resp
@@ -358,9 +360,10 @@ def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
                 await asyncio.wait({read}, timeout=max(0.0, min(UPLOAD_GRACE_S, deadline - loop.time())))
         finally:
             drain.cancel()
-            if not read.done():
+            arrived = read.done()
+            if not arrived:
                 read.cancel()
-        if read.cancelled():
+        if not arrived:
             if limits.draining.is_set():
                 raise _Refused(503, "the service is shutting down; the request body did not arrive in time")
             raise _Refused(408, f"the request body did not arrive within {cfg.body_timeout_s:g} s")
@@ -458,7 +461,8 @@ class Service:
     def __init__(self, app: web.Application, sock: socket.socket | None = None):
         self.app, self.cfg, self.sock = app, app[LIMITS].cfg, sock
         cfg = self.cfg
-        self.handler_kw = dict(access_log_class=AccessLogger, keepalive_timeout=cfg.header_timeout_s)
+        self.handler_kw = dict(access_log_class=AccessLogger, keepalive_timeout=cfg.header_timeout_s,
+                               lingering_time=LINGER_S)
         self.runner = web.AppRunner(app, shutdown_timeout=cfg.drain_s, **self.handler_kw)
         self.server: asyncio.base_events.Server | None = None
         self.port = cfg.port
