@@ -28,6 +28,7 @@ Library use::
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -45,6 +46,7 @@ from esrt_jax.infer import longform
 from esrt_jax.infer import payload as pl
 
 RUNTIMES = ("jax", "onnx")
+MAX_ANSWER_BYTES = 1 << 20  # a JSON answer is a few hundred bytes; more is not our service
 
 
 class EdgeError(RuntimeError):
@@ -130,10 +132,22 @@ class OnnxEdgeModel:
         try:
             self.fingerprint = meta["esrt.fingerprint"]
             self.split = meta["esrt.split"]
-            self.feature_shape = tuple(json.loads(meta["esrt.feature_shape"]))
-            self.mel_shape = tuple(json.loads(meta["esrt.mel_shape"]))
+            self.feature_shape = _dims(meta["esrt.feature_shape"], "esrt.feature_shape")
+            self.mel_shape = _dims(meta["esrt.mel_shape"], "esrt.mel_shape")
         except (KeyError, ValueError) as e:
-            raise EdgeModelError(f"{self.path}: edge model metadata is incomplete ({e})") from None
+            raise EdgeModelError(f"{self.path}: edge model metadata is incomplete or invalid ({e})") from None
+        if self.split not in pl.SPLITS:
+            raise EdgeModelError(f"{self.path}: metadata esrt.split is {self.split!r}, not one of {pl.SPLITS}")
+        # the metadata must describe the graph it sits on (a tampered one would fail in onnxruntime)
+        graph = {"mel": (self.session.get_inputs(), "esrt.mel_shape", self.mel_shape),
+                 "features": (self.session.get_outputs(), "esrt.feature_shape", self.feature_shape)}
+        for name, (args, key, want) in graph.items():
+            shape = next((a.shape for a in args if a.name == name), None)
+            if shape is None:
+                raise EdgeModelError(f"{self.path}: the ONNX graph has no {name!r} input/output")
+            if len(shape) != 1 + len(want) or any(isinstance(d, int) and d != w for d, w in zip(shape[1:], want)):
+                raise EdgeModelError(f"{self.path}: metadata {key} says {name} is (B, {', '.join(map(str, want))}), "
+                                     f"the graph's {name} is {shape}: the file was altered")
 
     def encode(self, mel: np.ndarray) -> np.ndarray:
         """(B, n_mels, frames) -> (B, *feature_shape) float32."""
@@ -142,6 +156,14 @@ class OnnxEdgeModel:
             raise ValueError(f"edge model {self.path} expects mel (B, {self.mel_shape[0]}, "
                              f"{self.mel_shape[1]}), got {x.shape}")
         return self.session.run(["features"], {"mel": x})[0]
+
+
+def _dims(text: str, key: str) -> tuple[int, ...]:
+    """Metadata JSON like "[80, 3000]" -> (80, 3000); anything but a list of positive ints -> ValueError."""
+    v = json.loads(text)
+    if not (isinstance(v, list) and v and all(type(d) is int and d > 0 for d in v)):
+        raise ValueError(f"{key} must be a list of positive integers, got {text[:60]!r}")
+    return tuple(v)
 
 
 class EdgeEncoder:
@@ -211,25 +233,55 @@ class EdgeClient(EdgeEncoder):
         model = OnnxEdgeModel(path, threads=threads)
         return cls(model, model.fingerprint, **kw)
 
+    def _call(self, req: urllib.request.Request) -> tuple[int, bytes]:
+        """-> (HTTP status, body) for any answer, error statuses included; no usable answer (refused,
+        timed out, dropped, cut short) -> EdgeError(status 0), one line."""
+        url = req.full_url
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return r.status, _read_bounded(r)
+        except urllib.error.HTTPError as e:
+            try:
+                return e.code, _read_bounded(e)
+            except (OSError, http.client.HTTPException, EdgeError):
+                return e.code, b""
+        except urllib.error.URLError as e:
+            raise EdgeError(f"{url}: cannot reach the server ({e.reason})") from None
+        except TimeoutError:
+            raise EdgeError(f"{url}: no answer within {self.timeout:g} s") from None
+        except http.client.RemoteDisconnected:
+            raise EdgeError(f"{url}: the server closed the connection without answering") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise EdgeError(f"{url}: the connection failed ({type(e).__name__}: {e})") from None
+
+    def _json(self, req: urllib.request.Request, ok: tuple[int, ...]) -> tuple[int, dict]:
+        """`_call` -> (status, JSON object) when status is in `ok`; otherwise, or when the body is
+        not a JSON object, EdgeError naming the status and the service's `error` message."""
+        status, raw = self._call(req)
+        try:
+            out = json.loads(raw)
+        except ValueError:  # UnicodeDecodeError included
+            out = None
+        if status in ok and isinstance(out, dict):
+            return status, out
+        if status in ok:
+            what = "not JSON" if out is None else f"a JSON {type(out).__name__}, not an object"
+            raise EdgeError(f"{req.full_url}: HTTP {status}, but the answer is {what}: {raw[:80]!r}", status)
+        msg = out.get("error") if isinstance(out, dict) else None
+        raise EdgeError(f"{req.full_url}: HTTP {status}: {msg if isinstance(msg, str) and msg else _reason(status)}",
+                        status)
+
     def check_service(self) -> dict:
         """`GET /healthz`; refuse (EdgeError) a service whose model fingerprint or split point
         differs from this edge half's -> the service's health JSON."""
         url = f"{self.server}/healthz"
-        try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as r:
-                health = json.loads(r.read())
-        except urllib.error.HTTPError as e:  # 503 while warming up still describes the model
-            try:
-                health = json.loads(e.read())
-            except ValueError:
-                raise EdgeError(f"{url}: HTTP {e.code}: {e.reason}", e.code) from None
-        except urllib.error.URLError as e:
-            raise EdgeError(f"{url}: cannot reach the server ({e.reason})") from None
-        except ValueError:
-            raise EdgeError(f"{url}: the answer is not JSON") from None
-        if health.get("fingerprint") != self.fingerprint:
+        _, health = self._json(urllib.request.Request(url), ok=(200, 503))  # 503 while warming still describes the model
+        if not isinstance(health.get("fingerprint"), str) or not isinstance(health.get("split"), (str, type(None))):
+            raise EdgeError(f"{url}: the answer does not describe a model (fingerprint "
+                            f"{health.get('fingerprint')!r:.40}, split {health.get('split')!r:.40})")
+        if health["fingerprint"] != self.fingerprint:
             raise EdgeError(f"this edge model is {self.fingerprint}, the service at {self.server} runs model "
-                            f"{health.get('fingerprint')}: use the edge half of the service's checkpoint "
+                            f"{health['fingerprint']}: use the edge half of the service's checkpoint "
                             f"(re-export it with `python -m esrt_jax.export --edge`)")
         if health.get("split") not in (None, self.split):
             raise EdgeError(f"this edge model sends split {self.split!r}, the service at {self.server} "
@@ -242,18 +294,14 @@ class EdgeClient(EdgeEncoder):
             raise ValueError("refusing to send something that is not a feature payload")
         url = f"{self.server}/v1/translate?" + urllib.parse.urlencode({"src": src, "tgt": tgt})
         req = urllib.request.Request(url, data=body, method="POST", headers={
-            "Authorization": f"Bearer {self.token}", "Content-Type": "application/octet-stream"})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                out = json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            try:
-                msg = json.loads(e.read()).get("error", "")
-            except ValueError:
-                msg = ""
-            raise EdgeError(f"{url}: HTTP {e.code}: {msg or e.reason}", e.code) from None
-        except urllib.error.URLError as e:
-            raise EdgeError(f"{url}: cannot reach the server ({e.reason})") from None
+            "Authorization": pl.authorization(self.token), "Content-Type": "application/octet-stream"})
+        _, out = self._json(req, ok=(200,))
+        bad = [k for k in ("transcription", "translation") if not isinstance(out.get(k), str)]
+        if not isinstance(out.get("batch_size", 0), (int, type(None))) or isinstance(out.get("batch_size"), bool):
+            bad.append("batch_size")
+        if bad:
+            raise EdgeError(f"{url}: HTTP 200, but the answer has no valid {', '.join(bad)}: "
+                            f"{json.dumps(out)[:80]}", 200)
         out["bytes_sent"] = len(body)
         return out
 
@@ -271,6 +319,39 @@ class EdgeClient(EdgeEncoder):
         for seg, o in zip(joined["segments"], outs):
             seg.update(batch_size=o.get("batch_size"), bytes_sent=o["bytes_sent"])
         return {**outs[0], **joined, "bytes_sent": sum(o["bytes_sent"] for o in outs)}
+
+
+def _read_bounded(r) -> bytes:
+    raw = r.read(MAX_ANSWER_BYTES + 1)
+    if len(raw) > MAX_ANSWER_BYTES:
+        raise EdgeError(f"{r.url}: the answer is longer than {MAX_ANSWER_BYTES} bytes")
+    return raw
+
+
+def _reason(status: int) -> str:
+    return http.client.responses.get(status, "unexpected status")
+
+
+def client_from_args(args: argparse.Namespace) -> EdgeClient:
+    """The command line's client, checked against the service; a token, model or service that
+    cannot be used -> one-line SystemExit."""
+    token = pl.read_token(args.token_file)
+    kw = dict(server=args.server, token=token, scheme=args.scheme, compress=args.zstd, timeout=args.timeout)
+    try:
+        if args.runtime == "onnx":
+            client = EdgeClient.from_onnx(args.model, threads=args.threads, **kw)
+        else:
+            import yaml  # the jax runtime's config; not needed (nor installed) on an onnx device
+
+            try:
+                client = EdgeClient.from_checkpoint(args.config, args.checkpoint, args.set, split=args.split, **kw)
+            except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise EdgeModelError(f"cannot load the edge model ({args.config}, {args.checkpoint}): {msg}") from None
+        client.check_service()
+    except (EdgeError, EdgeModelError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return client
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -306,21 +387,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         src, tgt = languages.get(args.src).code, languages.get(args.tgt).code
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    token = pl.read_token(args.token_file)
-    kw = dict(server=args.server, token=token, scheme=args.scheme, compress=args.zstd, timeout=args.timeout)
-    try:
-        if args.runtime == "onnx":
-            client = EdgeClient.from_onnx(args.model, threads=args.threads, **kw)
-        else:
-            client = EdgeClient.from_checkpoint(args.config, args.checkpoint, args.set, split=args.split, **kw)
-        client.check_service()
-    except (EdgeError, EdgeModelError) as e:
-        raise SystemExit(f"error: {e}") from None
+    client = client_from_args(args)
     rc = 0
     for path in args.audio:
         try:
             out = client.translate(path, src, tgt, segment=args.segment)
-        except (EdgeError, audio_lib.AudioError) as e:
+        except (EdgeError, audio_lib.AudioError, ValueError) as e:  # this file failed: say so, go on
             print(f"error: {path}: {e}", file=sys.stderr)
             rc = 1
             continue

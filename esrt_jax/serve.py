@@ -18,8 +18,15 @@ Concurrent requests are batched dynamically (up to `max_batch`, waiting at most 
 into one jitted decode that runs in a worker thread, so the event loop keeps accepting requests.
 At start-up (unless `--no-warmup`) the worker thread first compiles the decode for every batch
 bucket, so no request pays a compile. The access log never shows query strings (a token sent there
-must not end up in logs). On SIGINT/SIGTERM the server stops accepting connections and finishes
-in-flight requests.
+must not end up in logs).
+
+Limits (`ServeConfig`): a request line and headers must arrive within `header_timeout_s` of the
+connection (or of the previous response), a body within `body_timeout_s` of its headers (408);
+at most `max_unauthenticated` connections that have not yet shown a valid token are kept (the
+oldest is closed first). A client that goes away mid-upload is counted as status 499, without a
+traceback; aiohttp's own parser-level 400s are counted too. On SIGINT/SIGTERM the server stops
+accepting connections, answers a request whose body is still uploading with 503 (after at most
+`UPLOAD_GRACE_S`), lets decodes in flight finish and gives up on what is left after `drain_s`.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import argparse
 import asyncio
 import hmac
 import logging
+import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,13 +45,18 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from esrt_jax import languages
+from esrt_jax import languages, logs
 from esrt_jax.infer import payload as pl
 from esrt_jax.train.restore import load_backend
 
 log = logging.getLogger("esrt_jax.serve")
+UPLOAD_GRACE_S = 1.0   # on shutdown, a body still uploading gets this long to finish before its 503
+CLIENT_CLOSED = 499    # metrics/access-log status of a request whose client went away (nginx's)
+LINGER_S = 2.0         # after answering a request whose body was not read, read (and drop) it this long
 
 
 class Backend(Protocol):
@@ -67,11 +81,26 @@ class Backend(Protocol):
 @dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: int = 8080      # 0: any free port
     max_batch: int = 8
     max_wait_ms: float = 10.0
     max_payload_bytes: int = pl.DEFAULT_MAX_BYTES
     warmup: bool = True   # compile every batch bucket before serving (healthz reports progress)
+    header_timeout_s: float = 10.0   # request line + headers, from connect or the previous response
+    body_timeout_s: float = 60.0     # the whole body, from the end of its headers (8 MB at ~1 Mbit/s)
+    drain_s: float = 10.0            # on shutdown: how long in-flight requests may still take
+    max_unauthenticated: int = 64    # open connections without a valid token yet (oldest closed first)
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_payload_bytes", "max_unauthenticated"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if type(self.port) is not int or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port!r}")
+        for name in ("max_wait_ms", "header_timeout_s", "body_timeout_s", "drain_s"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < float("inf")) or (v == 0 and name != "max_wait_ms"):
+                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
 
 
 @dataclass
@@ -162,6 +191,66 @@ BATCHER = web.AppKey("batcher", Batcher)
 BATCH_SIZES = web.AppKey("batch_sizes", list)  # every decoded batch's size, in order (tests, debugging)
 
 
+class Limits:
+    """What the service's connections share: the draining flag, the response counter and the
+    connections that have not shown a valid token yet (insertion order: oldest first)."""
+
+    def __init__(self, cfg: ServeConfig, count: Callable[[int], None], evicted: Callable[[], None]):
+        self.cfg, self.count, self.evicted = cfg, count, evicted
+        self.draining = asyncio.Event()
+        self.unauthenticated: dict[RequestHandler, None] = {}
+
+    def opened(self, conn: RequestHandler) -> None:
+        while len(self.unauthenticated) >= self.cfg.max_unauthenticated:
+            oldest = next(iter(self.unauthenticated))
+            del self.unauthenticated[oldest]
+            self.evicted()
+            oldest.force_close()
+        self.unauthenticated[conn] = None
+
+    def authenticated(self, conn: RequestHandler) -> None:
+        self.unauthenticated.pop(conn, None)
+
+    def closed(self, conn: RequestHandler) -> None:
+        self.unauthenticated.pop(conn, None)
+
+
+LIMITS = web.AppKey("limits", Limits)
+
+
+class _Connection(RequestHandler):
+    """aiohttp's per-connection protocol with the service's `Limits`; its parser-level errors
+    (a malformed request line or header) are counted and logged in one line."""
+
+    def __init__(self, manager, limits: Limits, **kw):
+        super().__init__(manager, **kw)
+        self.limits = limits
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.limits.opened(self)
+
+    def connection_lost(self, exc):
+        self.limits.closed(self)
+        super().connection_lost(exc)
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        self.limits.count(status)
+        if status >= 500:
+            return super().handle_error(request, status, exc, message)
+        # the client's fault: one line, no traceback (aiohttp's messages quote the bad bytes over lines)
+        log.info("bad request from %s: %s", request.remote, " ".join(str(message or exc).split())[:300])
+        resp = web.Response(status=status, text=f"{status}: {message or 'bad request'}\n")
+        resp.force_close()
+        return resp
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 def _json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -176,21 +265,27 @@ class AccessLogger(AbstractAccessLogger):
 
 
 def bearer_ok(header: str, token: str) -> bool:
-    """Constant-time check of an Authorization header; any undecodable header is just wrong."""
+    """Constant-time check of an Authorization header against the token, as UTF-8 bytes on both
+    sides (aiohttp decodes header bytes as UTF-8 with surrogateescape; the edge client sends the
+    token's UTF-8 bytes); any undecodable header is just wrong."""
     try:
         got = header.encode("utf-8", "surrogateescape")
+        want = f"Bearer {token}".encode("utf-8", "surrogateescape")
     except UnicodeError:
         return False
-    return hmac.compare_digest(got, f"Bearer {token}".encode())
+    return hmac.compare_digest(got, want)
 
 
 def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
-    """Build the aiohttp application (also used by tests with a real socket)."""
+    """Build the aiohttp application (also used by tests with a real socket); serve it with
+    `Service` (which applies `cfg`'s connection limits)."""
     if not token:
         raise ValueError("a bearer token is required (set --token-file or $ESRT_SERVE_TOKEN)")
     registry = CollectorRegistry()
-    requests = Counter("esrt_requests", "HTTP responses by status (every path, errors included)",
-                       ["status"], registry=registry)
+    requests = Counter("esrt_requests", "HTTP responses by status (every path, errors included; "
+                       f"{CLIENT_CLOSED}: the client went away)", ["status"], registry=registry)
+    evicted = Counter("esrt_unauthenticated_evicted", "connections closed to stay within max_unauthenticated",
+                      registry=registry)
     batch_hist = Histogram("esrt_batch_size", "decoded batch sizes", registry=registry,
                            buckets=(1, 2, 4, 8, 16, 32, 64))
     latency = Histogram("esrt_request_seconds", "translate request latency", registry=registry)
@@ -202,9 +297,10 @@ def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
         batch_sizes.append(n)
 
     batcher = Batcher(backend, cfg, on_batch)
+    limits = Limits(cfg, lambda status: requests.labels(str(status)).inc(), evicted.inc)
     inflight.set_function(lambda: batcher.inflight)
     app = web.Application(client_max_size=cfg.max_payload_bytes)
-    app[BATCHER], app[BATCH_SIZES] = batcher, batch_sizes
+    app[BATCHER], app[BATCH_SIZES], app[LIMITS] = batcher, batch_sizes, limits
 
     async def start(app):
         batcher.start()
@@ -213,8 +309,8 @@ def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
         await batcher.close()
 
     app.on_startup.append(start)
-    # on_cleanup runs after aiohttp has waited for every in-flight handler (shutdown_timeout), so
-    # a request still being read when shutdown began is decoded too, not stranded in the queue.
+    # on_cleanup runs after aiohttp has waited for every in-flight handler (drain_s), so a decode
+    # in flight when shutdown began is answered, not stranded in the queue.
     app.on_cleanup.append(stop)
 
     @web.middleware
@@ -233,7 +329,7 @@ def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
             log.exception("%s %s failed", request.method, request.path)
             status = 500
             return _json_error(500, f"internal error: {type(e).__name__}")
-        finally:  # status None: the client went away (cancelled), no response was sent
+        finally:  # status None: the handler was cancelled, no response was sent
             if status is not None:
                 requests.labels(str(status)).inc()
             if request.path == "/v1/translate":
@@ -241,30 +337,66 @@ def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
 
     @web.middleware
     async def auth(request, handler):
-        if request.path.startswith("/v1/") and not bearer_ok(request.headers.get("Authorization", ""), token):
-            return web.json_response({"error": "missing or wrong bearer token"}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})
+        if request.path.startswith("/v1/"):
+            if not bearer_ok(request.headers.get("Authorization", ""), token):
+                return web.json_response({"error": "missing or wrong bearer token"}, status=401,
+                                         headers={"WWW-Authenticate": "Bearer"})
+            limits.authenticated(request.protocol)
         return await handler(request)
 
     app.middlewares.extend([observe, auth])
     served = tuple(backend.languages) if getattr(backend, "languages", None) else None
 
+    async def read_body(request: web.Request) -> bytes:
+        """The whole body within `body_timeout_s` (else 408); on shutdown, 503 unless it ends
+        within `UPLOAD_GRACE_S`; a client gone mid-upload -> _Refused(CLIENT_CLOSED)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.body_timeout_s
+        read = asyncio.ensure_future(request.read())
+        drain = asyncio.ensure_future(limits.draining.wait())
+        try:
+            await asyncio.wait({read, drain}, timeout=cfg.body_timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if not read.done() and drain.done():
+                await asyncio.wait({read}, timeout=max(0.0, min(UPLOAD_GRACE_S, deadline - loop.time())))
+        finally:
+            drain.cancel()
+            arrived = read.done()
+            if not arrived:
+                read.cancel()
+        if not arrived:
+            if limits.draining.is_set():
+                raise _Refused(503, "the service is shutting down; the request body did not arrive in time")
+            raise _Refused(408, f"the request body did not arrive within {cfg.body_timeout_s:g} s")
+        try:
+            return read.result()
+        except web.HTTPRequestEntityTooLarge:
+            raise _Refused(413, f"payload larger than {cfg.max_payload_bytes} bytes") from None
+        except ConnectionError:  # the client went away mid-upload: nobody to answer, nothing to alert on
+            log.info("%s went away while uploading a request body", request.remote)
+            raise _Refused(CLIENT_CLOSED, "client closed the connection") from None
+        except HttpProcessingError as e:
+            raise _Refused(400, f"malformed request body: {e.message}") from None
+
     async def translate(request: web.Request) -> web.Response:
+        if limits.draining.is_set():
+            return _json_error(503, "the service is shutting down")
         src, tgt = request.query.get("src", ""), request.query.get("tgt", "")
         try:
             src, tgt = languages.get(src).code, languages.get(tgt).code
         except (KeyError, ValueError) as e:
             return _json_error(400, f"bad src/tgt: {e}")
         try:
-            languages.check_trained(served, src, tgt)
+            check_direction(served, src, tgt)
         except languages.NotTrainedError as e:
             return _json_error(422, str(e))
         if request.content_length is not None and request.content_length > cfg.max_payload_bytes:
             return _json_error(413, f"payload larger than {cfg.max_payload_bytes} bytes")
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return _json_error(413, f"payload larger than {cfg.max_payload_bytes} bytes")
+            body = await read_body(request)
+        except _Refused as e:
+            resp = _json_error(e.status, str(e))
+            resp.force_close()  # the rest of a body that was not read cannot be skipped: close
+            return resp
         try:
             p = pl.decode(body, fingerprint=backend.fingerprint, split=backend.split,
                           shape=backend.feature_shape, max_bytes=cfg.max_payload_bytes)
@@ -291,6 +423,102 @@ def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
     return app
 
 
+def check_direction(trained: Sequence[str] | None, src: str, tgt: str) -> None:
+    """NotTrainedError for a direction the served model never trained: a language outside its
+    `data.languages`, or src == tgt (its SRT/SMT records all translate into another language)."""
+    languages.check_trained(trained, src, tgt)
+    if src == tgt:
+        raise languages.NotTrainedError(f"src and tgt are both {src}: this service translates into another "
+                                        f"language (the model was trained on directions src != tgt)")
+
+
+def listen_socket(cfg: ServeConfig) -> socket.socket:
+    """A socket bound to cfg.host:cfg.port, not yet listening (connections are refused until the
+    service starts): taken before the model loads, so a busy port fails in seconds."""
+    try:
+        infos = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, addr = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as e:
+        raise SystemExit(f"error: cannot listen on {cfg.host}:{cfg.port}: {e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"error: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+    return sock
+
+
+class Service:
+    """A `make_app` app on `sock` (default: its config's host:port) with its config's limits:
+    `await start()` -> port; `await stop()` drains.
+
+    aiohttp's keep-alive timer runs from the connection (or the previous response) until the next
+    request's headers are complete, so `keepalive_timeout=header_timeout_s` is the header deadline.
+    """
+
+    def __init__(self, app: web.Application, sock: socket.socket | None = None):
+        self.app, self.cfg, self.sock = app, app[LIMITS].cfg, sock
+        cfg = self.cfg
+        self.handler_kw = dict(access_log_class=AccessLogger, keepalive_timeout=cfg.header_timeout_s,
+                               lingering_time=LINGER_S)
+        self.runner = web.AppRunner(app, shutdown_timeout=cfg.drain_s, **self.handler_kw)
+        self.server: asyncio.base_events.Server | None = None
+        self.port = cfg.port
+
+    async def start(self) -> int:
+        sock = self.sock or listen_socket(self.cfg)
+        await self.runner.setup()
+        loop = asyncio.get_running_loop()
+        manager, limits = self.runner.server, self.app[LIMITS]
+        self.server = await loop.create_server(
+            lambda: _Connection(manager, limits, loop=loop, **self.handler_kw), sock=sock, backlog=128)
+        self.port = self.server.sockets[0].getsockname()[1]
+        log.info("Running on http://%s:%d", self.cfg.host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop accepting; refuse uploads (503), finish decodes in flight, at most ~drain_s."""
+        if self.server is not None:
+            self.server.close()
+        self.app[LIMITS].draining.set()
+        await self.runner.cleanup()
+
+    async def run_until_signal(self) -> None:
+        """Serve until SIGINT/SIGTERM, then `stop()`."""
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        try:
+            await self.start()
+            await stopping.wait()
+            log.info("shutting down: draining in-flight requests (at most %g s)", self.cfg.drain_s)
+        finally:
+            await self.stop()
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """The command line's ServeConfig; a bad value -> one-line SystemExit."""
+    try:
+        return ServeConfig(args.host, args.port, args.max_batch, args.max_wait_ms, args.max_payload_bytes,
+                           warmup=args.warmup)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def load_backend_or_exit(args: argparse.Namespace) -> Backend:
+    """`load_backend` for the command line: a missing/invalid config, checkpoint or `--set` -> one line."""
+    import yaml
+
+    try:
+        return load_backend(args.config, args.checkpoint, args.set, split=args.split, max_batch=args.max_batch)
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: cannot load the model ({args.config}, {args.checkpoint}): {msg}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m esrt_jax.serve", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="run config YAML (same as train.py)")
@@ -308,15 +536,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="do not compile every batch bucket at start-up (the first request of each "
                          "new batch size then pays a compile; /healthz is ready at once)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup()
+    cfg = config_from_args(args)
     token = pl.read_token(args.token_file)
-    cfg = ServeConfig(args.host, args.port, args.max_batch, args.max_wait_ms, args.max_payload_bytes,
-                      warmup=args.warmup)
-    backend = load_backend(args.config, args.checkpoint, args.set, split=args.split, max_batch=args.max_batch)
+    sock = listen_socket(cfg)
+    backend = load_backend_or_exit(args)
     log.info("serving model %s, split %s, features %s, languages %s", backend.fingerprint, backend.split,
              backend.feature_shape, ",".join(backend.languages or ()) or "any")
-    web.run_app(make_app(backend, cfg, token), host=cfg.host, port=cfg.port, shutdown_timeout=60,
-                access_log_class=AccessLogger)
+    asyncio.run(Service(make_app(backend, cfg, token), sock).run_until_signal())
 
 
 if __name__ == "__main__":

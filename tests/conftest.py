@@ -11,3 +11,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """`helpers_sllm.make_tiny_run` once per session: (config path, run dir) of a tiny srt run."""
+    from helpers_sllm import make_tiny_run
+
+    cfg_path, run_dir, _ = make_tiny_run(tmp_path_factory.mktemp("tiny_run"))
+    return cfg_path, run_dir

@@ -317,18 +317,38 @@ def error_bound(features: np.ndarray, scheme: str, group_size: int = 32) -> np.n
     return np.broadcast_to((scale / 2)[:, None], g.shape).reshape(x.shape)
 
 
-# The wire's authentication: the service and the edge client read the bearer token alike.
+# The wire's authentication: the service and the edge client read the bearer token alike, and
+# both compare it as UTF-8 bytes (HTTP header values are bytes; http.client would send latin-1).
 
 def read_token(token_file: str | None) -> str:
-    """Bearer token from a file (first line) or $ESRT_SERVE_TOKEN."""
+    """Bearer token from a file (first line, UTF-8) or $ESRT_SERVE_TOKEN; anything unusable
+    (missing, not UTF-8 text, control characters) -> one-line SystemExit."""
     if token_file:
         p = Path(token_file)
         if not p.is_file():
             raise SystemExit(f"error: token file {p} does not exist")
-        lines = p.read_text().strip().splitlines()
-        token = lines[0].strip() if lines else ""
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise SystemExit(f"error: token file {p} is not UTF-8 text (a binary file?)") from None
+        except OSError as e:
+            raise SystemExit(f"error: cannot read token file {p}: {e.strerror or e}") from None
+        lines = text.strip().splitlines()
+        token, where = (lines[0].strip() if lines else ""), f"token file {p}"
     else:
-        token = os.environ.get("ESRT_SERVE_TOKEN", "")
+        token, where = os.environ.get("ESRT_SERVE_TOKEN", ""), "$ESRT_SERVE_TOKEN"
     if not token:
         raise SystemExit("error: no bearer token: pass --token-file FILE or set ESRT_SERVE_TOKEN")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in token):  # would break (or inject into) the header
+        raise SystemExit(f"error: the bearer token in {where} contains control characters")
+    try:
+        token.encode("utf-8")
+    except UnicodeEncodeError:  # $ESRT_SERVE_TOKEN with bytes that are not UTF-8 (surrogate escapes)
+        raise SystemExit(f"error: the bearer token in {where} is not UTF-8 text") from None
     return token
+
+
+def authorization(token: str) -> str:
+    """The `Authorization` header value for `token` as http.client sends it: the str whose latin-1
+    encoding is the UTF-8 bytes of `Bearer <token>` (what the service compares)."""
+    return f"Bearer {token}".encode("utf-8").decode("latin-1")
