@@ -8,7 +8,7 @@ import pytest
 REAL = Path(os.environ.get("ESRT_REAL_DIR") or "~/.cache/esrt_jax/real").expanduser()
 # folder name under REAL -> the hub repository with the same checkpoint
 HUB = {"whisper-base": "openai/whisper-base", "gemma3-270m": "google/gemma-3-270m",
-       "qwen2.5-0.5b": "Qwen/Qwen2.5-Coder-0.5B-Instruct"}
+       "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct"}
 
 
 def hub_hint(names) -> str:

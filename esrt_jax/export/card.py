@@ -86,6 +86,7 @@ def loading_snippet(ec: dict, out: str) -> str:
     mask = a.get("attend_padding") is False
     lines = [
         "import json",
+        "import os",
         "",
         "import soundfile as sf",
         "import torch",
@@ -94,7 +95,7 @@ def loading_snippet(ec: dict, out: str) -> str:
         "                          GenerationConfig, WhisperFeatureExtractor, WhisperModel)",
         "from transformers.models.whisper.modeling_whisper import WhisperEncoder",
         "",
-        f"OUT = {out!r}",
+        f"OUT = {json.dumps(out)}",
         'CLIP = "clip.wav"  # 16 kHz mono',
         'ec = json.load(open(f"{OUT}/esrt_config.json"))',
         "",
@@ -131,7 +132,7 @@ def loading_snippet(ec: dict, out: str) -> str:
         "adapter = Adapter(OUT).eval()",
         *llm_lines,
         "",
-        'audio, sr = sf.read(CLIP, dtype="float32")',
+        'audio, sr = sf.read(os.path.expanduser(CLIP), dtype="float32")',
         'mel = WhisperFeatureExtractor(feature_size=ec["encoder"]["num_mel_bins"])(',
         '    audio, sampling_rate=sr, return_tensors="pt").input_features[..., :ec["encoder"]["frames"]]',
         'p = ec["prompt"]',
