@@ -175,7 +175,7 @@ HEAR_STEPS = 25
 def test_real_model_hears_four_clips(tmp_path):
     """The "can it hear at all" check on real weights: configs/real_small.yaml's recipe (LoRA, the
     Q-Former initialised at std 0.1) trained on four clips, ASR, must decode each of them exactly,
-    and with each other's audio must not (README "Does it learn? Real weights, real speech")."""
+    and with each other's audio must not (docs/experiments/2026-12-real-speech.md)."""
     _require_real()
     data = _tiny_set(tmp_path / "four.jsonl")
     cfg = _config(tmp_path, data, [
