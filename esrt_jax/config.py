@@ -34,6 +34,12 @@ class CheckpointError(ValueError):
     tensor missing) and the IO in `esrt_jax.convert` raise it."""
 
 
+def cache_home() -> Path:
+    """Where esrt-jax caches what it builds (demo corpus, compiled steps):
+    `$XDG_CACHE_HOME/esrt_jax`, else `~/.cache/esrt_jax`."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "esrt_jax"
+
+
 def hf_dict(hf: Any) -> dict:
     """A transformers config object or a plain config.json dict -> dict."""
     if isinstance(hf, Mapping):

@@ -46,6 +46,7 @@ __all__ = [
     "asr_error",
     "score_records",
     "mean",
+    "distinct_share",
 ]
 
 
@@ -130,6 +131,13 @@ def asr_error(refs: Sequence[str], hyps: Sequence[str], metric: str) -> float:
     h = [normalize_transcript(x) for x in hyps]
     fn = jiwer.cer if metric == "cer" else jiwer.wer
     return 100.0 * float(fn(r, h))
+
+
+def distinct_share(n_hyp: int, n_ref: int) -> float:
+    """Distinct outputs / distinct references, at most 1: a model that gives every clip the same
+    output has 1/n, one that follows the audio 1. More distinct outputs than references (one
+    sentence in two voices decoded two ways) is still 1, not a share above it."""
+    return min(n_hyp, n_ref) / max(n_ref, 1)
 
 
 def mean(values: Iterable[Optional[float]]) -> Optional[float]:

@@ -6,6 +6,18 @@ from pathlib import Path
 import pytest
 
 REAL = Path(os.environ.get("ESRT_REAL_DIR") or "~/.cache/esrt_jax/real").expanduser()
+# folder name under REAL -> the hub repository with the same checkpoint
+HUB = {"whisper-base": "openai/whisper-base", "gemma3-270m": "google/gemma-3-270m",
+       "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct"}
+
+
+def hub_hint(names) -> str:
+    """How a user gets the checkpoints `names` (folder names under REAL) from the Hugging Face hub."""
+    cmds = [f"huggingface-cli download {HUB[n]} --local-dir {REAL / n}" for n in names if n in HUB]
+    gated = " (google/gemma-3-270m is gated: accept its license on the hub and `huggingface-cli login` first)" \
+        if "gemma3-270m" in names else ""
+    return ("get them from the Hugging Face hub with " + " && ".join(f"`{c}`" for c in cmds) + gated
+            if cmds else "")
 
 
 def skip_unless_ci(msg: str) -> None:

@@ -74,3 +74,18 @@ def test_bad_override_and_missing_file(tmp_path):
         load(Run, None, ["opt.lr"])
     with pytest.raises(ConfigError, match="does not exist"):
         load(Run, tmp_path / "nope.yaml")
+
+
+def test_caches_follow_xdg_cache_home(monkeypatch, tmp_path):
+    """The demo corpus and the XLA compile cache move with $XDG_CACHE_HOME (the README says so)."""
+    from esrt_jax.config import cache_home
+    from esrt_jax.train import run
+
+    monkeypatch.delenv("ESRT_JAX_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_home() == tmp_path / "esrt_jax"
+    assert run.parse_args(["--config", "c.yaml"]).compile_cache == str(tmp_path / "esrt_jax" / "xla")
+    monkeypatch.setenv("ESRT_JAX_COMPILE_CACHE", "/elsewhere")
+    assert run.parse_args(["--config", "c.yaml"]).compile_cache == "/elsewhere"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cache_home() == Path("~/.cache/esrt_jax").expanduser()

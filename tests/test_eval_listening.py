@@ -117,3 +117,16 @@ def test_swap_partners_avoid_the_same_sentence():
     p = swap_partners(paths, src, text)
     assert {p["a-m"], p["a-f"]} <= {"b-m", "b-f"} and {p["b-m"], p["b-f"]} <= {"a-m", "a-f"}
     assert p["x-deu"] == "x-deu"  # alone in its language
+
+
+def test_distinct_share_is_at_most_one():
+    """More distinct outputs than references (one sentence in two voices decoded two ways) is a
+    share of 1, not above it, and one direction's excess cannot hide another's collapse."""
+    from esrt_jax.eval.listening import Listening
+    from esrt_jax.metrics import distinct_share
+
+    assert distinct_share(33, 32) == 1.0 and distinct_share(1, 4) == 0.25 and distinct_share(0, 0) == 0.0
+    li = Listening(distinct={("nld", "eng"): (8, 8, 4), ("nld", "deu"): (8, 1, 4)},
+                   bleu=None, wer=None, bleu_swapped=None, wer_swapped=None)
+    assert li.distinct_share(("nld", "eng")) == 1.0 and li.distinct_share(("nld", "deu")) == 0.25
+    assert li.distinct_share() == (4 + 1) / 8

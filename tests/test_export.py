@@ -20,7 +20,6 @@ from transformers import AutoModelForCausalLM, Blip2QFormerConfig, GenerationCon
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
 from esrt_jax import export as ex
-from esrt_jax.config import apply_overrides, load_yaml
 from esrt_jax.infer import generate as gen
 from esrt_jax.infer.cloud import translator_for
 from esrt_jax.train.restore import load_model
@@ -31,35 +30,18 @@ from test_speech_llm import _torch_embeds
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
-OVERRIDES = [
-    "stages.asr.train.steps=3", "lora.enabled=true", "train.trainable=[]", "train.warmup_steps=0",
-    "train.eval_batches=1", "train.decode_samples=4", "train.log_every=1", "train.progress=false",
-    "model.decode.max_new_tokens=12", "model.decode.no_repeat_ngram_size=2",
-]
 ROWS = 4
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The demo trained 3 steps with LoRA; the run config is saved as RUN_DIR/config.yaml."""
-    from esrt_jax.train import run
-
-    root = tmp_path_factory.mktemp("export")
-    run_dir = root / "run"
-    run_dir.mkdir()
-    cfg = apply_overrides(load_yaml(ROOT / "configs" / "demo.yaml"), OVERRIDES)
-    cfg["run_dir"] = str(run_dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    run.main(["--stage", "asr", "--config", str(run_dir / "config.yaml"), "--run-dir", str(run_dir)])
-    return root, run_dir
+def trained(demo_run):
+    """The demo trained 3 steps with LoRA (tests/conftest.py); RUN_DIR/config.yaml is its config."""
+    return demo_run
 
 
 @pytest.fixture(scope="module")
-def exports(trained):
-    root, run_dir = trained
-    merged = ex.export_run(run_dir, root / "out_merged")
-    peft = ex.export_run(run_dir, root / "out_peft", peft=True)
-    return merged.out, peft.out
+def exports(demo_exports):
+    return demo_exports
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from nbclient import NotebookClient
 
-from helpers_real import REAL, skip_unless_ci
+from helpers_real import REAL, hub_hint, skip_unless_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "colab" / "esrt_jax.ipynb"
@@ -87,8 +87,12 @@ def test_notebook_runs_on_cpu(executed):
 def test_notebook_real_path_on_local_folders(executed):
     missing = _real_missing()
     if missing:
-        msg = (f"real folders {', '.join(missing)} not in {REAL} (ESRT_REAL_DIR); README 'Does it learn? "
-               f"Real weights, real speech' builds them")
+        models = [m.split("/")[0] for m in missing if not m.startswith("fillets")]
+        msg = (f"real folders {', '.join(missing)} not in {REAL} (ESRT_REAL_DIR); "
+               + (hub_hint(models) + "; " if models else "")
+               + ("the Fillets sets are built by the development tools (docs/development.md); without "
+                  "them the notebook's section 7 takes FLEURS from the hub (ESRT_NOTEBOOK_REAL=hub)"
+                  if any(m.startswith("fillets") for m in missing) else ""))
         skip_unless_ci(msg)
     tmp, nb, text = executed
     real = tmp / "real"

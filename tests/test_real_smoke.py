@@ -10,8 +10,9 @@ gives our model's logits on [speech embeddings][text] (fp32), the merged weights
 base checkpoint's (the LoRA factors were trained), and the re-imported run gives the same speech
 embeddings and logits again.
 
-The real folders are built by `bash ../shared/tools/real/real_models.sh --only
-whisper-base,gemma3-270m` (`.ci/run` does it); without them the test skips, except under CI=true.
+The real folders are the hub's openai/whisper-base and google/gemma-3-270m downloaded into
+$ESRT_REAL_DIR (the skip message gives the commands; `.ci/run` builds the same checkpoints offline,
+docs/development.md); without them the test skips, except under CI=true.
 """
 
 import json
@@ -25,7 +26,7 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from helpers_real import REAL, skip_unless_ci
+from helpers_real import REAL, hub_hint, skip_unless_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 NEEDED = ("whisper-base", "gemma3-270m")
@@ -35,8 +36,7 @@ STEPS = 2
 def _require_real():
     missing = [n for n in NEEDED if not (REAL / n / "config.json").is_file()]
     if missing:
-        msg = (f"real models {', '.join(missing)} not in {REAL} (ESRT_REAL_DIR); build them with "
-               f"`bash ../shared/tools/real/real_models.sh --only whisper-base,gemma3-270m`")
+        msg = f"real models {', '.join(missing)} not in {REAL} (ESRT_REAL_DIR); {hub_hint(missing)}"
         skip_unless_ci(msg)
 
 
@@ -175,7 +175,7 @@ HEAR_STEPS = 25
 def test_real_model_hears_four_clips(tmp_path):
     """The "can it hear at all" check on real weights: configs/real_small.yaml's recipe (LoRA, the
     Q-Former initialised at std 0.1) trained on four clips, ASR, must decode each of them exactly,
-    and with each other's audio must not (README "Does it learn? Real weights, real speech")."""
+    and with each other's audio must not (docs/experiments/2026-12-real-speech.md)."""
     _require_real()
     data = _tiny_set(tmp_path / "four.jsonl")
     cfg = _config(tmp_path, data, [

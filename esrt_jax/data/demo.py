@@ -53,6 +53,7 @@ import soundfile
 import soxr
 from tqdm.auto import tqdm
 
+from esrt_jax.config import cache_home
 from esrt_jax.data import demo_sentences
 
 VERSION = 1
@@ -99,8 +100,7 @@ def default_demo_dir() -> Path:
     env = os.environ.get("ESRT_JAX_DEMO_DIR")
     if env:
         return Path(env).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache).expanduser() / "esrt_jax" / "demo"
+    return cache_home() / "demo"
 
 
 def demo_corpus_for(data: Mapping, *, progress: bool = True) -> Path:

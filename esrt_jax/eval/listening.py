@@ -6,8 +6,8 @@ audio, so every report carries two diagnostics:
 
 - **distinct**: distinct hypotheses / distinct references, per direction (and overall). A model
   that answers every clip of a direction with the same sentence has 1/n; one that follows the
-  audio has about 1.0 (above 1.0: more variety than the references, e.g. one sentence spoken by
-  two voices gives two different outputs).
+  audio has 1.0 (the share is capped at 1: one sentence spoken by two voices and decoded two ways
+  counts as one, `esrt_jax.metrics.distinct_share`).
 - **audio gain**: the same records decoded a second time with each utterance's audio replaced by
   another utterance of the same source language with a different reference transcription
   (`swap_partners`), scored against the real references: BLEU gain = BLEU(real audio) -
@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from esrt_jax.metrics import Scores, clean_segment
+from esrt_jax.metrics import Scores, clean_segment, distinct_share
 
 __all__ = ["Listening", "distinct_counts", "pick_examples", "swap_partners", "swapped_path", "listening",
            "normalize"]
@@ -105,7 +105,7 @@ class Listening:
 
     @staticmethod
     def share(n_hyp: int, n_ref: int) -> float:
-        return n_hyp / max(n_ref, 1)
+        return distinct_share(n_hyp, n_ref)
 
     def distinct_share(self, key: tuple[str, str] | None = None) -> Optional[float]:
         """Distinct hypotheses / distinct references of one direction, or pooled over all."""
@@ -114,7 +114,9 @@ class Listening:
             return self.share(h, r)
         if not self.distinct:
             return None
-        return self.share(sum(v[1] for v in self.distinct.values()), sum(v[2] for v in self.distinct.values()))
+        # each direction's excess is capped first, so that it cannot hide another's collapse
+        return self.share(sum(min(h, r) for _, h, r in self.distinct.values()),
+                          sum(r for _, _, r in self.distinct.values()))
 
     @property
     def bleu_gain(self) -> Optional[float]:

@@ -26,22 +26,140 @@ def dev_metrics(stage_dir: Path) -> dict:
     return out
 
 
-def find_eval_summary(run: Path, explicit: str | os.PathLike | None) -> dict | None:
+def find_eval_summaries(run: Path, explicit: str | os.PathLike | None) -> list[dict]:
+    """The eval summaries to show: `explicit` alone, else every `summary.json` under the run (each
+    test set `eval.py` scored, oldest first), each with its `path`."""
     if explicit is not None:
         p = Path(explicit)
         if not p.is_file():
             raise ExportError(f"--eval-summary {p}: file does not exist")
-        return {"path": str(p), **json.loads(p.read_text())}
-    found = sorted(run.rglob("summary.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        return None
-    try:
-        return {"path": str(found[-1]), **json.loads(found[-1].read_text())}
-    except (json.JSONDecodeError, OSError):
-        return None
+        return [{"path": str(p), **json.loads(p.read_text())}]
+    out = []
+    for f in sorted(run.rglob("summary.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            out.append({"path": str(f), **json.loads(f.read_text())})
+        except (json.JSONDecodeError, OSError):
+            continue
+    return out
 
 
-def model_card(ec: dict, cfg, dev: dict, summary: dict | None) -> str:
+def _fmt(v, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def evaluation_lines(summaries: list[dict]) -> list[str]:
+    """One row per scored test set: BLEU, ASR error and the listening diagnostic."""
+    if not summaries:
+        return []
+    lines = ["", "## Evaluation (`eval.py`)", "",
+             "Each row is one scored test set (its `summary.json`). Audio gain: the score with the real "
+             "audio minus the score with another clip's audio; distinct: distinct outputs / distinct "
+             "references (1 = every clip its own output).", "",
+             "| test set | records | BLEU | ASR error % | BLEU gain | WER gain | distinct |", "|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        av, li = s.get("averages", {}), s.get("listening") or {}
+        lines.append(f"| `{Path(s['path']).parent.name}` | {s.get('records', '?')} | {_fmt(av.get('bleu'))} | "
+                     f"{_fmt(av.get('asr_error'))} | {_fmt(li.get('bleu_gain'))} | {_fmt(li.get('wer_gain'))} | "
+                     f"{_fmt(li.get('distinct_share'), 2)} |")
+    return lines
+
+
+def loading_snippet(ec: dict, out: str) -> str:
+    """Python that loads export `out` with torch + transformers alone and translates one 16 kHz
+    clip (the `torch` extra: `pip install "esrt-jax[torch]"`, or torch + transformers)."""
+    llm, enc, a = ec["llm"], ec["encoder"], ec["adapter"]["config"]
+    src, tgt = ec["languages"][0], next((c for c in ec["languages"][1:]), ec["languages"][0])
+    if enc["format"] == "pointer":  # a full Whisper folder: take its encoder
+        enc_line = f"encoder = WhisperModel.from_pretrained({enc['path']!r}).get_encoder().eval()"
+    else:
+        enc_line = 'encoder = WhisperEncoder.from_pretrained(f"{OUT}/encoder").eval()'
+    if llm["format"] == "merged":
+        llm_lines = ['llm = AutoModelForCausalLM.from_pretrained(f"{OUT}/llm").eval()',
+                     'tok = AutoTokenizer.from_pretrained(f"{OUT}/llm")']
+    else:
+        base = 'f"{OUT}/llm"' if llm["base"]["format"] == "weights" else repr(llm["base"]["path"])
+        llm_lines = ["from peft import PeftModel",
+                     f'llm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base}), '
+                     'f"{OUT}/llm/adapter").eval()',
+                     'tok = AutoTokenizer.from_pretrained(f"{OUT}/llm/adapter")']
+    pool = a.get("pool_k")
+    mask = a.get("attend_padding") is False
+    lines = [
+        "import json",
+        "import os",
+        "",
+        "import soundfile as sf",
+        "import torch",
+        "from safetensors.torch import load_file",
+        "from transformers import (AutoModelForCausalLM, AutoTokenizer, Blip2QFormerConfig, Blip2QFormerModel,",
+        "                          GenerationConfig, WhisperFeatureExtractor, WhisperModel)",
+        "from transformers.models.whisper.modeling_whisper import WhisperEncoder",
+        "",
+        f"OUT = {json.dumps(out)}",
+        'CLIP = "clip.wav"  # 16 kHz mono',
+        'ec = json.load(open(f"{OUT}/esrt_config.json"))',
+        "",
+        "",
+        "class Adapter(torch.nn.Module):",
+        "    \"\"\"LLM-SRT's EncoderProjectorQFormer: learned queries -> BLIP-2 Q-Former over the encoder output ->",
+        "    projector (Linear, or Linear-ReLU-Linear) -> LayerNorm, from adapter/llm_srt_adapter.safetensors.\"\"\"",
+        "",
+        "    def __init__(self, out):",
+        "        super().__init__()",
+        '        cfg = json.load(open(f"{out}/adapter/config.json"))',
+        '        sd = {k.removeprefix("encoder_projector."): v',
+        '              for k, v in load_file(f"{out}/adapter/llm_srt_adapter.safetensors").items()}',
+        '        self.query = torch.nn.Parameter(torch.zeros_like(sd["query"]))',
+        '        self.qformer = Blip2QFormerModel(Blip2QFormerConfig(**cfg["hf_qformer_config"]))',
+        '        for name in ("linear", "linear1", "linear2"):',
+        '            if f"{name}.weight" in sd:',
+        '                setattr(self, name, torch.nn.Linear(*sd[f"{name}.weight"].shape[::-1]))',
+        '        self.norm = torch.nn.LayerNorm(cfg["llm_dim"], eps=cfg["projector_eps"])',
+        "        self.load_state_dict(sd, strict=True)",
+        "",
+        "    def forward(self, enc, enc_mask=None):  # (B, frames, d_model) -> (B, speech tokens, LLM hidden)",
+        "        q = self.query.expand(enc.shape[0], -1, -1)",
+        "        h = self.qformer(query_embeds=q, encoder_hidden_states=enc, encoder_attention_mask=enc_mask).last_hidden_state",
+    ]
+    if pool:
+        lines.append(f"        h = h.unflatten(1, (-1, {pool})).mean(2)  # mean over windows of pool_k queries")
+    lines += [
+        '        h = self.linear(h) if hasattr(self, "linear") else self.linear2(torch.relu(self.linear1(h)))',
+        "        return self.norm(h)",
+        "",
+        "",
+        enc_line,
+        "adapter = Adapter(OUT).eval()",
+        *llm_lines,
+        "",
+        'audio, sr = sf.read(os.path.expanduser(CLIP), dtype="float32")',
+        'mel = WhisperFeatureExtractor(feature_size=ec["encoder"]["num_mel_bins"])(',
+        '    audio, sampling_rate=sr, return_tensors="pt").input_features[..., :ec["encoder"]["frames"]]',
+        'p = ec["prompt"]',
+        f'prompt = p["tasks"]["srt"]["prompt"].replace("<|src|>", "<|{src}|>").replace("<|tgt|>", "<|{tgt}|>")',
+        'ids = ([p["bos_token_id"]] if p["add_bos"] else []) + tok(prompt, add_special_tokens=False).input_ids',
+        "with torch.no_grad():",
+    ]
+    if mask:  # the adapter attends over the real frames only (one per 20 ms of audio)
+        lines += ['    frames = min(-(-len(audio) * 50 // sr), mel.shape[-1] // 2)',
+                  '    enc_mask = (torch.arange(mel.shape[-1] // 2) < frames).long()[None]',
+                  "    speech = adapter(encoder(mel).last_hidden_state, enc_mask)"]
+    else:
+        lines.append("    speech = adapter(encoder(mel).last_hidden_state)  # (1, speech tokens, LLM hidden)")
+    lines += [
+        "    embeds = torch.cat([speech, llm.get_input_embeddings()(torch.tensor([ids]))], 1)  # [speech][prompt]",
+        '    gen = GenerationConfig(**ec["decode"], eos_token_id=p["eos_token_id"], pad_token_id=p["pad_token_id"])',
+        "    out = llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),",
+        "                       generation_config=gen)",
+        "text = tok.decode(out[0], skip_special_tokens=True)",
+        f'parts = text.split("<|{src}|><|{tgt}|>")  # as LLM-SRT\'s evaluation splits an SRT output',
+        'transcription, translation = parts if len(parts) == 2 else (text, text.split("|>")[-1])',
+        'print(json.dumps({"transcription": transcription.strip(), "translation": translation.strip()}))',
+    ]
+    return "\n".join(lines)
+
+
+def model_card(ec: dict, cfg, dev: dict, summaries: list[dict], out: str = "OUT") -> str:
     """OUT/README.md: what the model is, how it was trained, how to load it."""
     m, llm, enc = ec["model"], ec["llm"], ec["encoder"]
     src = ec["source"]
@@ -84,12 +202,7 @@ def model_card(ec: dict, cfg, dev: dict, summary: dict | None) -> str:
     if dev:
         lines += ["", "## Dev metrics (logged by training)", "", "| metric | step | value |", "|---|---|---|"]
         lines += [f"| {k} | {s} | {v:.4f} |" for k, (s, v) in sorted(dev.items())]
-    if summary:
-        av = summary.get("averages", {})
-        lines += ["", f"## Evaluation (`{summary['path']}`)", "",
-                  f"{summary.get('records', '?')} records, {summary.get('n_directions', '?')} directions.", "",
-                  "| metric | average |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in av.items() if v is not None]
+    lines += evaluation_lines(summaries)
     lines += [
         "", "## Files", "",
         "- `llm/`: " + ("Hugging Face causal LM (LoRA merged), tokenizer, generation config"
@@ -101,23 +214,13 @@ def model_card(ec: dict, cfg, dev: dict, summary: dict | None) -> str:
         "- `encoder/`: " + ("Whisper encoder (`transformers` WhisperEncoder layout)" if enc["format"] == "weights"
                             else f"pointer `{POINTER}` to the base Whisper dir (frozen, identical)"),
         f"- `{ESRT_CONFIG}`: everything needed to reassemble the model", "",
-        "## Use", "", "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "## Use", "",
+        "With PyTorch and transformers alone (`pip install \"esrt-jax[torch]\"` gives both, pinned; "
+        "`soundfile` reads the clip): the encoder, the adapter (LLM-SRT's `encoder_projector`, rebuilt "
+        "from transformers' BLIP-2 Q-Former), then the LLM on `[speech][prompt]`.", "",
+        "```python", loading_snippet(ec, out), "```", "",
     ]
-    if llm["format"] == "merged":
-        lines += ["llm = AutoModelForCausalLM.from_pretrained('OUT/llm')",
-                  "tok = AutoTokenizer.from_pretrained('OUT/llm')"]
-    else:
-        base_path = "'OUT/llm'" if llm["base"]["format"] == "weights" else repr(llm["base"]["path"])
-        lines += ["from peft import PeftModel",
-                  f"llm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base_path}), "
-                  "'OUT/llm/adapter')",
-                  "tok = AutoTokenizer.from_pretrained('OUT/llm/adapter')"]
     lines += [
-        "# speech = projector(qformer(whisper_encoder(mel)))  -> (B, Q', D); see adapter/llm_srt_adapter.pt",
-        "embeds = torch.cat([speech, llm.get_input_embeddings()(prompt_ids)], 1)",
-        "out = llm.generate(inputs_embeds=embeds, attention_mask=mask)  # generation_config holds the settings",
-        "```", "",
         "Back to JAX: `python -m esrt_jax.export --import OUT --run NEW_RUN_DIR`.", "",
     ]
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from esrt_jax.convert.peft import export_peft_adapter
 from esrt_jax.convert.whisper import save_whisper_encoder
 from esrt_jax.data.pipeline import max_answer_tokens
 from esrt_jax.data.tasks import TaskTokenizer
-from esrt_jax.export.card import dev_metrics, find_eval_summary, model_card
+from esrt_jax.export.card import dev_metrics, find_eval_summaries, model_card
 from esrt_jax.export.common import (ESRT_CONFIG, FORMAT, POINTER, VERSION, ExportError, find_run_config,
                                     local_dir, stage_checkpoint, write_json)
 from esrt_jax.infer.generate import GenerateConfig
@@ -224,8 +224,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, config: st
         "run_config": to_dict(full_cfg),
     }
     write_json(out / ESRT_CONFIG, ec)
-    summary = find_eval_summary(run, eval_summary)
-    (out / "README.md").write_text(model_card(ec, cfg, dev_metrics(run / loaded.stage), summary),
+    summaries = find_eval_summaries(run, eval_summary)
+    (out / "README.md").write_text(model_card(ec, cfg, dev_metrics(run / loaded.stage), summaries, out=str(out)),
                                    encoding="utf-8")
     files["top"] = [ESRT_CONFIG, "README.md"]
     return ExportResult(out, loaded.stage, int(loaded.step), llm_info["format"], enc_info["format"], files)

@@ -7,7 +7,7 @@ Families (`qwen`, `gemma3`, `llama`) subclass `LLMConfig` with `from_hf_config` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 from esrt_jax.config import ConfigError, check
@@ -20,10 +20,12 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 class LoraConfig:
     """LoRA on the LLM projections. targets: any of q_proj k_proj v_proj o_proj gate_proj up_proj
     down_proj. scale = alpha / rank. Dropout acts on the LoRA input only, only with a dropout rng."""
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
+    targets: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={
+        "help": "LLM projections that get LoRA factors: any of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj"})
+    rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank"})
+    dropout: float = field(default=0.05, metadata={
+        "help": "dropout on the LoRA input while training (only with a dropout rng), in [0, 1)"})
 
     TARGETS: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj",
                                           "gate_proj", "up_proj", "down_proj")

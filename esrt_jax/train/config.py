@@ -39,11 +39,12 @@ DEFAULT_DATA_BUILDER = "esrt_jax.train.speech:build_data"
 @dataclass(frozen=True)
 class MeshConfig:
     """Device mesh: data x fsdp x tensor. `data: -1` takes every remaining device."""
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    # Extra/overriding logical-axis rules: logical name -> mesh axis, list of axes, or null.
-    rules: dict[str, Any] = field(default_factory=dict)
+    data: int = field(default=-1, metadata={"help": "data-parallel axis size; -1 takes every device the other axes leave"})
+    fsdp: int = field(default=1, metadata={"help": "fully sharded data-parallel axis size (params and optimizer state sharded)"})
+    tensor: int = field(default=1, metadata={"help": "tensor-parallel axis size (attention heads and MLP columns split)"})
+    rules: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "extra or overriding logical-axis rules (esrt_jax/sharding.py): logical name -> mesh axis, "
+                "list of axes, or null (replicated)"})
 
     def validate(self):
         check(self.data == -1 or self.data >= 1, "data", f"must be -1 (auto) or >= 1, got {self.data}")
@@ -59,7 +60,7 @@ class MeshConfig:
 class RunLoraConfig(LoraConfig):
     """The run config's `lora:` block: the model's `LoraConfig` (one definition of the fields,
     defaults and checks) plus whether the run uses LoRA at all."""
-    enabled: bool = False
+    enabled: bool = field(default=False, metadata={"help": "train LoRA factors on the LLM (per stage too, e.g. `stages.smt.lora.enabled`)"})
 
     def model_lora(self) -> LoraConfig | None:
         """The `LoraConfig` the model is built with, or None when LoRA is off."""
@@ -71,38 +72,39 @@ class RunLoraConfig(LoraConfig):
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and loop settings of one stage."""
-    steps: int = 1000
-    batch_size: int = 8                # global batch (all processes, all micro-batches)
-    grad_accum: int = 1                # micro-batches per optimizer step
-    lr: float = 1e-4
-    warmup_steps: int = 1000
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    end_lr: float = 0.0                # lr at the end of the decay
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    clip_norm: float = 1.0             # global-norm clipping; 0 disables
-    # Regexes over '/'-joined param paths; empty = the model builder's default trainable set.
-    trainable: tuple[str, ...] = ()
-    # Per-group learning rates: regex over param paths -> factor on the lr (and weight decay) of the
-    # trainable params it matches, e.g. {"/lora_[ab]$": 0.1}; first match in order wins, others x1.
-    lr_scale: dict[str, float] = field(default_factory=dict)
-    frozen_dtype: Literal["float32", "bfloat16"] = "float32"
-    seed: int = 0
-    ckpt_every: int = 500
-    keep: int = 3
-    async_ckpt: bool = True
-    log_every: int = 10
-    eval_every: int = 0                # dev loss every N steps (0: only at the end)
-    eval_batches: int = 4
-    decode_every: int = 0              # dev decode every N steps (0: only at the end)
-    decode_samples: int = 4
-    progress: bool = True
-    # Speech LLM: share of answer tokens replaced by <pad> in the LLM's input (targets unchanged)
-    # while training, so that the text prefix alone cannot predict the answer and the model has
-    # to listen (the demo uses it; 0 = off, as in the papers).
-    token_dropout: float = 0.0
+    steps: int = field(default=1000, metadata={"help": "optimizer steps of the stage"})
+    batch_size: int = field(default=8, metadata={"help": "global batch: all processes and all micro-batches together"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (a scan inside the jitted step); batch_size must divide by it"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=1000, metadata={"help": "linear warm-up steps from 0 to lr"})
+    schedule: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"help": "decay after the warm-up: linear, cosine or constant"})
+    end_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the decay"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    b1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    b2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    clip_norm: float = field(default=1.0, metadata={"help": "global-norm gradient clipping; 0 disables"})
+    trainable: tuple[str, ...] = field(default=(), metadata={
+        "help": "regexes over '/'-joined param paths that train; empty: the model builder's default set "
+                "(the adapter, + LoRA when enabled)"})
+    lr_scale: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "per-group learning rates: regex over param paths -> factor on the lr (and weight decay), "
+                "e.g. {\"/lora_[ab]$\": 0.1}; the first matching regex wins, others x1; a regex matching no "
+                "trainable param is an error"})
+    frozen_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "dtype of the frozen weights on the device: float32 or bfloat16"})
+    seed: int = field(default=0, metadata={"help": "seed of the training RNG (dropout, token dropout)"})
+    ckpt_every: int = field(default=500, metadata={"help": "write a checkpoint every N steps (and always at the end)"})
+    keep: int = field(default=3, metadata={"help": "checkpoints kept per stage"})
+    async_ckpt: bool = field(default=True, metadata={"help": "write checkpoints in the background (Orbax async)"})
+    log_every: int = field(default=10, metadata={"help": "log train loss, lr and throughput every N steps"})
+    eval_every: int = field(default=0, metadata={"help": "dev loss (with and without shuffled speech) every N steps; 0: only at the end"})
+    eval_batches: int = field(default=4, metadata={"help": "dev batches per dev-loss evaluation"})
+    decode_every: int = field(default=0, metadata={"help": "dev decode (BLEU/WER, swapped audio, distinct) every N steps; 0: only at the end"})
+    decode_samples: int = field(default=4, metadata={"help": "dev records decoded per dev decode"})
+    progress: bool = field(default=True, metadata={"help": "show the progress bar"})
+    token_dropout: float = field(default=0.0, metadata={
+        "help": "share of answer tokens replaced by `<pad>` in the LLM's input while training (targets "
+                "unchanged), so that the text prefix alone cannot predict the answer; 0 = off, as in the papers"})
 
     def validate(self):
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -133,22 +135,32 @@ class TrainConfig:
 @dataclass(frozen=True)
 class StageConfig:
     """Per-stage overrides, deep-merged over the top-level blocks."""
-    train: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
-    model: dict[str, Any] = field(default_factory=dict)
-    lora: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict, metadata={"help": "keys of `train` to override in this stage"})
+    data: dict[str, Any] = field(default_factory=dict, metadata={"help": "keys of `data` to override in this stage"})
+    model: dict[str, Any] = field(default_factory=dict, metadata={"help": "keys of `model` to override in this stage"})
+    lora: dict[str, Any] = field(default_factory=dict, metadata={"help": "keys of `lora` to override in this stage"})
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
-    lora: RunLoraConfig = RunLoraConfig()
-    mesh: MeshConfig = MeshConfig()
-    train: TrainConfig = TrainConfig()
-    stages: dict[str, StageConfig] = field(default_factory=dict)
-    run_dir: str = "runs/default"
-    stage: str | None = None           # set by for_stage()
+    """A run: the model and data blocks (read by their builders), LoRA, mesh, optimisation and the
+    per-stage overrides of the curriculum."""
+    model: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the model, read by `model.builder` (default: the speech LLM, esrt_jax/train/speech.py): "
+                "local HF folders `whisper`/`llm` or tiny `whisper_config`/`llm_config`, `adapter`, "
+                "`tokenizer`, `decode`, dtypes"})
+    data: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "the data, read by `data.builder` (default: the speech data pipeline): sources "
+                "`train`/`dev` or `demo`, `tasks` weights, `schedule`, `temperature`, `languages`, "
+                "`text_buckets`, `encoder_cache`, `augment` (docs/data.md)"})
+    lora: RunLoraConfig = field(default=RunLoraConfig(), metadata={"help": "LoRA on the LLM (`lora` section below)"})
+    mesh: MeshConfig = field(default=MeshConfig(), metadata={"help": "the device mesh (`mesh` section below)"})
+    train: TrainConfig = field(default=TrainConfig(), metadata={"help": "optimisation and loop settings (`train` section below)"})
+    stages: dict[str, StageConfig] = field(default_factory=dict, metadata={
+        "help": "per-stage overrides, `asr`, `smt`, `srt` -> {train, data, model, lora}, deep-merged over the "
+                "top-level blocks"})
+    run_dir: str = field(default="runs/default", metadata={"help": "output folder (`--run-dir` overrides it)"})
+    stage: str | None = field(default=None, metadata={"help": "set by the trainer to the stage being run; not for configs"})
 
     def validate(self):
         for name in self.stages:

@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import yaml
 
-from esrt_jax.config import ConfigError, to_dict
+from esrt_jax.config import ConfigError, cache_home, to_dict
 from esrt_jax.train import distributed
 from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train.checkpoint import (CheckpointMismatch, Checkpointer, UnreadableCheckpoint, abstract_like,
@@ -60,9 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--coordinator", default=None, help="jax.distributed coordinator host:port")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
-    p.add_argument("--compile-cache", default=os.environ.get("ESRT_JAX_COMPILE_CACHE", "~/.cache/esrt_jax/xla"),
+    p.add_argument("--compile-cache", default=os.environ.get("ESRT_JAX_COMPILE_CACHE", str(cache_home() / "xla")),
                    help="persistent XLA compilation cache dir ('' disables); stages and reruns reuse "
-                        "compiled steps (default: $ESRT_JAX_COMPILE_CACHE or ~/.cache/esrt_jax/xla)")
+                        "compiled steps (default: $ESRT_JAX_COMPILE_CACHE, else $XDG_CACHE_HOME/esrt_jax/xla, "
+                        "else ~/.cache/esrt_jax/xla)")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() with no arguments (TPU pods, SLURM)")
     return p.parse_args(argv)

@@ -57,7 +57,7 @@ from esrt_jax.data.records import ListSource
 from esrt_jax.data.tasks import TaskTokenizer
 from esrt_jax.infer.generate import GenerateConfig
 from esrt_jax.infer.translator import Translator
-from esrt_jax.metrics import asr_error, bleu
+from esrt_jax.metrics import asr_error, bleu, distinct_share
 from esrt_jax.models import speech_llm
 from esrt_jax.models.layers import dtype_from_name
 from esrt_jax.models.llm import config_from_hf
@@ -393,7 +393,7 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         if "wer" in rep:
             rep["wer_gain"] = rep["wer_swapped"] - rep["wer"]
         refs = {(r.transcription if task != "smt" else "", r.translation if task != "asr" else "") for r in recs}
-        rep["distinct"] = len({o["response"] for o in outs}) / max(len(refs), 1)
+        rep["distinct"] = distinct_share(len({o["response"] for o in outs}), len(refs))
         return rep
 
     def _report(task, recs, outs):
