@@ -27,7 +27,7 @@ from flax import nnx
 
 from esrt_jax.config import check
 from esrt_jax.data.pipeline import ctc_text
-from esrt_jax.metrics import asr_error
+from esrt_jax.metrics import asr_error, distinct_share
 from esrt_jax.models import ctc
 from esrt_jax.models.qformer import SpeechAdapter
 from esrt_jax.models.speech_llm import batch_mel
@@ -114,7 +114,7 @@ def decoder(graphdef, state_template, units: Sequence[str], dev_batches: Callabl
                         for key, v in batch.items()})
         cer, cer_sw = asr_error(refs, out, "cer"), asr_error(refs, swapped, "cer")
         return {"cer": cer, "wer": asr_error(refs, out, "wer"), "cer_swapped": cer_sw, "cer_gain": cer_sw - cer,
-                "distinct": len(set(out)) / max(len(out), 1),  # share of clips with their own hypothesis
+                "distinct": distinct_share(len(set(out)), len(set(refs))),
                 "samples": [f"align ref: {ctc_text(r)}\n      hyp: {h}" for r, h in zip(refs, out)]}
 
     return decode
