@@ -139,7 +139,7 @@ def test_killed_build_resumes_without_recomputing_finished_shards(tmp_path):
     assert 2 <= len(done) < n, f"{len(done)} shards before the kill"
     stats = ec.main(["--config", str(tmp_path / "run.yaml"), "--out", str(out), "--shard-size", "1",
                      "--batch", "1"])
-    assert stats == {"built": n - len(done), "skipped": len(done), "frames_added": 0}
+    assert stats == {"built": n - len(done), "skipped": len(done), "frames_added": 0, "rebuilt": 0}
     for name, st in done.items():  # untouched: not rewritten
         p = out / name
         assert (p.stat().st_ino, p.stat().st_mtime_ns) == st, name

@@ -27,11 +27,12 @@ import jax
 import yaml
 
 from esrt_jax.config import ConfigError, to_dict
+from esrt_jax.files import RunDirLocked, lock_run_dir, os_error_line
 from esrt_jax.train import distributed
 from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train.checkpoint import (CheckpointMismatch, Checkpointer, UnreadableCheckpoint, abstract_like,
                                        restore_params)
-from esrt_jax.train.config import STAGES, load_run_config
+from esrt_jax.train.config import STAGES, load_run_config, save_run_config
 from esrt_jax.train.curves import plot_curves
 from esrt_jax.train.dryrun import dry_run
 from esrt_jax.train.loop import log0, run_stage, stage_shardings
@@ -179,13 +180,21 @@ def main(argv=None) -> list:
         raise SystemExit(f"error: --init-from {args.init_from}: no such checkpoint folder")
     model_builder, data_builder = cfg.model_builder(), cfg.data_builder()
 
+    lock = None
+    if not args.dry_run and jax.process_index() == 0:
+        try:  # two trainers on one run dir would delete each other's checkpoints
+            lock = lock_run_dir(run_dir)
+        except (RunDirLocked, OSError) as e:
+            raise SystemExit(f"error: {e if isinstance(e, RunDirLocked) else os_error_line(e)}") from None
     if not args.dry_run:
         check_against_checkpoints(cfg, run_dir, model_builder)
     if not args.dry_run and jax.process_index() == 0:
         # The resolved config (overrides applied) next to the stages: export/eval/serve read it.
         # Written only once it is known to fit the checkpoints already there.
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+        try:
+            save_run_config(run_dir, cfg)
+        except OSError as e:
+            raise SystemExit(f"error: cannot write the run config: {os_error_line(e)}") from None
 
     results = []
     for i, stage in enumerate(stages):
@@ -202,7 +211,10 @@ def main(argv=None) -> list:
                 src = Path(args.init_from)
             elif stage != "asr" and not (args.from_init and i == 0):
                 src = previous_params_dir(args, cfg, stage, run_dir)
-        bundle = model_builder(scfg, abstract=False)
+        try:
+            bundle = model_builder(scfg, abstract=False)
+        except ConfigError as e:  # e.g. data.encoder_cache built for another encoder, a damaged shard
+            raise SystemExit(f"error: [{stage}] {e}") from None
         init = None
         if src is not None:
             mesh = mesh_lib.make_mesh(scfg.mesh)
@@ -228,6 +240,7 @@ def main(argv=None) -> list:
         if jax.process_index() == 0 and not res.skipped:
             log0(f"[{stage}] curves: {plot_curves(run_dir)}")
         results.append(res)
+    del lock  # held to the end of training
     return results
 
 
