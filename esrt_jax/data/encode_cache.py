@@ -52,7 +52,7 @@ from tqdm import tqdm
 from esrt_jax import audio as audio_lib
 from esrt_jax.config import ConfigError
 from esrt_jax.data import records as rec_lib
-from esrt_jax.files import os_error_line
+from esrt_jax.files import os_error_line, write_atomic
 
 FORMAT = 1
 DTYPES = ("float32", "bfloat16")
@@ -112,8 +112,11 @@ def npy_problem(f: Path, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
         return "missing"
     try:
         with open(f, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            got_shape, _, got_dtype = np.lib.format._read_array_header(fh, version)
+            fmt = np.lib.format
+            read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(fh))
+            if read is None:
+                return "unsupported .npy version"
+            got_shape, _, got_dtype = read(fh)
             offset = fh.tell()
     except (ValueError, OSError, SyntaxError) as e:
         return f"unreadable header ({e})"
@@ -264,8 +267,11 @@ def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], o
                              f"this one {meta['fingerprint']}); "
                              f"use a new folder")
     if process_index == 0:
-        (out / "keys.json").write_text(json.dumps(keys))
-        meta_file.write_text(json.dumps(meta, indent=1))
+        try:  # atomic: a full disk or a kill never leaves a cut meta.json / keys.json
+            write_atomic(out / "keys.json", json.dumps(keys).encode())
+            write_atomic(meta_file, json.dumps(meta, indent=1).encode())
+        except OSError as e:
+            raise CacheError(f"--out: cannot write {out}: {os_error_line(e)}") from None
 
     devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ("data",))
