@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="compile on abstract params and print per-device memory; trains nothing")
     p.add_argument("--devices", type=int, default=None,
-                   help="dry run: number of simulated CPU devices (default: mesh size or 8)")
+                   help="dry run: number of simulated CPU devices (default: the config's mesh, at least 8)")
     p.add_argument("--coordinator", default=None, help="jax.distributed coordinator host:port")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
@@ -69,11 +69,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _prepare_dry_run_devices(args) -> None:
+def dry_run_devices(mesh) -> int:
+    """Simulated devices a dry run needs for a `MeshConfig`: data x fsdp x tensor, with `data: -1`
+    filled up to at least 8 devices (esrt_12b's fsdp 4 x tensor 4 needs 16, not the default 8)."""
+    fixed = mesh.fsdp * mesh.tensor
+    return fixed * (mesh.data if mesh.data > 0 else -(-8 // fixed))
+
+
+def _prepare_dry_run_devices(args, n_default: int = 8) -> None:
     """Simulated CPU devices must be requested before jax starts."""
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") and args.devices is None:
         return
-    n = args.devices or 8
+    n = args.devices or n_default
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
     os.environ["JAX_PLATFORMS"] = "cpu"  # for child processes; jax itself read it at import
@@ -158,8 +165,12 @@ def check_against_checkpoints(cfg, run_dir: Path, model_builder) -> None:
 
 def main(argv=None) -> list:
     args = parse_args(argv)
-    if args.dry_run:
-        _prepare_dry_run_devices(args)
+    if args.dry_run:  # the config is read before any device is touched: it sizes the simulated mesh
+        try:
+            mesh_cfg = load_run_config(args.config, args.overrides).mesh
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
+        _prepare_dry_run_devices(args, dry_run_devices(mesh_cfg))
 
     if not args.dry_run:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
@@ -200,7 +211,10 @@ def main(argv=None) -> list:
     for i, stage in enumerate(stages):
         scfg = cfg.for_stage(stage)
         if args.dry_run:
-            results.append(dry_run(scfg, model_builder(scfg, abstract=True)))
+            try:
+                results.append(dry_run(scfg, model_builder(scfg, abstract=True)))
+            except ConfigError as e:  # a mesh that does not fit, a missing encoder cache: one line
+                raise SystemExit(f"error: [{stage}] {e}") from None
             continue
         stage_dir = run_dir / stage
         resuming = stage_ckpt_dir(run_dir, stage).is_dir() and any(
