@@ -163,7 +163,7 @@ def check_against_checkpoints(cfg, run_dir: Path, model_builder) -> None:
             ck.close()
 
 
-def main(argv=None) -> list:
+def _main(argv, held: list) -> list:
     args = parse_args(argv)
     if args.dry_run:  # the config is read before any device is touched: it sizes the simulated mesh
         try:
@@ -191,10 +191,9 @@ def main(argv=None) -> list:
         raise SystemExit(f"error: --init-from {args.init_from}: no such checkpoint folder")
     model_builder, data_builder = cfg.model_builder(), cfg.data_builder()
 
-    lock = None
     if not args.dry_run and jax.process_index() == 0:
         try:  # two trainers on one run dir would delete each other's checkpoints
-            lock = lock_run_dir(run_dir)
+            held.append(lock_run_dir(run_dir))
         except (RunDirLocked, OSError) as e:
             raise SystemExit(f"error: {e if isinstance(e, RunDirLocked) else os_error_line(e)}") from None
     if not args.dry_run:
@@ -254,8 +253,17 @@ def main(argv=None) -> list:
         if jax.process_index() == 0 and not res.skipped:
             log0(f"[{stage}] curves: {plot_curves(run_dir)}")
         results.append(res)
-    del lock  # held to the end of training
     return results
+
+
+def main(argv=None) -> list:
+    """The train.py CLI; the run-dir lock is released however it ends (also for in-process callers)."""
+    held: list = []
+    try:
+        return _main(argv, held)
+    finally:
+        for f in held:
+            f.close()
 
 
 if __name__ == "__main__":
