@@ -56,6 +56,8 @@ __all__ = [
     "encoder_frames",
     "find_segments",
     "mel_segments",
+    "MIN_SECONDS",
+    "check_speech",
 ]
 
 SAMPLE_RATE = 16000
@@ -336,6 +338,7 @@ def mel_from_file(path: str | os.PathLike, n_mels: int, num_frames: int = N_FRAM
     No segmentation: audio longer than the encoder's window (`window_seconds(num_frames)`) is cut
     to it with a warning naming the file (`mel_segments` keeps all of it)."""
     wav = load_audio(path, max_seconds=None)
+    check_speech(wav, os.fspath(path))
     _warn_cut(wav, num_frames, os.fspath(path))
     return mel_for_model(wav[:num_frames * HOP_LENGTH], n_mels, num_frames), wav.size / SAMPLE_RATE
 
@@ -402,6 +405,25 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist()))
 
 
+# Shorter audio holds no word (find_segments drops speech runs under this too): refused on every
+# path that takes audio (segmented or not, inference CLI, edge client, eval), not answered.
+MIN_SECONDS = 0.1
+
+
+def check_speech(audio: np.ndarray, source: str = "<array>", sr: int = SAMPLE_RATE) -> np.ndarray:
+    """The one rule for audio worth decoding: at least `MIN_SECONDS` long and not silent (some 10 ms
+    frame above -60 dBFS); else AudioError naming `source`. -> the frame energies (dB) of `audio`."""
+    x = np.asarray(audio)
+    if x.size < MIN_SECONDS * sr:
+        raise AudioError(f"{source}: audio is {x.size / sr * 1000:.0f} ms long, shorter than the "
+                         f"{MIN_SECONDS * 1000:.0f} ms minimum")
+    db = _frame_db(x)
+    if db.max() < _SILENCE_DBFS:
+        raise AudioError(f"{source}: no speech found: the audio is silent (loudest 10 ms at "
+                         f"{db.max():.0f} dBFS, below {_SILENCE_DBFS:.0f})")
+    return db
+
+
 def find_segments(audio: np.ndarray, max_seconds: float, *, sr: int = SAMPLE_RATE,
                   overlap: float | None = None, min_pause: float = 0.3, pad: float = 0.1,
                   source: str = "<array>") -> list[Segment]:
@@ -429,10 +451,7 @@ def find_segments(audio: np.ndarray, max_seconds: float, *, sr: int = SAMPLE_RAT
     ov = int(round((min(0.5, max_seconds / 10) if overlap is None else overlap) * sr / _VAD_FRAME))
     if not 0 <= ov < win // 2:
         raise ValueError(f"overlap {overlap} s must be >= 0 and under half the {max_seconds} s window")
-    db = _frame_db(x)
-    if db.max() < _SILENCE_DBFS:
-        raise AudioError(f"{source}: no speech found: the audio is silent (loudest 10 ms at "
-                         f"{db.max():.0f} dBFS, below {_SILENCE_DBFS:.0f})")
+    db = check_speech(x, source, sr)
     if x.size <= win * _VAD_FRAME:
         return [Segment(0, x.size, sr)]
     n = db.size
@@ -473,6 +492,7 @@ def mel_segments(path: str | os.PathLike, n_mels: int, num_frames: int = N_FRAME
     name = os.fspath(path)
     wav = load_audio(path, max_seconds=None)
     if not segment:
+        check_speech(wav, name)  # the same rule as with segmentation
         _warn_cut(wav, num_frames, name)
         wav = wav[:num_frames * HOP_LENGTH]
         return mel_for_model(wav, n_mels, num_frames)[None], [Segment(0, wav.size)]

@@ -240,6 +240,29 @@ def expand_env(data: Any, where: str = "") -> Any:
     return _ENV_REF.sub(sub, data)
 
 
+def yaml_error_line(e: Exception) -> str:
+    """A YAML parser error (several lines, with a caret drawing) -> one line with its position."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
+def check_field_types(cls: type, data: Mapping[str, Any], prefix: str) -> None:
+    """Type-check the values in `data` of `cls`'s scalar fields (int, float, str, bool, optional or not)
+    before a hand-written constructor computes with them: a `ConfigError` naming `prefix.key`.
+    Keys that are not fields, and non-scalar fields, are the constructor's business."""
+    hints = typing.get_type_hints(cls)
+    scalars = (int, float, str, bool)
+    for k, v in data.items():
+        tp = hints.get(k)
+        if tp is None or k not in {f.name for f in dataclasses.fields(cls)}:
+            continue
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if tp in scalars or (typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1
+                             and args[0] in scalars):
+            _coerce(v, tp, f"{prefix}.{k}")
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, with an error naming the file when it is missing or malformed;
     `${VAR}` / `${VAR:-default}` in strings are taken from the environment (`expand_env`)."""
@@ -250,9 +273,9 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} does not exist"
                           + (f"; did you mean {', '.join(close)}?" if close else ""))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_error_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     try:

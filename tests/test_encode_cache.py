@@ -56,7 +56,7 @@ def built(tmp_path_factory):
 
 def test_cached_features_give_the_uncached_loss(built):
     d, src, model, load, keys, stats = built
-    assert stats == {"built": 2, "skipped": 0, "frames_added": 0}
+    assert stats == {"built": 2, "skipped": 0, "frames_added": 0, "rebuilt": 0}
     cache = ec.FeatureCache(d / "c", ec.encoder_fingerprint(model.encoder))
     assert len(cache) == N_UTT and cache.shape == (32, 32)
     tt = TaskTokenizer(tiny_tokenizer(320))
@@ -139,7 +139,7 @@ def test_killed_build_resumes_without_recomputing_finished_shards(tmp_path):
     assert 2 <= len(done) < n, f"{len(done)} shards before the kill"
     stats = ec.main(["--config", str(tmp_path / "run.yaml"), "--out", str(out), "--shard-size", "1",
                      "--batch", "1"])
-    assert stats == {"built": n - len(done), "skipped": len(done), "frames_added": 0}
+    assert stats == {"built": n - len(done), "skipped": len(done), "frames_added": 0, "rebuilt": 0}
     for name, st in done.items():  # untouched: not rewritten
         p = out / name
         assert (p.stat().st_ino, p.stat().st_mtime_ns) == st, name
@@ -225,6 +225,6 @@ def test_real_lengths_trimmed_batches_and_attend_padding_false(built, tmp_path):
         build_model(load_run_config(tmp_path / "run.yaml").for_stage("srt"), abstract=True)
     # rerunning the build on the older cache adds the lengths and leaves its shards alone
     stats = ec.build(model.encoder, keys, load, old, shard_size=4, batch=3, progress=False)
-    assert stats == {"built": 0, "skipped": 2, "frames_added": 2}
+    assert stats == {"built": 0, "skipped": 2, "frames_added": 2, "rebuilt": 0}
     assert {k: ec.FeatureCache(old).frames(k) for k in keys} == want
     assert all((old / f.name).is_symlink() for f in (d / "c").glob("shard-*.npy"))

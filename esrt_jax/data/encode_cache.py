@@ -15,6 +15,9 @@ Layout of DIR (written by `build`, read by `FeatureCache`):
                        shard i // shard_size, row i % shard_size
     shard-00000.npy    (<= shard_size, P, d_model) float32, or bfloat16 stored as uint16 bits;
                        memory-mapped on read (random access from Grain workers)
+    shard-00000.sum.json  {"bytes", "sha256"} of shard-00000.npy (the index of checksums):
+                       every open checks each shard's size against meta.json, a rerun of the
+                       build also its checksum, and rebuilds a shard that fails (named)
     frames-00000.npy   (<= shard_size,) int32: encoder frames covering each audio's real length
                        (`audio.encoder_frames`; what an adapter with attend_padding false
                        attends over, and what `data.enc_frame_bucket` trims to); written
@@ -49,6 +52,7 @@ from tqdm import tqdm
 from esrt_jax import audio as audio_lib
 from esrt_jax.config import ConfigError
 from esrt_jax.data import records as rec_lib
+from esrt_jax.files import os_error_line, write_atomic
 
 FORMAT = 1
 DTYPES = ("float32", "bfloat16")
@@ -81,6 +85,66 @@ def _frames_path(out: Path, i: int) -> Path:
     return out / f"frames-{i:05d}.npy"
 
 
+def _sum_path(out: Path, i: int) -> Path:
+    return out / f"shard-{i:05d}.sum.json"
+
+
+def _read_json(f: Path, what: str):
+    """A cache's JSON file, or a CacheError naming it (a cut or damaged file, not a traceback)."""
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{what}: {f} is damaged (cut or not JSON: {e}); delete the cache folder and "
+                         f"rebuild it with python -m esrt_jax.data.encode_cache") from None
+
+
+def _sha256(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def npy_problem(f: Path, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+    """Why the .npy file `f` is not a whole (shape, dtype) array (missing, cut, other header), or None."""
+    if not f.is_file():
+        return "missing"
+    try:
+        with open(f, "rb") as fh:
+            fmt = np.lib.format
+            read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(fmt.read_magic(fh))
+            if read is None:
+                return "unsupported .npy version"
+            got_shape, _, got_dtype = read(fh)
+            offset = fh.tell()
+    except (ValueError, OSError, SyntaxError) as e:
+        return f"unreadable header ({e})"
+    if tuple(got_shape) != tuple(shape) or np.dtype(got_dtype) != np.dtype(dtype):
+        return f"holds {got_dtype}{list(got_shape)}, expected {np.dtype(dtype)}{list(shape)}"
+    want = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    size = f.stat().st_size
+    return None if size == want else f"{size} bytes, expected {want} (truncated?)"
+
+
+def shard_problem(out: Path, meta: dict, i: int, *, checksum: bool = False) -> str | None:
+    """Why shard i of the cache in `out` is not whole (size and header against meta.json; with
+    `checksum`, also its sha256 against shard-i.sum.json where that exists), or None."""
+    rows = min(meta["shard_size"], meta["keys"] - i * meta["shard_size"])
+    store = np.uint16 if meta["dtype"] == "bfloat16" else np.float32
+    f = _shard_path(out, i)
+    bad = npy_problem(f, (rows, *meta["shape"]), store)
+    if bad is None and _frames_path(out, i).is_file():
+        fbad = npy_problem(_frames_path(out, i), (rows,), np.int32)
+        if fbad is not None:
+            return f"{_frames_path(out, i).name}: {fbad}"
+    if bad is None and checksum and _sum_path(out, i).is_file():
+        want = _read_json(_sum_path(out, i), "data.encoder_cache")
+        if not isinstance(want, dict) or want.get("sha256") != _sha256(f):
+            bad = "checksum differs from its .sum.json (damaged)"
+    return None if bad is None else f"{f.name}: {bad}"
+
+
 class FeatureCache:
     """Read side: `cache[audio_key] -> (P, d_model)` float32 or bfloat16 (a memory-mapped row).
 
@@ -92,9 +156,10 @@ class FeatureCache:
         if not meta_file.is_file():
             raise CacheError(f"data.encoder_cache: {self.path} is not a feature cache (no meta.json); "
                              f"build it with python -m esrt_jax.data.encode_cache --config C --out {self.path}")
-        self.meta = json.loads(meta_file.read_text())
-        if self.meta.get("format") != FORMAT:
-            raise CacheError(f"data.encoder_cache: {self.path} has format {self.meta.get('format')}, "
+        self.meta = _read_json(meta_file, "data.encoder_cache")
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
+            fmt = self.meta.get("format") if isinstance(self.meta, dict) else None
+            raise CacheError(f"data.encoder_cache: {self.path} has format {fmt}, "
                              f"this code reads format {FORMAT}; rebuild it")
         if fingerprint is not None:
             self.check(fingerprint)
@@ -103,7 +168,12 @@ class FeatureCache:
             raise CacheError(f"data.encoder_cache: {self.path} is incomplete ({len(missing)} of "
                              f"{self.meta['shards']} shards missing, e.g. {_shard_path(self.path, missing[0]).name}); "
                              f"rerun python -m esrt_jax.data.encode_cache to finish it")
-        keys = json.loads((self.path / "keys.json").read_text())
+        for i in range(self.meta["shards"]):  # cheap: headers and sizes, no data read
+            bad = shard_problem(self.path, self.meta, i)
+            if bad:
+                raise CacheError(f"data.encoder_cache: {self.path}/{bad}; rerun python -m esrt_jax.data.encode_cache "
+                                 f"with the same --out to rebuild that shard")
+        keys = _read_json(self.path / "keys.json", "data.encoder_cache")
         self._index = {k: i for i, k in enumerate(keys)}
         self._shards: dict[int, np.ndarray] = {}
         self._frames: dict[int, np.ndarray] = {}
@@ -190,14 +260,18 @@ def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], o
             "shard_size": int(shard_size), "keys": len(keys), "shards": -(-len(keys) // shard_size)}
     meta_file = out / "meta.json"
     if meta_file.is_file():
-        old = json.loads(meta_file.read_text())
-        if {k: old.get(k) for k in meta} != meta:
+        old = _read_json(meta_file, "--out")
+        if not isinstance(old, dict) or {k: old.get(k) for k in meta} != meta:
             raise CacheError(f"--out: {out} holds a cache with other settings or another encoder "
-                             f"(fingerprint {old.get('fingerprint')}, this one {meta['fingerprint']}); "
+                             f"(fingerprint {old.get('fingerprint') if isinstance(old, dict) else None}, "
+                             f"this one {meta['fingerprint']}); "
                              f"use a new folder")
     if process_index == 0:
-        (out / "keys.json").write_text(json.dumps(keys))
-        meta_file.write_text(json.dumps(meta, indent=1))
+        try:  # atomic: a full disk or a kill never leaves a cut meta.json / keys.json
+            write_atomic(out / "keys.json", json.dumps(keys).encode())
+            write_atomic(meta_file, json.dumps(meta, indent=1).encode())
+        except OSError as e:
+            raise CacheError(f"--out: cannot write {out}: {os_error_line(e)}") from None
 
     devices = jax.local_devices()
     mesh = Mesh(np.array(devices), ("data",))
@@ -222,6 +296,14 @@ def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], o
 
     mine = [i for i in range(meta["shards"]) if i % process_count == process_index]
     todo = [i for i in mine if not _shard_path(out, i).is_file()]
+    rebuilt = []
+    for i in [i for i in mine if i not in todo]:  # finished shards: whole and unchanged?
+        bad = shard_problem(out, meta, i, checksum=True)
+        if bad:
+            print(f"warning: {out}/{bad}; rebuilding it", file=sys.stderr, flush=True)
+            _shard_path(out, i).unlink()
+            rebuilt.append(i)
+    todo = sorted(todo + rebuilt)
     for i in todo:  # partial writes of a killed run
         for stale in out.glob(f".tmp-{i:05d}-*"):
             stale.unlink(missing_ok=True)
@@ -242,13 +324,22 @@ def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], o
         arr = np.concatenate(rows)
         if dtype == "bfloat16":
             arr = arr.view(np.uint16)  # .npy has no bfloat16: store the bits
-        save_frames(i, shard_keys)  # before the shard: a whole shard has its lengths
         tmp = out / f".tmp-{i:05d}-{os.getpid()}.npy"
-        np.save(tmp, arr)
-        os.replace(tmp, _shard_path(out, i))  # atomic: a kill leaves whole shards only
+        try:
+            save_frames(i, shard_keys)  # before the shard: a whole shard has its lengths
+            np.save(tmp, arr)
+            tmp_sum = out / f".tmp-{i:05d}-{os.getpid()}.sum.json"
+            tmp_sum.write_text(json.dumps({"bytes": tmp.stat().st_size, "sha256": _sha256(tmp)}))
+            os.replace(tmp_sum, _sum_path(out, i))  # the checksum before its shard
+            os.replace(tmp, _shard_path(out, i))  # atomic: a kill leaves whole shards only
+        except OSError as e:  # e.g. a full disk: nothing half-written stays under a shard's name
+            for stale in out.glob(f".tmp-{i:05d}-*"):
+                stale.unlink(missing_ok=True)
+            raise CacheError(f"--out: cannot write shard {i} of {out}: {os_error_line(e)}") from None
         bar.update(1)
     bar.close()
-    return {"built": len(todo), "skipped": len(mine) - len(todo), "frames_added": len(older)}
+    return {"built": len(todo), "skipped": len(mine) - len(todo), "frames_added": len(older),
+            "rebuilt": len(rebuilt)}
 
 
 class _MelLoader:
@@ -319,6 +410,7 @@ def main(argv=None) -> dict:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     added = f", audio lengths added to {stats['frames_added']} older shards" if stats["frames_added"] else ""
+    added += f", {stats['rebuilt']} damaged shards rebuilt" if stats["rebuilt"] else ""
     print(f"{args.out}: {stats['built']} shards built, {stats['skipped']} already there{added} "
           f"({len(keys)} utterances)")
     return stats

@@ -13,6 +13,7 @@ from esrt_jax.export import __doc__ as EXPORT_DOC
 from esrt_jax.export.common import ExportError, find_run_config, stage_checkpoint
 from esrt_jax.export.from_hf import import_export
 from esrt_jax.export.to_hf import export_run
+from esrt_jax.files import os_error_line
 from esrt_jax.train.config import LLM_STAGES
 from esrt_jax.train.restore import load_edge_half
 
@@ -92,8 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = export_run(args.run, args.out, config=args.config, overrides=args.overrides, stage=args.stage,
                          step=args.step, peft=args.peft, dtype=args.dtype, eval_summary=args.eval_summary,
                          max_shard_bytes=int(args.max_shard_gb * 1024**3))
-    except (ExportError, ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ExportError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only target, a full disk: the cause in one line
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
     print(f"exported stage {res.stage} step {res.step} to {res.out} (llm: {res.llm_format}, "
           f"encoder: {res.encoder_format})")

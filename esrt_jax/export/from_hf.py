@@ -5,17 +5,20 @@ from __future__ import annotations
 import copy
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import yaml
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from esrt_jax.config import ConfigError
 from esrt_jax.convert.peft import load_peft_adapter
 from esrt_jax.export.common import ESRT_CONFIG, FORMAT, VERSION, ExportError, write_json
+from esrt_jax.files import UndoOnFailure, write_atomic
 from esrt_jax.models.qformer import load_flat_params
 from esrt_jax.pytree import key_name, path_str
 from esrt_jax.train.checkpoint import Checkpointer
@@ -71,10 +74,35 @@ def import_config(out: str | os.PathLike, new_run_dir: str | os.PathLike) -> dic
     return cfg
 
 
+def _check_finite(model, where: str) -> None:
+    """Refuse NaN / Inf in any floating tensor of `model` (an imported model would decode to
+    empty text with rc 0): names the first bad tensor."""
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        v = var.get_value()
+        if hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.floating) and not bool(jnp.isfinite(v).all()):
+            raise ExportError(f"{where}: tensor {'/'.join(map(str, path))} holds NaN or Inf values; "
+                              f"the export is damaged (re-export the run)")
+
+
+def _read_safetensors(f: Path, out: Path) -> dict:
+    if not f.is_file():
+        raise ExportError(f"{out}: missing {f.relative_to(out)}")
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError) as e:
+        raise ExportError(f"{f}: not a readable safetensors file (truncated or damaged?): "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def import_export(out: str | os.PathLike, new_run_dir: str | os.PathLike, *, data_state: bool = True,
                   log=print) -> Path:
     """OUT -> NEW_RUN_DIR/config.yaml + NEW_RUN_DIR/<stage>/checkpoints/<step>/ (Orbax). Returns the
-    step dir."""
+    step dir.
+
+    Everything is checked (config, every tensor's presence, shape and finiteness) before anything is
+    written; on a failure while writing, the files this import made are removed again, an existing
+    NEW_RUN_DIR/config.yaml is put back and a run dir this import created is removed: a failed
+    import leaves the run dir as it found it."""
     out = Path(out).absolute()
     ec = read_export(out)
     new = Path(new_run_dir).absolute()
@@ -82,23 +110,34 @@ def import_export(out: str | os.PathLike, new_run_dir: str | os.PathLike, *, dat
     ck_dir = new / stage / "checkpoints"
     if ck_dir.is_dir() and any(p.name.isdigit() for p in ck_dir.iterdir()):
         raise ExportError(f"--run {new}: {ck_dir} already holds checkpoints; import into a new run dir")
+    if new.exists() and not new.is_dir():
+        raise ExportError(f"--run {new}: exists and is not a directory")
     cfg_dict = import_config(out, new)
-    new.mkdir(parents=True, exist_ok=True)
-    cfg_path = new / "config.yaml"
-    cfg_path.write_text("# written by `python -m esrt_jax.export --import " + str(out) + "`\n"
-                        + yaml.safe_dump(cfg_dict, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    cfg_text = ("# written by `python -m esrt_jax.export --import " + str(out) + "`\n"
+                + yaml.safe_dump(cfg_dict, sort_keys=False, allow_unicode=True))
+    # 1. check everything, writing nothing into the run dir (the config is validated from a temp copy)
+    with tempfile.TemporaryDirectory(prefix="esrt-import-") as tmp:
+        tmp_cfg = Path(tmp) / "config.yaml"
+        tmp_cfg.write_text(cfg_text, encoding="utf-8")
+        try:
+            cfg = load_run_config(tmp_cfg).for_stage(stage)
+        except ConfigError as e:
+            raise ExportError(f"{out / ESRT_CONFIG}: its run config is invalid: {str(e).replace(str(tmp_cfg), 'config')}"
+                              ) from None
+    flat_adapter = _read_safetensors(out / "adapter" / "model.safetensors", out)
     try:
-        cfg = load_run_config(cfg_path).for_stage(stage)
-    except ConfigError as e:
-        raise ExportError(f"{cfg_path}: {e}") from None
-
-    model, _tok = inference_builder(cfg)(cfg)
-    ad_file = out / "adapter" / "model.safetensors"
-    if not ad_file.is_file():
-        raise ExportError(f"{out}: missing {ad_file.relative_to(out)}")
-    load_flat_params(model.adapter, load_file(str(ad_file)), source=str(ad_file))
+        model, _tok = inference_builder(cfg)(cfg)
+    except SafetensorError as e:
+        raise ExportError(f"{out}: a weights file is not readable safetensors (truncated or damaged?): "
+                          f"{str(e).splitlines()[0]}") from None
+    load_flat_params(model.adapter, flat_adapter, source=str(out / "adapter" / "model.safetensors"))
     if ec["llm"]["format"] == "peft":
-        load_peft_adapter(model.llm, out / "llm" / "adapter")
+        try:
+            load_peft_adapter(model.llm, out / "llm" / "adapter")
+        except SafetensorError as e:
+            raise ExportError(f"{out / 'llm' / 'adapter'}: not readable safetensors (truncated or damaged?): "
+                              f"{str(e).splitlines()[0]}") from None
+    _check_finite(model, str(out))
 
     # The checkpoint holds exactly the trainable tree train.py builds for this config.
     abstract = cfg.model_builder()(cfg, abstract=True).trainable
@@ -124,14 +163,23 @@ def import_export(out: str | os.PathLike, new_run_dir: str | os.PathLike, *, dat
         except Exception as e:  # noqa: BLE001 - the data may live elsewhere; the params still import
             log(f"note: no data-iterator state saved ({type(e).__name__}: {e}); resume with "
                 f"--init-from {ck_dir} instead of rerunning the stage")
-    ck = Checkpointer(ck_dir, keep=max(cfg.train.keep, 1), async_save=False)
-    try:
-        ck.save(step, trainable, opt_state, rng=jax.random.key(cfg.train.seed), data_iter=data_iter,
-                meta={"stage": stage, "imported_from": str(out)})
-        ck.wait()
-    finally:
-        ck.close()
-    write_json(new / "IMPORTED_FROM.json", {"export": str(out), "source": ec["source"],
-                                             "trainable": sorted(path_str(p) for p, _ in
-                                                                 jax.tree_util.tree_flatten_with_path(trainable)[0])})
+
+    # 2. write; on any failure undo what this import wrote
+    with UndoOnFailure(new) as undo:
+        cfg_path = new / "config.yaml"
+        undo.keep(cfg_path)
+        write_atomic(cfg_path, cfg_text.encode("utf-8"))
+        undo.created(new / stage)
+        undo.created(ck_dir / str(step))
+        ck = Checkpointer(ck_dir, keep=max(cfg.train.keep, 1), async_save=False)
+        try:
+            ck.save(step, trainable, opt_state, rng=jax.random.key(cfg.train.seed), data_iter=data_iter,
+                    meta={"stage": stage, "imported_from": str(out)})
+            ck.wait()
+        finally:
+            ck.close()
+        undo.keep(new / "IMPORTED_FROM.json")
+        write_json(new / "IMPORTED_FROM.json", {"export": str(out), "source": ec["source"],
+                                                 "trainable": sorted(path_str(p) for p, _ in
+                                                                     jax.tree_util.tree_flatten_with_path(trainable)[0])})
     return ck_dir / str(step)

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,6 +41,7 @@ from flax import nnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from esrt_jax.export.common import ExportError
+from esrt_jax.files import os_error_line
 from esrt_jax.infer.payload import EDGE_MODEL_FORMAT, EDGE_MODEL_VERSION
 from esrt_jax.models.qformer import QFormerConfig, flat_params
 from esrt_jax.models.whisper import WhisperEncoderConfig
@@ -247,9 +250,29 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 def export_edge_onnx(half: Any, fingerprint: str, out: str | os.PathLike, *, split: str | None = None,
                      int8: bool = False) -> dict[str, Path]:
-    """Write OUT/edge.onnx (and OUT/edge.int8.onnx with `int8`) -> {"fp32": path[, "int8": path]}."""
+    """Write OUT/edge.onnx (and OUT/edge.int8.onnx with `int8`) -> {"fp32": path[, "int8": path]}.
+
+    Everything is written into a temporary folder inside OUT first and renamed into place only when
+    complete (weights file before graph), so a full disk or a failed quantisation never leaves a
+    truncated model under a final name; the temporary folder (and quantize_dynamic's intermediate
+    `*-inferred.onnx`) is removed either way. An OSError becomes an ExportError with its one-line cause."""
     out = Path(out)
-    paths = {"fp32": save_model(edge_model_proto(half, fingerprint, split), out / "edge.onnx")}
-    if int8:
-        paths["int8"] = quantize_int8(paths["fp32"], out / "edge.int8.onnx")
-    return paths
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".edge-tmp-", dir=out))
+    try:
+        names = {"fp32": "edge.onnx"}
+        save_model(edge_model_proto(half, fingerprint, split), stage / names["fp32"])
+        if int8:
+            names["int8"] = "edge.int8.onnx"
+            quantize_int8(stage / names["fp32"], stage / names["int8"])
+        for name in names.values():
+            for f in (stage / (name + ".data"), stage / name):  # weights first: a graph never points at none
+                if f.exists():
+                    os.replace(f, out / f.name)
+                elif f.name.endswith(".data"):
+                    (out / f.name).unlink(missing_ok=True)  # a stale one of an earlier, bigger export
+        return {k: out / v for k, v in names.items()}
+    except OSError as e:
+        raise ExportError(f"writing the edge model to {out}: {os_error_line(e)}") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

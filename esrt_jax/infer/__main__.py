@@ -39,7 +39,7 @@ from typing import Sequence
 from esrt_jax.config import ConfigError
 from esrt_jax.infer import payload as pl
 from esrt_jax.infer.batch import (InferError, Utterance, check_trained, decode_features,  # noqa: F401
-                                  encode_segments, encode_utterances, join_segments, read_embeds, translate,
+                                  empty_warnings, encode_segments, encode_utterances, join_segments, read_embeds, translate,
                                   utterances, write_embeds)
 from esrt_jax.infer.cloud import translator_for
 from esrt_jax.train.restore import load_model
@@ -123,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InferError, ValueError, OSError) as e:  # LanguageError, ConfigError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for w in empty_warnings(results, args.task):
+        print(w, file=sys.stderr)
     lines = [json.dumps(r, ensure_ascii=False) for r in results]
     print("\n".join(lines))
     if args.output:

@@ -161,9 +161,24 @@ def join_segments(results: Sequence[dict], utts: Sequence[Utterance]) -> list[di
             continue
         if u.part == 0:
             flush()
+        check_segment_order(group[-1][1] if group else None, u)
         group.append((r, u))
     flush()
     return out
+
+
+def check_segment_order(prev: Utterance | None, u: Utterance) -> None:
+    """Segments of a recording come in order: part 0 starts it, part k + 1 follows part k of the
+    same recording (same id and audio, not earlier); else an InferError naming both (lines out of
+    order would be joined into wrong texts)."""
+    if prev is None and u.part != 0:
+        raise InferError(f"segment {u.part} of {u.id} ({u.audio}) comes before its part 0: the segments "
+                         f"of a recording must be in order (parts 0, 1, ...)")
+    if prev is not None and u.part != 0 and (
+            u.part != prev.part + 1 or (u.id, u.audio) != (prev.id, prev.audio) or u.start < prev.start):
+        raise InferError(f"segment {u.part} of {u.id} ({u.audio}, {u.start} s) follows segment {prev.part} of "
+                         f"{prev.id} ({prev.audio}, {prev.start} s): the segments of a recording must be "
+                         f"in order (parts 0, 1, ...), one recording after the other")
 
 
 def translate(translator, utts: Sequence[Utterance], batch_size: int = 8, task: str = "srt", *,
@@ -171,6 +186,15 @@ def translate(translator, utts: Sequence[Utterance], batch_size: int = 8, task: 
     """Both halves in one process, recordings of any length -> one joined result each."""
     feats, segs = encode_segments(translator, utts, batch_size, segment=segment)
     return join_segments(decode_features(translator, feats, segs, batch_size, task), segs)
+
+
+def empty_warnings(results: Sequence[dict], task: str = "srt") -> list[str]:
+    """One warning line per result whose decoded text is empty (the translation for srt, the
+    transcription for asr): a model that decodes nothing (e.g. damaged weights) must not look like
+    a success."""
+    key = "translation" if task == "srt" else "transcription"
+    return [f"warning: {r.get('audio') or r['id']}: the model decoded an empty {key}" for r in results
+            if not str(r.get(key) or "").strip()]
 
 
 # ----------------------------------------------------------------------------- edge-only files
@@ -229,6 +253,10 @@ def read_embeds(path: str | Path, *, fingerprint: str, split: str, shape: tuple[
         if fp != fingerprint or sp != split:
             raise InferError(f"{path}: features were made by model {fp} split {sp}, "
                              f"the loaded model is {fingerprint} split {split}")
+        if feats.ndim < 1 or any(np.ndim(m) != 1 for m in meta + times):  # e.g. a 0-d `ids`
+            bad = [k for k, m in zip(("ids", "audio", "src", "tgt", "start", "end", "part"), meta + times)
+                   if np.ndim(m) != 1] or ["features"]
+            raise InferError(f"{path}: not an --edge-only .npz ({bad[0]} must be a 1-d array, one entry per segment)")
         if feats.shape[1:] != tuple(shape) or not all(len(m) == len(feats) for m in meta + times):
             raise InferError(f"{path}: features of shape {feats.shape[1:]} do not match the model's {tuple(shape)}")
         if not np.issubdtype(feats.dtype, np.floating) or not np.all(np.isfinite(feats)):

@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from esrt_jax.config import ConfigError, hf_dict
+from esrt_jax.config import ConfigError, check_field_types, hf_dict
 from esrt_jax.models import gemma3, llama, qwen
 from esrt_jax.models.layers import (Embed, GatedMLP, Linear, RMSNorm, apply_rope, attend,
                                     attention_mask, rope_cos_sin)
@@ -81,6 +81,7 @@ def config_from_hf(hf: Any) -> LLMConfig:
     if mt not in FAMILIES:
         raise ConfigError(f"model_type {mt!r} is not supported by esrt_jax.models.llm; "
                           f"supported model types: {', '.join(sorted(FAMILIES))}")
+    check_field_types(FAMILIES[mt], d, "llm_config")  # 'hidden_size: big' is a ConfigError, not a traceback
     return FAMILIES[mt].from_hf_config(d)
 
 

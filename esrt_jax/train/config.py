@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+import yaml
+
 from esrt_jax.config import ConfigError, apply_overrides, check, from_dict, load_yaml, to_dict
+from esrt_jax.files import write_atomic
 from esrt_jax.models.llm_config import LoraConfig
 from esrt_jax.train.bundle import import_object
 
@@ -165,6 +168,10 @@ class RunConfig:
     def validate(self):
         for name in self.stages:
             check(name in STAGES, f"stages.{name}", f"unknown stage; valid stages: {list(STAGES)}")
+        langs = self.data.get("languages")  # read raw in several places: a string would be iterated
+        check(langs is None or (isinstance(langs, (list, tuple)) and all(isinstance(c, str) for c in langs)),
+              "data.languages", f"expected a list of language codes, e.g. [{langs}], got {langs!r}"
+              if isinstance(langs, str) else f"expected a list of language codes, got {langs!r}")
         for key, block in (("model", self.model), ("data", self.data)):
             b = block.get("builder")
             check(b is None or (isinstance(b, str) and ":" in b), f"{key}.builder",
@@ -212,6 +219,18 @@ def deep_merge(a: dict, b: dict) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+def save_run_config(run_dir: str | Path, cfg: RunConfig) -> Path:
+    """RUN_DIR/config.yaml: the resolved config (what export/eval/serve read), written atomically and
+    only when it changed (rerunning a finished run on a read-only run dir writes nothing).
+    Raises the OSError of a failed write."""
+    path = Path(run_dir) / "config.yaml"
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True).encode("utf-8")
+    if path.is_file() and path.read_bytes() == text:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, text)
 
 
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:

@@ -19,10 +19,10 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-import yaml
 from flax import nnx
 
 from esrt_jax import languages
+from esrt_jax.config import ConfigError, load_yaml
 from esrt_jax.infer import cloud
 from esrt_jax.infer.cloud import model_fingerprint
 from esrt_jax.convert.whisper import load_whisper_encoder
@@ -186,8 +186,10 @@ def trained_languages(cfg, ck: Path | None) -> tuple[str, ...] | None:
     data = cfg.data
     saved = ck.parent.parent / "config.yaml" if ck is not None else None
     if saved is not None and saved.is_file():
-        data = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("data") or {}
+        data = load_yaml(saved).get("data") or {}  # a damaged one: a one-line ConfigError naming it
     langs = data.get("languages")
+    if isinstance(langs, str) or not isinstance(langs, (list, tuple, type(None))):
+        raise ConfigError(f"{saved}: data.languages must be a list of language codes, got {langs!r}")
     return tuple(languages.get(c).code for c in langs) if langs else None
 
 

@@ -27,11 +27,12 @@ import jax
 import yaml
 
 from esrt_jax.config import ConfigError, cache_home, to_dict
+from esrt_jax.files import RunDirLocked, lock_run_dir, os_error_line
 from esrt_jax.train import distributed
 from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train.checkpoint import (CheckpointMismatch, Checkpointer, UnreadableCheckpoint, abstract_like,
                                        restore_params)
-from esrt_jax.train.config import STAGES, load_run_config
+from esrt_jax.train.config import STAGES, load_run_config, save_run_config
 from esrt_jax.train.curves import plot_curves
 from esrt_jax.train.dryrun import dry_run
 from esrt_jax.train.loop import log0, run_stage, stage_shardings
@@ -42,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", default="all", choices=[*STAGES, "all"],
-                   help="curriculum stage to train: asr, smt, srt, or all three in order (default: all)")
+                   help="curriculum stage to train: align, asr, smt, srt, or all in order (align only when the "
+                        "config has stages.align; default: all)")
     p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-5 (repeatable)")
@@ -56,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="compile on abstract params and print per-device memory; trains nothing")
     p.add_argument("--devices", type=int, default=None,
-                   help="dry run: number of simulated CPU devices (default: mesh size or 8)")
+                   help="dry run: number of simulated CPU devices (default: the config's mesh, at least 8)")
     p.add_argument("--coordinator", default=None, help="jax.distributed coordinator host:port")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
@@ -69,11 +71,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _prepare_dry_run_devices(args) -> None:
+def dry_run_devices(mesh) -> int:
+    """Simulated devices a dry run needs for a `MeshConfig`: data x fsdp x tensor, with `data: -1`
+    filled up to at least 8 devices (esrt_12b's fsdp 4 x tensor 4 needs 16, not the default 8)."""
+    fixed = mesh.fsdp * mesh.tensor
+    return fixed * (mesh.data if mesh.data > 0 else -(-8 // fixed))
+
+
+def _prepare_dry_run_devices(args, n_default: int = 8) -> None:
     """Simulated CPU devices must be requested before jax starts."""
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") and args.devices is None:
         return
-    n = args.devices or 8
+    n = args.devices or n_default
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
     os.environ["JAX_PLATFORMS"] = "cpu"  # for child processes; jax itself read it at import
@@ -156,10 +165,14 @@ def check_against_checkpoints(cfg, run_dir: Path, model_builder) -> None:
             ck.close()
 
 
-def main(argv=None) -> list:
+def _main(argv, held: list) -> list:
     args = parse_args(argv)
-    if args.dry_run:
-        _prepare_dry_run_devices(args)
+    if args.dry_run:  # the config is read before any device is touched: it sizes the simulated mesh
+        try:
+            mesh_cfg = load_run_config(args.config, args.overrides).mesh
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
+        _prepare_dry_run_devices(args, dry_run_devices(mesh_cfg))
 
     if not args.dry_run:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id,
@@ -180,19 +193,29 @@ def main(argv=None) -> list:
         raise SystemExit(f"error: --init-from {args.init_from}: no such checkpoint folder")
     model_builder, data_builder = cfg.model_builder(), cfg.data_builder()
 
+    if not args.dry_run and jax.process_index() == 0:
+        try:  # two trainers on one run dir would delete each other's checkpoints
+            held.append(lock_run_dir(run_dir))
+        except (RunDirLocked, OSError) as e:
+            raise SystemExit(f"error: {e if isinstance(e, RunDirLocked) else os_error_line(e)}") from None
     if not args.dry_run:
         check_against_checkpoints(cfg, run_dir, model_builder)
     if not args.dry_run and jax.process_index() == 0:
         # The resolved config (overrides applied) next to the stages: export/eval/serve read it.
         # Written only once it is known to fit the checkpoints already there.
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+        try:
+            save_run_config(run_dir, cfg)
+        except OSError as e:
+            raise SystemExit(f"error: cannot write the run config: {os_error_line(e)}") from None
 
     results = []
     for i, stage in enumerate(stages):
         scfg = cfg.for_stage(stage)
         if args.dry_run:
-            results.append(dry_run(scfg, model_builder(scfg, abstract=True)))
+            try:
+                results.append(dry_run(scfg, model_builder(scfg, abstract=True)))
+            except ConfigError as e:  # a mesh that does not fit, a missing encoder cache: one line
+                raise SystemExit(f"error: [{stage}] {e}") from None
             continue
         stage_dir = run_dir / stage
         resuming = stage_ckpt_dir(run_dir, stage).is_dir() and any(
@@ -203,7 +226,10 @@ def main(argv=None) -> list:
                 src = Path(args.init_from)
             elif cfg.previous_stage(stage) and not (args.from_init and i == 0):
                 src = previous_params_dir(args, cfg, stage, run_dir)
-        bundle = model_builder(scfg, abstract=False)
+        try:
+            bundle = model_builder(scfg, abstract=False)
+        except ConfigError as e:  # e.g. data.encoder_cache built for another encoder, a damaged shard
+            raise SystemExit(f"error: [{stage}] {e}") from None
         init = None
         if src is not None:
             mesh = mesh_lib.make_mesh(scfg.mesh)
@@ -232,6 +258,16 @@ def main(argv=None) -> list:
             log0(f"[{stage}] curves: {plot_curves(run_dir)}")
         results.append(res)
     return results
+
+
+def main(argv=None) -> list:
+    """The train.py CLI; the run-dir lock is released however it ends (also for in-process callers)."""
+    held: list = []
+    try:
+        return _main(argv, held)
+    finally:
+        for f in held:
+            f.close()
 
 
 if __name__ == "__main__":

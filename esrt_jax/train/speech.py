@@ -107,7 +107,10 @@ def speech_config(cfg: RunConfig):
     if m.get("llm") and (_is_local(m["llm"]) or not m.get("llm_config")):
         llm = config_from_hf(hf_io.read_config(hf_io.resolve_local_dir(m["llm"])))
     elif m.get("llm_config"):
-        llm = config_from_hf(dict(m["llm_config"]))
+        try:
+            llm = config_from_hf(dict(m["llm_config"]))
+        except ConfigError as e:
+            raise ConfigError(f"model.{e}" if str(e).startswith("llm_config.") else f"model.llm_config: {e}") from None
     else:
         raise ConfigError("model: set model.llm (a local HF dir) or model.llm_config (HF config keys)")
     adapter = from_dict(QFormerConfig, {**m.get("adapter", {}), "encoder_hidden_size": enc.d_model,
@@ -227,7 +230,8 @@ def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
     scfg = model.config
 
     p_drop = cfg.train.token_dropout
-    pad_id = None if abstract or not p_drop else _pad_id(cfg)
+    # abstract (the dry run) reads no tokenizer: any id compiles the same step
+    pad_id = (0 if abstract else _pad_id(cfg)) if p_drop else None
     # the answer-only loss compacts answers within each batch shard's rows (keeps them local)
     row_groups = mesh_lib.batch_divisor(mesh_lib.make_mesh(cfg.mesh), mesh_lib.make_rules(cfg.mesh.rules))
 

@@ -1,0 +1,160 @@
+"""Hardening (issue 29) of runs and configs: a run dir is locked against a second trainer (2), the
+shipped configs dry-run (15), config values are type-checked and a damaged RUN_DIR/config.yaml
+is a one-line error (16), a read-only run dir is a one-line error (17)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+import yaml
+
+from esrt_jax.config import ConfigError
+from esrt_jax.train import run as run_cli
+from esrt_jax.train.config import STAGES, load_run_config
+from helpers_fs import read_only
+from test_train_infra import TOY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _toy_yaml(tmp_path, **train):
+    d = json.loads(json.dumps(TOY))
+    d["train"].update(train)
+    y = tmp_path / "toy.yaml"
+    y.write_text(json.dumps(d))
+    return y
+
+
+def _one_line(e) -> str:
+    msg = str(e.value.code)
+    assert len(msg.splitlines()) == 1 and msg.startswith("error: "), msg
+    return msg
+
+
+# ----------------------------------------------------------------------------- the run-dir lock (2)
+
+def test_second_trainer_on_a_run_dir_is_refused_naming_the_holder(tmp_path):
+    y = _toy_yaml(tmp_path)
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from esrt_jax.files import lock_run_dir; "
+         "f = lock_run_dir(sys.argv[1]); print('locked', flush=True); time.sleep(120)", str(run)],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        base = ["--stage=asr", "--config", str(y), "--run-dir", str(run), "--compile-cache", ""]
+        with pytest.raises(SystemExit) as e:
+            run_cli.main(base)
+        msg = _one_line(e)
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in msg and str(run) in msg, msg
+        assert not (run / "asr").exists() and not (run / "config.yaml").exists()  # touched nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    (res,) = run_cli.main(base)  # the holder is gone (killed): its lock went with it
+    assert res.final_step == 5
+
+
+# ----------------------------------------------------------------------------- shipped configs (15)
+
+def test_demo_config_dry_runs(capsys):
+    """The reported crash: `train.py --config configs/demo.yaml --stage=asr --dry-run` (token dropout
+    under abstract params)."""
+    (rep,) = run_cli.main(["--config", str(ROOT / "configs" / "demo.yaml"), "--stage=asr", "--dry-run",
+                           "--compile-cache", ""])
+    assert rep["trainable_params"] > 0 and "GiB per device" in capsys.readouterr().out
+
+
+def _shipped():
+    return sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", _shipped())
+def test_every_shipped_config_builds_and_traces_every_stage(name):
+    """Each stage of each shipped config: the abstract model (no weights read) and its loss traced on
+    the batch the dry run compiles (XLA compile skipped: minutes for the 12-32B configs on a CPU).
+    The mesh is the one the dry run simulates for it (`dry_run_devices`), fitted to this process's 8."""
+    path = ROOT / "configs" / name
+    cfg = load_run_config(path)
+    over = []
+    if run_cli.dry_run_devices(cfg.mesh) > len(jax.devices()):
+        over = ["mesh.data=-1", "mesh.fsdp=2", "mesh.tensor=2"]
+    for key in ("whisper", "llm"):  # real local HF dirs (real_small): only where they are built
+        spec = cfg.model.get(key)
+        if spec and not cfg.model.get(f"{key}_config") and not (Path(spec) / "config.json").is_file():
+            pytest.skip(f"{name}: model.{key} {spec} is not built here")
+    if cfg.data.get("encoder_cache") and not (Path(cfg.data["encoder_cache"]) / "meta.json").is_file():
+        over.append("data.encoder_cache=null")
+    cfg = load_run_config(path, over)
+    for stage in STAGES:
+        scfg = cfg.for_stage(stage)
+        b = scfg.model_builder()(scfg, abstract=True)
+        loss, _ = jax.eval_shape(b.loss_fn, b.trainable, b.frozen, b.batch_spec(2), jax.random.key(0))
+        assert loss.shape == (), (name, stage)
+
+
+def test_dry_run_sizes_the_simulated_mesh_from_the_config():
+    mesh = lambda n: load_run_config(ROOT / "configs" / n).mesh  # noqa: E731
+    assert run_cli.dry_run_devices(mesh("esrt_12b.yaml")) == 16  # fsdp 4 x tensor 4
+    assert run_cli.dry_run_devices(mesh("llm_srt_7b.yaml")) == 8
+    from esrt_jax.train.config import MeshConfig
+
+    assert run_cli.dry_run_devices(MeshConfig(data=3, fsdp=2)) == 6
+    assert run_cli.dry_run_devices(MeshConfig(fsdp=3)) == 9
+
+
+# ----------------------------------------------------------------------------- config values (16)
+
+def test_llm_config_values_are_type_checked(tmp_path):
+    from esrt_jax.train.speech import speech_config
+
+    d = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    d["model"]["llm_config"]["hidden_size"] = "big"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match=r"^model\.llm_config\.hidden_size: expected an integer, got 'big'$"):
+        speech_config(load_run_config(tmp_path / "c.yaml").for_stage("asr"))
+
+
+def test_data_languages_as_a_string_is_refused(tmp_path):
+    d = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    d["data"]["languages"] = "eng"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match=r"data\.languages: expected a list of language codes, e\.g\. \[eng\]"):
+        load_run_config(tmp_path / "c.yaml")
+
+
+def test_damaged_run_config_read_by_infer_is_one_line(tmp_path, capsys):
+    from esrt_jax.infer.__main__ import main as infer_main
+    from helpers_sllm import make_tiny_run
+
+    cfg, run, _ = make_tiny_run(tmp_path)
+    (run / "config.yaml").write_text("model: {whisper: [unclosed\ndata:\n  - : :\n")  # saved by train.py
+    rc = infer_main(["--config", str(cfg), "--checkpoint", str(run), "--audio", "x.wav", "--src", "eng",
+                     "--tgt", "deu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and str(run / "config.yaml") in err and "line" in err, err
+    rc = infer_main(["--config", str(run / "config.yaml"), "--checkpoint", str(run), "--audio", "x.wav",
+                     "--src", "eng", "--tgt", "deu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "not valid YAML" in err, err
+
+
+# ----------------------------------------------------------------------------- read-only run dir (17)
+
+def test_read_only_run_dir_is_one_line(tmp_path):
+    y = _toy_yaml(tmp_path)
+    run = tmp_path / "run"
+    base = ["--stage=asr", "--config", str(y), "--run-dir", str(run), "--compile-cache", ""]
+    run_cli.main(base)  # finished
+    with pytest.MonkeyPatch.context() as m:
+        read_only(m, run)
+        with pytest.raises(SystemExit) as e:
+            run_cli.main(base + ["--set", "train.log_every=2"])
+    msg = _one_line(e)
+    assert "read-only file system" in msg and str(run) in msg, msg
