@@ -195,7 +195,7 @@ def run_quality(args, workdir: Path) -> None:
     from esrt_jax.export import main as export_main
     from esrt_jax.infer import payload as pl
     from esrt_jax.infer.cloud import translator_for
-    from esrt_jax.train.restore import load_model
+    from esrt_jax.speech.load import load_model
 
     loaded = load_model(args.config, args.checkpoint)
     tr = translator_for(loaded, max_batch=8)

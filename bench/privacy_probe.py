@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
     from esrt_jax.edge import EdgeEncoder
     from esrt_jax.infer import payload as pl
     from esrt_jax.infer.cloud import translator_for
-    from esrt_jax.train.restore import load_model
+    from esrt_jax.speech.load import load_model
 
     if args.quick:
         args.voices, args.sentences = 3, 8

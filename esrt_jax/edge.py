@@ -88,10 +88,10 @@ class EdgeModel:
 def load_edge(config, checkpoint, overrides: Sequence[str] = (), *, split: str | None = None
               ) -> tuple[EdgeModel, str]:
     """Run config + checkpoint -> (EdgeModel, model fingerprint) without loading the LLM
-    (`train.restore.load_edge_half`)."""
-    from esrt_jax.train import restore  # JAX: see EdgeModel
+    (`speech.load.load_edge_half`)."""
+    from esrt_jax.speech.load import load_edge_half  # JAX: see EdgeModel
 
-    half, fingerprint = restore.load_edge_half(config, checkpoint, overrides)
+    half, fingerprint = load_edge_half(config, checkpoint, overrides)
     return EdgeModel(half, split), fingerprint
 
 

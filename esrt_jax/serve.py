@@ -40,7 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from esrt_jax import languages
 from esrt_jax.infer import payload as pl
-from esrt_jax.train.restore import load_backend
+from esrt_jax.speech.load import load_backend
 
 log = logging.getLogger("esrt_jax.serve")
 

@@ -23,7 +23,7 @@ from esrt_jax import export as ex
 from esrt_jax.config import apply_overrides, load_yaml
 from esrt_jax.infer import generate as gen
 from esrt_jax.infer.cloud import translator_for
-from esrt_jax.train.restore import load_model
+from esrt_jax.speech.load import load_model
 from esrt_jax.models.speech_llm import loss_fn
 from test_qformer import EncoderProjectorQFormer, SlamModel
 from test_speech_llm import _torch_embeds
@@ -66,7 +66,7 @@ def exports(trained):
 def reference(trained):
     """Our model restored from the run, a dev batch and its loss / greedy output."""
     from esrt_jax.data.pipeline import make_eval_batches
-    from esrt_jax.train.speech import _data_config, _dev_source
+    from esrt_jax.speech.build import _data_config, _dev_source
 
     _, run_dir = trained
     loaded = load_model(run_dir / "config.yaml", run_dir)

@@ -165,7 +165,7 @@ def recording(tmp_path_factory):
 def model(tmp_path_factory):
     """A tiny run with the demo's 3 s encoder window (max_source_positions 150)."""
     from esrt_jax.infer.cloud import translator_for
-    from esrt_jax.train.restore import load_model
+    from esrt_jax.speech.load import load_model
     from helpers_sllm import make_tiny_run
 
     cfg, run, _ = make_tiny_run(tmp_path_factory.mktemp("run"),
@@ -176,7 +176,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cli_out(model, recording, tmp_path_factory):
-    from esrt_jax.infer import __main__ as cli
+    from esrt_jax.cli import infer as cli
 
     cfg, run, _, _ = model
     out = tmp_path_factory.mktemp("cli") / "out.jsonl"
@@ -205,7 +205,7 @@ def test_cli_segments_a_long_recording_one_clip_a_segment(cli_out, recording, mo
 
 
 def test_no_segment_cuts_to_one_window_with_the_warning(model, recording):
-    from esrt_jax.infer import __main__ as cli
+    from esrt_jax.cli import infer as cli
 
     cfg, run, _, tr = model
     args = ["--config", str(cfg), "--checkpoint", str(run), "--audio", str(recording[0]), "--src", "eng",
@@ -218,7 +218,7 @@ def test_no_segment_cuts_to_one_window_with_the_warning(model, recording):
 
 
 def test_cli_silent_audio_is_a_one_line_error(model, tmp_path, capsys):
-    from esrt_jax.infer import __main__ as cli
+    from esrt_jax.cli import infer as cli
 
     cfg, run, _, _ = model
     sf.write(tmp_path / "quiet.wav", gap(40.0), SR)
@@ -271,7 +271,7 @@ def test_segments_come_back_in_order_through_cli_and_service(model, recording, s
     the cloud half answers with the number it reads there (exact in fp16): the joined output of the
     CLI and of the edge client + service must then be `s0 s1 ... s19`."""
     from esrt_jax.edge import EdgeClient
-    from esrt_jax.infer import __main__ as cli
+    from esrt_jax.cli import infer as cli
     from esrt_jax.infer.translator import Translator
 
     cfg, run, loaded, tr = model

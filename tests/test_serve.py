@@ -410,9 +410,9 @@ def test_serve_and_edge_commands_end_to_end(tmp_path, capsys):
     from pathlib import Path
 
     from esrt_jax.edge import main as edge_main
-    from esrt_jax.infer import __main__ as cli
+    from esrt_jax.cli import infer as cli
     from esrt_jax.infer.cloud import translator_for
-    from esrt_jax.train.restore import load_model
+    from esrt_jax.speech.load import load_model
     from helpers_sllm import make_tiny_run
 
     cfg_path, run_dir, _ = make_tiny_run(tmp_path)

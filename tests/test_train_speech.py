@@ -1,9 +1,9 @@
-"""The speech-LLM wiring of training (esrt_jax/train/speech.py), abstractly: no weights, no data."""
+"""The speech-LLM wiring of training (esrt_jax/speech/build.py), abstractly: no weights, no data."""
 
 import pytest
 
 from esrt_jax.config import ConfigError
-from esrt_jax.train import speech
+from esrt_jax.speech import build as speech
 from esrt_jax.train.bundle import flat_paths
 from esrt_jax.train.config import load_run_config
 

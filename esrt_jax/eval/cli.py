@@ -48,7 +48,7 @@ from esrt_jax.eval import compare as cmp
 from esrt_jax.eval import decode as dec
 from esrt_jax.eval import listening, report, results
 from esrt_jax.infer.cloud import translator_for
-from esrt_jax.train.restore import load_model
+from esrt_jax.speech.load import load_model
 
 __all__ = ["build_parser", "main", "run_score", "run_decode", "default_out_dir", "default_test_sets"]
 

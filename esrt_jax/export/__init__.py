@@ -8,7 +8,7 @@ run discovery), `cli` (the command line, run by `python -m esrt_jax.export`).
 
 Export reads the run's config (`RUN_DIR/config.yaml`, or `--config`), rebuilds the speech LLM
 from the base weights it was trained on, restores the stage's trainable params from Orbax
-(`esrt_jax.train.restore.load_model`) and writes:
+(`esrt_jax.speech.load.load_model`) and writes:
 
     OUT/llm/                 the LLM as a Hugging Face dir (sharded safetensors + index, config,
                              generation_config with the run's decoding settings and token ids,

@@ -14,7 +14,7 @@ from esrt_jax.export.common import ExportError, find_run_config, stage_checkpoin
 from esrt_jax.export.from_hf import import_export
 from esrt_jax.export.to_hf import export_run
 from esrt_jax.train.config import STAGES
-from esrt_jax.train.restore import load_edge_half
+from esrt_jax.speech.load import load_edge_half
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m esrt_jax.export", description=EXPORT_DOC.split("\n\n")[0],

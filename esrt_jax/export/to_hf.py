@@ -31,7 +31,7 @@ from esrt_jax.infer.generate import GenerateConfig
 from esrt_jax.models.qformer import flat_params
 from esrt_jax.train.bundle import flat_paths
 from esrt_jax.train.config import load_run_config
-from esrt_jax.train.restore import load_model
+from esrt_jax.speech.load import load_model
 
 def _trainable_paths(bundle) -> list[str]:
     return list(flat_paths(bundle.trainable))

@@ -4,7 +4,7 @@
 which payloads it accepts (model fingerprint, split point, per-utterance feature shape) and decodes
 a batch of features with the `Translator` (bucketed, jitted; SRT output split into transcription
 and translation). `translator_for(loaded)` builds that `Translator` from a model restored by
-`esrt_jax.train.restore.load_model` with the run config's generation settings.
+`esrt_jax.speech.load.load_model` with the run config's generation settings.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class CloudBackend:
 
 def translator_for(loaded, *, split: str | None = None, max_batch: int = 8,
                    gen_overrides: dict | None = None) -> Translator:
-    """A `Translator` for `loaded` (a `train.restore.LoadedModel`) with the run config's
+    """A `Translator` for `loaded` (a `speech.load.LoadedModel`) with the run config's
     `model.decode` / `model.infer` generation settings (max_new_tokens, num_beams, length_penalty,
     no_repeat_ngram_size, min_new_tokens, prompt_buckets) and `gen_overrides` on top."""
     tt = TaskTokenizer(loaded.tokenizer)

@@ -317,7 +317,7 @@ def loss_fn(model: SpeechLLM, batch: dict, *, dropout_rng: jax.Array | None = No
     batch: mel (B, n_mels, 3000), audio (B, 480000) or cached encoder output enc (B, P, d_model),
     tokens/loss_mask/attention_mask (B, T); enc_frames (B,) real encoder frames (used by an
     adapter with attend_padding false, which needs it); optional input_tokens (B, T): the tokens fed to the
-    LLM when they differ from the targets (token dropout, see esrt_jax.train.speech).
+    LLM when they differ from the targets (token dropout, see esrt_jax.speech.build).
     The LM head runs only on the answer positions, in chunks (`answer_xent`; `row_groups`: the
     number of batch shards, so that each keeps its rows); `full_logits`
     computes the (B, T, V) logits at once instead (the reference the chunked loss is tested

@@ -29,8 +29,11 @@ from esrt_jax.train.bundle import import_object
 # The curriculum, in training order; a run dir is served from its last finished stage.
 STAGES = ("asr", "smt", "srt")
 # The plug-ins a config gets when it names none (see `RunConfig.model_builder`).
-DEFAULT_MODEL_BUILDER = "esrt_jax.train.speech:build_model"
-DEFAULT_DATA_BUILDER = "esrt_jax.train.speech:build_data"
+DEFAULT_MODEL_BUILDER = "esrt_jax.speech.build:build_model"
+DEFAULT_DATA_BUILDER = "esrt_jax.speech.build:build_data"
+# Builder names saved in older run configs (the speech builders lived in the trainer) -> today's.
+BUILDER_ALIASES = {"esrt_jax.train.speech:build_model": DEFAULT_MODEL_BUILDER,
+                   "esrt_jax.train.speech:build_data": DEFAULT_DATA_BUILDER}
 
 
 @dataclass(frozen=True)
@@ -157,11 +160,13 @@ class RunConfig:
 
     def model_builder(self) -> Callable:
         """`model.builder` (default: the speech LLM): fn(cfg, *, abstract) -> TrainBundle."""
-        return import_object(self.model.get("builder", DEFAULT_MODEL_BUILDER), "model.builder")
+        name = self.model.get("builder", DEFAULT_MODEL_BUILDER)
+        return import_object(BUILDER_ALIASES.get(name, name), "model.builder")
 
     def data_builder(self) -> Callable:
         """`data.builder` (default: the speech data pipeline)."""
-        return import_object(self.data.get("builder", DEFAULT_DATA_BUILDER), "data.builder")
+        name = self.data.get("builder", DEFAULT_DATA_BUILDER)
+        return import_object(BUILDER_ALIASES.get(name, name), "data.builder")
 
     def for_stage(self, name: str) -> "RunConfig":
         """This config with stage `name`'s overrides merged and validated."""

@@ -1,20 +1,7 @@
-"""Training wiring of the speech LLM: the default `model.builder` and `data.builder`.
+"""The speech LLM's training wiring: the default `model.builder` and `data.builder`, the dev
+decodes during training, and `build_inference` (the model and tokenizer for serving).
 
-Model block of a run config (`model:`):
-
-    whisper: /models/whisper-large-v3        # local HF dir, or
-    whisper_config: {num_mel_bins: 80, d_model: 64, ...}    # tiny random encoder
-    llm: /models/gemma-3-4b-it               # local HF dir, or
-    llm_config: {model_type: qwen2, vocab_size: 512, ...}   # tiny random LLM (HF config keys)
-    # With both a dir and a *_config, the config is used only while the dir is absent: that
-    # lets `--dry-run` plan a real model on a machine without its weights.
-    tokenizer: /models/gemma-3-4b-it         # default: the llm dir; "demo": a byte-level BPE
-    tokenizer_vocab: 512                     #   trained on the demo corpus text (offline)
-    adapter: {num_queries: 80, pool_k: null, ...}   # QFormerConfig (encoder/llm dims filled in)
-    llm_dtype: bfloat16   llm_param_dtype: float32   encoder_dtype: float32
-    scan_layers: true   remat: false   split: projector   seed: 0
-    decode: {num_beams: 1, max_new_tokens: N}       # dev decodes during training; N defaults to the
-                                                    #   longest text the data allows (data.text_buckets)
+The `model:` block is read by `esrt_jax.speech.config`.
 
 Trainable by default: the adapter (Q-Former + projector) and, with `lora.enabled`, the LoRA
 factors; the encoder and the LLM base weights are frozen (`train.trainable` overrides).
@@ -45,7 +32,6 @@ from transformers import PreTrainedTokenizerFast
 from esrt_jax import languages
 from esrt_jax.audio import N_FRAMES
 from esrt_jax.config import ConfigError, from_dict
-from esrt_jax.convert import hf_io
 from esrt_jax.convert.llm import load_hf_model
 from esrt_jax.convert.tokenizer import check_vocab, load_tokenizer
 from esrt_jax.convert.whisper import load_whisper_encoder
@@ -60,60 +46,18 @@ from esrt_jax.infer.translator import Translator
 from esrt_jax.metrics import asr_error, bleu
 from esrt_jax.models import speech_llm
 from esrt_jax.models.layers import dtype_from_name
-from esrt_jax.models.llm import config_from_hf
-from esrt_jax.models.qformer import QFormerConfig, SpeechAdapter
-from esrt_jax.models.speech_llm import SpeechLLM, SpeechLLMConfig, batch_mel
-from esrt_jax.models.whisper import WhisperEncoder, WhisperEncoderConfig
+from esrt_jax.models.qformer import SpeechAdapter
+from esrt_jax.models.speech_llm import SpeechLLM, batch_mel
+from esrt_jax.models.whisper import WhisperEncoder
 from esrt_jax.pytree import merge_trees, rotate_rows
+from esrt_jax.speech.config import check_keys, speech_config
 from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train.bundle import TrainBundle, split_nnx
 from esrt_jax.train.config import RunConfig
 
-MODEL_KEYS = {"builder", "whisper", "whisper_config", "llm", "llm_config", "tokenizer", "tokenizer_vocab",
-              "adapter", "llm_dtype", "llm_param_dtype", "encoder_dtype", "scan_layers", "remat", "split",
-              "seed", "decode", "infer"}
 DATA_EXTRA = {"builder", "dev", "demo", "demo_dir", "dev_task", "demo_heldout_clips", "demo_sentences",
               "demo_voices"}
 BATCH_KEYS = ("mel", "audio", "enc", "enc_frames", "tokens", "loss_mask", "attention_mask")
-
-
-def _check_keys(block: dict, allowed: set, where: str) -> None:
-    bad = sorted(set(block) - allowed)
-    if bad:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in bad)}; "
-                          f"valid keys here: {', '.join(sorted(allowed))}")
-
-
-# ----------------------------------------------------------------------------- configs
-
-def _is_local(path: str) -> bool:
-    return (Path(path).expanduser() / "config.json").is_file()
-
-
-def speech_config(cfg: RunConfig):
-    """RunConfig -> SpeechLLMConfig (reads only config.json files of local HF dirs)."""
-    m = cfg.model
-    _check_keys(m, MODEL_KEYS, "model")
-    enc_rt = {"dtype": m.get("encoder_dtype", "float32"), "scan_layers": m.get("scan_layers", True)}
-    if m.get("whisper") and (_is_local(m["whisper"]) or not m.get("whisper_config")):
-        enc = WhisperEncoderConfig.from_hf_config(hf_io.read_config(hf_io.resolve_local_dir(m["whisper"])),
-                                                  **enc_rt)
-    elif m.get("whisper_config"):
-        enc = from_dict(WhisperEncoderConfig, {**enc_rt, **m["whisper_config"]}, prefix="model.whisper_config")
-    else:
-        raise ConfigError("model: set model.whisper (a local HF dir) or model.whisper_config (a tiny config)")
-    if m.get("llm") and (_is_local(m["llm"]) or not m.get("llm_config")):
-        llm = config_from_hf(hf_io.read_config(hf_io.resolve_local_dir(m["llm"])))
-    elif m.get("llm_config"):
-        llm = config_from_hf(dict(m["llm_config"]))
-    else:
-        raise ConfigError("model: set model.llm (a local HF dir) or model.llm_config (HF config keys)")
-    adapter = from_dict(QFormerConfig, {**m.get("adapter", {}), "encoder_hidden_size": enc.d_model,
-                                        "llm_dim": llm.hidden_size}, prefix="model.adapter")
-    return SpeechLLMConfig(enc, adapter, llm, lora=cfg.lora.model_lora(), llm_dtype=m.get("llm_dtype", "float32"),
-                           llm_param_dtype=m.get("llm_param_dtype", "float32"),
-                           scan_layers=m.get("scan_layers", True), remat=m.get("remat", False),
-                           split=m.get("split", "projector"))
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -353,7 +297,7 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
 
 def _data_config(cfg: RunConfig, batch_size: int | None = None):
     d = {k: v for k, v in cfg.data.items() if k not in DATA_EXTRA}
-    _check_keys(d, {f.name for f in dataclasses.fields(DataConfig)}, "data")
+    check_keys(d, {f.name for f in dataclasses.fields(DataConfig)}, "data")
     if cfg.data.get("demo") and not d.get("train"):
         d["train"] = [str(_demo_split(cfg, "train"))]
     d["batch_size"] = batch_size or cfg.train.batch_size
