@@ -24,7 +24,6 @@ in-flight requests.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import logging
@@ -39,8 +38,8 @@ from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from esrt_jax import languages
+from esrt_jax.config import setting
 from esrt_jax.infer import payload as pl
-from esrt_jax.speech.load import load_backend
 
 log = logging.getLogger("esrt_jax.serve")
 
@@ -66,12 +65,12 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    max_batch: int = 8
-    max_wait_ms: float = 10.0
-    max_payload_bytes: int = pl.DEFAULT_MAX_BYTES
-    warmup: bool = True   # compile every batch bucket before serving (healthz reports progress)
+    host: str = setting("127.0.0.1", help="address to listen on")
+    port: int = setting(8080, help="port to listen on (0: any free one)")
+    max_batch: int = setting(8, help="most requests decoded together")
+    max_wait_ms: float = setting(10.0, help="longest wait for a batch to fill")
+    max_payload_bytes: int = setting(pl.DEFAULT_MAX_BYTES, help="largest request body accepted")
+    warmup: bool = setting(True, help="compile every batch bucket before serving (healthz reports progress)")
 
 
 @dataclass
@@ -291,33 +290,7 @@ def make_app(backend: Backend, cfg: ServeConfig, token: str) -> web.Application:
     return app
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m esrt_jax.serve", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True, help="run config YAML (same as train.py)")
-    ap.add_argument("--checkpoint", required=True, help="run dir, stage dir or step dir")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8080)
-    ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--max-wait-ms", type=float, default=10.0)
-    ap.add_argument("--max-payload-bytes", type=int, default=pl.DEFAULT_MAX_BYTES)
-    ap.add_argument("--token-file", default=None)
-    ap.add_argument("--split", default=None, choices=pl.SPLITS,
-                    help="split point the edge sends (default: the model config's `split`)")
-    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
-                    help="do not compile every batch bucket at start-up (the first request of each "
-                         "new batch size then pays a compile; /healthz is ready at once)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    token = pl.read_token(args.token_file)
-    cfg = ServeConfig(args.host, args.port, args.max_batch, args.max_wait_ms, args.max_payload_bytes,
-                      warmup=args.warmup)
-    backend = load_backend(args.config, args.checkpoint, args.set, split=args.split, max_batch=args.max_batch)
-    log.info("serving model %s, split %s, features %s, languages %s", backend.fingerprint, backend.split,
-             backend.feature_shape, ",".join(backend.languages or ()) or "any")
-    web.run_app(make_app(backend, cfg, token), host=cfg.host, port=cfg.port, shutdown_timeout=60,
-                access_log_class=AccessLogger)
+if __name__ == "__main__":  # the command is esrt_jax.cli.serve (commands live in the top layer)
+    import runpy
 
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("esrt_jax.cli.serve", run_name="__main__", alter_sys=True)

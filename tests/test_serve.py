@@ -6,7 +6,6 @@ payloads (right 4xx, server keeps serving), /healthz, /metrics, the edge client,
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -20,45 +19,17 @@ import numpy as np
 import pytest
 
 pytest.importorskip("aiohttp")
-from aiohttp import web  # noqa: E402
 
 from esrt_jax import serve  # noqa: E402
 from esrt_jax.audio import mel_from_file  # noqa: E402
 from esrt_jax.edge import EdgeClient, EdgeError  # noqa: E402
 from esrt_jax.infer import payload as pl  # noqa: E402
 from esrt_jax.infer.cloud import CloudBackend  # noqa: E402
+from helpers_serve import TOKEN, ServerThread, wait_ready  # noqa: E402
 from helpers_sllm import tiny_translator, write_tone  # noqa: E402
 
-TOKEN = "s3cret-token"
 MAX_BYTES = 64 * 1024
 PAIRS = [("eng", "deu"), ("deu", "eng"), ("cmn", "jpn"), ("fra", "spa")]
-
-
-class ServerThread:
-    """An aiohttp app on 127.0.0.1:<ephemeral> served by an event loop in a background thread."""
-
-    def __init__(self, app: web.Application):
-        self.app = app
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.runner = web.AppRunner(app, shutdown_timeout=60, access_log_class=serve.AccessLogger)
-        self._run(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self._run(site.start())
-        self.port = self.runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.stopped = False
-
-    def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=120)
-
-    def stop(self):
-        if not self.stopped:
-            self.stopped = True
-            self._run(self.runner.cleanup())
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
 
 
 def post(url, body: bytes, token: str | None = TOKEN, src="eng", tgt="deu", timeout=120):
@@ -79,19 +50,6 @@ def post(url, body: bytes, token: str | None = TOKEN, src="eng", tgt="deu", time
 def tiny():
     tr, tok, fp = tiny_translator(max_new_tokens=6, max_batch=8)
     return tr, fp
-
-
-def wait_ready(url: str, timeout: float = 300) -> dict:
-    """Poll /healthz until the warm-up is done -> its JSON."""
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=30) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            assert e.code == 503 and json.loads(e.read())["status"] == "warming"
-            assert time.time() < deadline, "warm-up did not finish"
-            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -409,10 +367,9 @@ def test_serve_and_edge_commands_end_to_end(tmp_path, capsys):
     import sys
     from pathlib import Path
 
-    from esrt_jax.edge import main as edge_main
+    from esrt_jax.cli.edge import main as edge_main
     from esrt_jax.cli import infer as cli
-    from esrt_jax.infer.cloud import translator_for
-    from esrt_jax.speech.load import load_model
+    from esrt_jax.speech.load import load_model, translator_for
     from helpers_sllm import make_tiny_run
 
     cfg_path, run_dir, _ = make_tiny_run(tmp_path)

@@ -15,6 +15,7 @@ from esrt_jax.config import ConfigError
 from esrt_jax.data.encode_cache import DTYPES, build, mel_loader
 from esrt_jax.data.pipeline import open_sources
 from esrt_jax.speech import build as speech
+from esrt_jax.speech.config import SpeechDataConfig
 from esrt_jax.train.config import load_run_config
 
 
@@ -33,8 +34,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     try:
         cfg = load_run_config(args.config, args.overrides)
-        specs = list(cfg.data.get("train") or ()) + list(cfg.data.get("dev") or ()) + list(args.data)
-        if cfg.data.get("demo"):
+        sd = SpeechDataConfig.of(cfg)
+        specs = list(cfg.data.get("train") or ()) + list(sd.dev) + list(args.data)
+        if sd.demo:
             d = speech.demo_dir(cfg)
             specs += [str(d / "train.jsonl"), str(d / "dev.jsonl")]
         sources = [open_sources([s]) for s in specs]
@@ -52,6 +54,12 @@ def main(argv=None) -> dict:
     print(f"{args.out}: {stats['built']} shards built, {stats['skipped']} already there{added} "
           f"({len(keys)} utterances)")
     return stats
+
+
+def command() -> int:
+    """The `esrt-encode-cache` console command (`main` returns the build's counts)."""
+    main()
+    return 0
 
 
 if __name__ == "__main__":

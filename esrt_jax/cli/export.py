@@ -101,3 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k, v in res.files.items():
         print(f"  {k}/: {', '.join(v)}" if k != "top" else f"  {', '.join(v)}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -41,8 +41,7 @@ from esrt_jax.infer import payload as pl
 from esrt_jax.infer.batch import (InferError, Utterance, check_trained, decode_features,  # noqa: F401
                                   encode_segments, encode_utterances, join_segments, read_embeds, translate,
                                   utterances, write_embeds)
-from esrt_jax.infer.cloud import translator_for
-from esrt_jax.speech.load import load_model
+from esrt_jax.speech.load import load_model, translator_for
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -37,11 +37,9 @@ from esrt_jax.convert.tokenizer import check_vocab, load_tokenizer
 from esrt_jax.convert.whisper import load_whisper_encoder
 from esrt_jax.data.demo import clip_split, demo_corpus_for
 from esrt_jax.data.encode_cache import FeatureCache, encoder_fingerprint
-from esrt_jax.data.pipeline import (DataConfig, make_eval_batches, make_train_dataset, max_answer_tokens,
-                                     open_sources)
+from esrt_jax.data.pipeline import DataConfig, make_eval_batches, make_train_dataset, open_sources
 from esrt_jax.data.records import ListSource
 from esrt_jax.data.tasks import TaskTokenizer
-from esrt_jax.infer.generate import GenerateConfig
 from esrt_jax.infer.translator import Translator
 from esrt_jax.metrics import asr_error, bleu
 from esrt_jax.models import speech_llm
@@ -50,13 +48,11 @@ from esrt_jax.models.qformer import SpeechAdapter
 from esrt_jax.models.speech_llm import SpeechLLM, batch_mel
 from esrt_jax.models.whisper import WhisperEncoder
 from esrt_jax.pytree import merge_trees, rotate_rows
-from esrt_jax.speech.config import check_keys, speech_config
+from esrt_jax.speech.config import SpeechDataConfig, SpeechModelConfig, generation_config, speech_config
 from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train.bundle import TrainBundle, split_nnx
 from esrt_jax.train.config import RunConfig
 
-DATA_EXTRA = {"builder", "dev", "demo", "demo_dir", "dev_task", "demo_heldout_clips", "demo_sentences",
-              "demo_voices"}
 BATCH_KEYS = ("mel", "audio", "enc", "enc_frames", "tokens", "loss_mask", "attention_mask")
 
 
@@ -88,10 +84,10 @@ def demo_tokenizer(demo_dir: str, vocab_size: int):
 
 
 def tokenizer_for(cfg: RunConfig):
-    m = cfg.model
-    spec = m.get("tokenizer") or m.get("llm")
+    m = SpeechModelConfig.of(cfg)
+    spec = m.tokenizer or m.llm
     if spec == "demo":
-        tok = demo_tokenizer(str(demo_dir(cfg)), int(m.get("tokenizer_vocab", 512)))
+        tok = demo_tokenizer(str(demo_dir(cfg)), m.tokenizer_vocab)
     elif spec:
         tok = load_tokenizer(spec)
     else:
@@ -112,22 +108,22 @@ def build_inference(cfg: RunConfig, *, abstract: bool = False):
 
 def _build_module(cfg: RunConfig, *, abstract: bool, on_mesh: bool = False):
     """The SpeechLLM of `cfg`; with `on_mesh`, a loaded LLM is placed on the run's mesh."""
-    scfg = speech_config(cfg)
-    seed = int(cfg.model.get("seed", 0))
+    m = SpeechModelConfig.of(cfg)
+    scfg = m.resolve(cfg.lora.model_lora())
+    seed = m.seed
     make = lambda: SpeechLLM(scfg, rngs=nnx.Rngs(seed))  # noqa: E731
     if abstract:
         return nnx.eval_shape(make)
-    m = cfg.model
-    if not m.get("whisper") and not m.get("llm"):
+    if not m.whisper and not m.llm:
         return make()
     rngs = nnx.Rngs(seed)
-    enc = (load_whisper_encoder(m["whisper"], dtype=scfg.encoder.dtype, scan_layers=scfg.encoder.scan_layers)
-           if m.get("whisper") else WhisperEncoder(scfg.encoder, rngs=rngs))
+    enc = (load_whisper_encoder(m.whisper, dtype=scfg.encoder.dtype, scan_layers=scfg.encoder.scan_layers)
+           if m.whisper else WhisperEncoder(scfg.encoder, rngs=rngs))
     adapter = SpeechAdapter(scfg.adapter, rngs=rngs)
-    if m.get("llm"):
+    if m.llm:
         # The one LLM loader: streams tensor by tensor (onto the training mesh: each parameter
         # created on its NamedSharding), so a 12B model never sits whole in one device's memory.
-        llm = load_hf_model(m["llm"], cfg=scfg.llm, lora=scfg.lora, dtype=dtype_from_name(scfg.llm_dtype),
+        llm = load_hf_model(m.llm, cfg=scfg.llm, lora=scfg.lora, dtype=dtype_from_name(scfg.llm_dtype),
                             param_dtype=dtype_from_name(scfg.llm_param_dtype), scan_layers=scfg.scan_layers,
                             remat=scfg.remat, seed=seed,
                             mesh=mesh_lib.make_mesh(cfg.mesh) if on_mesh else None,
@@ -233,10 +229,8 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         nnx.replace_by_pure_dict(st, merge_trees(trainable, frozen))
         model = nnx.merge(graphdef, st)
         tok = tokenizer_for(cfg)
-        dcfg = dict(cfg.model.get("decode", {}) or {})
         tt = TaskTokenizer(tok)
-        gen = GenerateConfig(eos_ids=(tt.eos_id,), pad_id=tt.pad_id,
-                             **{**dcfg, "max_new_tokens": dcfg.get("max_new_tokens") or max_answer_tokens(cfg.data)})
+        gen = generation_config(cfg, tt.eos_id, tt.pad_id, inference=False)
         tr = Translator(model, tok, gen_cfg=gen, max_batch=max(n, 1))
         dc = _data_config(cfg, batch_size=n)
         batch = next(make_eval_batches(dc, tok, dev, _dev_task(cfg, dc), batch_size=n))
@@ -296,9 +290,8 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
 # ----------------------------------------------------------------------------- data
 
 def _data_config(cfg: RunConfig, batch_size: int | None = None):
-    d = {k: v for k, v in cfg.data.items() if k not in DATA_EXTRA}
-    check_keys(d, {f.name for f in dataclasses.fields(DataConfig)}, "data")
-    if cfg.data.get("demo") and not d.get("train"):
+    sd, d = SpeechDataConfig.split(cfg)
+    if sd.demo and not d.get("train"):
         d["train"] = [str(_demo_split(cfg, "train"))]
     d["batch_size"] = batch_size or cfg.train.batch_size
     d.setdefault("n_mels", speech_config(cfg).encoder.num_mel_bins)
@@ -309,15 +302,17 @@ def _demo_split(cfg: RunConfig, split: str) -> Path:
     """The demo corpus' train/dev file; with data.demo_heldout_clips, its held-out-clip view (dev:
     clips of the training sentences in a voice they are not trained in; see `clip_split`)."""
     d = demo_dir(cfg)
-    if not cfg.data.get("demo_heldout_clips"):
+    sd = SpeechDataConfig.of(cfg)
+    if not sd.demo_heldout_clips:
         return d / f"{split}.jsonl"
-    return clip_split(d, cfg.data.get("demo_sentences"))["train" if split == "train" else "dev"]
+    return clip_split(d, sd.demo_sentences)["train" if split == "train" else "dev"]
 
 
 def _dev_source(cfg: RunConfig):
     """Dev records in data.languages, in a fixed shuffled order (so the first batches mix
     directions), or None when no dev set is configured."""
-    specs = cfg.data.get("dev") or ([str(_demo_split(cfg, "dev"))] if cfg.data.get("demo") else None)
+    sd = SpeechDataConfig.of(cfg)
+    specs = sd.dev or ([str(_demo_split(cfg, "dev"))] if sd.demo else None)
     if not specs:
         return None
     src = open_sources(list(specs))
@@ -331,7 +326,7 @@ def _dev_source(cfg: RunConfig):
 
 def _dev_task(cfg: RunConfig, dc) -> str:
     """data.dev_task, else the stage's most weighted task."""
-    return cfg.data.get("dev_task") or max(dc.tasks, key=dc.tasks.get)
+    return SpeechDataConfig.of(cfg).dev_task or max(dc.tasks, key=dc.tasks.get)
 
 
 class _Select:

@@ -21,11 +21,13 @@ from flax import nnx
 
 from esrt_jax import languages
 from esrt_jax.convert.whisper import load_whisper_encoder
+from esrt_jax.data.tasks import TaskTokenizer
 from esrt_jax.infer import cloud
 from esrt_jax.infer.cloud import model_fingerprint
+from esrt_jax.infer.translator import Translator
 from esrt_jax.models.qformer import SpeechAdapter
 from esrt_jax.models.speech_llm import EdgeHalf, SpeechLLM
-from esrt_jax.speech.config import speech_config
+from esrt_jax.speech.config import SpeechModelConfig, generation_config
 from esrt_jax.train.config import load_run_config
 from esrt_jax.train.restore import merge_params, resolve_checkpoint, restore_trainable
 
@@ -91,14 +93,14 @@ def load_edge_half(config: str | Path, checkpoint: str | Path | None, overrides:
     if checkpoint is not None:
         ck, stage, step = resolve_checkpoint(checkpoint)
     cfg = load_run_config(config, overrides).for_stage(stage or "srt")
-    if not cfg.model.get("whisper"):
+    m = SpeechModelConfig.of(cfg)
+    if not m.whisper:
         m = load_model(config, checkpoint, overrides).model
         half = EdgeHalf(m.config, m.encoder, m.adapter)
     else:
-        scfg = speech_config(cfg)
-        enc = load_whisper_encoder(cfg.model["whisper"], dtype=scfg.encoder.dtype,
-                                   scan_layers=scfg.encoder.scan_layers)
-        half = EdgeHalf(scfg, enc, SpeechAdapter(scfg.adapter, rngs=nnx.Rngs(int(cfg.model.get("seed", 0)))))
+        scfg = m.resolve(cfg.lora.model_lora())
+        enc = load_whisper_encoder(m.whisper, dtype=scfg.encoder.dtype, scan_layers=scfg.encoder.scan_layers)
+        half = EdgeHalf(scfg, enc, SpeechAdapter(scfg.adapter, rngs=nnx.Rngs(m.seed)))
         if ck is not None:  # the trained adapter, and the encoder too where training tuned it
             trained, _ = restore_trainable(cfg, ck, step)
             if "adapter" not in trained:
@@ -122,5 +124,18 @@ def load_backend(config: str | Path, checkpoint: str | Path | None, overrides: S
                  *, split: str | None = None, max_batch: int = 8) -> cloud.CloudBackend:
     """Run config + checkpoint -> a `CloudBackend` ready for `serve.make_app`."""
     loaded = load_model(config, checkpoint, overrides)
-    return cloud.CloudBackend(cloud.translator_for(loaded, split=split, max_batch=max_batch), loaded.fingerprint,
+    return cloud.CloudBackend(translator_for(loaded, split=split, max_batch=max_batch), loaded.fingerprint,
                               languages=loaded.languages)
+
+
+def translator_for(loaded: LoadedModel, *, split: str | None = None, max_batch: int = 8,
+                   gen_overrides: dict | None = None) -> Translator:
+    """A `Translator` for `loaded` with the run config's inference generation settings
+    (`generation_config`: `model.decode`, `model.infer` over it, `gen_overrides` on top) and
+    `model.infer.prompt_buckets` (or `model.decode`'s)."""
+    tt = TaskTokenizer(loaded.tokenizer)
+    cfg = loaded.run_config
+    gen_cfg = generation_config(cfg, tt.eos_id, tt.pad_id, inference=True, overrides=gen_overrides)
+    settings = SpeechModelConfig.of(cfg).generation_settings(inference=True)
+    kw = {"prompt_buckets": tuple(settings["prompt_buckets"])} if "prompt_buckets" in settings else {}
+    return Translator(loaded.model, loaded.tokenizer, gen_cfg=gen_cfg, max_batch=max_batch, split=split, **kw)

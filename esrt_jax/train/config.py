@@ -18,11 +18,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from esrt_jax.config import ConfigError, apply_overrides, check, from_dict, load_yaml, to_dict
+from esrt_jax.config import ConfigError, apply_overrides, check, from_dict, load_yaml, setting, to_dict
 from esrt_jax.models.llm_config import LoraConfig
 from esrt_jax.train.bundle import import_object
 
@@ -39,11 +39,11 @@ BUILDER_ALIASES = {"esrt_jax.train.speech:build_model": DEFAULT_MODEL_BUILDER,
 @dataclass(frozen=True)
 class MeshConfig:
     """Device mesh: data x fsdp x tensor. `data: -1` takes every remaining device."""
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    # Extra/overriding logical-axis rules: logical name -> mesh axis, list of axes, or null.
-    rules: dict[str, Any] = field(default_factory=dict)
+    data: int = setting(-1, help="data-parallel axis size; -1 takes every remaining device")
+    fsdp: int = setting(1, help="fully-sharded (parameter-sharding) axis size")
+    tensor: int = setting(1, help="tensor-parallel axis size")
+    rules: dict[str, Any] = setting(factory=dict, help="extra/overriding logical-axis rules: logical name -> "
+                                                     "mesh axis, list of axes, or null")
 
     def validate(self):
         check(self.data == -1 or self.data >= 1, "data", f"must be -1 (auto) or >= 1, got {self.data}")
@@ -59,7 +59,7 @@ class MeshConfig:
 class RunLoraConfig(LoraConfig):
     """The run config's `lora:` block: the model's `LoraConfig` (one definition of the fields,
     defaults and checks) plus whether the run uses LoRA at all."""
-    enabled: bool = False
+    enabled: bool = setting(False, help="train LoRA factors on the LLM")
 
     def model_lora(self) -> LoraConfig | None:
         """The `LoraConfig` the model is built with, or None when LoRA is off."""
@@ -71,38 +71,38 @@ class RunLoraConfig(LoraConfig):
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and loop settings of one stage."""
-    steps: int = 1000
-    batch_size: int = 8                # global batch (all processes, all micro-batches)
-    grad_accum: int = 1                # micro-batches per optimizer step
-    lr: float = 1e-4
-    warmup_steps: int = 1000
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    end_lr: float = 0.0                # lr at the end of the decay
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    clip_norm: float = 1.0             # global-norm clipping; 0 disables
-    # Regexes over '/'-joined param paths; empty = the model builder's default trainable set.
-    trainable: tuple[str, ...] = ()
-    # Per-group learning rates: regex over param paths -> factor on the lr (and weight decay) of the
-    # trainable params it matches, e.g. {"/lora_[ab]$": 0.1}; first match in order wins, others x1.
-    lr_scale: dict[str, float] = field(default_factory=dict)
-    frozen_dtype: Literal["float32", "bfloat16"] = "float32"
-    seed: int = 0
-    ckpt_every: int = 500
-    keep: int = 3
-    async_ckpt: bool = True
-    log_every: int = 10
-    eval_every: int = 0                # dev loss every N steps (0: only at the end)
-    eval_batches: int = 4
-    decode_every: int = 0              # dev decode every N steps (0: only at the end)
-    decode_samples: int = 4
-    progress: bool = True
-    # Speech LLM: share of answer tokens replaced by <pad> in the LLM's input (targets unchanged)
-    # while training, so that the text prefix alone cannot predict the answer and the model has
-    # to listen (the demo uses it; 0 = off, as in the papers).
-    token_dropout: float = 0.0
+    steps: int = setting(1000, help="optimizer steps of the stage")
+    batch_size: int = setting(8, help="global batch (all processes, all micro-batches)")
+    grad_accum: int = setting(1, help="micro-batches per optimizer step")
+    lr: float = setting(1e-4, help="peak learning rate")
+    warmup_steps: int = setting(1000, help="linear warm-up steps to the peak learning rate")
+    schedule: Literal["linear", "cosine", "constant"] = setting("linear", help="decay after the warm-up")
+    end_lr: float = setting(0.0, help="learning rate at the end of the decay")
+    weight_decay: float = setting(0.01, help="AdamW weight decay")
+    b1: float = setting(0.9, help="AdamW beta1")
+    b2: float = setting(0.999, help="AdamW beta2")
+    eps: float = setting(1e-8, help="AdamW epsilon")
+    clip_norm: float = setting(1.0, help="global-norm gradient clipping; 0 disables")
+    trainable: tuple[str, ...] = setting((), help="regexes over '/'-joined param paths; empty: the model "
+                                                  "builder's default trainable set")
+    # e.g. {"/lora_[ab]$": 0.1}; the first matching pattern in order wins, unmatched params x1.
+    lr_scale: dict[str, float] = setting(factory=dict, help="per-group learning rates: regex over param paths "
+                                                          "-> factor on the lr and weight decay")
+    frozen_dtype: Literal["float32", "bfloat16"] = setting("float32", help="dtype the frozen params are kept in")
+    seed: int = setting(0, help="seed of dropout and data order")
+    ckpt_every: int = setting(500, help="checkpoint every N steps")
+    keep: int = setting(3, help="checkpoints kept")
+    async_ckpt: bool = setting(True, help="write checkpoints in the background")
+    log_every: int = setting(10, help="log (and flush) metrics every N steps")
+    eval_every: int = setting(0, help="dev loss every N steps (0: only at the end)")
+    eval_batches: int = setting(4, help="dev batches per dev loss")
+    decode_every: int = setting(0, help="dev decode every N steps (0: only at the end)")
+    decode_samples: int = setting(4, help="dev records decoded per dev decode")
+    progress: bool = setting(True, help="show a progress bar")
+    # Targets stay unchanged: the text prefix alone cannot predict the answer, so the model has to
+    # listen (the demo uses it; the papers do not).
+    token_dropout: float = setting(0.0, help="speech LLM: share of answer tokens replaced by <pad> in the "
+                                             "LLM's input while training (0: off)")
 
     def validate(self):
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -133,22 +133,24 @@ class TrainConfig:
 @dataclass(frozen=True)
 class StageConfig:
     """Per-stage overrides, deep-merged over the top-level blocks."""
-    train: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
-    model: dict[str, Any] = field(default_factory=dict)
-    lora: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = setting(factory=dict, help="overrides of the `train:` block in this stage")
+    data: dict[str, Any] = setting(factory=dict, help="overrides of the `data:` block in this stage")
+    model: dict[str, Any] = setting(factory=dict, help="overrides of the `model:` block in this stage")
+    lora: dict[str, Any] = setting(factory=dict, help="overrides of the `lora:` block in this stage")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
-    lora: RunLoraConfig = RunLoraConfig()
-    mesh: MeshConfig = MeshConfig()
-    train: TrainConfig = TrainConfig()
-    stages: dict[str, StageConfig] = field(default_factory=dict)
-    run_dir: str = "runs/default"
-    stage: str | None = None           # set by for_stage()
+    model: dict[str, Any] = setting(factory=dict, help="the model builder's block (the speech LLM's: "
+                                                     "esrt_jax.speech.config.SpeechModelConfig)")
+    data: dict[str, Any] = setting(factory=dict, help="the data builder's block (the speech LLM's: "
+                                                    "SpeechDataConfig + esrt_jax.data.pipeline.DataConfig)")
+    lora: RunLoraConfig = setting(RunLoraConfig(), help="LoRA on the LLM")
+    mesh: MeshConfig = setting(MeshConfig(), help="device mesh and logical-axis rules")
+    train: TrainConfig = setting(TrainConfig(), help="optimisation and loop settings")
+    stages: dict[str, StageConfig] = setting(factory=dict, help="per-stage overrides (asr, smt, srt)")
+    run_dir: str = setting("runs/default", help="output folder of the run")
+    stage: str | None = setting(None, help="the stage this config is for (set by for_stage())")
 
     def validate(self):
         for name in self.stages:
