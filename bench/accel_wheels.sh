@@ -2,7 +2,7 @@
 # The wheels bench/accel.py needs on the GPU image (Python 3.12, x86-64) beyond what it holds
 # (/work/.library/device/KINDS.md lists the image: jax 0.11, flax, optax, orbax-checkpoint,
 # transformers 5.x, torch 2.11, peft, sacrebleu, ... are there). They come from the import closure of
-# the model builder (esrt_jax.train.speech: data pipeline, metrics, audio) and train.loop
+# the model builder (esrt_jax.speech.build: data pipeline, metrics, audio) and train.loop
 # (tensorboardX). ~19 MB. Run here (PyPI reachable), in the repo root; .whl/ is git-ignored locally.
 set -euo pipefail
 cd "$(dirname "$0")/.."

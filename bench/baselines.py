@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from esrt_jax import languages  # noqa: E402
 from esrt_jax.audio import load_audio  # noqa: E402
-from esrt_jax.eval.cli import build_parser, run_score  # noqa: E402
+from esrt_jax.cli.eval import build_parser, run_score  # noqa: E402
 
 SYSTEMS = ("whisper", "cascade", "oracle")
 

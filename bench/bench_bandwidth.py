@@ -140,8 +140,7 @@ def main(argv=None) -> dict:
     from esrt_jax.edge import EdgeEncoder
     from esrt_jax.infer import payload as pl
     from esrt_jax.infer.batch import encode_utterances
-    from esrt_jax.infer.cloud import translator_for
-    from esrt_jax.train.restore import load_model
+    from esrt_jax.speech.load import load_model, translator_for
 
     ckpt = args.checkpoint
     if ckpt is None and Path("runs/demo").is_dir():

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package; the torch reference adapter
+sys.path.insert(0, str(ROOT))  # the package and tests.reference (the torch reference adapter)
 
 DIMS = {  # HF WhisperConfig encoder keys
     "base": dict(num_mel_bins=80, d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048),
@@ -89,7 +89,7 @@ def bench_dims(name: str, args, workdir: Path) -> None:
     from esrt_jax.models.qformer import QFormerConfig, SpeechAdapter
     from esrt_jax.models.speech_llm import EdgeHalf, SpeechLLMConfig
     from esrt_jax.models.whisper import WhisperEncoderConfig, encoder_from_params, params_from_hf
-    from test_qformer import numpy_state_dict, torch_reference
+    from tests.reference.qformer import numpy_state_dict, torch_reference
 
     repeats = args.repeats or (10 if name == "base" else 3)
     dims = DIMS[name]
@@ -192,10 +192,9 @@ def run_quality(args, workdir: Path) -> None:
     from bench_bandwidth import agreement, decode_ids, load_records, quality, texts
     from esrt_jax.audio import mel_from_file
     from esrt_jax.edge import OnnxEdgeModel
-    from esrt_jax.export import main as export_main
+    from esrt_jax.cli.export import main as export_main
     from esrt_jax.infer import payload as pl
-    from esrt_jax.infer.cloud import translator_for
-    from esrt_jax.train.restore import load_model
+    from esrt_jax.speech.load import load_model, translator_for
 
     loaded = load_model(args.config, args.checkpoint)
     tr = translator_for(loaded, max_batch=8)

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))  # the package and tests.reference (the torch reference adapter)
 
 
 def parse() -> argparse.Namespace:
@@ -163,7 +163,7 @@ def run_setting(args, setting: str) -> None:
     from esrt_jax.train.config import TrainConfig
     from esrt_jax.train.optimizer import make_optimizer
     from esrt_jax.train.step import make_train_step
-    from test_qformer import numpy_state_dict, torch_reference
+    from tests.reference.qformer import numpy_state_dict, torch_reference
 
     s = shapes(args.quick, setting)
     B, T, steps = args.batch or s["batch"], args.text or s["text"], args.steps or s["steps"]

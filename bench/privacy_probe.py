@@ -116,8 +116,7 @@ def main(argv=None) -> dict:
     from esrt_jax.audio import mel_for_model
     from esrt_jax.edge import EdgeEncoder
     from esrt_jax.infer import payload as pl
-    from esrt_jax.infer.cloud import translator_for
-    from esrt_jax.train.restore import load_model
+    from esrt_jax.speech.load import load_model, translator_for
 
     if args.quick:
         args.voices, args.sentences = 3, 8

@@ -4,6 +4,11 @@ Every config is a frozen dataclass. `from_dict` builds one from nested plain dat
 checks it strictly: an unknown key, a wrong type or a value that `validate()` rejects is a
 `ConfigError` naming the dotted key. Dataclasses may define `validate(self)` that raises
 `ConfigError` (use `check(cond, key, msg)`), called after construction.
+
+Every field says what it holds: it is declared with `setting(default, help="...")` (or
+`setting(factory=..., help=...)`), which keeps the description in the field's
+`metadata["help"]`; `field_help(cls)` reads them (the configuration reference is generated from
+them, and a test fails on a field without one).
 """
 
 from __future__ import annotations
@@ -21,6 +26,20 @@ from typing import Any, Mapping, Sequence, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING) -> Any:
+    """A config dataclass field with its one-line description (kept in `metadata["help"]`)."""
+    if not help or not help.strip():
+        raise ValueError("setting(): a description (help=...) is required")
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def field_help(cls: type) -> dict[str, str | None]:
+    """{field name: its description, or None where it has none} of a config dataclass."""
+    return {f.name: f.metadata.get("help") for f in dataclasses.fields(cls)}
 
 
 class ConfigError(ValueError):

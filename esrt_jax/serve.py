@@ -31,7 +31,6 @@ accepting connections, answers a request whose body is still uploading with 503 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import logging
@@ -49,9 +48,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from esrt_jax import languages, logs
+from esrt_jax import languages
+from esrt_jax.config import setting
 from esrt_jax.infer import payload as pl
-from esrt_jax.train.restore import load_backend
 
 log = logging.getLogger("esrt_jax.serve")
 UPLOAD_GRACE_S = 1.0   # on shutdown, a body still uploading gets this long to finish before its 503
@@ -80,16 +79,19 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080      # 0: any free port
-    max_batch: int = 8
-    max_wait_ms: float = 10.0
-    max_payload_bytes: int = pl.DEFAULT_MAX_BYTES
-    warmup: bool = True   # compile every batch bucket before serving (healthz reports progress)
-    header_timeout_s: float = 10.0   # request line + headers, from connect or the previous response
-    body_timeout_s: float = 60.0     # the whole body, from the end of its headers (8 MB at ~1 Mbit/s)
-    drain_s: float = 10.0            # on shutdown: how long in-flight requests may still take
-    max_unauthenticated: int = 64    # open connections without a valid token yet (oldest closed first)
+    host: str = setting("127.0.0.1", help="address to listen on")
+    port: int = setting(8080, help="port to listen on (0: any free one)")
+    max_batch: int = setting(8, help="most requests decoded together")
+    max_wait_ms: float = setting(10.0, help="longest wait for a batch to fill")
+    max_payload_bytes: int = setting(pl.DEFAULT_MAX_BYTES, help="largest request body accepted")
+    warmup: bool = setting(True, help="compile every batch bucket before serving (healthz reports progress)")
+    header_timeout_s: float = setting(10.0, help="deadline of the request line + headers, from connect or the "
+                                                 "previous response")
+    body_timeout_s: float = setting(60.0, help="deadline of the whole body, from the end of its headers "
+                                               "(8 MB at ~1 Mbit/s)")
+    drain_s: float = setting(10.0, help="on shutdown: how long in-flight requests may still take")
+    max_unauthenticated: int = setting(64, help="open connections without a valid token yet (oldest closed "
+                                                "first)")
 
     def __post_init__(self):
         for name in ("max_batch", "max_payload_bytes", "max_unauthenticated"):
@@ -499,52 +501,7 @@ class Service:
             await self.stop()
 
 
-def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    """The command line's ServeConfig; a bad value -> one-line SystemExit."""
-    try:
-        return ServeConfig(args.host, args.port, args.max_batch, args.max_wait_ms, args.max_payload_bytes,
-                           warmup=args.warmup)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+if __name__ == "__main__":  # the command is esrt_jax.cli.serve (commands live in the top layer)
+    import runpy
 
-
-def load_backend_or_exit(args: argparse.Namespace) -> Backend:
-    """`load_backend` for the command line: a missing/invalid config, checkpoint or `--set` -> one line."""
-    import yaml
-
-    try:
-        return load_backend(args.config, args.checkpoint, args.set, split=args.split, max_batch=args.max_batch)
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"error: cannot load the model ({args.config}, {args.checkpoint}): {msg}") from None
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m esrt_jax.serve", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True, help="run config YAML (same as train.py)")
-    ap.add_argument("--checkpoint", required=True, help="run dir, stage dir or step dir")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8080)
-    ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--max-wait-ms", type=float, default=10.0)
-    ap.add_argument("--max-payload-bytes", type=int, default=pl.DEFAULT_MAX_BYTES)
-    ap.add_argument("--token-file", default=None)
-    ap.add_argument("--split", default=None, choices=pl.SPLITS,
-                    help="split point the edge sends (default: the model config's `split`)")
-    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
-                    help="do not compile every batch bucket at start-up (the first request of each "
-                         "new batch size then pays a compile; /healthz is ready at once)")
-    args = ap.parse_args(argv)
-    logs.setup()
-    cfg = config_from_args(args)
-    token = pl.read_token(args.token_file)
-    sock = listen_socket(cfg)
-    backend = load_backend_or_exit(args)
-    log.info("serving model %s, split %s, features %s, languages %s", backend.fingerprint, backend.split,
-             backend.feature_shape, ",".join(backend.languages or ()) or "any")
-    asyncio.run(Service(make_app(backend, cfg, token), sock).run_until_signal())
-
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("esrt_jax.cli.serve", run_name="__main__", alter_sys=True)

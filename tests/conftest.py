@@ -42,7 +42,7 @@ def demo_run(tmp_path_factory):
     import yaml
 
     from esrt_jax.config import apply_overrides, load_yaml
-    from esrt_jax.train import run
+    from esrt_jax.cli import train as run
 
     root = tmp_path_factory.mktemp("demo_run")
     run_dir = root / "run"

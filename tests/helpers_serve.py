@@ -1,5 +1,6 @@
-"""The service on a real localhost socket for tests: `ServerThread(app)` runs `serve.Service`
-(the same socket, limits and shutdown as `python -m esrt_jax.serve`) in a background event loop."""
+"""The service on a real localhost socket, for the tests of the service, the edge client and
+long-form inference: `ServerThread(app)` runs `serve.Service` (the same socket, limits and shutdown
+as `python -m esrt_jax.serve`) in a background event loop; `wait_ready(url)`, the bearer `TOKEN`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import urllib.error
 import urllib.request
 
 from esrt_jax import serve
+
+TOKEN = "s3cret-token"
 
 
 class ServerThread:

@@ -94,7 +94,7 @@ def make_tiny_run(d, whisper_dir=None, overrides=()):
 
     from esrt_jax.train.checkpoint import Checkpointer
     from esrt_jax.train.config import load_run_config
-    from esrt_jax.train.speech import build_model
+    from esrt_jax.speech.build import build_model
     from helpers_tokenizer import save_tiny_tokenizer
 
     from pathlib import Path

@@ -9,8 +9,8 @@ import pytest
 import soundfile as sf
 
 from esrt_jax.train.config import load_run_config
-from esrt_jax.train.run import main as train_main
-from esrt_jax.train.speech import align_units, build_model
+from esrt_jax.cli.train import main as train_main
+from esrt_jax.speech.build import align_units, build_model
 from helpers_tokenizer import save_tiny_tokenizer
 
 SR = 16000

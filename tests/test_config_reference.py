@@ -1,5 +1,6 @@
 """The configuration reference (docs/reference/config.md) is generated from the config dataclasses:
-every field must carry a description, and the checked-in page must be what the code generates."""
+the checked-in page must be what the code generates (that every config field carries a description
+is tests/test_config.py::test_every_config_field_says_what_it_holds)."""
 
 import dataclasses
 import importlib.util
@@ -16,11 +17,11 @@ def _tool():
     return mod
 
 
-def test_every_config_field_has_a_description_and_the_page_is_current():
+def test_the_page_covers_every_block_and_is_current():
     tool = _tool()
-    secs, missing = tool.sections()
-    assert not missing, f"config fields without metadata={{'help': ...}}: {missing}"
-    assert {p for p, _ in secs} >= {"", "lora", "mesh", "train", "stages.<name>"}
+    secs, _ = tool.sections()
+    assert {p for p, _ in secs} >= {"", "lora", "mesh", "train", "stages.<name>", "model", "model.adapter",
+                                    "model.align", "data", "data.augment"}
     assert tool.main(["--check"]) == 0, "docs/reference/config.md is stale: run python tools/config_reference.py"
     page = (ROOT / "docs" / "reference" / "config.md").read_text()
     assert "| `train.lr` | number | `0.0001` | peak learning rate |" in page

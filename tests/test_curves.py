@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from esrt_jax.cli import curves as curves_cli
 from esrt_jax.train import curves
 
 
@@ -25,9 +26,9 @@ def test_series_png_and_cli(tmp_path):
     assert m["dev_loss_shuffled"][0].tolist() == [20] and m["dev_loss_shuffled"][1].tolist() == [1.5]
     out = curves.plot_curves(run)
     assert out == run / "curves.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert curves.main([str(run), "--out", str(tmp_path / "c.png")]).stat().st_size > 10_000
+    assert curves_cli.main([str(run), "--out", str(tmp_path / "c.png")]).stat().st_size > 10_000
     with pytest.raises(SystemExit, match="no stage has a metrics.jsonl"):
-        curves.main([str(tmp_path / "empty")])
+        curves_cli.main([str(tmp_path / "empty")])
 
 
 def test_moving_average_is_trailing():

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from esrt_jax.cli import prepare_fleurs as fleurs_cli
 from esrt_jax.data import prepare_fleurs as PF
 from esrt_jax.data.records import JsonlSource
 from test_data_helpers import write_wav
@@ -46,7 +47,7 @@ def fleurs(tmp_path_factory):
 
 def test_prepare_joins_on_sentence_id(fleurs, tmp_path):
     out = tmp_path / "out"
-    assert PF.main(["--root", str(fleurs), "--langs", "eng,deu,fra", "--out", str(out),
+    assert fleurs_cli.main(["--root", str(fleurs), "--langs", "eng,deu,fra", "--out", str(out),
                     "--splits", "train,dev"]) == 0
     train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
     # train utterances: eng 10,12; deu 10 (x2), 12; fra 10 -> targets where the sentence exists
@@ -102,7 +103,7 @@ def test_missing_language_lists_what_was_found(fleurs, tmp_path, capsys):
                        r"\(expected folders ja_jp, ko_kr\); found: deu \(de_de\), eng \(en_us\), "
                        r"fra \(fr_fr\)"):
         PF.prepare(fleurs, ["eng", "jpn", "kor"], tmp_path / "o")
-    assert PF.main(["--root", str(fleurs), "--langs", "eng,xxq", "--out", str(tmp_path)]) == 2
+    assert fleurs_cli.main(["--root", str(fleurs), "--langs", "eng,xxq", "--out", str(tmp_path)]) == 2
     assert "unknown language code 'xxq'" in capsys.readouterr().err
     with pytest.raises(PF.FleursError, match="need at least two languages"):
         PF.prepare(fleurs, ["eng"], tmp_path / "o")

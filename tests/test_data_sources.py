@@ -123,10 +123,11 @@ def test_hf_datasets_on_disk_and_parquet(corpus, tmp_path):
 
 
 def test_tfds_array_record(corpus, tmp_path):
+    from esrt_jax.cli import tfds_builder as tfds_cli
     from esrt_jax.data import tfds_builder
 
     root, path, recs = corpus
-    assert tfds_builder.main(["--src", str(path), "--out", str(tmp_path / "t")]) == 0
+    assert tfds_cli.main(["--src", str(path), "--out", str(tmp_path / "t")]) == 0
     src = R.open_source(f"{tmp_path / 't'}:train")
     assert isinstance(src, R.TfdsSource)
     assert list(src) == recs and src[0].audio_bytes is None

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from esrt_jax.cli import demo as demo_cli
 from esrt_jax.data import demo, demo_sentences
 from esrt_jax.data.demo import DemoCorpusError, build_demo_corpus
 
@@ -184,7 +185,7 @@ def test_cached_build_returns_at_once(builds, capsys):
     before = (a / "manifest.json").stat().st_mtime_ns
     t = time.perf_counter()
     assert build_demo_corpus(a, workers=2, **kw) == a
-    assert demo.main(["--out", str(a), "--langs", ",".join(SUB_LANGS), "--max-sentences", str(SUB_SENTENCES), "--quiet"]) == 0
+    assert demo_cli.main(["--out", str(a), "--langs", ",".join(SUB_LANGS), "--max-sentences", str(SUB_SENTENCES), "--quiet"]) == 0
     assert time.perf_counter() - t < 5.0
     assert (a / "manifest.json").stat().st_mtime_ns == before
     assert json.loads(capsys.readouterr().out)["counts"]["records"]["dev"] == 6 * 2
@@ -337,7 +338,7 @@ def test_demo_corpus_for_names_its_folder_by_the_settings(monkeypatch, tmp_path)
 def test_eval_default_test_sets_of_the_demo(monkeypatch, tmp_path):
     """eval.py's default demo test sets: one trained voice + noise, the held-out voice and the
     held-out sentences, none of them trained on, each clip in one set only."""
-    from esrt_jax.eval import cli
+    from esrt_jax.cli import eval as cli
     from esrt_jax.train.config import load_run_config
 
     d = build_demo_corpus(tmp_path / "v3", langs=("eng", "deu"), voices_per_lang=3, max_sentences=10, progress=False)

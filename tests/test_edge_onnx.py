@@ -19,14 +19,15 @@ from flax import nnx  # noqa: E402
 from transformers import Qwen2Config  # noqa: E402
 
 from esrt_jax import serve  # noqa: E402
-from esrt_jax.edge import EdgeClient, EdgeError, EdgeModel, EdgeModelError, OnnxEdgeModel, main as edge_main  # noqa: E402
+from esrt_jax.cli.edge import main as edge_main  # noqa: E402
+from esrt_jax.edge import EdgeClient, EdgeError, EdgeModel, EdgeModelError, OnnxEdgeModel  # noqa: E402
 from esrt_jax.export.onnx_edge import edge_model_proto, export_edge_onnx, save_model  # noqa: E402
 from esrt_jax.infer.cloud import CloudBackend, model_fingerprint  # noqa: E402
 from esrt_jax.models.llm import config_from_hf  # noqa: E402
 from esrt_jax.models.speech_llm import (EdgeHalf, QFormerConfig, SpeechAdapter, SpeechLLMConfig,  # noqa: E402
                                         WhisperEncoder, WhisperEncoderConfig)
 from helpers_sllm import tiny_speech_llm, tiny_translator, write_tone  # noqa: E402
-from test_serve import TOKEN, ServerThread, wait_ready  # noqa: E402
+from helpers_serve import TOKEN, ServerThread, wait_ready  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +118,7 @@ def test_large_models_keep_their_weights_beside_and_a_reexport_replaces_them(pla
 
 def test_export_cli_writes_the_runs_edge_half(tmp_path, capsys):
     from esrt_jax.edge import load_edge
-    from esrt_jax.export import main as export_main
+    from esrt_jax.cli.export import main as export_main
     from helpers_sllm import make_tiny_run
 
     cfg_path, run_dir, _ = make_tiny_run(tmp_path)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from esrt_jax.cli import encode_cache as encode_cache_cli
 from esrt_jax.config import ConfigError
 from esrt_jax.data import encode_cache as ec
 from esrt_jax.data.pipeline import DataConfig, make_train_dataset
@@ -25,7 +26,7 @@ from esrt_jax.infer.generate import GenerateConfig
 from esrt_jax.infer.translator import Translator
 from esrt_jax.models.speech_llm import loss_fn
 from esrt_jax.train.config import load_run_config
-from esrt_jax.train.speech import build_inference, build_model
+from esrt_jax.speech.build import build_inference, build_model
 from helpers_sllm import RUN_CONFIG, tiny_speech_llm, write_tone
 from helpers_tokenizer import save_tiny_tokenizer, tiny_tokenizer
 
@@ -137,8 +138,8 @@ def test_killed_build_resumes_without_recomputing_finished_shards(tmp_path):
     proc.wait()
     done = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard-*.npy")}
     assert 2 <= len(done) < n, f"{len(done)} shards before the kill"
-    stats = ec.main(["--config", str(tmp_path / "run.yaml"), "--out", str(out), "--shard-size", "1",
-                     "--batch", "1"])
+    stats = encode_cache_cli.main(["--config", str(tmp_path / "run.yaml"), "--out", str(out), "--shard-size",
+                                   "1", "--batch", "1"])
     assert stats == {"built": n - len(done), "skipped": len(done), "frames_added": 0, "rebuilt": 0}
     for name, st in done.items():  # untouched: not rewritten
         p = out / name

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from esrt_jax.audio import mel_from_file
-from esrt_jax.eval import cli
+from esrt_jax.cli import eval as cli
 from esrt_jax.eval import decode as dec
 from esrt_jax.eval.results import RESULT_FIELDS, read_results
 from esrt_jax.infer.generate import GenerateConfig

@@ -76,7 +76,8 @@ def _merge(a: dict, b: dict) -> dict:
 
 def _diagnose(tr, tmp_path) -> dict:
     """decode real + swapped audio, score with eval.py's scorer; summary.json's listening block."""
-    from esrt_jax.eval import cli, listening
+    from esrt_jax.cli import eval as cli
+    from esrt_jax.eval import listening
     from esrt_jax.eval.decode import EvalItem, decode_to_file
 
     items = [EvalItem(i + 1, f"u{i}", f"u{i}.wav", f"u{i}.wav", "eng", "eng", t, "") for i, t in enumerate(TEXTS)]

@@ -9,7 +9,8 @@ import struct
 import pytest
 
 from esrt_jax import metrics
-from esrt_jax.eval import cli, compare, report, results
+from esrt_jax.cli import eval as cli
+from esrt_jax.eval import compare, report, results
 from test_eval_metrics import LANGS3, SENTS, make_records, write_jsonl
 
 

@@ -20,12 +20,12 @@ from transformers import AutoModelForCausalLM, Blip2QFormerConfig, GenerationCon
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
 from esrt_jax import export as ex
+from esrt_jax.cli import export as export_cli
 from esrt_jax.infer import generate as gen
-from esrt_jax.infer.cloud import translator_for
-from esrt_jax.train.restore import load_model
+from esrt_jax.speech.load import load_model, translator_for
 from esrt_jax.models.speech_llm import loss_fn
-from test_qformer import EncoderProjectorQFormer, SlamModel
-from test_speech_llm import _torch_embeds
+from tests.reference.qformer import EncoderProjectorQFormer, SlamModel
+from tests.reference.speech_llm import torch_embeds
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -48,7 +48,7 @@ def exports(demo_exports):
 def reference(trained):
     """Our model restored from the run, a dev batch and its loss / greedy output."""
     from esrt_jax.data.pipeline import make_eval_batches
-    from esrt_jax.train.speech import _data_config, _dev_source
+    from esrt_jax.speech.build import _data_config, _dev_source
 
     _, run_dir = trained
     loaded = load_model(run_dir / "config.yaml", run_dir)
@@ -80,7 +80,7 @@ def _torch_parts(out: Path, llm):
 
 
 def _torch_loss(parts, batch, q):
-    embeds, mask = _torch_embeds(parts, batch["mel"], batch["tokens"], batch["attention_mask"])
+    embeds, mask = torch_embeds(parts, batch["mel"], batch["tokens"], batch["attention_mask"])
     labels = np.where(batch["loss_mask"] > 0, batch["tokens"], -100)
     labels = np.concatenate([np.full((labels.shape[0], q), -100), labels], 1)
     with torch.no_grad():
@@ -91,7 +91,7 @@ def _torch_loss(parts, batch, q):
 def _torch_greedy(parts, ref, gen_dir: Path):
     tr = ref["tr"]
     tokens, pmask = tr.prompts(ref["src"], ref["tgt"], task="asr")
-    embeds, mask = _torch_embeds(parts, ref["batch"]["mel"], tokens, pmask.astype(np.int64), left_pad_speech=True)
+    embeds, mask = torch_embeds(parts, ref["batch"]["mel"], tokens, pmask.astype(np.int64), left_pad_speech=True)
     gcfg = GenerationConfig.from_pretrained(gen_dir)  # the exported decoding settings
     with torch.no_grad():
         out = parts[2].generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gcfg)
@@ -210,7 +210,7 @@ def test_import_gives_a_checkpoint_with_identical_eval(trained, exports, referen
     assert len(jax.tree.leaves(res["params"])) == len(jax.tree.leaves(bundle.trainable))
     next(it)  # the restored iterator yields batches
     if which == "merged":  # train.py itself resumes the imported run for one more step
-        from esrt_jax.train import run
+        from esrt_jax.cli import train as run
 
         [r] = run.main(["--stage", "asr", "--config", str(new / "config.yaml"), "--run-dir", str(new),
                         "--set", "stages.asr.train.steps=4"])
@@ -219,7 +219,7 @@ def test_import_gives_a_checkpoint_with_identical_eval(trained, exports, referen
 
 def test_eval_py_output_identical_after_import(trained, exports):
     """`eval.py --config --checkpoint` on the original run and on the imported export."""
-    from esrt_jax.eval import cli as eval_cli
+    from esrt_jax.cli import eval as eval_cli
 
     root, run_dir = trained
     new = root / "imported_for_eval"
@@ -296,14 +296,14 @@ def test_import_config_with_base_pointers(tmp_path):
 
 def test_cli_errors(trained, tmp_path, capsys):
     _, run_dir = trained
-    assert ex.main(["--run", str(run_dir), "--stage", "srt", "--out", str(tmp_path / "o")]) == 2
+    assert export_cli.main(["--run", str(run_dir), "--stage", "srt", "--out", str(tmp_path / "o")]) == 2
     assert "stage srt has no checkpoints" in capsys.readouterr().err
-    assert ex.main(["--run", str(run_dir), "--step", "7", "--out", str(tmp_path / "o")]) == 2
+    assert export_cli.main(["--run", str(run_dir), "--step", "7", "--out", str(tmp_path / "o")]) == 2
     assert "no checkpoint at step 7 (steps present: [3])" in capsys.readouterr().err
-    assert ex.main(["--import", str(tmp_path), "--run", str(tmp_path / "new")]) == 2
+    assert export_cli.main(["--import", str(tmp_path), "--run", str(tmp_path / "new")]) == 2
     assert "no esrt_config.json (not an esrt-jax export directory)" in capsys.readouterr().err
     (tmp_path / "esrt_config.json").write_text(json.dumps({"format": "something-else"}))
-    assert ex.main(["--import", str(tmp_path), "--run", str(tmp_path / "new")]) == 2
+    assert export_cli.main(["--import", str(tmp_path), "--run", str(tmp_path / "new")]) == 2
     assert "is not 'esrt-jax-export'" in capsys.readouterr().err
     other = tmp_path / "norun"
     other.mkdir()

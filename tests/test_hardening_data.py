@@ -93,7 +93,7 @@ def test_cut_meta_json_and_foreign_cache_are_one_line_errors(corpus, tmp_path, c
     with pytest.raises(ec.CacheError, match="meta.json is damaged"):
         ec.build(model.encoder, keys, load, c, shard_size=2, progress=False)
     # train.py on a cache built by another encoder: one line, no traceback
-    from esrt_jax.train import run
+    from esrt_jax.cli import train as run
 
     save_tiny_tokenizer(tmp_path / "tok", vocab_size=320)
     cfg = yaml.safe_load(RUN_CONFIG.format(run_dir=tmp_path / "runs", tok_dir=tmp_path / "tok"))
@@ -169,7 +169,7 @@ def test_minimum_audio_rule_on_the_edge_and_the_one_window_front_end(tmp_path):
 
 
 def test_infer_no_segment_on_silence_is_an_error(tmp_path, capsys):
-    from esrt_jax.infer.__main__ import main
+    from esrt_jax.cli.infer import main
     from helpers_sllm import make_tiny_run
 
     cfg, run, _ = make_tiny_run(tmp_path)

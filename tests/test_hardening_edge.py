@@ -19,7 +19,8 @@ pytest.importorskip("aiohttp")
 import onnx  # noqa: E402
 
 from esrt_jax import serve  # noqa: E402
-from esrt_jax.edge import EdgeClient, EdgeError, main as edge_main  # noqa: E402
+from esrt_jax.cli.edge import main as edge_main  # noqa: E402
+from esrt_jax.edge import EdgeClient, EdgeError  # noqa: E402
 from esrt_jax.export.onnx_edge import export_edge_onnx  # noqa: E402
 from esrt_jax.infer import payload as pl  # noqa: E402
 from esrt_jax.infer.cloud import CloudBackend, model_fingerprint  # noqa: E402

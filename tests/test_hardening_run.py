@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from esrt_jax.config import ConfigError
-from esrt_jax.train import run as run_cli
+from esrt_jax.cli import train as run_cli
 from esrt_jax.train.config import STAGES, load_run_config
 from helpers_fs import read_only
 from test_train_infra import TOY
@@ -112,7 +112,7 @@ def test_dry_run_sizes_the_simulated_mesh_from_the_config():
 # ----------------------------------------------------------------------------- config values (16)
 
 def test_llm_config_values_are_type_checked(tmp_path):
-    from esrt_jax.train.speech import speech_config
+    from esrt_jax.speech.config import speech_config
 
     d = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     d["model"]["llm_config"]["hidden_size"] = "big"
@@ -130,7 +130,7 @@ def test_data_languages_as_a_string_is_refused(tmp_path):
 
 
 def test_damaged_run_config_read_by_infer_is_one_line(tmp_path, capsys):
-    from esrt_jax.infer.__main__ import main as infer_main
+    from esrt_jax.cli.infer import main as infer_main
     from helpers_sllm import make_tiny_run
 
     cfg, run, _ = make_tiny_run(tmp_path)

@@ -26,6 +26,7 @@ import pytest
 pytest.importorskip("aiohttp")
 
 from esrt_jax import serve  # noqa: E402
+from esrt_jax.cli import serve as serve_cli  # noqa: E402
 from esrt_jax.infer import payload as pl  # noqa: E402
 from esrt_jax.infer.cloud import CloudBackend  # noqa: E402
 from helpers_serve import ServerThread, wait_ready  # noqa: E402
@@ -288,20 +289,20 @@ def test_serve_command_sigterm_mid_upload_logs_and_startup(tiny_run, tmp_path):
 
 
 def run_main(argv: list[str], timeout: float = 180) -> BaseException | None:
-    """`serve.main(argv)` in a thread (a server that wrongly starts fails there, bounded: no
+    """`esrt_jax.cli.serve.main(argv)` in a thread (a server that wrongly starts fails there, bounded: no
     signal handlers outside the main thread) -> what it raised."""
     out: list[BaseException | None] = [None]
 
     def target():
         try:
-            serve.main(argv)
+            serve_cli.main(argv)
         except BaseException as e:  # noqa: BLE001 - the test inspects it
             out[0] = e
 
     t = threading.Thread(target=target, daemon=True)
     t.start()
     t.join(timeout)
-    assert not t.is_alive(), f"serve.main{argv} still running after {timeout} s"
+    assert not t.is_alive(), f"cli.serve.main{argv} still running after {timeout} s"
     return out[0]
 
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from esrt_jax.infer import __main__ as cli
+from esrt_jax.cli import infer as cli
 from esrt_jax.infer import payload as pl
 from helpers_sllm import make_tiny_run, tiny_translator, write_tone
 
@@ -145,7 +145,8 @@ def trained_run(tmp_path_factory):
 def test_load_model_restores_the_trained_params(trained_run):
     from flax import nnx
 
-    from esrt_jax.train.restore import load_model, resolve_checkpoint
+    from esrt_jax.speech.load import load_model
+    from esrt_jax.train.restore import resolve_checkpoint
 
     cfg_path, run_dir, trained = trained_run
     assert resolve_checkpoint(run_dir)[1:] == ("srt", None)
@@ -179,8 +180,7 @@ def test_cli_main_edge_only_then_from_embeds(trained_run, corpus, tmp_path, caps
 @pytest.mark.parametrize("encoder", ["seeded", "hf_dir", "hf_dir_trained"])
 def test_edge_loads_only_encoder_and_adapter_and_matches_the_full_model(encoder, trained_run, tmp_path):
     from esrt_jax.edge import EdgeModel, load_edge
-    from esrt_jax.infer.cloud import translator_for
-    from esrt_jax.train.restore import load_model
+    from esrt_jax.speech.load import load_model, translator_for
 
     if encoder.startswith("hf_dir"):
         pytest.importorskip("torch")
@@ -215,9 +215,9 @@ def test_from_embeds_rejects_nonfinite_and_crafted_payloads(trained_run, corpus,
     import struct
     import zlib
 
-    from esrt_jax.infer.cloud import translator_for
+    from esrt_jax.speech.load import translator_for
 
-    from esrt_jax.train.restore import load_model
+    from esrt_jax.speech.load import load_model
 
     cfg_path, run_dir, _ = trained_run
     loaded = load_model(cfg_path, run_dir)
@@ -258,7 +258,7 @@ def langs_run(tmp_path_factory):
 
 
 def test_untrained_languages_are_refused(langs_run, corpus, capsys):
-    from esrt_jax.train.restore import load_backend, load_model
+    from esrt_jax.speech.load import load_backend, load_model
 
     cfg_path, run_dir = langs_run
     assert load_model(cfg_path, run_dir).languages == ("eng", "deu", "fra")
@@ -305,8 +305,7 @@ def test_cli_user_mistakes_are_one_line_errors(trained_run, tmp_path, capsys):
 
 def test_generation_cap_defaults_to_the_longest_trained_text(trained_run):
     """No max_new_tokens in the config: the cap is the largest data.text_buckets (greedy stops at EOS)."""
-    from esrt_jax.infer.cloud import translator_for
-    from esrt_jax.train.restore import load_model
+    from esrt_jax.speech.load import load_model, translator_for
 
     cfg_path, run_dir, _ = trained_run
     loaded = load_model(cfg_path, run_dir, ["model.infer.max_new_tokens=null", "data.text_buckets=[32, 80]"])

@@ -164,8 +164,7 @@ def recording(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A tiny run with the demo's 3 s encoder window (max_source_positions 150)."""
-    from esrt_jax.infer.cloud import translator_for
-    from esrt_jax.train.restore import load_model
+    from esrt_jax.speech.load import load_model, translator_for
     from helpers_sllm import make_tiny_run
 
     cfg, run, _ = make_tiny_run(tmp_path_factory.mktemp("run"),
@@ -176,7 +175,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cli_out(model, recording, tmp_path_factory):
-    from esrt_jax.infer import __main__ as cli
+    from esrt_jax.cli import infer as cli
 
     cfg, run, _, _ = model
     out = tmp_path_factory.mktemp("cli") / "out.jsonl"
@@ -205,7 +204,7 @@ def test_cli_segments_a_long_recording_one_clip_a_segment(cli_out, recording, mo
 
 
 def test_no_segment_cuts_to_one_window_with_the_warning(model, recording):
-    from esrt_jax.infer import __main__ as cli
+    from esrt_jax.cli import infer as cli
 
     cfg, run, _, tr = model
     args = ["--config", str(cfg), "--checkpoint", str(run), "--audio", str(recording[0]), "--src", "eng",
@@ -218,7 +217,7 @@ def test_no_segment_cuts_to_one_window_with_the_warning(model, recording):
 
 
 def test_cli_silent_audio_is_a_one_line_error(model, tmp_path, capsys):
-    from esrt_jax.infer import __main__ as cli
+    from esrt_jax.cli import infer as cli
 
     cfg, run, _, _ = model
     sf.write(tmp_path / "quiet.wav", gap(40.0), SR)
@@ -234,7 +233,7 @@ def server(model):
     pytest.importorskip("aiohttp")
     from esrt_jax import serve
     from esrt_jax.infer.cloud import CloudBackend
-    from test_serve import ServerThread
+    from helpers_serve import ServerThread
 
     _, _, loaded, tr = model
     srv = ServerThread(serve.make_app(CloudBackend(tr, loaded.fingerprint),
@@ -246,7 +245,7 @@ def server(model):
 def test_edge_client_and_service_round_trip_a_long_recording(model, recording, server, cli_out, tmp_path, capsys):
     """The edge CLI segments, sends one payload per segment to the real HTTP service (batched
     there), joins the answers: the CLI's output, up to the fp16 payload rounding."""
-    from esrt_jax.edge import main as edge_main
+    from esrt_jax.cli.edge import main as edge_main
 
     cfg, run, _, _ = model
     (tmp_path / "token").write_text(TOKEN)
@@ -271,7 +270,7 @@ def test_segments_come_back_in_order_through_cli_and_service(model, recording, s
     the cloud half answers with the number it reads there (exact in fp16): the joined output of the
     CLI and of the edge client + service must then be `s0 s1 ... s19`."""
     from esrt_jax.edge import EdgeClient
-    from esrt_jax.infer import __main__ as cli
+    from esrt_jax.cli import infer as cli
     from esrt_jax.infer.translator import Translator
 
     cfg, run, loaded, tr = model
@@ -310,7 +309,7 @@ def test_eval_scores_the_joined_output(model, recording, cli_out, tmp_path):
     from esrt_jax.eval import decode as dec
 
     _, _, loaded, tr = model
-    from esrt_jax.eval.cli import build_parser
+    from esrt_jax.cli.eval import build_parser
 
     sf.write(tmp_path / "quiet.wav", gap(5.0), SR)
     (tmp_path / "test.jsonl").write_text("".join(

@@ -130,7 +130,7 @@ def test_export_matches_transformers_and_reloads(run):
 
     from esrt_jax import export as ex
     from esrt_jax.audio import mel_from_file
-    from esrt_jax.train.restore import load_model
+    from esrt_jax.speech.load import load_model
 
     root, run_dir = run
     loaded = load_model(run_dir / "config.yaml", run_dir)

@@ -6,7 +6,6 @@ payloads (right 4xx, server keeps serving), /healthz, /metrics, the edge client,
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -20,17 +19,15 @@ import numpy as np
 import pytest
 
 pytest.importorskip("aiohttp")
-from aiohttp import web  # noqa: E402
 
 from esrt_jax import serve  # noqa: E402
 from esrt_jax.audio import mel_from_file  # noqa: E402
 from esrt_jax.edge import EdgeClient, EdgeError  # noqa: E402
 from esrt_jax.infer import payload as pl  # noqa: E402
 from esrt_jax.infer.cloud import CloudBackend  # noqa: E402
-from helpers_serve import ServerThread, wait_ready  # noqa: E402,F401 (test_edge_onnx imports them from here)
+from helpers_serve import TOKEN, ServerThread, wait_ready  # noqa: E402
 from helpers_sllm import tiny_translator, write_tone  # noqa: E402
 
-TOKEN = "s3cret-token"
 MAX_BYTES = 64 * 1024
 PAIRS = [("eng", "deu"), ("deu", "eng"), ("cmn", "jpn"), ("fra", "spa")]
 
@@ -363,17 +360,16 @@ def test_make_app_requires_a_token(tiny):
 @pytest.mark.slow
 def test_serve_and_edge_commands_end_to_end(tmp_path, capsys):
     """`python -m esrt_jax.serve` as a real process on a run config + checkpoint, the edge CLI
-    (`esrt_jax.edge.main`) against it; SIGTERM stops the server cleanly."""
+    (`esrt_jax.cli.edge.main`) against it; SIGTERM stops the server cleanly."""
     import os
     import signal
     import subprocess
     import sys
     from pathlib import Path
 
-    from esrt_jax.edge import main as edge_main
-    from esrt_jax.infer import __main__ as cli
-    from esrt_jax.infer.cloud import translator_for
-    from esrt_jax.train.restore import load_model
+    from esrt_jax.cli.edge import main as edge_main
+    from esrt_jax.cli import infer as cli
+    from esrt_jax.speech.load import load_model, translator_for
     from helpers_sllm import make_tiny_run
 
     cfg_path, run_dir, _ = make_tiny_run(tmp_path)

@@ -19,7 +19,8 @@ from esrt_jax.models import whisper as W
 from esrt_jax.models.qformer import QFormerConfig, SpeechAdapter
 from esrt_jax.models.speech_llm import SpeechLLM, SpeechLLMConfig, loss_fn
 from helpers_tokenizer import tiny_tokenizer
-from test_qformer import numpy_state_dict, torch_reference
+from tests.reference.qformer import numpy_state_dict, torch_reference
+from tests.reference.speech_llm import torch_embeds
 
 N_MELS, MAX_POS, D_ENC, Q, VOCAB, D_LLM = 80, 16, 32, 6, 320, 64
 
@@ -85,27 +86,11 @@ def _mixed_batch(tok, rows=3, seed=0):
     return batch
 
 
-def _torch_embeds(torch_parts, mel, tokens, text_mask, left_pad_speech=False):
-    """LLM-SRT's assembly: speech embeddings then the text embeddings, in `inputs_embeds`."""
-    t_enc, t_proj, t_llm = torch_parts
-    with torch.no_grad():
-        speech = t_proj(t_enc(torch.from_numpy(mel)).last_hidden_state)
-        text = t_llm.get_input_embeddings()(torch.from_numpy(tokens).long())
-        B, Qs = speech.shape[:2]
-        mask = torch.cat([torch.ones(B, Qs, dtype=torch.long), torch.from_numpy(text_mask).long()], 1)
-        embeds = torch.cat([speech, text], 1)
-        if left_pad_speech:  # reference decoding layout: [pad][speech][prompt]
-            order = torch.argsort(mask, dim=1, stable=True)
-            embeds = torch.gather(embeds, 1, order[..., None].expand_as(embeds))
-            mask = torch.gather(mask, 1, order)
-    return embeds, mask
-
-
 def test_loss_parity_on_mixed_tasks(pair):
     family, ours, torch_parts, tok = pair
     batch = _mixed_batch(tok)
     loss, aux = loss_fn(ours, {k: v for k, v in batch.items()})
-    embeds, mask = _torch_embeds(torch_parts, batch["mel"], batch["tokens"], batch["attention_mask"])
+    embeds, mask = torch_embeds(torch_parts, batch["mel"], batch["tokens"], batch["attention_mask"])
     labels = np.where(batch["loss_mask"] > 0, batch["tokens"], -100)
     labels = np.concatenate([np.full((labels.shape[0], Q), -100), labels], 1)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
@@ -122,7 +107,7 @@ def test_greedy_and_beam_match_transformers_generate(pair):
     src, tgt = ["eng", "deu"], ["deu", "cmn"]
     mel = np.random.RandomState(3).randn(2, N_MELS, 2 * MAX_POS).astype(np.float32)
     tokens, pmask = tr.prompts(src, tgt)
-    embeds, mask = _torch_embeds(torch_parts, mel, tokens, pmask.astype(np.int64), left_pad_speech=True)
+    embeds, mask = torch_embeds(torch_parts, mel, tokens, pmask.astype(np.int64), left_pad_speech=True)
     feats = tr.encode(mel)
     for beams in (1, 4):
         cfg = gen.GenerateConfig(max_new_tokens=20, num_beams=beams, eos_ids=(tok.eos_token_id,),

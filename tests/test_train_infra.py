@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import train_toy
+from esrt_jax.cli import train as run_cli
 from esrt_jax.config import ConfigError, from_dict
 from esrt_jax.train import mesh as mesh_lib
-from esrt_jax.train import run as run_cli
 from esrt_jax.train.checkpoint import CheckpointMismatch, Checkpointer, abstract_like, restore_params
 from esrt_jax.train.config import MeshConfig, RunConfig, TrainConfig, load_run_config
 from esrt_jax.train.loop import run_stage, stage_shardings

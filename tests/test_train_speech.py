@@ -1,9 +1,9 @@
-"""The speech-LLM wiring of training (esrt_jax/train/speech.py), abstractly: no weights, no data."""
+"""The speech-LLM wiring of training (esrt_jax/speech/build.py), abstractly: no weights, no data."""
 
 import pytest
 
 from esrt_jax.config import ConfigError
-from esrt_jax.train import speech
+from esrt_jax.speech import build as speech
 from esrt_jax.train.bundle import flat_paths
 from esrt_jax.train.config import load_run_config
 
@@ -72,3 +72,12 @@ def test_encoder_gets_gradients_when_trainable_names_it():
     grads = jax.grad(lambda t: b.loss_fn(t, b.frozen, batch, None)[0])(b.trainable)
     enc_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["encoder"]))
     assert np.isfinite(enc_norm) and enc_norm > 0
+
+
+def test_builder_names_of_older_run_configs_still_load():
+    """Run configs saved before the speech system left the trainer name esrt_jax.train.speech."""
+    old = cfg("model.builder=esrt_jax.train.speech:build_model", "data.builder=esrt_jax.train.speech:build_data")
+    assert old.model_builder() is speech.build_model and old.data_builder() is speech.build_data
+    assert cfg().model_builder() is speech.build_model and cfg().data_builder() is speech.build_data
+    with pytest.raises(ImportError, match="model.builder"):
+        cfg("model.builder=esrt_jax.train.nowhere:build_model").model_builder()

@@ -17,6 +17,7 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperModel
+from transformers.models.whisper import modeling_whisper
 from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
 from esrt_jax.config import ConfigError
@@ -197,6 +198,9 @@ def test_export_to_bare_hf_encoder(ckpts, tmp_path):
     hf_enc.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=True)
     assert max(max_diffs(model, hf_enc, mel_for(cfg)).values()) <= TOL
     save_whisper_encoder(model, model.config, tmp_path / "enc")
+    # config.json names the transformers class that loads the directory
+    archs = json.loads((tmp_path / "enc" / "config.json").read_text())["architectures"]
+    assert [getattr(modeling_whisper, a, None) for a in archs] == [HFWhisperEncoder], archs
     hf_enc2 = HFWhisperEncoder.from_pretrained(tmp_path / "enc").eval()
     diffs = max_diffs(model, hf_enc2, mel_for(cfg))
     assert max(diffs.values()) <= TOL, diffs

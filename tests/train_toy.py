@@ -3,7 +3,7 @@
 Frozen "encoder" Dense (features -> embed), trainable adapter MLP with dropout, trainable
 classification head over a small vocab; masked token cross-entropy, like the speech LLM's
 loss. Labels come from a fixed random teacher so the loss really goes down.
-Builders follow the `model.builder` / `data.builder` contracts of esrt_jax/train/run.py.
+Builders follow the `model.builder` / `data.builder` contracts of esrt_jax/cli/train.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Write docs/reference/config.md, the configuration reference, from the config dataclasses.
 
 Every key of a run config is a field of a frozen dataclass reachable from the roots below; each
-field carries its meaning as `field(..., metadata={"help": "..."})`. This walks them with
+field carries its meaning as `esrt_jax.config.setting(default, help="...")` (kept in
+`metadata["help"]`). This walks them with
 `dataclasses.fields` (a field whose type is a dataclass, a `dict[str, dataclass]` or a
 `tuple[dataclass, ...]` gets its own section) and writes one table per section: key, type,
 default, meaning.
@@ -26,7 +27,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "reference" / "config.md"
 # (dotted prefix of the section in a run config, "module:Class"); "" is the top level.
-ROOTS = [("", "esrt_jax.train.config:RunConfig")]
+# The `model:` / `data:` blocks are dicts in RunConfig (read by the configured builders): the default
+# speech builders' typed blocks are listed here.
+ROOTS = [("", "esrt_jax.train.config:RunConfig"),
+         ("model", "esrt_jax.speech.config:SpeechModelConfig"),
+         ("model.adapter", "esrt_jax.models.qformer:QFormerConfig"),
+         ("model.align", "esrt_jax.speech.align:AlignConfig"),
+         ("data", "esrt_jax.speech.config:SpeechDataConfig"),
+         ("data", "esrt_jax.data.pipeline:DataConfig")]
 
 
 def load_class(spec: str | type) -> type:
@@ -126,8 +134,8 @@ def render(roots=ROOTS) -> str:
         "unknown key, a wrong type or an impossible value is an error naming the dotted key. Strings may "
         "read the environment: `${VAR}` or `${VAR:-default}`.", "",
         "This page is generated from the dataclasses' field descriptions "
-        "(`field(default=..., metadata={\"help\": ...})`); `tests/test_config_reference.py` fails when a "
-        "field has no description or this page differs from the code.", "",
+        "(`setting(default, help=...)`); `tests/test_config.py` fails when a field has no description, "
+        "`tests/test_config_reference.py` when this page differs from the code.", "",
     ]
     for prefix, cls in secs:
         hints = typing.get_type_hints(cls)
@@ -152,7 +160,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     _, missing = sections()
     if missing:
-        print("config fields without a description (metadata={'help': ...}):\n  " + "\n  ".join(missing),
+        print("config fields without a description (setting(..., help=...)):\n  " + "\n  ".join(missing),
               file=sys.stderr)
         return 1
     text = render()

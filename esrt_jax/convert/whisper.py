@@ -81,10 +81,10 @@ def save_whisper_encoder(model_or_params: W.WhisperEncoder | Any, cfg: W.Whisper
                          out_dir: str | os.PathLike, *, dtype: Any = np.float32,
                          max_shard_bytes: int = 2 * 1024**3) -> list[Path]:
     """A stand-alone HF directory (config.json + safetensors, bare names) that transformers'
-    `W.WhisperEncoder.from_pretrained(out_dir)` loads."""
+    `WhisperEncoder.from_pretrained(out_dir)` (`transformers.models.whisper.modeling_whisper`) loads."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf_cfg = {**cfg.to_hf_config(), "architectures": ["W.WhisperEncoder"]}
+    hf_cfg = {**cfg.to_hf_config(), "architectures": ["WhisperEncoder"]}
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     return hf_io.save_sharded(W.export_whisper_encoder(model_or_params, cfg, prefix="", dtype=dtype),
                               out, max_shard_bytes=max_shard_bytes)

@@ -25,7 +25,7 @@ import dataclasses
 import numpy as np
 
 from esrt_jax.audio import mel_centers_hz
-from esrt_jax.config import check
+from esrt_jax.config import check, setting
 
 __all__ = ["AugmentConfig", "example_rng", "perturb_waveform", "warp_mel", "mask_mel"]
 
@@ -36,14 +36,14 @@ _STREAM = 0x5A7A  # separates augmentation draws from other users of (seed, key)
 class AugmentConfig:
     """`data.augment`: all off by default (the papers train without augmentation)."""
 
-    speed: float = 0.0                   # max relative speed change (0.1: f in [0.9, 1.1]); 0 = off
-    noise_snr: tuple[float, ...] = ()    # (low, high) dB; () = no noise
-    noise_prob: float = 0.5              # share of examples that get noise (when noise_snr is set)
-    freq_warp: float = 0.0               # max relative frequency scaling (0.1: a in [0.9, 1.1]); 0 = off
-    freq_masks: int = 0
-    freq_mask_width: int = 0             # mel bins, max per mask
-    time_masks: int = 0
-    time_mask_width: int = 0             # frames (10 ms), max per mask
+    speed: float = setting(0.0, help="max relative speed change (0.1: factor in [0.9, 1.1]); 0 = off")
+    noise_snr: tuple[float, ...] = setting((), help="(low, high) dB of added noise; () = no noise")
+    noise_prob: float = setting(0.5, help="share of examples that get noise (when noise_snr is set)")
+    freq_warp: float = setting(0.0, help="max relative frequency scaling (0.1: factor in [0.9, 1.1]); 0 = off")
+    freq_masks: int = setting(0, help="frequency masks per example")
+    freq_mask_width: int = setting(0, help="mel bins, max per frequency mask")
+    time_masks: int = setting(0, help="time masks per example")
+    time_mask_width: int = setting(0, help="frames (10 ms), max per time mask")
 
     @property
     def enabled(self) -> bool:

@@ -30,7 +30,6 @@ holds no JAX/XLA threads.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import hashlib
@@ -624,35 +623,7 @@ def noisy_clips(demo_dir: str | os.PathLike, records: str | os.PathLike, snr_db:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m esrt_jax.data.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=None, help=f"output dir (default {default_demo_dir()})")
-    p.add_argument("--langs", default=None, help=f"comma-separated subset of {','.join(demo_sentences.LANGS)}")
-    p.add_argument("--voices-per-lang", type=int, default=2)
-    p.add_argument("--max-sentences", type=int, default=None)
-    p.add_argument("--format", dest="audio_format", choices=sorted(AUDIO_FORMATS), default="flac")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--force", action="store_true", help="rebuild even if the manifest matches")
-    p.add_argument("--quiet", action="store_true")
-    a = p.parse_args(argv)
-    try:
-        out = build_demo_corpus(
-            a.out,
-            langs=a.langs.split(",") if a.langs else None,
-            voices_per_lang=a.voices_per_lang,
-            max_sentences=a.max_sentences,
-            audio_format=a.audio_format,
-            workers=a.workers,
-            force=a.force,
-            progress=not a.quiet,
-        )
-    except DemoCorpusError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    manifest = json.loads((out / "manifest.json").read_text())
-    print(json.dumps({"out": str(out), "counts": manifest["counts"], "audio_seconds": manifest["audio_seconds"]}))
-    return 0
+if __name__ == "__main__":  # the command is esrt_jax.cli.demo (commands live in the top layer)
+    import runpy
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    runpy.run_module("esrt_jax.cli.demo", run_name="__main__", alter_sys=True)

@@ -33,11 +33,9 @@ fp32 / 3.8 MB bf16.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -373,48 +371,7 @@ def mel_loader(encoder_cfg, sources, sample_rate: int = 16000) -> Callable[[str]
     return _MelLoader(encoder_cfg, first, sample_rate)
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m esrt_jax.data.encode_cache",
-                                description="Run the frozen Whisper encoder once per unique audio of "
-                                            "the config's data.train and data.dev sources (and --data files)")
-    p.add_argument("--config", required=True, help="YAML run config (its model and data blocks)")
-    p.add_argument("--out", required=True, help="cache folder (set data.encoder_cache to it)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--data", action="append", default=[], metavar="FILE",
-                   help="a further source to cache, e.g. an eval.py test set (repeatable)")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--batch", type=int, default=16, help="utterances per encoder call (default 16)")
-    p.add_argument("--shard-size", type=int, default=256, help="utterances per shard file (default 256)")
-    args = p.parse_args(argv)
-    # This CLI builds the model (train layer); the cache itself is data. Imported here so that the
-    # data pipeline can import this module (an exception listed in pyproject's layer contract).
-    from esrt_jax.data.pipeline import open_sources
-    from esrt_jax.train import speech
-    from esrt_jax.train.config import load_run_config
+if __name__ == "__main__":  # the command is esrt_jax.cli.encode_cache (it builds the model: top layer)
+    import runpy
 
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-        specs = list(cfg.data.get("train") or ()) + list(cfg.data.get("dev") or ()) + list(args.data)
-        if cfg.data.get("demo"):
-            d = speech.demo_dir(cfg)
-            specs += [str(d / "train.jsonl"), str(d / "dev.jsonl")]
-        sources = [open_sources([s]) for s in specs]
-        if not sources:
-            raise ConfigError("data: no train or dev sources to cache")
-        model, _ = speech.build_inference(cfg)
-        load = mel_loader(model.config.encoder, sources)
-        keys = sorted({str(k) for s in sources for k in s.index().audio_key})
-        stats = build(model.encoder, keys, load, args.out, dtype=args.dtype, shard_size=args.shard_size,
-                      batch=args.batch, process_index=jax.process_index(), process_count=jax.process_count())
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    added = f", audio lengths added to {stats['frames_added']} older shards" if stats["frames_added"] else ""
-    added += f", {stats['rebuilt']} damaged shards rebuilt" if stats["rebuilt"] else ""
-    print(f"{args.out}: {stats['built']} shards built, {stats['skipped']} already there{added} "
-          f"({len(keys)} utterances)")
-    return stats
-
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("esrt_jax.cli.encode_cache", run_name="__main__", alter_sys=True)

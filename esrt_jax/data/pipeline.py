@@ -49,7 +49,7 @@ import numpy as np
 
 from esrt_jax import audio as audio_lib
 from esrt_jax import languages
-from esrt_jax.config import ConfigError, check
+from esrt_jax.config import ConfigError, check, setting
 from esrt_jax.data import augment as aug_lib
 from esrt_jax.data import records as rec_lib
 from esrt_jax.data.encode_cache import FeatureCache
@@ -82,8 +82,8 @@ BAD_REASONS = ("missing audio", "corrupt audio", "unknown language", "empty text
 class WeightChange:
     """From training step `step` on, the task weights are `weights`."""
 
-    step: int
-    weights: dict[str, float]
+    step: int = setting(help="training step from which the weights apply")
+    weights: dict[str, float] = setting(help="task weights from then on")
 
     def validate(self) -> None:
         check(self.step > 0, "step", f"must be > 0 (step 0 uses data.tasks), got {self.step}")
@@ -115,31 +115,38 @@ class DataConfig:
     then also carry `ctc_labels` (b, L) int32 and `ctc_paddings` (b, L) float32 (1 = padding): the
     record's transcript after Whisper's text normaliser, characters outside the units dropped."""
 
-    train: tuple[str, ...] = ()
-    tasks: dict[str, float] = dataclasses.field(default_factory=lambda: {"srt": 1.0})
-    schedule: tuple[WeightChange, ...] = ()
-    temperature: float = 1.0
-    direction_cap: int = 0
-    languages: tuple[str, ...] = ()
-    batch_size: int = 8
-    text_buckets: tuple[int, ...] = (64, 128, 256)
-    features: Literal["mel", "audio"] = "mel"
-    encoder_cache: str | None = None
-    enc_frame_bucket: int = 0
-    n_mels: int = 128
-    sample_rate: int = 16000
-    workers: int = 0
-    worker_buffer: int = 2
-    read_threads: int = 1
-    prefetch: int = 2
-    seed: int = 0
-    add_bos: bool | None = None
-    bad_record_budget: float = 0.01
-    bad_record_min: int = 20
-    shard_index: int | None = None
-    shard_count: int | None = None
-    augment: aug_lib.AugmentConfig = aug_lib.AugmentConfig()
-    ctc_units: tuple[str, ...] = ()
+    train: tuple[str, ...] = setting((),
+                                   help="training sources (x.jsonl, TFDS folder[:split], datasets folder[:split], "
+                                        "parquet)")
+    tasks: dict[str, float] = setting(factory=lambda: {"srt": 1.0}, help="task weights at step 0")
+    schedule: tuple[WeightChange, ...] = setting((), help="later changes of the task weights")
+    temperature: float = setting(1.0, help="direction balancing: p proportional to n^(1/T)")
+    direction_cap: int = setting(0, help="max records per direction (0 = all)")
+    languages: tuple[str, ...] = setting((), help="keep only these languages (empty = all)")
+    batch_size: int = setting(8, help="global batch (set from train.batch_size)")
+    text_buckets: tuple[int, ...] = setting((64, 128, 256), help="padded text lengths (the longest caps the text)")
+    features: Literal["mel", "audio"] = setting("mel", help="mel (on the host) or audio (mel on device)")
+    encoder_cache: str | None = setting(None,
+                                      help="folder of cached encoder outputs (esrt_jax.data.encode_cache); batches "
+                                           "carry enc instead of mel")
+    enc_frame_bucket: int = setting(0,
+                                  help="cache only: cut enc to the batch's longest real frames, rounded up to this "
+                                       "(0 = off)")
+    n_mels: int = setting(128, help="mel bins (set from the encoder)")
+    sample_rate: int = setting(16000, help="audio sample rate (Whisper: 16000)")
+    workers: int = setting(0, help="Grain worker processes (0 = in-process)")
+    worker_buffer: int = setting(2, help="batches buffered per worker")
+    read_threads: int = setting(1, help="threads reading records")
+    prefetch: int = setting(2, help="batches prefetched")
+    seed: int = setting(0, help="seed of the shuffle and the mixture")
+    add_bos: bool | None = setting(None, help="prepend BOS to prompts (null: the tokenizer's habit)")
+    bad_record_budget: float = setting(0.01, help="share of bad records tolerated before the run stops")
+    bad_record_min: int = setting(20, help="bad records always tolerated")
+    shard_index: int | None = setting(None, help="this process's shard (null: jax.process_index)")
+    shard_count: int | None = setting(None, help="number of shards (null: jax.process_count)")
+    augment: aug_lib.AugmentConfig = setting(aug_lib.AugmentConfig(), help="training-only audio augmentation")
+    ctc_units: tuple[str, ...] = setting((), help="align stage: the CTC label units, one character each "
+                                                  "(unit i + 1 = ctc_units[i]; 0 is the blank)")
 
     def validate(self) -> None:
         _check_weights(self.tasks, "tasks")

@@ -38,12 +38,10 @@ lists what was found.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import random
-import sys
 import tarfile
 from collections import defaultdict
 from dataclasses import dataclass
@@ -293,34 +291,7 @@ def prepare(root: str | os.PathLike, langs: Sequence[str], out: str | os.PathLik
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 2)[2])
-    ap.add_argument("--root", required=True, help="local FLEURS folder (en_us/, de_de/, ...)")
-    ap.add_argument("--langs", required=True, help="comma-separated ISO 639-3 codes, e.g. eng,deu")
-    ap.add_argument("--out", required=True, help="output folder for {split}.jsonl")
-    ap.add_argument("--splits", default=",".join(SPLITS))
-    ap.add_argument("--max-per-direction", type=int, default=0, help="0 = no cap")
-    ap.add_argument("--text", default="raw", choices=("raw", "normalized"))
-    ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args(argv)
-    try:
-        s = prepare(a.root, [x for x in a.langs.split(",") if x.strip()], a.out,
-                    splits=[x for x in a.splits.split(",") if x.strip()],
-                    max_per_direction=a.max_per_direction, text=a.text, seed=a.seed)
-    except FleursError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if s["extracted"]:
-        print(f"extracted {s['extracted']} clips from the audio/<split>.tar.gz archives")
-    print(", ".join(f"{k}: {v} records" for k, v in s["splits"].items()) + f" -> {a.out}")
-    if s["missing_audio"] or s["missing_translation"]:
-        print(f"left out: {s['missing_audio']} utterances without audio, "
-              f"{s['missing_translation']} (utterance, target) pairs without a translation"
-              + (f"; e.g. {s['examples'][0]}" if s["examples"] else ""))
-    return 0
+if __name__ == "__main__":  # the command is esrt_jax.cli.prepare_fleurs (commands live in the top layer)
+    import runpy
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    runpy.run_module("esrt_jax.cli.prepare_fleurs", run_name="__main__", alter_sys=True)

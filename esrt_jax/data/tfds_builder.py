@@ -16,17 +16,16 @@ set self-contained, e.g. for reading from a bucket on a TPU pod. Record order is
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from esrt_jax.data.records import Record, SourceError, open_source
+from esrt_jax.data.records import Record, SourceError
 
-__all__ = ["EsrtRecords", "write_tfds", "main"]
+__all__ = ["EsrtRecords", "write_tfds"]
 
 NAME = "esrt_records"
 
@@ -92,27 +91,11 @@ def write_tfds(records_by_split: Mapping[str, Iterable[Record]], out_dir: str | 
     return version_dir
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--src", action="append", required=True,
-                    help="a source (JSONL, datasets folder, parquet), optionally PATH:SPLIT")
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--embed-audio", action="store_true", help="store the audio files' bytes")
-    args = ap.parse_args(argv)
-    splits = {}
-    for spec in args.src:
-        path, split = spec, None
-        if ":" in spec and not os.path.exists(spec):
-            path, split = spec.rsplit(":", 1)
-        split = split or Path(path).stem
-        if split in splits:
-            raise SystemExit(f"split {split!r} given twice; name it with PATH:SPLIT")
-        splits[split] = list(open_source(path))
-    d = write_tfds(splits, args.out, embed_audio=args.embed_audio)
-    print(f"wrote {', '.join(f'{k}: {len(v)}' for k, v in splits.items())} records to {d}")
-    return 0
+if __name__ == "__main__":  # the command is esrt_jax.cli.tfds_builder (commands live in the top layer)
+    import runpy
+    import sys
 
+    # TFDS registers a builder class once per process: the command's import must find this module.
+    sys.modules.setdefault("esrt_jax.data.tfds_builder", sys.modules[__name__])
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    runpy.run_module("esrt_jax.cli.tfds_builder", run_name="__main__", alter_sys=True)

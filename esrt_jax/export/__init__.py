@@ -4,11 +4,11 @@
     python -m esrt_jax.export --import OUT --run NEW_RUN_DIR
 
 Modules: `to_hf` (export), `from_hf` (import), `card` (the model card), `common` (format and
-run discovery), `cli` (the command line, run by `python -m esrt_jax.export`).
+run discovery); the command line is `esrt_jax.cli.export` (run by `python -m esrt_jax.export`).
 
 Export reads the run's config (`RUN_DIR/config.yaml`, or `--config`), rebuilds the speech LLM
 from the base weights it was trained on, restores the stage's trainable params from Orbax
-(`esrt_jax.train.restore.load_model`) and writes:
+(`esrt_jax.speech.load.load_model`) and writes:
 
     OUT/llm/                 the LLM as a Hugging Face dir (sharded safetensors + index, config,
                              generation_config with the run's decoding settings and token ids,
@@ -49,4 +49,3 @@ from esrt_jax.export.common import (CONFIG_NAMES, ESRT_CONFIG, FORMAT, POINTER, 
                                     ExportError, find_run_config, stage_checkpoint)
 from esrt_jax.export.from_hf import import_config, import_export, read_export  # noqa: F401
 from esrt_jax.export.to_hf import ExportResult, export_run  # noqa: F401
-from esrt_jax.export.cli import main, parse_args  # noqa: F401,E402  (last: it imports the above)

@@ -1,8 +1,9 @@
-"""`python -m esrt_jax.export`: see `esrt_jax.export.cli`."""
+"""`python -m esrt_jax.export`: runs the command `esrt_jax.cli.export` (the top layer).
 
-import sys
+Run by name (runpy), not imported: a command may import every layer, this package may not import upwards.
+"""
 
-from esrt_jax.export.cli import main
+import runpy
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runpy.run_module("esrt_jax.cli.export", run_name="__main__", alter_sys=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from esrt_jax import languages as L
 from esrt_jax.export.common import ESRT_CONFIG, POINTER, ExportError
+from esrt_jax.speech.config import SpeechModelConfig
 
 def dev_metrics(stage_dir: Path) -> dict:
     """Last dev_* values logged by training (metrics.jsonl) and the last train loss."""
@@ -165,9 +166,10 @@ def model_card(ec: dict, cfg, dev: dict, summaries: list[dict], out: str = "OUT"
     src = ec["source"]
     tc = cfg.train
     names = ", ".join(f"{c} ({L.get(c).name})" for c in ec["languages"])
-    base_llm = llm.get("base") if isinstance(llm.get("base"), str) else (cfg.model.get("llm") or "tiny random "
+    mc = SpeechModelConfig.of(cfg)
+    base_llm = llm.get("base") if isinstance(llm.get("base"), str) else (mc.llm or "tiny random "
                                                                          f"{llm['model_type']} (from the config)")
-    base_enc = enc["path"] if enc["format"] == "pointer" else (cfg.model.get("whisper") or
+    base_enc = enc["path"] if enc["format"] == "pointer" else (mc.whisper or
                                                                "tiny random Whisper encoder (from the config)")
     lines = [
         "---", "library_name: transformers", "tags: [speech-translation, esrt, llm-srt, jax]", "---", "",

@@ -21,10 +21,10 @@ from esrt_jax.export.common import ESRT_CONFIG, FORMAT, VERSION, ExportError, wr
 from esrt_jax.files import UndoOnFailure, write_atomic
 from esrt_jax.models.qformer import load_flat_params
 from esrt_jax.pytree import key_name, path_str
+from esrt_jax.speech.load import inference_builder
 from esrt_jax.train.checkpoint import Checkpointer
 from esrt_jax.train.config import load_run_config
 from esrt_jax.train.optimizer import make_optimizer
-from esrt_jax.train.restore import inference_builder
 
 def read_export(out: str | os.PathLike) -> dict:
     out = Path(out)

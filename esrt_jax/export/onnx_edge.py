@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import onnx  # this module is the `[onnx]` extra's: `export.cli` imports it only for --edge
+import onnx  # this module is the `[onnx]` extra's: `cli.export` imports it only for --edge
 from flax import nnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 

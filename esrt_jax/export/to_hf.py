@@ -22,16 +22,15 @@ from esrt_jax.convert.llm import export_hf
 from esrt_jax.convert.llm_srt import save_llm_srt_adapter
 from esrt_jax.convert.peft import export_peft_adapter
 from esrt_jax.convert.whisper import save_whisper_encoder
-from esrt_jax.data.pipeline import max_answer_tokens
 from esrt_jax.data.tasks import TaskTokenizer
 from esrt_jax.export.card import dev_metrics, find_eval_summaries, model_card
 from esrt_jax.export.common import (ESRT_CONFIG, FORMAT, POINTER, VERSION, ExportError, find_run_config,
                                     local_dir, stage_checkpoint, write_json)
-from esrt_jax.infer.generate import GenerateConfig
 from esrt_jax.models.qformer import flat_params
+from esrt_jax.speech.config import GENERATION_KEYS, SpeechModelConfig, generation_config
+from esrt_jax.speech.load import load_model
 from esrt_jax.train.bundle import flat_paths
 from esrt_jax.train.config import load_run_config
-from esrt_jax.train.restore import load_model
 
 def _trainable_paths(bundle) -> list[str]:
     return list(flat_paths(bundle.trainable))
@@ -43,13 +42,10 @@ def _tag_mode(tokenizer) -> str:
     return "added" if "<|eng|>" in vocab and "<|deu|>" in vocab else "text"
 
 
-def _gen_settings(run_cfg) -> dict:
-    m = run_cfg.model
-    d = {**(m.get("decode", {}) or {}), **(m.get("infer", {}) or {})}
-    # the same defaults as inference (esrt_jax.infer.cloud.translator_for)
-    base = GenerateConfig(eos_ids=(0,), max_new_tokens=max_answer_tokens(run_cfg.data))
-    return {k: d[k] if d.get(k) is not None else getattr(base, k)
-            for k in ("max_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size", "min_new_tokens")}
+def _gen_settings(run_cfg, task_tok) -> dict:
+    """The decoding settings of inference (`speech.config.generation_config`) as a dict."""
+    gen = generation_config(run_cfg, task_tok.eos_id, task_tok.pad_id, inference=True)
+    return {k: getattr(gen, k) for k in GENERATION_KEYS}
 
 
 def _fix_generation_config(llm_dir: Path, task_tok, gen: dict, keep_source: bool) -> None:
@@ -105,7 +101,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, config: st
     scfg = model.config
     trained = _trainable_paths(cfg.model_builder()(cfg, abstract=True))
     task_tok = TaskTokenizer(tok, add_bos=cfg.data.get("add_bos"))
-    gen = _gen_settings(cfg)
+    gen = _gen_settings(cfg, task_tok)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not (out / ESRT_CONFIG).is_file():
@@ -116,7 +112,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, config: st
     files: dict[str, Any] = {}
 
     # -- LLM -----------------------------------------------------------------------------------
-    llm_src = local_dir(cfg.model.get("llm"))
+    m = SpeechModelConfig.of(cfg)
+    llm_src = local_dir(m.llm)
     llm_trained = any(p.startswith("llm/") and not p.endswith(("lora_a", "lora_b")) for p in trained)
     llm_dir = out / "llm"
     if llm_dir.exists():
@@ -171,7 +168,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, config: st
     files["adapter"] = sorted(p.name for p in ad_dir.iterdir())
 
     # -- encoder -------------------------------------------------------------------------------
-    enc_src = local_dir(cfg.model.get("whisper"))
+    enc_src = local_dir(m.whisper)
     enc_trained = any(p.startswith("encoder/") for p in trained)
     enc_dir = out / "encoder"
     if enc_dir.exists():
@@ -218,7 +215,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, config: st
             "srt_split_marker": "<|src|><|tgt|>",
         },
         "tokenizer": {"path": "llm" if not peft else "llm/adapter", "language_tags": _tag_mode(tok),
-                      "source": cfg.model.get("tokenizer") or cfg.model.get("llm"), "size": len(tok)},
+                      "source": m.tokenizer or m.llm, "size": len(tok)},
         "languages": langs,
         "decode": gen,
         "run_config": to_dict(full_cfg),

@@ -3,8 +3,8 @@
 `CloudBackend(translator, fingerprint)` implements `esrt_jax.serve.Backend`: it tells the service
 which payloads it accepts (model fingerprint, split point, per-utterance feature shape) and decodes
 a batch of features with the `Translator` (bucketed, jitted; SRT output split into transcription
-and translation). `translator_for(loaded)` builds that `Translator` from a model restored by
-`esrt_jax.train.restore.load_model` with the run config's generation settings.
+and translation). `esrt_jax.speech.load.translator_for(loaded)` builds that `Translator` from a
+restored model with the run config's generation settings.
 """
 
 from __future__ import annotations
@@ -15,9 +15,6 @@ import numpy as np
 from flax import nnx
 
 from esrt_jax import languages as L
-from esrt_jax.data.pipeline import max_answer_tokens
-from esrt_jax.data.tasks import TaskTokenizer
-from esrt_jax.infer.generate import GenerateConfig
 from esrt_jax.infer.translator import Translator
 from esrt_jax.models.speech_llm import SpeechLLM, fingerprint as config_fingerprint
 
@@ -62,22 +59,3 @@ class CloudBackend:
                                          list(tgt[i:i + step]), task=self.task)
             outs += [(r["asr"], r["s2tt"]) for r in res]
         return outs
-
-
-def translator_for(loaded, *, split: str | None = None, max_batch: int = 8,
-                   gen_overrides: dict | None = None) -> Translator:
-    """A `Translator` for `loaded` (a `train.restore.LoadedModel`) with the run config's
-    `model.decode` / `model.infer` generation settings (max_new_tokens, num_beams, length_penalty,
-    no_repeat_ngram_size, min_new_tokens, prompt_buckets) and `gen_overrides` on top."""
-    tt = TaskTokenizer(loaded.tokenizer)
-    m = loaded.run_config.model  # `decode` (dev decodes in training), overridden by `infer`
-    infer_cfg = {**(m.get("decode", {}) or {}), **(m.get("infer", {}) or {})}
-    gen_kw = {k: infer_cfg[k] for k in ("max_new_tokens", "num_beams", "length_penalty",
-                                        "no_repeat_ngram_size", "min_new_tokens") if infer_cfg.get(k) is not None}
-    gen_kw.update(gen_overrides or {})
-    if "max_new_tokens" not in gen_kw:  # no cap given: the longest text the model was trained on
-        gen_kw["max_new_tokens"] = max_answer_tokens(loaded.run_config.data)
-    gen_cfg = GenerateConfig(eos_ids=(tt.eos_id,), pad_id=tt.pad_id, **gen_kw)
-    kw = {"prompt_buckets": tuple(infer_cfg["prompt_buckets"])} if "prompt_buckets" in infer_cfg else {}
-    return Translator(loaded.model, loaded.tokenizer, gen_cfg=gen_cfg, max_batch=max_batch,
-                      split=split, **kw)

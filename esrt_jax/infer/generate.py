@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from esrt_jax.config import check
+from esrt_jax.config import check, setting
 from esrt_jax.models.llm import positions_from_mask
 
 NEG_INF = -1.0e9
@@ -31,13 +31,13 @@ NEG_INF = -1.0e9
 class GenerateConfig:
     """Decoding settings (defaults as LLM-SRT's inference: beam 1 greedy, no-repeat 5-grams)."""
 
-    max_new_tokens: int = 300
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    no_repeat_ngram_size: int = 5
-    min_new_tokens: int = 0
-    eos_ids: tuple[int, ...] = ()
-    pad_id: int = 0
+    max_new_tokens: int = setting(300, help="longest answer generated")
+    num_beams: int = setting(1, help="beam width (1: greedy)")
+    length_penalty: float = setting(1.0, help="beam score = log-prob / length ** this")
+    no_repeat_ngram_size: int = setting(5, help="ban repeated n-grams of this size (0: off)")
+    min_new_tokens: int = setting(0, help="EOS is banned before this many tokens")
+    eos_ids: tuple[int, ...] = setting((), help="token ids that end an answer")
+    pad_id: int = setting(0, help="token id of padding")
 
     def validate(self):
         check(self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from esrt_jax.config import check
+from esrt_jax.config import check, setting
 from esrt_jax.models.layers import Dense, param
 
 BLANK = 0
@@ -35,10 +35,11 @@ BLANK = 0
 @dataclasses.dataclass(frozen=True)
 class CTCHeadConfig:
     """CTC head over (B, N, in_dim) speech vectors -> (B, N * upsample, units + 1) logits."""
-    in_dim: int
-    units: int                      # label units, blank excluded
-    kind: Literal["linear", "tied"] = "linear"
-    upsample: int = 1
+    in_dim: int = setting(help="width of the speech vectors the head reads")
+    units: int = setting(help="label units, the blank excluded")
+    kind: Literal["linear", "tied"] = setting("linear", help="linear: a learned projection; tied: scaled dot "
+                                                             "products with the LLM's embeddings of the units")
+    upsample: int = setting(1, help="CTC frames per speech vector")
 
     def __post_init__(self):
         check(self.in_dim >= 1, "in_dim", f"must be >= 1, got {self.in_dim}")

@@ -7,10 +7,10 @@ Families (`qwen`, `gemma3`, `llama`) subclass `LLMConfig` with `from_hf_config` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-from esrt_jax.config import ConfigError, check
+from esrt_jax.config import ConfigError, check, setting
 from esrt_jax.models.layers import RopeSpec
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -20,12 +20,13 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 class LoraConfig:
     """LoRA on the LLM projections. targets: any of q_proj k_proj v_proj o_proj gate_proj up_proj
     down_proj. scale = alpha / rank. Dropout acts on the LoRA input only, only with a dropout rng."""
-    targets: tuple[str, ...] = field(default=("q_proj", "v_proj"), metadata={
-        "help": "LLM projections that get LoRA factors: any of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj"})
-    rank: int = field(default=16, metadata={"help": "LoRA rank r"})
-    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank"})
-    dropout: float = field(default=0.05, metadata={
-        "help": "dropout on the LoRA input while training (only with a dropout rng), in [0, 1)"})
+    targets: tuple[str, ...] = setting(("q_proj", "v_proj"),
+                                     help="LLM projections that get LoRA factors: any of q_proj k_proj v_proj "
+                                          "o_proj gate_proj up_proj down_proj")
+    rank: int = setting(16, help="LoRA rank r")
+    alpha: float = setting(32.0, help="LoRA alpha; the update is scaled by alpha / rank")
+    dropout: float = setting(0.05, help="dropout on the LoRA input while training (only with a dropout rng), "
+                                        "in [0, 1)")
 
     TARGETS: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "o_proj",
                                           "gate_proj", "up_proj", "down_proj")
@@ -48,44 +49,47 @@ class LLMConfig:
     Families subclass it (`QwenConfig`, `Gemma3TextConfig`, `LlamaConfig`) and add
     `from_hf_config` / `to_hf_config` plus their HF tensor names.
     """
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    norm_plus_one: bool = False            # Gemma: norm(x) * (1 + w)
-    rope_theta: float = 10000.0
-    rope_type: str = "default"             # default | linear | llama3 | dynamic | yarn (global layers)
-    rope_factor: float = 1.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_position_embeddings: int | None = None
-    rope_attention_factor: float = 1.0     # yarn (from attention_factor or mscale)
-    rope_beta_fast: float = 32.0           # yarn
-    rope_beta_slow: float = 1.0            # yarn
-    rope_truncate: bool = True             # yarn
-    local_rope_theta: float | None = None  # Gemma-3 sliding layers (default rope, this base)
-    max_position_embeddings: int = 32768
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False                  # Qwen3, Gemma-3: RMSNorm over head_dim on q and k
-    sandwich_norm: bool = False            # Gemma: post-attn / pre-ffn / post-ffn norms
-    embed_scale: bool = False              # Gemma: embeddings * sqrt(hidden_size)
-    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (else head_dim)
-    attn_logit_softcapping: float | None = None
-    final_logit_softcapping: float | None = None
-    sliding_window: int | None = None
-    layer_types: tuple[str, ...] = ()      # per layer: full_attention | sliding_attention
-    bos_token_id: int | None = None
-    eos_token_id: tuple[int, ...] = ()
-    pad_token_id: int | None = None
+    model_type: str = setting(help="HF model_type of the family (qwen2, gemma3_text, llama, ...)")
+    vocab_size: int = setting(help="vocabulary size")
+    hidden_size: int = setting(help="model width")
+    intermediate_size: int = setting(help="MLP width")
+    num_hidden_layers: int = setting(help="decoder layers")
+    num_attention_heads: int = setting(help="query heads")
+    num_key_value_heads: int = setting(help="key/value heads (grouped-query attention)")
+    head_dim: int = setting(help="width of one head")
+    hidden_act: str = setting("silu", help="MLP activation")
+    rms_norm_eps: float = setting(1e-6, help="RMSNorm epsilon")
+    norm_plus_one: bool = setting(False, help="Gemma: norm(x) * (1 + w)")
+    rope_theta: float = setting(10000.0, help="rotary base (global layers)")
+    rope_type: str = setting("default",
+                           help="rotary scaling: default | linear | llama3 | dynamic | yarn (global layers)")
+    rope_factor: float = setting(1.0, help="rotary scaling factor")
+    rope_low_freq_factor: float = setting(1.0, help="llama3 rotary low-frequency factor")
+    rope_high_freq_factor: float = setting(4.0, help="llama3 rotary high-frequency factor")
+    rope_original_max_position_embeddings: int | None = setting(None,
+                                                              help="context length the rotary scaling extends")
+    rope_attention_factor: float = setting(1.0, help="yarn attention factor (from attention_factor or mscale)")
+    rope_beta_fast: float = setting(32.0, help="yarn beta_fast")
+    rope_beta_slow: float = setting(1.0, help="yarn beta_slow")
+    rope_truncate: bool = setting(True, help="yarn: truncate the correction range")
+    local_rope_theta: float | None = setting(None, help="Gemma-3 sliding layers: rotary base (default rope)")
+    max_position_embeddings: int = setting(32768, help="longest context")
+    tie_word_embeddings: bool = setting(False, help="output head shares the embedding matrix")
+    qkv_bias: bool = setting(False, help="biases on q, k, v")
+    o_bias: bool = setting(False, help="bias on the attention output")
+    mlp_bias: bool = setting(False, help="biases in the MLP")
+    qk_norm: bool = setting(False, help="Qwen3, Gemma-3: RMSNorm over head_dim on q and k")
+    sandwich_norm: bool = setting(False, help="Gemma: post-attention / pre-FFN / post-FFN norms")
+    embed_scale: bool = setting(False, help="Gemma: embeddings * sqrt(hidden_size)")
+    query_pre_attn_scalar: float | None = setting(None, help="attention scale = this ** -0.5 (default head_dim)")
+    attn_logit_softcapping: float | None = setting(None, help="soft cap of attention logits")
+    final_logit_softcapping: float | None = setting(None, help="soft cap of output logits")
+    sliding_window: int | None = setting(None, help="window of sliding-attention layers")
+    layer_types: tuple[str, ...] = setting((),
+                                         help="per layer: full_attention | sliding_attention (default: all full)")
+    bos_token_id: int | None = setting(None, help="BOS token id of the checkpoint")
+    eos_token_id: tuple[int, ...] = setting((), help="EOS token id(s) of the checkpoint")
+    pad_token_id: int | None = setting(None, help="pad token id of the checkpoint")
 
     # Family registry hooks (class-level).
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from esrt_jax.config import CheckpointError, ConfigError, check
+from esrt_jax.config import CheckpointError, ConfigError, check, setting
 from esrt_jax.models.hf_names import ParamMap, layout_maps
 from esrt_jax.models.layers import Dense, LayerNorm, activation, dtype_from_name, param
 
@@ -59,26 +59,29 @@ class QFormerConfig:
     window-level Q-Former). Same shapes and weights as the plain Q-Former: only the mask differs.
     """
 
-    num_hidden_layers: int = 8
-    hidden_size: int = 768
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    cross_attention_frequency: int = 2
-    layer_norm_eps: float = 1e-12
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    initializer_range: float = 0.02
-    encoder_hidden_size: int = 1280
-    num_queries: int = 80
-    pool_k: int | None = None
-    attend_padding: bool = True
-    window_queries: bool = False
-    window_overlap: int = 2
-    llm_dim: int = 2048
-    projector_eps: float = 1e-5
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    num_hidden_layers: int = setting(8, help="Q-Former layers")
+    hidden_size: int = setting(768, help="Q-Former width")
+    num_attention_heads: int = setting(12, help="attention heads")
+    intermediate_size: int = setting(3072, help="FFN width")
+    cross_attention_frequency: int = setting(2, help="a cross-attention every N layers")
+    layer_norm_eps: float = setting(1e-12, help="LayerNorm epsilon")
+    hidden_act: str = setting("gelu", help="FFN activation")
+    hidden_dropout_prob: float = setting(0.1, help="dropout on hidden states")
+    attention_probs_dropout_prob: float = setting(0.1, help="dropout on attention weights")
+    initializer_range: float = setting(0.02, help="std of the random init")
+    encoder_hidden_size: int = setting(1280, help="width of the encoder output (filled in from the encoder)")
+    num_queries: int = setting(80, help="learned queries (speech embeddings before pooling)")
+    pool_k: int | None = setting(None, help="mean-pool the query outputs in windows of k (null: no pooling)")
+    attend_padding: bool = setting(True,
+                                 help="cross-attend over all encoder frames, the 30 s padding included (LLM-SRT)")
+    window_queries: bool = setting(False,
+                                   help="query i cross-attends only to the i-th of Q equal windows of the real "
+                                        "frames, so outputs follow time (CTC alignment; needs attend_padding false)")
+    window_overlap: int = setting(2, help="window_queries: frames each window is widened by on each side")
+    llm_dim: int = setting(2048, help="LLM width the projector maps to (filled in from the LLM)")
+    projector_eps: float = setting(1e-5, help="projector LayerNorm epsilon")
+    dtype: str = setting("float32", help="compute dtype")
+    param_dtype: str = setting("float32", help="parameter dtype")
 
     def __post_init__(self):
         self.validate()

@@ -11,14 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from esrt_jax.config import ConfigError, hf_dict
+from esrt_jax.config import ConfigError, hf_dict, setting
 from esrt_jax.models.llm_config import LLMConfig, eos_tuple, rope_from_hf
 
 
 @dataclass(frozen=True)
 class QwenConfig(LLMConfig):
     """Qwen2/Qwen2.5 (`model_type='qwen2'`) and Qwen3 (`'qwen3'`)."""
-    max_window_layers: int | None = None
+    max_window_layers: int | None = setting(None, help="HF max_window_layers (kept for the round trip)")
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("qwen2", "qwen3")
 

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from esrt_jax.audio import log_mel_spectrogram_jax
-from esrt_jax.config import check, to_dict
+from esrt_jax.config import check, setting, to_dict
 from esrt_jax.models.layers import dtype_from_name
 from esrt_jax.models.llm import CausalLM, LLMConfig, LoraConfig, positions_from_mask
 from esrt_jax.models.qformer import QFormerConfig, SpeechAdapter
@@ -43,15 +43,15 @@ Split = Literal["qformer", "projector"]
 class SpeechLLMConfig:
     """Shapes of the three parts plus the LLM's runtime settings."""
 
-    encoder: WhisperEncoderConfig
-    adapter: QFormerConfig
-    llm: LLMConfig
-    lora: LoraConfig | None = None
-    llm_dtype: str = "float32"
-    llm_param_dtype: str = "float32"
-    scan_layers: bool = True
-    remat: bool = False
-    split: Split = "projector"
+    encoder: WhisperEncoderConfig = setting(help="the Whisper encoder")
+    adapter: QFormerConfig = setting(help="the Q-Former + projector")
+    llm: LLMConfig = setting(help="the decoder LLM")
+    lora: LoraConfig | None = setting(None, help="LoRA on the LLM (null: none)")
+    llm_dtype: str = setting("float32", help="LLM compute dtype")
+    llm_param_dtype: str = setting("float32", help="LLM parameter dtype")
+    scan_layers: bool = setting(True, help="scan over the LLM's stacked layers")
+    remat: bool = setting(False, help="rematerialise LLM layers in the backward pass")
+    split: Split = setting("projector", help="edge/cloud split point: after the qformer or the projector")
 
     def __post_init__(self):
         self.validate()
@@ -317,7 +317,7 @@ def loss_fn(model: SpeechLLM, batch: dict, *, dropout_rng: jax.Array | None = No
     batch: mel (B, n_mels, 3000), audio (B, 480000) or cached encoder output enc (B, P, d_model),
     tokens/loss_mask/attention_mask (B, T); enc_frames (B,) real encoder frames (used by an
     adapter with attend_padding false, which needs it); optional input_tokens (B, T): the tokens fed to the
-    LLM when they differ from the targets (token dropout, see esrt_jax.train.speech).
+    LLM when they differ from the targets (token dropout, see esrt_jax.speech.build).
     The LM head runs only on the answer positions, in chunks (`answer_xent`; `row_groups`: the
     number of batch shards, so that each keeps its rows); `full_logits`
     computes the (B, T, V) logits at once instead (the reference the chunked loss is tested

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from esrt_jax.config import CheckpointError, ConfigError, check
+from esrt_jax.config import CheckpointError, ConfigError, check, setting
 from esrt_jax.models.hf_names import ParamMap, layout_maps
 from esrt_jax.models.layers import Dense, LayerNorm, activation, dtype_from_name, param
 
@@ -50,22 +50,23 @@ class WhisperEncoderConfig:
     only.
     """
 
-    num_mel_bins: int = 80
-    d_model: int = 512
-    encoder_layers: int = 6
-    encoder_attention_heads: int = 8
-    encoder_ffn_dim: int = 2048
-    max_source_positions: int = 1500
-    activation_function: str = "gelu"
-    layer_norm_eps: float = 1e-5
+    num_mel_bins: int = setting(80, help="mel bins of the input (80 or 128)")
+    d_model: int = setting(512, help="encoder width")
+    encoder_layers: int = setting(6, help="encoder layers")
+    encoder_attention_heads: int = setting(8, help="attention heads")
+    encoder_ffn_dim: int = setting(2048, help="FFN width")
+    max_source_positions: int = setting(1500, help="encoder frames (1500: 30 s)")
+    activation_function: str = setting("gelu", help="FFN activation")
+    layer_norm_eps: float = setting(1e-5, help="LayerNorm epsilon (1e-5 in HF)")
     # runtime settings (not exported to HF)
-    dtype: str = "float32"          # compute dtype
-    param_dtype: str = "float32"    # storage dtype
-    remat: bool = False             # jax.checkpoint around each block
-    scan_layers: bool = True        # jax.lax.scan over the stacked layers (else a Python loop)
+    dtype: str = setting("float32", help="compute dtype")
+    param_dtype: str = setting("float32", help="storage dtype")
+    remat: bool = setting(False, help="jax.checkpoint around each block")
+    scan_layers: bool = setting(True, help="jax.lax.scan over the stacked layers (else a Python loop)")
     # "blocked": query blocks in cache (fastest on CPU); "xla": jax.nn.dot_product_attention
     # (TPU/GPU); "auto": blocked on the CPU backend, xla elsewhere.
-    attention: str = "auto"
+    attention: str = setting("auto",
+                           help="blocked (query blocks, fastest on CPU) | xla (jax.nn.dot_product_attention) | auto")
 
     def validate(self) -> None:
         for k in ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads",

@@ -1,5 +1,6 @@
-"""Training: mesh + logical-axis rules, optimizer, pure train step, Orbax checkpoints, loop, CLI.
+"""Training: mesh + logical-axis rules, optimizer, pure train step, Orbax checkpoints, loop.
 
-Entry point: `python train.py --stage=asr|smt|srt|all --config configs/X.yaml` (run.py).
-`restore` loads a trained run back into a model for inference, serving, evaluation and export.
+The command is `esrt_jax.cli.train` (`python train.py --stage=asr|smt|srt|all --config configs/X.yaml`).
+`restore` finds checkpoints and restores trained params; the speech system (model, data, loading
+a run for inference) is `esrt_jax.speech`, one layer up: this package imports none of it.
 """

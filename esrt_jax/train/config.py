@@ -18,36 +18,38 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import yaml
 
-from esrt_jax.config import ConfigError, apply_overrides, check, from_dict, load_yaml, to_dict
+from esrt_jax.config import ConfigError, apply_overrides, check, from_dict, load_yaml, setting, to_dict
 from esrt_jax.files import write_atomic
 from esrt_jax.models.llm_config import LoraConfig
 from esrt_jax.train.bundle import import_object
 
 # The curriculum, in training order. The LLM stages make a servable model (a run dir is served
-# from its last finished one); "align" (the adapter without the LLM, esrt_jax.train.align) comes
+# from its last finished one); "align" (the adapter without the LLM, esrt_jax.speech.align) comes
 # first and runs only when the config has a `stages.align` block.
 LLM_STAGES = ("asr", "smt", "srt")
 STAGES = ("align",) + LLM_STAGES
 # The plug-ins a config gets when it names none (see `RunConfig.model_builder`).
-DEFAULT_MODEL_BUILDER = "esrt_jax.train.speech:build_model"
-DEFAULT_DATA_BUILDER = "esrt_jax.train.speech:build_data"
+DEFAULT_MODEL_BUILDER = "esrt_jax.speech.build:build_model"
+DEFAULT_DATA_BUILDER = "esrt_jax.speech.build:build_data"
+# Builder names saved in older run configs (the speech builders lived in the trainer) -> today's.
+BUILDER_ALIASES = {"esrt_jax.train.speech:build_model": DEFAULT_MODEL_BUILDER,
+                   "esrt_jax.train.speech:build_data": DEFAULT_DATA_BUILDER}
 
 
 @dataclass(frozen=True)
 class MeshConfig:
     """Device mesh: data x fsdp x tensor. `data: -1` takes every remaining device."""
-    data: int = field(default=-1, metadata={"help": "data-parallel axis size; -1 takes every device the other axes leave"})
-    fsdp: int = field(default=1, metadata={"help": "fully sharded data-parallel axis size (params and optimizer state sharded)"})
-    tensor: int = field(default=1, metadata={"help": "tensor-parallel axis size (attention heads and MLP columns split)"})
-    rules: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "extra or overriding logical-axis rules (esrt_jax/sharding.py): logical name -> mesh axis, "
-                "list of axes, or null (replicated)"})
+    data: int = setting(-1, help="data-parallel axis size; -1 takes every device the other axes leave")
+    fsdp: int = setting(1, help="fully sharded data-parallel axis size (params and optimizer state sharded)")
+    tensor: int = setting(1, help="tensor-parallel axis size (attention heads and MLP columns split)")
+    rules: dict[str, Any] = setting(factory=dict, help="extra or overriding logical-axis rules (esrt_jax/sharding.py): logical name -> mesh axis, "
+                "list of axes, or null (replicated)")
 
     def validate(self):
         check(self.data == -1 or self.data >= 1, "data", f"must be -1 (auto) or >= 1, got {self.data}")
@@ -63,7 +65,7 @@ class MeshConfig:
 class RunLoraConfig(LoraConfig):
     """The run config's `lora:` block: the model's `LoraConfig` (one definition of the fields,
     defaults and checks) plus whether the run uses LoRA at all."""
-    enabled: bool = field(default=False, metadata={"help": "train LoRA factors on the LLM (per stage too, e.g. `stages.smt.lora.enabled`)"})
+    enabled: bool = setting(False, help="train LoRA factors on the LLM (per stage too, e.g. `stages.smt.lora.enabled`)")
 
     def model_lora(self) -> LoraConfig | None:
         """The `LoraConfig` the model is built with, or None when LoRA is off."""
@@ -75,39 +77,36 @@ class RunLoraConfig(LoraConfig):
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and loop settings of one stage."""
-    steps: int = field(default=1000, metadata={"help": "optimizer steps of the stage"})
-    batch_size: int = field(default=8, metadata={"help": "global batch: all processes and all micro-batches together"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (a scan inside the jitted step); batch_size must divide by it"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
-    warmup_steps: int = field(default=1000, metadata={"help": "linear warm-up steps from 0 to lr"})
-    schedule: Literal["linear", "cosine", "constant"] = field(default="linear", metadata={"help": "decay after the warm-up: linear, cosine or constant"})
-    end_lr: float = field(default=0.0, metadata={"help": "learning rate at the end of the decay"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    b1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    b2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
-    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
-    clip_norm: float = field(default=1.0, metadata={"help": "global-norm gradient clipping; 0 disables"})
-    trainable: tuple[str, ...] = field(default=(), metadata={
-        "help": "regexes over '/'-joined param paths that train; empty: the model builder's default set "
-                "(the adapter, + LoRA when enabled)"})
-    lr_scale: dict[str, float] = field(default_factory=dict, metadata={
-        "help": "per-group learning rates: regex over param paths -> factor on the lr (and weight decay), "
+    steps: int = setting(1000, help="optimizer steps of the stage")
+    batch_size: int = setting(8, help="global batch: all processes and all micro-batches together")
+    grad_accum: int = setting(1, help="micro-batches per optimizer step (a scan inside the jitted step); batch_size must divide by it")
+    lr: float = setting(1e-4, help="peak learning rate")
+    warmup_steps: int = setting(1000, help="linear warm-up steps from 0 to lr")
+    schedule: Literal["linear", "cosine", "constant"] = setting("linear", help="decay after the warm-up: linear, cosine or constant")
+    end_lr: float = setting(0.0, help="learning rate at the end of the decay")
+    weight_decay: float = setting(0.01, help="AdamW weight decay")
+    b1: float = setting(0.9, help="AdamW beta1")
+    b2: float = setting(0.999, help="AdamW beta2")
+    eps: float = setting(1e-8, help="AdamW epsilon")
+    clip_norm: float = setting(1.0, help="global-norm gradient clipping; 0 disables")
+    trainable: tuple[str, ...] = setting((), help="regexes over '/'-joined param paths that train; empty: the model builder's default set "
+                "(the adapter, + LoRA when enabled)")
+    lr_scale: dict[str, float] = setting(factory=dict, help="per-group learning rates: regex over param paths -> factor on the lr (and weight decay), "
                 "e.g. {\"/lora_[ab]$\": 0.1}; the first matching regex wins, others x1; a regex matching no "
-                "trainable param is an error"})
-    frozen_dtype: Literal["float32", "bfloat16"] = field(default="float32", metadata={"help": "dtype of the frozen weights on the device: float32 or bfloat16"})
-    seed: int = field(default=0, metadata={"help": "seed of the training RNG (dropout, token dropout)"})
-    ckpt_every: int = field(default=500, metadata={"help": "write a checkpoint every N steps (and always at the end)"})
-    keep: int = field(default=3, metadata={"help": "checkpoints kept per stage"})
-    async_ckpt: bool = field(default=True, metadata={"help": "write checkpoints in the background (Orbax async)"})
-    log_every: int = field(default=10, metadata={"help": "log train loss, lr and throughput every N steps"})
-    eval_every: int = field(default=0, metadata={"help": "dev loss (with and without shuffled speech) every N steps; 0: only at the end"})
-    eval_batches: int = field(default=4, metadata={"help": "dev batches per dev-loss evaluation"})
-    decode_every: int = field(default=0, metadata={"help": "dev decode (BLEU/WER, swapped audio, distinct) every N steps; 0: only at the end"})
-    decode_samples: int = field(default=4, metadata={"help": "dev records decoded per dev decode"})
-    progress: bool = field(default=True, metadata={"help": "show the progress bar"})
-    token_dropout: float = field(default=0.0, metadata={
-        "help": "share of answer tokens replaced by `<pad>` in the LLM's input while training (targets "
-                "unchanged), so that the text prefix alone cannot predict the answer; 0 = off, as in the papers"})
+                "trainable param is an error")
+    frozen_dtype: Literal["float32", "bfloat16"] = setting("float32", help="dtype of the frozen weights on the device: float32 or bfloat16")
+    seed: int = setting(0, help="seed of the training RNG (dropout, token dropout)")
+    ckpt_every: int = setting(500, help="write a checkpoint every N steps (and always at the end)")
+    keep: int = setting(3, help="checkpoints kept per stage")
+    async_ckpt: bool = setting(True, help="write checkpoints in the background (Orbax async)")
+    log_every: int = setting(10, help="log train loss, lr and throughput every N steps")
+    eval_every: int = setting(0, help="dev loss (with and without shuffled speech) every N steps; 0: only at the end")
+    eval_batches: int = setting(4, help="dev batches per dev-loss evaluation")
+    decode_every: int = setting(0, help="dev decode (BLEU/WER, swapped audio, distinct) every N steps; 0: only at the end")
+    decode_samples: int = setting(4, help="dev records decoded per dev decode")
+    progress: bool = setting(True, help="show the progress bar")
+    token_dropout: float = setting(0.0, help="share of answer tokens replaced by `<pad>` in the LLM's input while training (targets "
+                "unchanged), so that the text prefix alone cannot predict the answer; 0 = off, as in the papers")
 
     def validate(self):
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -138,32 +137,32 @@ class TrainConfig:
 @dataclass(frozen=True)
 class StageConfig:
     """Per-stage overrides, deep-merged over the top-level blocks."""
-    train: dict[str, Any] = field(default_factory=dict, metadata={"help": "keys of `train` to override in this stage"})
-    data: dict[str, Any] = field(default_factory=dict, metadata={"help": "keys of `data` to override in this stage"})
-    model: dict[str, Any] = field(default_factory=dict, metadata={"help": "keys of `model` to override in this stage"})
-    lora: dict[str, Any] = field(default_factory=dict, metadata={"help": "keys of `lora` to override in this stage"})
+    train: dict[str, Any] = setting(factory=dict, help="keys of `train` to override in this stage")
+    data: dict[str, Any] = setting(factory=dict, help="keys of `data` to override in this stage")
+    model: dict[str, Any] = setting(factory=dict, help="keys of `model` to override in this stage")
+    lora: dict[str, Any] = setting(factory=dict, help="keys of `lora` to override in this stage")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """A run: the model and data blocks (read by their builders), LoRA, mesh, optimisation and the
     per-stage overrides of the curriculum."""
-    model: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "the model, read by `model.builder` (default: the speech LLM, esrt_jax/train/speech.py): "
-                "local HF folders `whisper`/`llm` or tiny `whisper_config`/`llm_config`, `adapter`, "
-                "`tokenizer`, `decode`, dtypes"})
-    data: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "the data, read by `data.builder` (default: the speech data pipeline): sources "
-                "`train`/`dev` or `demo`, `tasks` weights, `schedule`, `temperature`, `languages`, "
-                "`text_buckets`, `encoder_cache`, `augment` (docs/data.md)"})
-    lora: RunLoraConfig = field(default=RunLoraConfig(), metadata={"help": "LoRA on the LLM (`lora` section below)"})
-    mesh: MeshConfig = field(default=MeshConfig(), metadata={"help": "the device mesh (`mesh` section below)"})
-    train: TrainConfig = field(default=TrainConfig(), metadata={"help": "optimisation and loop settings (`train` section below)"})
-    stages: dict[str, StageConfig] = field(default_factory=dict, metadata={
-        "help": "per-stage overrides, `asr`, `smt`, `srt` -> {train, data, model, lora}, deep-merged over the "
-                "top-level blocks"})
-    run_dir: str = field(default="runs/default", metadata={"help": "output folder (`--run-dir` overrides it)"})
-    stage: str | None = field(default=None, metadata={"help": "set by the trainer to the stage being run; not for configs"})
+    model: dict[str, Any] = setting(factory=dict, help=(
+        "the model, read by `model.builder` (default: the speech LLM, esrt_jax/speech/build.py; its keys: "
+        "esrt_jax.speech.config.SpeechModelConfig): local HF folders `whisper`/`llm` or tiny "
+        "`whisper_config`/`llm_config`, `adapter`, `tokenizer`, `decode`, dtypes"))
+    data: dict[str, Any] = setting(factory=dict, help=(
+        "the data, read by `data.builder` (default: the speech data pipeline, SpeechDataConfig + "
+        "esrt_jax.data.pipeline.DataConfig): sources `train`/`dev` or `demo`, `tasks` weights, `schedule`, "
+        "`temperature`, `languages`, `text_buckets`, `encoder_cache`, `augment` (docs/data.md)"))
+    lora: RunLoraConfig = setting(RunLoraConfig(), help="LoRA on the LLM (`lora` section below)")
+    mesh: MeshConfig = setting(MeshConfig(), help="the device mesh (`mesh` section below)")
+    train: TrainConfig = setting(TrainConfig(), help="optimisation and loop settings (`train` section below)")
+    stages: dict[str, StageConfig] = setting(factory=dict, help=(
+        "per-stage overrides, `align` (runs only when given), `asr`, `smt`, `srt` -> {train, data, model, "
+        "lora}, deep-merged over the top-level blocks"))
+    run_dir: str = setting("runs/default", help="output folder (`--run-dir` overrides it)")
+    stage: str | None = setting(None, help="set by the trainer to the stage being run; not for configs")
 
     def validate(self):
         for name in self.stages:
@@ -189,11 +188,13 @@ class RunConfig:
 
     def model_builder(self) -> Callable:
         """`model.builder` (default: the speech LLM): fn(cfg, *, abstract) -> TrainBundle."""
-        return import_object(self.model.get("builder", DEFAULT_MODEL_BUILDER), "model.builder")
+        name = self.model.get("builder", DEFAULT_MODEL_BUILDER)
+        return import_object(BUILDER_ALIASES.get(name, name), "model.builder")
 
     def data_builder(self) -> Callable:
         """`data.builder` (default: the speech data pipeline)."""
-        return import_object(self.data.get("builder", DEFAULT_DATA_BUILDER), "data.builder")
+        name = self.data.get("builder", DEFAULT_DATA_BUILDER)
+        return import_object(BUILDER_ALIASES.get(name, name), "data.builder")
 
     def for_stage(self, name: str) -> "RunConfig":
         """This config with stage `name`'s overrides merged and validated."""

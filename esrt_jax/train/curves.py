@@ -10,7 +10,6 @@ Plots use matplotlib's object API with the Agg canvas (no pyplot, no display).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -73,17 +72,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
     return out
 
 
-def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m esrt_jax.train.curves", description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", help="train.py run folder (holds asr/, smt/, srt/)")
-    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
-    a = p.parse_args(argv)
-    out = plot_curves(a.run_dir, a.out)
-    if out is None:
-        raise SystemExit(f"error: {a.run_dir}: no stage has a metrics.jsonl with a train loss")
-    print(out)
-    return out
+if __name__ == "__main__":  # the command is esrt_jax.cli.curves (commands live in the top layer)
+    import runpy
 
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("esrt_jax.cli.curves", run_name="__main__", alter_sys=True)

@@ -1,54 +1,25 @@
-"""Loading a trained run for inference: run config + stage checkpoint -> model.
+"""Restoring a run's trained params: checkpoint discovery and writing a restored tree into a model.
 
-`load_model(config, checkpoint, overrides)` rebuilds the speech LLM from a run config (the same
-YAML `train.py` takes) through its model builder and restores the trained params of a stage
-checkpoint; `load_backend` wraps it in a `Translator` + `infer.cloud.CloudBackend`. The service,
-the edge client, the inference and evaluation CLIs and export all load through here, so both ends
-of the edge/cloud split compute the same `model_fingerprint`.
-
-It sits in the train layer (not in infer) because it needs what training defines: the run config,
-the model builder plug-in and the checkpoint format.
+`resolve_checkpoint` finds the checkpoints of a run dir / stage dir / step dir, `restore_trainable`
+reads the trained params of one (the target tree comes from the config's model builder, built
+abstractly) and `merge_params` writes them into a built NNX model. Loading a whole speech model
+for inference (the service, edge, CLIs, export) is `esrt_jax.speech.load`, one layer up.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from esrt_jax import languages
-from esrt_jax.config import ConfigError, load_yaml
-from esrt_jax.infer import cloud
-from esrt_jax.infer.cloud import model_fingerprint
-from esrt_jax.convert.whisper import load_whisper_encoder
-from esrt_jax.models.qformer import SpeechAdapter
-from esrt_jax.models.speech_llm import EdgeHalf, SpeechLLM
 from esrt_jax.pytree import key_name
 from esrt_jax.train.checkpoint import restore_params
-from esrt_jax.train.config import LLM_STAGES, load_run_config
-from esrt_jax.train.speech import speech_config
+from esrt_jax.train.config import LLM_STAGES
 
 SERVE_ORDER = LLM_STAGES[::-1]  # a run dir is served from its last finished stage
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    model: SpeechLLM
-    tokenizer: Any
-    run_config: Any            # esrt_jax.train.config.RunConfig of the stage served
-    stage: str
-    step: int | None           # checkpoint step restored (None: no trained params found)
-    checkpoint_dir: Path | None
-    languages: tuple[str, ...] | None = None  # what it was trained on (None: not known)
-
-    @property
-    def fingerprint(self) -> str:
-        return model_fingerprint(self.model)
 
 
 def _is_step_dir(p: Path) -> bool:
@@ -116,86 +87,3 @@ def restore_trainable(cfg, ck: Path, step: int | None = None) -> tuple[Any, int]
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev),
                           cfg.model_builder()(cfg, abstract=True).trainable)
     return restore_params(ck, target, step)
-
-
-def inference_builder(cfg):
-    """`build_inference(cfg) -> (SpeechLLM, tokenizer)` of the config's model-builder module: the
-    model with its pretrained / frozen weights (converted HF parts or a seeded random init)."""
-    builder = cfg.model_builder()
-    fn = getattr(sys.modules[builder.__module__], "build_inference", None)
-    if fn is None:
-        raise ImportError(f"model.builder module {builder.__module__!r} has no build_inference(cfg) "
-                          f"-> (SpeechLLM, tokenizer); cannot rebuild the model for inference")
-    return fn
-
-
-def load_model(config: str | Path, checkpoint: str | Path | None, overrides: Sequence[str] = (),
-               *, stage: str | None = None) -> LoadedModel:
-    """Rebuild the model of a run config and restore trained params from `checkpoint`.
-
-    The config's model builder module must provide `build_inference(cfg) -> (SpeechLLM,
-    tokenizer)` (the model with its pretrained/frozen weights, e.g. converted HF parts or the
-    demo's seeded random init); the trainable params saved by training are then written over it.
-    `checkpoint=None` serves the builder's model as is (no trained params).
-    """
-    ck = step = None
-    if checkpoint is not None:
-        ck, ck_stage, step = resolve_checkpoint(checkpoint)
-        stage = stage or ck_stage
-    stage = stage or "srt"
-    cfg = load_run_config(config, overrides).for_stage(stage)
-    model, tokenizer = inference_builder(cfg)(cfg)
-    if ck is not None:
-        trained, step = restore_trainable(cfg, ck, step)
-        merge_params(model, trained)
-    return LoadedModel(model, tokenizer, cfg, stage, step, ck, trained_languages(cfg, ck))
-
-
-def load_edge_half(config: str | Path, checkpoint: str | Path | None, overrides: Sequence[str] = ()
-                   ) -> tuple[EdgeHalf, str]:
-    """Run config + checkpoint -> (the edge half: encoder + trained adapter, model fingerprint)
-    without loading the LLM.
-
-    With `model.whisper` (a local HF dir) the encoder is read from it and the trained adapter (and
-    encoder, when `train.trainable` names it) from the checkpoint; the LLM is never built. A config whose encoder is a seeded random init (the
-    demo) is rebuilt with the whole model (tiny), so that the encoder weights are the same.
-    """
-    ck = step = stage = None
-    if checkpoint is not None:
-        ck, stage, step = resolve_checkpoint(checkpoint)
-    cfg = load_run_config(config, overrides).for_stage(stage or "srt")
-    if not cfg.model.get("whisper"):
-        m = load_model(config, checkpoint, overrides).model
-        half = EdgeHalf(m.config, m.encoder, m.adapter)
-    else:
-        scfg = speech_config(cfg)
-        enc = load_whisper_encoder(cfg.model["whisper"], dtype=scfg.encoder.dtype,
-                                   scan_layers=scfg.encoder.scan_layers)
-        half = EdgeHalf(scfg, enc, SpeechAdapter(scfg.adapter, rngs=nnx.Rngs(int(cfg.model.get("seed", 0)))))
-        if ck is not None:  # the trained adapter, and the encoder too where training tuned it
-            trained, _ = restore_trainable(cfg, ck, step)
-            if "adapter" not in trained:
-                raise KeyError(f"checkpoint {ck} holds no adapter params (trainable: {sorted(trained)})")
-            merge_params(half, {k: v for k, v in trained.items() if k in ("encoder", "adapter")})
-    return half, model_fingerprint(half)
-
-
-def trained_languages(cfg, ck: Path | None) -> tuple[str, ...] | None:
-    """The model's language set: `data.languages` of the config saved with the run
-    (RUN_DIR/config.yaml, written by train.py) when the checkpoint lies in a run dir, else of `cfg`."""
-    data = cfg.data
-    saved = ck.parent.parent / "config.yaml" if ck is not None else None
-    if saved is not None and saved.is_file():
-        data = load_yaml(saved).get("data") or {}  # a damaged one: a one-line ConfigError naming it
-    langs = data.get("languages")
-    if isinstance(langs, str) or not isinstance(langs, (list, tuple, type(None))):
-        raise ConfigError(f"{saved}: data.languages must be a list of language codes, got {langs!r}")
-    return tuple(languages.get(c).code for c in langs) if langs else None
-
-
-def load_backend(config: str | Path, checkpoint: str | Path | None, overrides: Sequence[str] = (),
-                 *, split: str | None = None, max_batch: int = 8) -> cloud.CloudBackend:
-    """Run config + checkpoint -> a `CloudBackend` ready for `serve.make_app`."""
-    loaded = load_model(config, checkpoint, overrides)
-    return cloud.CloudBackend(cloud.translator_for(loaded, split=split, max_batch=max_batch), loaded.fingerprint,
-                              languages=loaded.languages)

@@ -47,8 +47,8 @@ from esrt_jax.data.encode_cache import FeatureCache, encoder_fingerprint
 from esrt_jax.eval import compare as cmp
 from esrt_jax.eval import decode as dec
 from esrt_jax.eval import listening, report, results
-from esrt_jax.infer.cloud import translator_for
-from esrt_jax.train.restore import load_model
+from esrt_jax.speech.config import SpeechDataConfig
+from esrt_jax.speech.load import load_model, translator_for
 
 __all__ = ["build_parser", "main", "run_score", "run_decode", "default_out_dir", "default_test_sets"]
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decode a test set and/or score speech-translation results: BLEU/chrF++/spBLEU "
                     "per direction, WER/CER per language.",
         epilog="Give --score RESULTS.jsonl to score a results file, or --config + --checkpoint to decode "
-               "a test set first (see esrt_jax/eval/cli.py).",
+               "a test set first (see esrt_jax/cli/eval.py).",
     )
     p.add_argument(
         "--score",
@@ -177,12 +177,13 @@ def default_test_sets(cfg) -> list[tuple[str, str]]:
     test set of held-out sentences and, with `data.demo_heldout_clips`, first one trained voice's
     clips with noise added and the held-out clips (training sentences, each in a voice it was not
     trained in); see `esrt_jax.data.demo.clip_split`. [] otherwise."""
-    if not cfg.data.get("demo"):
+    sd = SpeechDataConfig.of(cfg)
+    if not sd.demo:
         return []
     d = demo_corpus_for(cfg.data)
-    if not cfg.data.get("demo_heldout_clips"):
+    if not sd.demo_heldout_clips:
         return [("held-out sentences", str(d / "test.jsonl"))]
-    split = clip_split(d, cfg.data.get("demo_sentences"))
+    split = clip_split(d, sd.demo_sentences)
     return [("trained clips + noise", str(noisy_clips(d, split["trained"]))),
             ("held-out clips", str(split["heldout"])),
             ("held-out sentences", str(split["test"]))]
@@ -338,3 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if v is not None and v < 1:
             parser.error(f"--{opt.replace('_', '-')} must be >= 1, got {v}")
     return run_decode(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from esrt_jax.config import check
+from esrt_jax.config import check, setting
 from esrt_jax.data.pipeline import ctc_text
 from esrt_jax.metrics import asr_error, distinct_share
 from esrt_jax.models import ctc
@@ -41,7 +41,7 @@ SPEECH_KEYS = ("mel", "audio", "enc", "enc_frames")
 @dataclasses.dataclass(frozen=True)
 class AlignConfig:
     """The run config's `model.align` block."""
-    upsample: int = 2          # CTC frames per adapter output (characters outnumber the queries)
+    upsample: int = setting(2, help="CTC frames per adapter output (characters outnumber the queries)")
 
     def __post_init__(self):
         check(self.upsample >= 1, "model.align.upsample", f"must be >= 1, got {self.upsample}")

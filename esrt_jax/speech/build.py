@@ -1,20 +1,7 @@
-"""Training wiring of the speech LLM: the default `model.builder` and `data.builder`.
+"""The speech LLM's training wiring: the default `model.builder` and `data.builder`, the dev
+decodes during training, and `build_inference` (the model and tokenizer for serving).
 
-Model block of a run config (`model:`):
-
-    whisper: /models/whisper-large-v3        # local HF dir, or
-    whisper_config: {num_mel_bins: 80, d_model: 64, ...}    # tiny random encoder
-    llm: /models/gemma-3-4b-it               # local HF dir, or
-    llm_config: {model_type: qwen2, vocab_size: 512, ...}   # tiny random LLM (HF config keys)
-    # With both a dir and a *_config, the config is used only while the dir is absent: that
-    # lets `--dry-run` plan a real model on a machine without its weights.
-    tokenizer: /models/gemma-3-4b-it         # default: the llm dir; "demo": a byte-level BPE
-    tokenizer_vocab: 512                     #   trained on the demo corpus text (offline)
-    adapter: {num_queries: 80, pool_k: null, ...}   # QFormerConfig (encoder/llm dims filled in)
-    llm_dtype: bfloat16   llm_param_dtype: float32   encoder_dtype: float32
-    scan_layers: true   remat: false   split: projector   seed: 0
-    decode: {num_beams: 1, max_new_tokens: N}       # dev decodes during training; N defaults to the
-                                                    #   longest text the data allows (data.text_buckets)
+The `model:` block is read by `esrt_jax.speech.config`.
 
 Trainable by default: the adapter (Q-Former + projector) and, with `lora.enabled`, the LoRA
 factors; the encoder and the LLM base weights are frozen (`train.trainable` overrides).
@@ -45,80 +32,30 @@ from transformers import PreTrainedTokenizerFast
 from esrt_jax import languages
 from esrt_jax.audio import N_FRAMES
 from esrt_jax.config import ConfigError, from_dict
-from esrt_jax.convert import hf_io
 from esrt_jax.convert.llm import load_hf_model
 from esrt_jax.convert.tokenizer import check_vocab, load_tokenizer
 from esrt_jax.convert.whisper import load_whisper_encoder
 from esrt_jax.data.demo import clip_split, demo_corpus_for
 from esrt_jax.data.encode_cache import FeatureCache, encoder_fingerprint
-from esrt_jax.data.pipeline import (DataConfig, make_eval_batches, make_train_dataset, max_answer_tokens,
-                                     open_sources)
+from esrt_jax.data.pipeline import DataConfig, make_eval_batches, make_train_dataset, open_sources
 from esrt_jax.data.records import ListSource
 from esrt_jax.data.tasks import TaskTokenizer
-from esrt_jax.infer.generate import GenerateConfig
 from esrt_jax.infer.translator import Translator
 from esrt_jax.metrics import asr_error, bleu, distinct_share
 from esrt_jax.models import speech_llm
 from esrt_jax.models.layers import dtype_from_name
-from esrt_jax.models.llm import config_from_hf
-from esrt_jax.models.qformer import QFormerConfig, SpeechAdapter
-from esrt_jax.models.speech_llm import SpeechLLM, SpeechLLMConfig, batch_mel
-from esrt_jax.models.whisper import WhisperEncoder, WhisperEncoderConfig
+from esrt_jax.models.qformer import SpeechAdapter
+from esrt_jax.models.speech_llm import SpeechLLM, batch_mel
+from esrt_jax.models.whisper import WhisperEncoder
 from esrt_jax.pytree import merge_trees, rotate_rows
-from esrt_jax.train import align
+from esrt_jax.speech import align
+from esrt_jax.speech.config import SpeechDataConfig, SpeechModelConfig, generation_config, speech_config
 from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train.bundle import TrainBundle, split_nnx
 from esrt_jax.train.config import RunConfig
 
-MODEL_KEYS = {"builder", "whisper", "whisper_config", "llm", "llm_config", "tokenizer", "tokenizer_vocab",
-              "adapter", "llm_dtype", "llm_param_dtype", "encoder_dtype", "scan_layers", "remat", "split",
-              "seed", "decode", "infer", "align"}
-DATA_EXTRA = {"builder", "dev", "demo", "demo_dir", "dev_task", "demo_heldout_clips", "demo_sentences",
-              "demo_voices"}
 BATCH_KEYS = ("mel", "audio", "enc", "enc_frames", "tokens", "loss_mask", "attention_mask", "ctc_labels",
               "ctc_paddings")
-
-
-def _check_keys(block: dict, allowed: set, where: str) -> None:
-    bad = sorted(set(block) - allowed)
-    if bad:
-        raise ConfigError(f"unknown key(s) {', '.join(f'{where}.{k}' for k in bad)}; "
-                          f"valid keys here: {', '.join(sorted(allowed))}")
-
-
-# ----------------------------------------------------------------------------- configs
-
-def _is_local(path: str) -> bool:
-    return (Path(path).expanduser() / "config.json").is_file()
-
-
-def speech_config(cfg: RunConfig):
-    """RunConfig -> SpeechLLMConfig (reads only config.json files of local HF dirs)."""
-    m = cfg.model
-    _check_keys(m, MODEL_KEYS, "model")
-    enc_rt = {"dtype": m.get("encoder_dtype", "float32"), "scan_layers": m.get("scan_layers", True)}
-    if m.get("whisper") and (_is_local(m["whisper"]) or not m.get("whisper_config")):
-        enc = WhisperEncoderConfig.from_hf_config(hf_io.read_config(hf_io.resolve_local_dir(m["whisper"])),
-                                                  **enc_rt)
-    elif m.get("whisper_config"):
-        enc = from_dict(WhisperEncoderConfig, {**enc_rt, **m["whisper_config"]}, prefix="model.whisper_config")
-    else:
-        raise ConfigError("model: set model.whisper (a local HF dir) or model.whisper_config (a tiny config)")
-    if m.get("llm") and (_is_local(m["llm"]) or not m.get("llm_config")):
-        llm = config_from_hf(hf_io.read_config(hf_io.resolve_local_dir(m["llm"])))
-    elif m.get("llm_config"):
-        try:
-            llm = config_from_hf(dict(m["llm_config"]))
-        except ConfigError as e:
-            raise ConfigError(f"model.{e}" if str(e).startswith("llm_config.") else f"model.llm_config: {e}") from None
-    else:
-        raise ConfigError("model: set model.llm (a local HF dir) or model.llm_config (HF config keys)")
-    adapter = from_dict(QFormerConfig, {**m.get("adapter", {}), "encoder_hidden_size": enc.d_model,
-                                        "llm_dim": llm.hidden_size}, prefix="model.adapter")
-    return SpeechLLMConfig(enc, adapter, llm, lora=cfg.lora.model_lora(), llm_dtype=m.get("llm_dtype", "float32"),
-                           llm_param_dtype=m.get("llm_param_dtype", "float32"),
-                           scan_layers=m.get("scan_layers", True), remat=m.get("remat", False),
-                           split=m.get("split", "projector"))
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -149,10 +86,10 @@ def demo_tokenizer(demo_dir: str, vocab_size: int):
 
 
 def tokenizer_for(cfg: RunConfig):
-    m = cfg.model
-    spec = m.get("tokenizer") or m.get("llm")
+    m = SpeechModelConfig.of(cfg)
+    spec = m.tokenizer or m.llm
     if spec == "demo":
-        tok = demo_tokenizer(str(demo_dir(cfg)), int(m.get("tokenizer_vocab", 512)))
+        tok = demo_tokenizer(str(demo_dir(cfg)), m.tokenizer_vocab)
     elif spec:
         tok = load_tokenizer(spec)
     else:
@@ -173,22 +110,22 @@ def build_inference(cfg: RunConfig, *, abstract: bool = False):
 
 def _build_module(cfg: RunConfig, *, abstract: bool, on_mesh: bool = False):
     """The SpeechLLM of `cfg`; with `on_mesh`, a loaded LLM is placed on the run's mesh."""
-    scfg = speech_config(cfg)
-    seed = int(cfg.model.get("seed", 0))
+    m = SpeechModelConfig.of(cfg)
+    scfg = m.resolve(cfg.lora.model_lora())
+    seed = m.seed
     make = lambda: SpeechLLM(scfg, rngs=nnx.Rngs(seed))  # noqa: E731
     if abstract:
         return nnx.eval_shape(make)
-    m = cfg.model
-    if not m.get("whisper") and not m.get("llm"):
+    if not m.whisper and not m.llm:
         return make()
     rngs = nnx.Rngs(seed)
-    enc = (load_whisper_encoder(m["whisper"], dtype=scfg.encoder.dtype, scan_layers=scfg.encoder.scan_layers)
-           if m.get("whisper") else WhisperEncoder(scfg.encoder, rngs=rngs))
+    enc = (load_whisper_encoder(m.whisper, dtype=scfg.encoder.dtype, scan_layers=scfg.encoder.scan_layers)
+           if m.whisper else WhisperEncoder(scfg.encoder, rngs=rngs))
     adapter = SpeechAdapter(scfg.adapter, rngs=rngs)
-    if m.get("llm"):
+    if m.llm:
         # The one LLM loader: streams tensor by tensor (onto the training mesh: each parameter
         # created on its NamedSharding), so a 12B model never sits whole in one device's memory.
-        llm = load_hf_model(m["llm"], cfg=scfg.llm, lora=scfg.lora, dtype=dtype_from_name(scfg.llm_dtype),
+        llm = load_hf_model(m.llm, cfg=scfg.llm, lora=scfg.lora, dtype=dtype_from_name(scfg.llm_dtype),
                             param_dtype=dtype_from_name(scfg.llm_param_dtype), scan_layers=scfg.scan_layers,
                             remat=scfg.remat, seed=seed,
                             mesh=mesh_lib.make_mesh(cfg.mesh) if on_mesh else None,
@@ -223,7 +160,7 @@ def _model_flops_per_example(scfg, text_len: int) -> float:
 
 def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
     """model.builder: the speech LLM as a TrainBundle (loss = speech_llm.loss_fn); in the align
-    stage the adapter + CTC head without the LLM (`esrt_jax.train.align`)."""
+    stage the adapter + CTC head without the LLM (`esrt_jax.speech.align`)."""
     if cfg.stage == "align":
         return _build_align(cfg, abstract=abstract)
     model = _build_module(cfg, abstract=abstract, on_mesh=True)
@@ -289,19 +226,19 @@ def _build_align(cfg: RunConfig, *, abstract: bool) -> TrainBundle:
     """The align stage's bundle: frozen encoder (unless the batches carry cached encoder output),
     adapter and CTC head; no LLM layer is built."""
     scfg = speech_config(cfg)
-    acfg = from_dict(align.AlignConfig, dict(cfg.model.get("align") or {}), prefix="model.align")
+    m = SpeechModelConfig.of(cfg)
+    acfg = from_dict(align.AlignConfig, dict(m.align), prefix="model.align")
     units = align_units(cfg)
-    m = cfg.model
     cached = bool(cfg.data.get("encoder_cache"))
-    seed = int(m.get("seed", 0))
+    seed = m.seed
 
     def make(load: bool):
         rngs = nnx.Rngs(seed)
         enc = None
         if not cached:
-            enc = (load_whisper_encoder(m["whisper"], dtype=scfg.encoder.dtype,
+            enc = (load_whisper_encoder(m.whisper, dtype=scfg.encoder.dtype,
                                         scan_layers=scfg.encoder.scan_layers)
-                   if load and m.get("whisper") else WhisperEncoder(scfg.encoder, rngs=rngs))
+                   if load and m.whisper else WhisperEncoder(scfg.encoder, rngs=rngs))
         return align.AlignModel(enc, SpeechAdapter(scfg.adapter, rngs=rngs), acfg, len(units), rngs=rngs)
 
     model = nnx.eval_shape(lambda: make(False)) if abstract else make(True)
@@ -363,10 +300,8 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         nnx.replace_by_pure_dict(st, merge_trees(trainable, frozen))
         model = nnx.merge(graphdef, st)
         tok = tokenizer_for(cfg)
-        dcfg = dict(cfg.model.get("decode", {}) or {})
         tt = TaskTokenizer(tok)
-        gen = GenerateConfig(eos_ids=(tt.eos_id,), pad_id=tt.pad_id,
-                             **{**dcfg, "max_new_tokens": dcfg.get("max_new_tokens") or max_answer_tokens(cfg.data)})
+        gen = generation_config(cfg, tt.eos_id, tt.pad_id, inference=False)
         tr = Translator(model, tok, gen_cfg=gen, max_batch=max(n, 1))
         dc = _data_config(cfg, batch_size=n)
         batch = next(make_eval_batches(dc, tok, dev, _dev_task(cfg, dc), batch_size=n))
@@ -426,9 +361,8 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
 # ----------------------------------------------------------------------------- data
 
 def _data_config(cfg: RunConfig, batch_size: int | None = None, *, ctc: bool = True):
-    d = {k: v for k, v in cfg.data.items() if k not in DATA_EXTRA}
-    _check_keys(d, {f.name for f in dataclasses.fields(DataConfig)}, "data")
-    if cfg.data.get("demo") and not d.get("train"):
+    sd, d = SpeechDataConfig.split(cfg)
+    if sd.demo and not d.get("train"):
         d["train"] = [str(_demo_split(cfg, "train"))]
     if cfg.stage == "align" and ctc:  # CTC over each record's transcript: task weights do not apply
         d.update(tasks={"asr": 1.0}, schedule=(), ctc_units=align_units(cfg))
@@ -441,15 +375,17 @@ def _demo_split(cfg: RunConfig, split: str) -> Path:
     """The demo corpus' train/dev file; with data.demo_heldout_clips, its held-out-clip view (dev:
     clips of the training sentences in a voice they are not trained in; see `clip_split`)."""
     d = demo_dir(cfg)
-    if not cfg.data.get("demo_heldout_clips"):
+    sd = SpeechDataConfig.of(cfg)
+    if not sd.demo_heldout_clips:
         return d / f"{split}.jsonl"
-    return clip_split(d, cfg.data.get("demo_sentences"))["train" if split == "train" else "dev"]
+    return clip_split(d, sd.demo_sentences)["train" if split == "train" else "dev"]
 
 
 def _dev_source(cfg: RunConfig):
     """Dev records in data.languages, in a fixed shuffled order (so the first batches mix
     directions), or None when no dev set is configured."""
-    specs = cfg.data.get("dev") or ([str(_demo_split(cfg, "dev"))] if cfg.data.get("demo") else None)
+    sd = SpeechDataConfig.of(cfg)
+    specs = sd.dev or ([str(_demo_split(cfg, "dev"))] if sd.demo else None)
     if not specs:
         return None
     src = open_sources(list(specs))
@@ -463,7 +399,7 @@ def _dev_source(cfg: RunConfig):
 
 def _dev_task(cfg: RunConfig, dc) -> str:
     """data.dev_task, else the stage's most weighted task."""
-    return cfg.data.get("dev_task") or max(dc.tasks, key=dc.tasks.get)
+    return SpeechDataConfig.of(cfg).dev_task or max(dc.tasks, key=dc.tasks.get)
 
 
 class _Select:

@@ -1,5 +1,6 @@
 """`python -m esrt_jax.export --run RUN_DIR --out OUT [...]` / `--import OUT --run NEW_RUN_DIR`:
-the command line of `esrt_jax.export` (see that package's docstring; `__main__.py` runs `main`)."""
+the command line of `esrt_jax.export` (see that package's docstring; `esrt_jax/export/__main__.py`
+runs it; console command `esrt-export`)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from esrt_jax.export.common import ExportError, find_run_config, stage_checkpoin
 from esrt_jax.export.from_hf import import_export
 from esrt_jax.export.to_hf import export_run
 from esrt_jax.files import os_error_line
+from esrt_jax.speech.load import load_edge_half
 from esrt_jax.train.config import LLM_STAGES
-from esrt_jax.train.restore import load_edge_half
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m esrt_jax.export", description=EXPORT_DOC.split("\n\n")[0],
@@ -104,3 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k, v in res.files.items():
         print(f"  {k}/: {', '.join(v)}" if k != "top" else f"  {', '.join(v)}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
