@@ -51,7 +51,7 @@ from typing import Sequence
 from esrt_jax import languages
 
 __all__ = ["FleursError", "Utterance", "HUB_REPO", "hub_patterns", "extract_audio", "read_language",
-           "prepare", "main"]
+           "prepare"]
 
 SPLITS = ("train", "dev", "test")
 HUB_REPO = "google/fleurs"  # a dataset repository on the Hugging Face hub
