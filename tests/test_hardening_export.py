@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from esrt_jax import export as ex
+from esrt_jax.cli import export as export_cli
 from helpers_fs import full_disk, read_only
 from helpers_sllm import make_tiny_run
 
@@ -64,11 +65,11 @@ def test_failed_import_never_touches_an_existing_run(exported, tmp_path, capsys)
     _edit_tensor(bad / "adapter" / "model.safetensors", lambda t: t.__setitem__("query", t["query"][:, :3]))
     run = _existing_run(tmp_path)
     before = _snapshot(run)
-    assert ex.main(["--import", str(bad), "--run", str(run), "--no-data-state"]) == 2
+    assert export_cli.main(["--import", str(bad), "--run", str(run), "--no-data-state"]) == 2
     _one_line_error(capsys, "query", "shape")
     assert _snapshot(run) == before  # config.yaml not rewritten, nothing added
     fresh = tmp_path / "fresh"
-    assert ex.main(["--import", str(bad), "--run", str(fresh), "--no-data-state"]) == 2
+    assert export_cli.main(["--import", str(bad), "--run", str(fresh), "--no-data-state"]) == 2
     assert not fresh.exists()
 
 
@@ -82,7 +83,7 @@ def test_import_refuses_non_finite_weights(exported, tmp_path, capsys, where):
         t[k] = t[k].copy()
         t[k].flat[1] = np.nan
     _edit_tensor(bad / where, poison)
-    assert ex.main(["--import", str(bad), "--run", str(tmp_path / "new"), "--no-data-state"]) == 2
+    assert export_cli.main(["--import", str(bad), "--run", str(tmp_path / "new"), "--no-data-state"]) == 2
     _one_line_error(capsys, "NaN or Inf")
     assert not (tmp_path / "new").exists()
 
@@ -93,7 +94,7 @@ def test_truncated_safetensors_at_import_is_one_line(exported, tmp_path, capsys,
     bad = _copy_export(out, tmp_path / "cut")
     f = bad / where
     os.truncate(f, f.stat().st_size // 2)
-    assert ex.main(["--import", str(bad), "--run", str(tmp_path / "new"), "--no-data-state"]) == 2
+    assert export_cli.main(["--import", str(bad), "--run", str(tmp_path / "new"), "--no-data-state"]) == 2
     _one_line_error(capsys, "safetensors")
     assert not (tmp_path / "new").exists()
 
@@ -107,11 +108,11 @@ def test_import_on_a_full_disk_leaves_the_run_as_it_was(exported, tmp_path, monk
     for budget in (0, 10, 200):
         with monkeypatch.context() as m:
             full_disk(m, budget)
-            assert ex.main(["--import", str(out), "--run", str(run), "--no-data-state"]) == 2
+            assert export_cli.main(["--import", str(out), "--run", str(run), "--no-data-state"]) == 2
         _one_line_error(capsys, "no space left on device")
         assert _snapshot(run) == before, budget
         assert not list(run.parent.glob(".*tmp*"))
-    assert ex.main(["--import", str(out), "--run", str(run), "--no-data-state"]) == 0
+    assert export_cli.main(["--import", str(out), "--run", str(run), "--no-data-state"]) == 0
     assert (run / "srt" / "checkpoints" / "5").is_dir() and "written by" in (run / "config.yaml").read_text()
 
 
@@ -120,7 +121,7 @@ def test_read_only_export_target_is_one_line(exported, tmp_path, monkeypatch, ca
     target = tmp_path / "ro"
     target.mkdir()
     read_only(monkeypatch, target)
-    assert ex.main(["--run", str(d / "runs"), "--config", str(d / "run.yaml"), "--out", str(target / "o")]) == 2
+    assert export_cli.main(["--run", str(d / "runs"), "--config", str(d / "run.yaml"), "--out", str(target / "o")]) == 2
     _one_line_error(capsys, "read-only file system")
 
 
