@@ -43,8 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", default="all", choices=[*STAGES, "all"],
-                   help="curriculum stage to train: align, asr, smt, srt, or all in order (align only when the "
-                        "config has stages.align; default: all)")
+                   help="curriculum stage to train: align, asr, smt, srt, or all in order; align only when "
+                        "the config has stages.align (default: all)")
     p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-5 (repeatable)")
