@@ -16,7 +16,7 @@ import yaml
 
 from esrt_jax.config import ConfigError
 from esrt_jax.train import run as run_cli
-from esrt_jax.train.config import STAGES, load_run_config
+from esrt_jax.train.config import load_run_config
 from helpers_fs import read_only
 from test_train_infra import TOY
 
@@ -92,7 +92,7 @@ def test_every_shipped_config_builds_and_traces_every_stage(name):
     if cfg.data.get("encoder_cache") and not (Path(cfg.data["encoder_cache"]) / "meta.json").is_file():
         over.append("data.encoder_cache=null")
     cfg = load_run_config(path, over)
-    for stage in STAGES:
+    for stage in cfg.curriculum():
         scfg = cfg.for_stage(stage)
         b = scfg.model_builder()(scfg, abstract=True)
         loss, _ = jax.eval_shape(b.loss_fn, b.trainable, b.frozen, b.batch_spec(2), jax.random.key(0))
