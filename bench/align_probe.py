@@ -233,7 +233,7 @@ def cmd_train(a):
                          num_queries=a.queries, hidden_dropout_prob=a.dropout, attention_probs_dropout_prob=0.0,
                          initializer_range=a.init, cross_attention_frequency=a.cross_every,
                          attend_padding=False, window_queries=a.windows,
-                         window_overlap=a.overlap, window_input=a.window_input, encoder_hidden_size=tr_arr.shape[1], llm_dim=llm_dim)
+                         window_overlap=a.overlap, encoder_hidden_size=tr_arr.shape[1], llm_dim=llm_dim)
     in_dim = acfg.hidden_size if a.head_input == "qformer" and not a.stack else llm_dim
     hcfg = ctc.CTCHeadConfig(in_dim=in_dim, units=len(units), kind="tied" if a.units == "tied" else "linear",
                              upsample=a.upsample)
@@ -327,8 +327,6 @@ def main(argv=None):
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--init", type=float, default=0.1, help="Q-Former initializer_range")
     t.add_argument("--cross-every", type=int, default=2, help="Q-Former cross_attention_frequency")
-    t.add_argument("--window-input", action=argparse.BooleanOptionalAction, default=False,
-                   help="queries start from their window's mean frame (QFormerConfig.window_input)")
     t.add_argument("--max-train", type=int, default=0, help="first N train clips only (0: all)")
     t.add_argument("--head-input", choices=["proj", "proj_nonorm", "qformer"], default="proj",
                    help="what the CTC head reads: projector + LayerNorm, projector only, Q-Former outputs")

@@ -75,7 +75,6 @@ class QFormerConfig:
     attend_padding: bool = True
     window_queries: bool = False
     window_overlap: int = 2
-    window_input: bool = False
     llm_dim: int = 2048
     projector_eps: float = 1e-5
     dtype: str = "float32"
@@ -101,7 +100,6 @@ class QFormerConfig:
         check(self.window_overlap >= 0, "window_overlap", f"must be >= 0, got {self.window_overlap}")
         check(not (self.window_queries and self.attend_padding), "window_queries",
               "windows are cut from each clip's real frames: set attend_padding: false too")
-        check(not self.window_input or self.window_queries, "window_input", "needs window_queries: true")
         if self.pool_k is not None:
             check(self.pool_k >= 1, "pool_k", f"must be >= 1 or null, got {self.pool_k}")
             check(self.num_queries % self.pool_k == 0, "pool_k",
@@ -354,11 +352,6 @@ class SpeechAdapter(nnx.Module):
         self.query = param(rngs, nnx.initializers.normal(1.0), (1, cfg.num_queries, H),
                            (None, "q_len", "embed"), pdt)
         self.qformer = QFormer(cfg, rngs=rngs)
-        # window_input: each query starts from its window's mean frame (projected) added to the
-        # learned query, so the clip's content reaches every output from the first step.
-        self.window_in = (Dense(cfg.encoder_hidden_size, H, axes=("enc_embed", "embed"), dtype=dt,
-                                param_dtype=pdt, kernel_init=nnx.initializers.normal(cfg.initializer_range),
-                                rngs=rngs) if cfg.window_input else None)
         # torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (bias left at zero).
         kw = dict(dtype=dt, param_dtype=pdt, kernel_init=nnx.initializers.variance_scaling(
             1 / 3, "fan_in", "uniform"), rngs=rngs)
@@ -385,10 +378,6 @@ class SpeechAdapter(nnx.Module):
         check_encoder_input(cfg, enc, enc_mask)
         cross = window_mask(cfg.num_queries, enc_mask, cfg.window_overlap) if cfg.window_queries else None
         q = jnp.broadcast_to(self.query[...], (enc.shape[0], *self.query.shape[1:]))
-        if self.window_in is not None:
-            w = cross.astype(jnp.float32)  # (B, Q, T)
-            mean = jnp.einsum("bqt,btd->bqd", w, enc.astype(jnp.float32)) / jnp.sum(w, -1, keepdims=True)
-            q = q + self.window_in(mean)
         return self.qformer(q.astype(dtype_from_name(cfg.dtype)), enc, enc_mask, cross_mask=cross,
                             deterministic=deterministic, rngs=rngs)
 
