@@ -33,6 +33,7 @@ from esrt_jax import audio as audio_lib
 from esrt_jax.convert.whisper import load_whisper_encoder
 from esrt_jax.metrics import asr_error, normalize_transcript
 from esrt_jax.models import ctc
+from esrt_jax.models.layers import Dense
 from esrt_jax.models.qformer import QFormerConfig, SpeechAdapter
 
 
@@ -147,14 +148,32 @@ class TokenUnits:
 # ----------------------------------------------------------------------------- training
 
 class Probe(nnx.Module):
-    def __init__(self, acfg: QFormerConfig, hcfg: ctc.CTCHeadConfig, *, rngs):
-        self.adapter = SpeechAdapter(acfg, rngs=rngs)
+    """CTC head on the adapter (`head_input`: the projector + LayerNorm, the projector without its
+    LayerNorm, or the Q-Former outputs), or (`stack` k > 0) the frame-synchronous baseline: k
+    encoder frames stacked -> Dense + GELU -> CTC head, no Q-Former.
+    (enc (B, T, d), frames (B,)) -> (logits (B, N, K), valid CTC frames (B,))."""
+
+    def __init__(self, acfg: QFormerConfig, hcfg: ctc.CTCHeadConfig, *, head_input="proj", stack=0, rngs):
+        self.head_input, self.stack, self.upsample = head_input, stack, hcfg.upsample
+        if stack:
+            self.adapter = None
+            self.frames_in = Dense(stack * acfg.encoder_hidden_size, hcfg.in_dim, rngs=rngs)
+        else:
+            self.adapter = SpeechAdapter(acfg, rngs=rngs)
         self.head = ctc.CTCHead(hcfg, rngs=rngs)
 
     def __call__(self, enc, frames, unit_embeds=None, rngs=None):
+        if self.stack:
+            B, T, D = enc.shape
+            k = self.stack
+            enc = jnp.pad(enc, ((0, 0), (0, -T % k), (0, 0)))
+            x = jax.nn.gelu(self.frames_in(enc.reshape(B, -1, k * D)))
+            return self.head(x, unit_embeds), -(-frames // k) * self.upsample
         a = self.adapter
         q = a.qformer_features(enc, enc_frames=frames, deterministic=rngs is None, rngs=rngs)
-        return self.head(a.head(q), unit_embeds)  # projector (unpooled) -> CTC frames
+        x = {"proj": lambda: a.head(q), "proj_nonorm": lambda: a.linear(q), "qformer": lambda: q}[self.head_input]()
+        logits = self.head(x, unit_embeds)  # unpooled: one vector per query -> upsample CTC frames
+        return logits, jnp.full(frames.shape, logits.shape[1])
 
 
 def load_split(feats_dir, split):
@@ -190,6 +209,8 @@ def cmd_train(a):
     else:
         keep = lambda m: list(range(len(m)))  # noqa: E731
     tr_idx, dv_idx = keep(tr_meta), keep(dv_meta)
+    if a.max_train:
+        tr_idx = tr_idx[:a.max_train]
     texts = [tr_meta[i]["text"] for i in tr_idx]
     unit_embeds = None
     llm_dim = a.llm_dim
@@ -210,21 +231,21 @@ def cmd_train(a):
     dv_lab = {i: units.encode(dv_meta[i]["text"]) for i in dv_idx}
     acfg = QFormerConfig(num_hidden_layers=2, hidden_size=512, num_attention_heads=8, intermediate_size=2048,
                          num_queries=a.queries, hidden_dropout_prob=a.dropout, attention_probs_dropout_prob=0.0,
-                         initializer_range=0.1, attend_padding=False, window_queries=a.windows,
+                         initializer_range=a.init, cross_attention_frequency=a.cross_every,
+                         attend_padding=False, window_queries=a.windows,
                          window_overlap=a.overlap, encoder_hidden_size=tr_arr.shape[1], llm_dim=llm_dim)
-    hcfg = ctc.CTCHeadConfig(in_dim=llm_dim, units=len(units), kind="tied" if a.units == "tied" else "linear",
+    in_dim = acfg.hidden_size if a.head_input == "qformer" and not a.stack else llm_dim
+    hcfg = ctc.CTCHeadConfig(in_dim=in_dim, units=len(units), kind="tied" if a.units == "tied" else "linear",
                              upsample=a.upsample)
-    model = Probe(acfg, hcfg, rngs=nnx.Rngs(a.seed))
+    model = Probe(acfg, hcfg, head_input=a.head_input, stack=a.stack, rngs=nnx.Rngs(a.seed))
     steps_per_epoch = -(-len(tr_idx) // a.batch)
     total = steps_per_epoch * a.epochs
-    sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, min(200, total // 10), total, a.lr * 0.05)
+    sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, min(200, total // 10) if a.warmup is None else a.warmup, total, a.lr * 0.05)
     opt = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01)),
                         wrt=nnx.Param)
-    n_ctc = a.queries * a.upsample
-
     def loss_of(m, enc, fr, lab, lpad, rngs):
-        logits = m(enc, fr, unit_embeds, rngs)
-        return ctc.ctc_loss(logits, jnp.zeros(logits.shape[:2]), lab, lpad)
+        logits, n = m(enc, fr, unit_embeds, rngs)
+        return ctc.ctc_loss(logits, ctc.frame_paddings(n, logits.shape[1]), lab, lpad)
 
     @nnx.jit
     def step(m, opt, enc, fr, lab, lpad, key):
@@ -234,9 +255,9 @@ def cmd_train(a):
 
     @nnx.jit
     def evaluate(m, enc, fr, lab, lpad):
-        logits = m(enc, fr, unit_embeds, None)
-        loss, n = ctc.ctc_loss(logits, jnp.zeros(logits.shape[:2]), lab, lpad)
-        return loss, n, logits
+        logits, n_ctc = m(enc, fr, unit_embeds, None)
+        loss, n = ctc.ctc_loss(logits, ctc.frame_paddings(n_ctc, logits.shape[1]), lab, lpad)
+        return loss, n, logits, n_ctc
 
     rng = np.random.default_rng(a.seed)
     key = jax.random.key(a.seed)
@@ -251,16 +272,27 @@ def cmd_train(a):
             loss, n = step(model, opt, enc, fr, lab, lpad, k)
             losses.append(float(loss))
         t_train += time.perf_counter() - t0
-        hyps, refs, dl = [], [], []
-        for rows, enc, fr, lab, lpad in batches(dv_meta, dv_arr, dv_lab, dv_idx, a.batch):
-            loss, n, logits = evaluate(model, enc, fr, lab, lpad)
-            dl.append(float(loss))
-            dec = ctc.greedy_decode(np.asarray(logits), np.full(len(rows), n_ctc))
-            hyps += [units.decode(d) for d in dec[:len(rows)]]
-            refs += [dv_meta[i]["text"] for i in rows]
+        def decode_split(meta, arr, labs, idx):
+            hyps, refs, dl = [], [], []
+            for rows, enc, fr, lab, lpad in batches(meta, arr, labs, idx, a.batch):
+                loss, n, logits, n_ctc = evaluate(model, enc, fr, lab, lpad)
+                dl.append(float(loss))
+                dec = ctc.greedy_decode(np.asarray(logits), np.asarray(n_ctc))
+                hyps += [units.decode(d) for d in dec[:len(rows)]]
+                refs += [meta[i]["text"] for i in rows]
+            return hyps, refs, dl
+
+        extra = {}
+        if a.eval_train:
+            th, tref, _ = decode_split(tr_meta, tr_arr, tr_lab, tr_idx[:a.eval_train])
+            extra = {"train_cer": round(asr_error(tref, th, "cer"), 2)}
+        if a.eval_every and ep % a.eval_every and ep != a.epochs:
+            print(json.dumps({"epoch": ep, "train_loss": round(float(np.mean(losses)), 4), **extra}), flush=True)
+            continue
+        hyps, refs, dl = decode_split(dv_meta, dv_arr, dv_lab, dv_idx)
         rec = {"epoch": ep, "train_loss": round(float(np.mean(losses)), 4), "dev_loss": round(float(np.mean(dl)), 4),
                "dev_cer": round(asr_error(refs, hyps, "cer"), 2), "dev_wer": round(asr_error(refs, hyps, "wer"), 2),
-               "distinct": round(len(set(hyps)) / len(hyps), 3), "train_s": round(t_train, 1)}
+               "distinct": round(len(set(hyps)) / len(hyps), 3), "train_s": round(t_train, 1), **extra}
         hist.append(rec)
         print(json.dumps(rec), flush=True)
     print(json.dumps({"summary": vars(a) | {"units_n": len(units)}, "final": hist[-1],
@@ -293,6 +325,16 @@ def main(argv=None):
     t.add_argument("--batch", type=int, default=16)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init", type=float, default=0.1, help="Q-Former initializer_range")
+    t.add_argument("--cross-every", type=int, default=2, help="Q-Former cross_attention_frequency")
+    t.add_argument("--max-train", type=int, default=0, help="first N train clips only (0: all)")
+    t.add_argument("--head-input", choices=["proj", "proj_nonorm", "qformer"], default="proj",
+                   help="what the CTC head reads: projector + LayerNorm, projector only, Q-Former outputs")
+    t.add_argument("--stack", type=int, default=0,
+                   help="k > 0: frame-synchronous baseline (k frames stacked + MLP, no Q-Former)")
+    t.add_argument("--warmup", type=int, default=None, help="warm-up steps (default min(200, steps / 10))")
+    t.add_argument("--eval-train", type=int, default=0, help="also report the CER on the first N train clips")
+    t.add_argument("--eval-every", type=int, default=1, help="dev decode every N epochs (and the last)")
     a = p.parse_args(argv)
     (cmd_features if a.cmd == "features" else cmd_train)(a)
 

@@ -31,7 +31,7 @@ model:
             hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0, initializer_range: 0.1}}
   align: {{upsample: 2}}
 data: {{train: [{data}/train.jsonl], dev: [{data}/dev.jsonl], text_buckets: [32], n_mels: 80}}
-train: {{batch_size: 8, lr: 1.0e-2, warmup_steps: 10, steps: 2, ckpt_every: 20, log_every: 5,
+train: {{batch_size: 8, lr: 3.0e-3, warmup_steps: 10, steps: 2, ckpt_every: 100, log_every: 5,
         eval_every: 0, decode_samples: 4, progress: false, async_ckpt: false}}
 stages:
   align: {{train: {{steps: {align_steps}, decode_every: {decode_every}}}}}
@@ -66,7 +66,7 @@ def setup(tmp_path_factory):
     return d
 
 
-def _config(setup, name, align_steps=150, decode_every=50):
+def _config(setup, name, align_steps=300, decode_every=100):
     p = setup / f"{name}.yaml"
     p.write_text(CONFIG.format(run=setup / name, tok=setup / "tok", data=setup / "data",
                                align_steps=align_steps, decode_every=decode_every))

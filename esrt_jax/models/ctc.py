@@ -9,8 +9,11 @@ Head kinds (`CTCHeadConfig.kind`):
 - "tied": logits = scale * <x, E[u]> for the LLM's input-embedding rows E of the units (frozen,
   passed in), plus a learned blank vector: the outputs are pulled onto the LLM's own embedding
   space (LegoSLM's CTC over the LLM vocabulary, arXiv 2505.11352).
-`upsample` u > 1 lets each speech vector emit u CTC frames (Dense(in_dim -> u * in_dim)), for
-units longer than Q per clip (characters).
+`upsample` u > 1 lets each speech vector emit u CTC frames, for more units than Q per clip
+(characters): "linear" reads u frames' logits straight off the vector (Dense(in_dim -> u * (units
++ 1))); "tied" gives sub-frame j the vector x + W_j x (W zero-initialised). An earlier hidden
+expansion (Dense(in_dim -> u * in_dim) + GELU before the output layer: two small-init layers in
+series) kept the adapter on the all-blank plateau (docs/experiments/2026-12-07-align.md).
 
 Unit 0 is the blank in every unit set.
 """
@@ -54,10 +57,12 @@ class CTCHead(nnx.Module):
     def __init__(self, cfg: CTCHeadConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         D, u = cfg.in_dim, cfg.upsample
-        self.expand = Dense(D, u * D, axes=("embed", "mlp"), rngs=rngs) if u > 1 else None
         if cfg.kind == "linear":
-            self.out = Dense(D, cfg.units + 1, axes=("embed", "vocab"), rngs=rngs)
+            self.expand = None
+            self.out = Dense(D, u * (cfg.units + 1), axes=("embed", "vocab"), rngs=rngs)
         else:
+            self.expand = (Dense(D, u * D, axes=("embed", "mlp"), kernel_init=nnx.initializers.zeros,
+                                 rngs=rngs) if u > 1 else None)
             self.out = None
             self.blank = param(rngs, nnx.initializers.zeros, (D,), ("embed",), jnp.float32)
             self.log_scale = param(rngs, nnx.initializers.zeros, (), (), jnp.float32)
@@ -66,10 +71,10 @@ class CTCHead(nnx.Module):
         cfg = self.config
         B, N, D = x.shape
         x = x.astype(jnp.float32)
-        if self.expand is not None:
-            x = jax.nn.gelu(self.expand(x)).reshape(B, N * cfg.upsample, D)
         if self.out is not None:
-            return self.out(x).astype(jnp.float32)
+            return self.out(x).astype(jnp.float32).reshape(B, N * cfg.upsample, cfg.units + 1)
+        if self.expand is not None:
+            x = (x[:, :, None, :] + self.expand(x).reshape(B, N, cfg.upsample, D)).reshape(B, N * cfg.upsample, D)
         if unit_embeds is None or unit_embeds.shape != (cfg.units, D):
             raise ValueError(f"a tied CTC head needs the units' embeddings ({cfg.units}, {D}); got "
                              f"{None if unit_embeds is None else tuple(unit_embeds.shape)}")
