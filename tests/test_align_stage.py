@@ -92,7 +92,7 @@ def test_align_bundle_has_no_llm(setup):
     assert "320,64" not in jaxpr.replace(" ", "") and "64,320" not in jaxpr.replace(" ", "")
 
 
-def test_align_learns_the_toy_speech_and_asr_starts_from_it(setup):
+def test_align_learns_the_toy_speech_and_asr_starts_from_it(setup, capfd):
     cfg = _config(setup, "full")
     train_main(["--config", str(cfg), "--stage", "align"])
     run = setup / "full"
@@ -101,15 +101,12 @@ def test_align_learns_the_toy_speech_and_asr_starts_from_it(setup):
     cers = [r["dev_cer"] for r in m if "dev_cer" in r]
     assert losses[-1] < 0.5 * losses[0], losses
     assert cers[-1] < cers[0] and cers[-1] < 50, cers   # held-out words (other letter orders)
-    # the asr stage starts from the align stage's adapter (the CTC head is left out)
-    from esrt_jax.train.checkpoint import Checkpointer
+    # the asr stage starts from the align stage's adapter; the CTC head is left out
+    capfd.readouterr()
     train_main(["--config", str(cfg), "--stage", "asr", "--set", "train.steps=1"])
-    ck = Checkpointer(run / "align" / "checkpoints", async_save=False)
-    aligned = ck.restore_params_only(ck.latest_step()) if hasattr(ck, "restore_params_only") else None
-    ck.close()
-    assert (run / "asr" / "checkpoints").is_dir()
-    if aligned is not None:
-        assert "ctc_head" in aligned
+    out = "".join(capfd.readouterr())
+    assert f"starting from trainable params of {run / 'align' / 'checkpoints'}" in out, out[-2000:]
+    assert "are left out, e.g. ctc_head/" in out, out[-2000:]
 
 
 def test_align_resume_is_exact(setup):
