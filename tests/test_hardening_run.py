@@ -4,7 +4,6 @@ is a one-line error (16), a read-only run dir is a one-line error (17)."""
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
@@ -18,17 +17,9 @@ from esrt_jax.config import ConfigError
 from esrt_jax.cli import train as run_cli
 from esrt_jax.train.config import load_run_config
 from helpers_fs import read_only
-from test_train_infra import TOY
+from train_toy import toy_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _toy_yaml(tmp_path, **train):
-    d = json.loads(json.dumps(TOY))
-    d["train"].update(train)
-    y = tmp_path / "toy.yaml"
-    y.write_text(json.dumps(d))
-    return y
 
 
 def _one_line(e) -> str:
@@ -40,7 +31,7 @@ def _one_line(e) -> str:
 # ----------------------------------------------------------------------------- the run-dir lock (2)
 
 def test_second_trainer_on_a_run_dir_is_refused_naming_the_holder(tmp_path):
-    y = _toy_yaml(tmp_path)
+    y = toy_yaml(tmp_path)
     run = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from esrt_jax.files import lock_run_dir; "
@@ -148,7 +139,7 @@ def test_damaged_run_config_read_by_infer_is_one_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------- read-only run dir (17)
 
 def test_read_only_run_dir_is_one_line(tmp_path):
-    y = _toy_yaml(tmp_path)
+    y = toy_yaml(tmp_path)
     run = tmp_path / "run"
     base = ["--stage=asr", "--config", str(y), "--run-dir", str(run), "--compile-cache", ""]
     run_cli.main(base)  # finished

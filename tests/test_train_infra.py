@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import train_toy
+from train_toy import TOY, toy_yaml
 from esrt_jax.cli import train as run_cli
 from esrt_jax.config import ConfigError, from_dict
 from esrt_jax.train import mesh as mesh_lib
@@ -19,12 +20,6 @@ from esrt_jax.train.config import MeshConfig, RunConfig, TrainConfig, load_run_c
 from esrt_jax.train.loop import run_stage, stage_shardings
 from esrt_jax.train.optimizer import make_optimizer, make_schedule
 from esrt_jax.train.step import NonFiniteError, make_train_step
-
-TOY = {"model": {"builder": "train_toy:build_model"},
-       "data": {"builder": "train_toy:build_data", "size": 128},
-       "train": {"steps": 5, "batch_size": 8, "lr": 0.05, "warmup_steps": 1, "ckpt_every": 5,
-                 "log_every": 1, "keep": 2, "progress": False, "eval_batches": 1}}
-
 
 def toy_cfg(**train):
     d = json.loads(json.dumps(TOY))
@@ -280,16 +275,8 @@ def test_train_help_documents_the_stage(capsys):
     assert "curriculum stage to train" in out and "(default: all)" in out
 
 
-def _toy_yaml(tmp_path, **train):
-    d = json.loads(json.dumps(TOY))
-    d["train"].update(train)
-    y = tmp_path / "toy.yaml"
-    y.write_text(json.dumps(d))
-    return y
-
-
 def test_corrupted_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, capsys):
-    y = _toy_yaml(tmp_path, steps=4, ckpt_every=2, keep=3)
+    y = toy_yaml(tmp_path, steps=4, ckpt_every=2, keep=3)
     run = tmp_path / "run"
     base = ["--stage=asr", "--config", str(y), "--run-dir", str(run), "--compile-cache", ""]
     run_cli.main(base)
@@ -315,7 +302,7 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous_step(tmp_path, c
 def test_model_changing_rerun_is_refused_before_the_saved_config_is_touched(tmp_path):
     import yaml
 
-    y = _toy_yaml(tmp_path, steps=2, ckpt_every=2)
+    y = toy_yaml(tmp_path, steps=2, ckpt_every=2)
     run = tmp_path / "run"
     base = ["--stage=asr", "--config", str(y), "--run-dir", str(run), "--compile-cache", ""]
     run_cli.main(base)

@@ -8,6 +8,8 @@ Builders follow the `model.builder` / `data.builder` contracts of esrt_jax/cli/t
 
 from __future__ import annotations
 
+import json
+
 import grain
 import jax
 import jax.numpy as jnp
@@ -88,3 +90,19 @@ def build_data(cfg, split: str, *, process_index: int, process_count: int):
     if split == "train":
         return iter(ds.to_iter_dataset())
     return ds
+
+
+# A run config of this toy (model.builder / data.builder above), for the trainer's tests.
+TOY = {"model": {"builder": "train_toy:build_model"},
+       "data": {"builder": "train_toy:build_data", "size": 128},
+       "train": {"steps": 5, "batch_size": 8, "lr": 0.05, "warmup_steps": 1, "ckpt_every": 5,
+                 "log_every": 1, "keep": 2, "progress": False, "eval_batches": 1}}
+
+
+def toy_yaml(tmp_path, **train):
+    """TOY with `train` overrides written to tmp_path/toy.yaml (JSON is YAML) -> its path."""
+    d = json.loads(json.dumps(TOY))
+    d["train"].update(train)
+    y = tmp_path / "toy.yaml"
+    y.write_text(json.dumps(d))
+    return y
