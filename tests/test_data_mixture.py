@@ -11,7 +11,7 @@ from esrt_jax.data.mixture import (MixturePlan, build_components, interleave_cou
                                    interleave_pick, temperature_probs)
 from esrt_jax.data.pipeline import DataConfig, WeightChange
 from esrt_jax.data.records import RecordIndex
-from esrt_jax.data.tasks import TASK_IDS, TASKS
+from esrt_jax.data.tasks import task_id, task_name
 
 # Unbalanced directions: eng->deu 120, eng->fra 30, deu->eng 8, fra->eng 2 (records).
 SIZES = {("eng", "deu"): 120, ("eng", "fra"): 30, ("deu", "eng"): 8, ("fra", "eng"): 2}
@@ -65,7 +65,7 @@ def test_task_weights_over_10k_draws(index):
     weights = {"asr": 0.2, "smt": 0.1, "srt": 0.7}
     plan = MixturePlan(comps, [(0, weights)], temperature=1.0, seed=3)
     items = _draw(plan, 10_000)
-    freq = collections.Counter(TASKS[it.task] for it in items)
+    freq = collections.Counter(task_name(it.task) for it in items)
     for t, w in weights.items():
         sigma = np.sqrt(w * (1 - w) / 10_000)
         assert abs(freq[t] / 10_000 - w) < 3 * sigma, (t, freq)
@@ -136,13 +136,13 @@ def test_schedule_switches_at_the_configured_step(index):
     comps = build_components(index, ["asr", "smt", "srt"])
     plan = MixturePlan(comps, cfg.segments(), seed=0)
     tasks = np.array([it.task for it in _draw(plan, 10_800)]).reshape(-1, 8)  # (steps, batch)
-    assert (tasks[:50] == TASK_IDS["asr"]).all()
+    assert (tasks[:50] == task_id("asr")).all()
     mid = collections.Counter(tasks[50:1300].ravel().tolist())
-    assert {TASKS[k]: v for k, v in mid.items()} == {"asr": 2000, "smt": 1000, "srt": 7000}
-    assert (tasks[1300:] == TASK_IDS["srt"]).all()
+    assert {task_name(k): v for k, v in mid.items()} == {"asr": 2000, "smt": 1000, "srt": 7000}
+    assert (tasks[1300:] == task_id("srt")).all()
     # ASR continues where it stopped before the switch (its stream is not restarted).
     asr_before = [it.record for it in _draw(plan, 400)]
-    asr_after = [plan[k].record for k in range(400, 10400) if plan[k].task == TASK_IDS["asr"]]
+    asr_after = [plan[k].record for k in range(400, 10400) if plan[k].task == task_id("asr")]
     full = MixturePlan(comps, [(0, {"asr": 1.0})], seed=0)
     assert asr_before + asr_after[:100] == [it.record for it in _draw(full, 500)]
 

@@ -17,7 +17,7 @@ import pytest
 from esrt_jax import audio as audio_lib
 from esrt_jax.data import pipeline as P
 from esrt_jax.data import records as R
-from esrt_jax.data.tasks import TASK_IDS, TASKS, format_task
+from esrt_jax.data.tasks import format_task, task_id, task_name
 from helpers_tokenizer import tiny_tokenizer
 from test_data_helpers import write_corpus, write_wav
 
@@ -80,7 +80,7 @@ def test_mel_batches_content(corpus, tok):
     assert b["example_key"].tolist() == [0, 1, 2, 3]
     for i in range(4):
         rec = src[int(b["record"][i])]
-        task = TASKS[int(b["task"][i])]
+        task = task_name(int(b["task"][i]))
         _, target = format_task(task, rec.src, rec.tgt, rec.transcription, rec.translation)
         answer = b["tokens"][i][b["loss_mask"][i] == 1]
         assert answer[-1] == tok.eos_token_id and tok.decode(answer[:-1]) == target
@@ -201,10 +201,10 @@ def test_every_bad_record_kind_is_skipped_counted_and_logged_once(bad_source, to
     with caplog.at_level(logging.WARNING, logger="esrt_jax.data.pipeline"):
         for _ in range(2):  # each bad record twice: logged once
             for i in range(len(good), len(good) + len(bad)):
-                out = builder(PlanItem(key=i, task=TASK_IDS["srt"], record=i))
+                out = builder(PlanItem(key=i, task=task_id("srt"), record=i))
                 assert out["task"] == -1 and out["text"] is None and out["feat"] is None
-        ok = builder(PlanItem(key=0, task=TASK_IDS["srt"], record=0))
-    assert ok["task"] == TASK_IDS["srt"] and ok["feat"] is not None
+        ok = builder(PlanItem(key=0, task=task_id("srt"), record=0))
+    assert ok["task"] == task_id("srt") and ok["feat"] is not None
     assert dict(tracker.reasons) == {r: 2 for r in REASONS.values()}
     assert tracker.seen == 11 and tracker.bad == 10
     msgs = [r.getMessage() for r in caplog.records]
@@ -213,8 +213,8 @@ def test_every_bad_record_kind_is_skipped_counted_and_logged_once(bad_source, to
         assert len(hits) == 1, (rid, msgs)
     # In a batch a bad record is an empty row: valid 0, no loss, no attention, zero features.
     coll = P._Collate(cfg, TaskTokenizer(tok).pad_id)
-    b = coll([ok, builder(PlanItem(key=1, task=TASK_IDS["srt"], record=len(good)))])
-    assert b["valid"].tolist() == [1, 0] and b["task"].tolist() == [TASK_IDS["srt"], -1]
+    b = coll([ok, builder(PlanItem(key=1, task=task_id("srt"), record=len(good)))])
+    assert b["valid"].tolist() == [1, 0] and b["task"].tolist() == [task_id("srt"), -1]
     assert b["loss_mask"][1].sum() == 0 and b["attention_mask"][1].sum() == 0
     assert not b["audio"][1].any()
 

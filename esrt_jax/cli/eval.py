@@ -44,6 +44,7 @@ from esrt_jax import metrics
 from esrt_jax.config import ConfigError
 from esrt_jax.data.demo import clip_split, demo_corpus_for, noisy_clips
 from esrt_jax.data.encode_cache import FeatureCache, encoder_fingerprint
+from esrt_jax.data.tasks import DEFAULT_TASK, TASKS
 from esrt_jax.eval import compare as cmp
 from esrt_jax.eval import decode as dec
 from esrt_jax.eval import listening, report, results
@@ -87,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--langs", metavar="CODES",
                    help="keep directions with source and target in these ('all': every language in the data)")
     d.add_argument("--limit", type=int, metavar="N", help="at most N records per direction (a quick table)")
-    d.add_argument("--task", default="srt", choices=("srt", "asr", "smt"),
-                   help="srt: transcribe+translate (default); asr: transcribe each utterance once; "
-                        "smt: translate given the reference transcription")
+    d.add_argument("--task", default=DEFAULT_TASK, choices=list(TASKS),
+                   help="; ".join(f"{n}: {t.help}" + (" (default)" if n == DEFAULT_TASK else "")
+                                  for n, t in TASKS.items()))
     d.add_argument("--beam", type=int, metavar="N", help="beam size (default: the config's, else greedy)")
     d.add_argument("--batch", type=int, default=64, help="utterances per encode and records per decode (default 64)")
     d.add_argument("--max-new-tokens", type=int, metavar="N", help="generation length cap (default: the config's)")
@@ -270,7 +271,7 @@ def _decode_and_score(args, loaded, tr, data: str, langs, t_start: float, t_load
         print(f"error: {data}: no records to decode for this selection", file=sys.stderr)
         return 1, None
     stage_dir = loaded.checkpoint_dir.parent if loaded.checkpoint_dir is not None else Path(loaded.run_config.run_dir)
-    name = Path(data).stem + ("" if args.task == "srt" else f"_{args.task}")
+    name = Path(data).stem + ("" if args.task == DEFAULT_TASK else f"_{args.task}")
     out_dir = Path(out) if out else stage_dir / "eval" / name
     results_path = out_dir / "results.jsonl"
     info = {"config": str(args.config), "overrides": list(args.set), "checkpoint": str(args.checkpoint),

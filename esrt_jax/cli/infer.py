@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Sequence
 
 from esrt_jax.config import ConfigError
+from esrt_jax.data.tasks import DEFAULT_TASK, TASKS
 from esrt_jax.infer import payload as pl
 from esrt_jax.infer.batch import (InferError, Utterance, check_trained, decode_features,  # noqa: F401
                                   empty_warnings, encode_segments, encode_utterances, join_segments, read_embeds, translate,
@@ -67,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--scheme", default="fp16", choices=pl.SCHEMES, help="payload quantisation for --edge-only")
     ap.add_argument("--zstd", action="store_true", help="zstd-compress --edge-only payloads")
     ap.add_argument("--split", default=None, choices=pl.SPLITS, help="split point (default: the model config's)")
-    ap.add_argument("--task", default="srt", choices=("srt", "asr"))
+    # tasks whose prompt holds no reference text: inference input has none
+    ap.add_argument("--task", default=DEFAULT_TASK, choices=[n for n, t in TASKS.items() if not t.given])
     ap.add_argument("--no-segment", dest="segment", action="store_false",
                     help="do not segment recordings longer than the encoder's window: cut them to it (warns)")
     ap.add_argument("--batch-size", type=int, default=8)

@@ -10,7 +10,7 @@ import importlib
 _EXPORTS = {
     "records": ("Record", "RecordSource", "JsonlSource", "HFSource", "TfdsSource", "ConcatSource",
                 "SourceError", "open_source"),
-    "tasks": ("TASKS", "TASK_IDS", "TaskTokenizer", "format_task", "split_srt_output", "collate"),
+    "tasks": ("TASKS", "Task", "register", "get_task", "TaskTokenizer", "format_task", "split_srt_output", "collate"),
     "mixture": ("MixturePlan", "build_components", "temperature_probs"),
     "augment": ("AugmentConfig",),
     "pipeline": ("DataConfig", "WeightChange", "BadRecordBudgetError", "make_train_dataset",

@@ -33,7 +33,7 @@ import numpy as np
 
 from esrt_jax import languages as langs_lib
 from esrt_jax.data.records import RecordIndex
-from esrt_jax.data.tasks import TASK_IDS, TASKS
+from esrt_jax.data.tasks import TASKS, task_id
 
 __all__ = [
     "PlanItem",
@@ -51,7 +51,7 @@ _RESOLUTION = 1_000_000  # integer proportions: frequencies exact to ~1e-6
 @dataclasses.dataclass(frozen=True)
 class PlanItem:
     key: int        # global example index
-    task: int       # TASK_IDS
+    task: int       # tasks.task_id
     record: int     # index into the record source
 
 
@@ -61,7 +61,7 @@ class Component:
 
     task: str
     src: str
-    tgt: str        # "" for ASR
+    tgt: str        # "" for a task without a target language (ASR)
     records: np.ndarray  # int64 record indices
 
     @property
@@ -133,8 +133,9 @@ def build_components(index: RecordIndex, tasks: Sequence[str], cap: int = 0, see
                      languages: Sequence[str] = ()) -> dict[str, list[Component]]:
     """Group record indices by task and direction.
 
-    ASR: one record per (src, audio) (records that differ only by target are the same
-    utterance); SMT/SRT: records with a target different from the source. `languages` keeps
+    A task without a target language (`Task.translates` false: ASR): one record per (src, audio)
+    (records that differ only by target are the same utterance); the others (SMT, SRT): records
+    with a target different from the source. `languages` keeps
     only directions whose languages are all listed (empty: keep all). `cap > 0` keeps a fixed
     seeded subset of at most `cap` records per direction.
     """
@@ -155,9 +156,9 @@ def build_components(index: RecordIndex, tasks: Sequence[str], cap: int = 0, see
     n = len(src)
     out: dict[str, list[Component]] = {}
     for task in tasks:
-        if task not in TASK_IDS:
+        if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
-        if task == "asr":
+        if not TASKS[task].translates:
             # first record of every (src, utterance): the others differ only by target
             ukey = np.char.add(np.char.add(src, "\x1f"), np.asarray(index.audio_key, dtype=str))
             _, first = np.unique(ukey, return_index=True)
@@ -204,7 +205,7 @@ class MixturePlan(grain.MapDataset):
         if any(b <= a for a, b in zip(starts, starts[1:])):
             raise ValueError(f"segment starts must increase, got {starts}")
         self._tasks = [t for t in TASKS if components.get(t)]
-        self._task_ids = [TASK_IDS[t] for t in self._tasks]
+        self._task_ids = [task_id(t) for t in self._tasks]
         self._dirs = []      # per task: list of (records, seed)
         self._dir_props = []  # per task: integer proportions over directions
         self.direction_probs: dict[str, dict[str, float]] = {}
@@ -218,7 +219,7 @@ class MixturePlan(grain.MapDataset):
         self._starts = starts
         self._seg_props = []
         for start, weights in segments:
-            unknown = set(weights) - set(TASK_IDS)
+            unknown = set(weights) - set(TASKS)
             if unknown:
                 raise ValueError(f"unknown task(s) {sorted(unknown)} in mixture weights")
             missing = [t for t, w in weights.items() if w > 0 and t not in self._tasks]

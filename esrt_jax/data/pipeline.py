@@ -14,7 +14,7 @@ Batches (numpy, b = global batch / process count rows):
     mel (b, n_mels, 3000) float32  |  audio (b, 480000) float32
     tokens, loss_mask, attention_mask (b, T) int32, prompt_len, length (b,) int32
       (see `esrt_jax.data.tasks` for the exact next-token convention)
-    task (b,) int32 (TASK_IDS; -1 on an empty row), valid (b,) int32,
+    task (b,) int32 (`tasks.task_id`; -1 on an empty row), valid (b,) int32,
     example_key (b,) int64 (global example index), record (b,) int64 (index in the source)
 
 Per-process sharding: global batch g is examples [g*B, (g+1)*B) of the plan; process p gets
@@ -54,7 +54,7 @@ from esrt_jax.data import augment as aug_lib
 from esrt_jax.data import records as rec_lib
 from esrt_jax.data.encode_cache import FeatureCache
 from esrt_jax.data.mixture import MixturePlan, PlanItem, build_components
-from esrt_jax.data.tasks import TASK_IDS, TASKS, TaskError, TaskTokenizer, collate
+from esrt_jax.data.tasks import TASKS, TaskError, TaskTokenizer, collate, get_task, task_id, task_name
 from esrt_jax.metrics import normalize_transcript
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ class ExampleBuilder:
         return [self.ctc_table[ch] for ch in ctc_text(record.transcription) if ch in self.ctc_table]
 
     def build(self, task: str, record: rec_lib.Record, key: int = 0):
-        for code in (record.src,) + ((record.tgt,) if task != "asr" else ()):
+        for code in (record.src,) + ((record.tgt,) if get_task(task).translates else ()):
             if not languages.is_known(code):
                 self.tracker.add(record.id, "unknown language", repr(code))
                 return None
@@ -327,7 +327,7 @@ class ExampleBuilder:
         return feat, text, enc_frames
 
     def __call__(self, item) -> dict | None:
-        task = TASKS[item.task]
+        task = task_name(item.task)
         try:
             record = self.source[item.record]
         except Exception as e:  # a source that cannot produce this row (corrupt shard, ...)
@@ -440,8 +440,9 @@ def make_plan(cfg: DataConfig, source: rec_lib.RecordSource) -> MixturePlan:
     if empty:
         raise ConfigError(
             f"data: task(s) {empty} have weight > 0 but {source.name} has no usable records for "
-            f"them (ASR needs transcriptions; SMT/SRT need a target language different from the "
-            f"source{'; data.languages=' + str(list(cfg.languages)) if cfg.languages else ''})")
+            f"them ({'/'.join(t.upper() for t in TASKS if TASKS[t].translates)} need a target language"
+            f" different from the source"
+            f"{'; data.languages=' + str(list(cfg.languages)) if cfg.languages else ''})")
     return MixturePlan(comps, cfg.segments(), temperature=cfg.temperature, seed=cfg.seed)
 
 
@@ -490,7 +491,7 @@ def make_eval_batches(cfg: DataConfig, tokenizer, source: rec_lib.RecordSource, 
                       batch_size: int | None = None):
     """Every record of `source` once, in order, as `task` batches (the last one padded with
     empty rows; bad records are empty rows too). A finite generator of batch dicts."""
-    if task not in TASK_IDS:
+    if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; tasks are {list(TASKS)}")
     b = batch_size or cfg.batch_size
     task_tok = TaskTokenizer(tokenizer, add_bos=cfg.add_bos)
@@ -499,7 +500,7 @@ def make_eval_batches(cfg: DataConfig, tokenizer, source: rec_lib.RecordSource, 
     coll = _Collate(cfg, task_tok.pad_id)
     n = len(source)
     for start in range(0, n, b):
-        rows = [builder(PlanItem(k, TASK_IDS[task], k)) for k in range(start, min(n, start + b))]
+        rows = [builder(PlanItem(k, task_id(task), k)) for k in range(start, min(n, start + b))]
         while len(rows) < b:
             rows.append({"key": -1, "record": -1, "task": -1, "feat": None, "text": None})
         yield coll(rows)

@@ -1,10 +1,25 @@
-"""Task formats (docs/design.md) and their tokenisation: the TEXT part of the LLM input.
+"""Tasks (docs/design.md): each one `Task` object in one table, `TASKS`, and their tokenisation.
 
 | task | prompt                         | target                                 |
 |------|--------------------------------|----------------------------------------|
 | asr  | `<|src|>`                      | transcription                          |
 | smt  | `transcription<|src|><|tgt|>`  | translation                            |
 | srt  | `<|src|><|tgt|>`               | `transcription<|src|><|tgt|>translation` |
+
+A `Task` is its name and these two templates (placeholders `<|src|>`, `<|tgt|>`: the language tags;
+`transcription`, `translation`: the record's texts). Everything else the code needs is read off
+them, so a new task is one `register(Task(...))` line here:
+
+- prompt / target strings (`Task.format`, `Task.format_prompt`), hence the loss mask: the target's
+  tokens and EOS are the labels, the bos/prompt tokens are not (`TaskTokenizer.encode`, `collate`);
+- which records it trains on (`Task.translates`: a src->tgt direction with tgt != src, else one item
+  per utterance and language) and which texts must be non-empty (`Task.needs`);
+- how a decoded output is parsed into the two text fields (`Task.parse`: a one-field target is the
+  whole text; a two-field target is split at its separator, with LLM-SRT's fallbacks);
+- what is scored (`Task.outputs`: WER/CER on a produced transcription, BLEU/chrF on a produced
+  translation) and what is given (`Task.given`: a prompt holding the reference transcription is
+  never cut into segments, and its transcription is not scored);
+- its model-card entry (`Task.card`: the templates, as an export's `esrt_config.json` lists them).
 
 The model puts Q' speech embeddings in front of these tokens; nothing here knows about speech.
 Per example the text is `[bos?][prompt][answer][eos]`:
@@ -39,17 +54,22 @@ sum(loss_mask).
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Sequence
 
 import numpy as np
 
 from esrt_jax import languages
 
-from esrt_jax import languages
-
 __all__ = [
+    "TEXT_FIELDS",
+    "Task",
     "TASKS",
-    "TASK_IDS",
+    "DEFAULT_TASK",
+    "register",
+    "get_task",
+    "task_id",
+    "task_name",
     "TaskError",
     "TextExample",
     "TaskTokenizer",
@@ -61,8 +81,8 @@ __all__ = [
     "split_srt_output",
 ]
 
-TASKS = ("asr", "smt", "srt")
-TASK_IDS = {t: i for i, t in enumerate(TASKS)}
+TEXT_FIELDS = ("transcription", "translation")  # a record's two texts, in this order everywhere
+_PLACEHOLDER = re.compile(r"(<\|src\|>|<\|tgt\|>|transcription|translation)")
 
 
 class TaskError(ValueError):
@@ -81,26 +101,172 @@ def marker(src: str, tgt: str) -> str:
     return _tag(src) + _tag(tgt)
 
 
+def _pieces(template: str) -> list[str]:
+    """'transcription<|src|><|tgt|>' -> ['', 'transcription', '', '<|src|>', '', '<|tgt|>', '']:
+    literals at even, placeholders at odd positions."""
+    return _PLACEHOLDER.split(template)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One task, all of it (see the module docstring): `name`, the `prompt` and `target`
+    templates, and `help` (one line for command-line help)."""
+
+    name: str
+    prompt: str
+    target: str
+    help: str = ""
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
+            raise ValueError(f"task name {self.name!r}: lower-case letters, digits and _ only")
+        fields = self.given + self.outputs
+        if len(fields) != len(set(fields)):
+            raise ValueError(f"task {self.name}: each text appears once in prompt + target")
+        if "translation" in self.given:
+            raise ValueError(f"task {self.name}: a prompt may hold the transcription, not the "
+                             f"translation (inference has no reference translation)")
+        if not self.outputs:
+            raise ValueError(f"task {self.name}: the target must hold a text (transcription / translation)")
+        if len(self.outputs) == 2 and not (self.target.startswith(self.outputs[0])
+                                           and self.target.endswith(self.outputs[1]) and self.separator()):
+            raise ValueError(f"task {self.name}: a two-text target is `text SEPARATOR text` "
+                             f"(the separator tags or literal text), got {self.target!r}")
+        if len(self.outputs) == 1 and self.target != self.outputs[0]:
+            raise ValueError(f"task {self.name}: a one-text target is the text alone, got {self.target!r}")
+
+    # -- read off the templates -------------------------------------------------------------
+    def _fields(self, template: str) -> tuple[str, ...]:
+        return tuple(x for x in _pieces(template)[1::2] if x in TEXT_FIELDS)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The texts the model produces, in output order (what is scored)."""
+        return self._fields(self.target)
+
+    @property
+    def given(self) -> tuple[str, ...]:
+        """The reference texts the prompt holds (SMT: the transcription)."""
+        return self._fields(self.prompt)
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The texts an example must have (non-empty), in `TEXT_FIELDS` order."""
+        used = self.given + self.outputs
+        return tuple(f for f in TEXT_FIELDS if f in used)
+
+    @property
+    def translates(self) -> bool:
+        """True: one item per src->tgt direction (tgt != src); False: one per utterance and
+        source language (tgt = src), the target language unused."""
+        return "<|tgt|>" in self.prompt + self.target
+
+    def card(self) -> dict[str, str]:
+        """Its model-card entry (`esrt_config.json` "prompt" -> "tasks")."""
+        return {"prompt": self.prompt, "target": self.target}
+
+    # -- format and parse -------------------------------------------------------------------
+    def _fill(self, template: str, src: str, tgt: str, texts: dict[str, str]) -> str:
+        parts = _pieces(template)
+        for i in range(1, len(parts), 2):
+            p = parts[i]
+            parts[i] = _tag(src) if p == "<|src|>" else _tag(tgt) if p == "<|tgt|>" else texts[p]
+        return "".join(parts)
+
+    def _texts(self, fields: Sequence[str], transcription: str, translation: str) -> dict[str, str]:
+        texts = {"transcription": transcription.strip(), "translation": translation.strip()}
+        for f in TEXT_FIELDS:
+            if f in fields and not texts[f]:
+                raise TaskError("empty transcription" if f == "transcription" else
+                                f"empty translation (needed by {self.name})")
+        return texts
+
+    def format_prompt(self, src: str, tgt: str, transcription: str = "") -> str:
+        """The prompt string alone (inference). Raises TaskError as `format`."""
+        return self._fill(self.prompt, src, tgt, self._texts(self.given, transcription, ""))
+
+    def format(self, src: str, tgt: str, transcription: str, translation: str = "") -> tuple[str, str]:
+        """(prompt, target) strings. Raises TaskError for an unknown language or a needed text
+        that is empty."""
+        texts = self._texts(self.needs, transcription, translation)
+        return self._fill(self.prompt, src, tgt, texts), self._fill(self.target, src, tgt, texts)
+
+    def parse(self, text: str, src: str, tgt: str) -> dict[str, str]:
+        """A decoded output -> {"transcription", "translation"} (stripped; "" for a text the
+        task does not produce). Never raises: codes are spelled into the separator unchecked.
+
+        A two-text target is split as LLM-SRT's evaluation (`eval/test_metric_n.py`) splits SRT:
+        at the separator; if that gives exactly two parts they are the answer. Otherwise (separator
+        absent, or present more than once) the first text is the whole output and the second what
+        follows the last `|>` (the whole output when there is no `|>` at all)."""
+        out = dict.fromkeys(TEXT_FIELDS, "")
+        if len(self.outputs) == 1:
+            out[self.outputs[0]] = text.strip()
+            return out
+        code = {"<|src|>": src.strip().lower(), "<|tgt|>": tgt.strip().lower()}
+        sep = "".join(languages.tag_text(code[p]) if p in code else p for p in _pieces(self.separator()))
+        first, second = self.outputs
+        parts = text.split(sep)
+        if len(parts) == 2:
+            out[first], out[second] = parts[0].strip(), parts[1].strip()
+        else:
+            out[first], out[second] = text.strip(), text.split("|>")[-1].strip()
+        return out
+
+    def separator(self) -> str:
+        """The template between the two texts of a two-text target (SRT: `<|src|><|tgt|>`); ""
+        for a one-text target."""
+        if len(self.outputs) != 2:
+            return ""
+        a, b = self.outputs
+        return self.target[len(a):len(self.target) - len(b)]
+
+
+TASKS: dict[str, Task] = {}  # the one table: name -> Task, in registration order (= task ids)
+DEFAULT_TASK = "srt"
+
+
+def register(task: Task) -> Task:
+    """Add `task` to `TASKS` (its id is its position). A name is registered once."""
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return task
+
+
+register(Task("asr", "<|src|>", "transcription", help="transcribe each utterance once"))
+register(Task("smt", "transcription<|src|><|tgt|>", "translation",
+              help="translate given the reference transcription"))
+register(Task("srt", "<|src|><|tgt|>", "transcription<|src|><|tgt|>translation",
+              help="transcribe, then translate"))
+
+
+def get_task(name: str) -> Task:
+    """The registered task `name`; TaskError naming the known ones otherwise."""
+    try:
+        return TASKS[name]
+    except (KeyError, TypeError):
+        raise TaskError(f"unknown task {name!r}; tasks are {', '.join(TASKS)}") from None
+
+
+def task_id(name: str) -> int:
+    """The int a batch's `task` column holds for `name` (its position in `TASKS`)."""
+    get_task(name)
+    return list(TASKS).index(name)
+
+
+def task_name(i: int) -> str:
+    """Inverse of `task_id`."""
+    return list(TASKS)[int(i)]
+
+
 def format_task(task: str, src: str, tgt: str, transcription: str, translation: str = ""
                 ) -> tuple[str, str]:
-    """(prompt, target) strings of `task` per the table above.
+    """(prompt, target) strings of `task` (`Task.format`).
 
     Raises TaskError for an unknown task/language or text the task needs that is empty.
     """
-    if task not in TASK_IDS:
-        raise TaskError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
-    transcription = transcription.strip()
-    translation = translation.strip()
-    if not transcription:
-        raise TaskError("empty transcription")
-    if task == "asr":
-        return _tag(src), transcription
-    if not translation:
-        raise TaskError(f"empty translation (needed by {task})")
-    m = marker(src, tgt)
-    if task == "smt":
-        return transcription + m, translation
-    return m, transcription + m + translation
+    return get_task(task).format(src, tgt, transcription, translation)
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -150,14 +316,7 @@ class TaskTokenizer:
 
     def prompt_ids(self, task: str, src: str, tgt: str, transcription: str = "") -> list[int]:
         """Prompt ids for inference: `[bos?] prompt` (SMT needs the transcription)."""
-        if task == "smt":
-            prompt, _ = format_task(task, src, tgt, transcription, "x")
-        elif task == "asr":
-            prompt = _tag(src)
-        elif task == "srt":
-            prompt = marker(src, tgt)
-        else:
-            raise TaskError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+        prompt = get_task(task).format_prompt(src, tgt, transcription)
         return ([self.bos_id] if self.add_bos else []) + self._encode(prompt)
 
     def encode(self, task: str, src: str, tgt: str, transcription: str, translation: str = ""
@@ -204,15 +363,7 @@ def collate(examples: Sequence[TextExample | None], buckets: Sequence[int], pad_
 
 
 def split_srt_output(text: str, src: str, tgt: str) -> tuple[str, str]:
-    """Split a decoded SRT output into (transcription, translation), both stripped.
-
-    As LLM-SRT's evaluation (`eval/test_metric_n.py`) does it: split at `<|src|><|tgt|>`; if
-    that gives exactly two parts they are the answer. Otherwise (marker absent, or present more
-    than once) the transcription is the whole text and the translation is what follows the last
-    `|>` (the whole text when there is no `|>` at all).
-    """
-    m = languages.srt_marker(src.strip().lower(), tgt.strip().lower())
-    parts = text.split(m)
-    if len(parts) == 2:
-        return parts[0].strip(), parts[1].strip()
-    return text.strip(), text.split("|>")[-1].strip()
+    """Split a decoded SRT output into (transcription, translation), both stripped (`Task.parse`
+    of srt: at `<|src|><|tgt|>`, with LLM-SRT's fallbacks)."""
+    out = TASKS["srt"].parse(text, src, tgt)
+    return out["transcription"], out["translation"]

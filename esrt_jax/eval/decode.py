@@ -51,7 +51,7 @@ from esrt_jax import languages
 from esrt_jax.audio import AudioError, encoder_frames, mel_segments
 from esrt_jax.data.encode_cache import CacheError
 from esrt_jax.data.records import record_from_json
-from esrt_jax.data.tasks import TASKS, marker
+from esrt_jax.data.tasks import TASKS, Task, TaskError, get_task
 from esrt_jax.eval.results import RESULT_FIELDS, Issue
 from esrt_jax.infer import longform
 from esrt_jax.infer.cloud import model_fingerprint
@@ -75,6 +75,16 @@ class DecodeError(ValueError):
     """A decode that cannot start: unreadable data file, results made by another model, ..."""
 
 
+_JSON_KEY = {"transcription": "asr", "translation": "s2tt"}  # a text's key in the ESRT JSONL
+
+
+def _task(name: str) -> Task:
+    try:
+        return get_task(name)
+    except TaskError as e:
+        raise DecodeError(str(e)) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalItem:
     """One (utterance, target) to decode; `src`/`tgt` as spelled in the data (prompt tags)."""
@@ -94,11 +104,7 @@ class EvalItem:
 
     def prompt(self, task: str) -> str:
         """The task prompt as text (the tokens the LLM sees after the speech)."""
-        if task == "asr":
-            return languages.tag(self.src)
-        if task == "smt":
-            return self.asr.strip() + marker(self.src, self.tgt)
-        return marker(self.src, self.tgt)
+        return get_task(task).format_prompt(self.src, self.tgt, self.asr)
 
 
 @dataclasses.dataclass
@@ -138,8 +144,7 @@ def read_items(path: str | os.PathLike, *, src=None, tgt=None, langs=None, limit
     per (audio, source language) with `tgt = src`; `task="srt"` skips records with src == tgt
     (nothing to translate) and `task="smt"` those without a reference transcription (its prompt).
     """
-    if task not in TASKS:
-        raise DecodeError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    tk = _task(task)
     src_set, tgt_set, lang_set = _codes(src), _codes(tgt), _codes(langs)
     p = Path(path)
     if not p.is_file():
@@ -174,7 +179,7 @@ def read_items(path: str | os.PathLike, *, src=None, tgt=None, langs=None, limit
             except languages.LanguageError as e:
                 issues.append(Issue(lineno, "unknown_language", str(e)))
                 continue
-            if task == "asr":
+            if not tk.translates:
                 t = s
             elif s == t:
                 issues.append(Issue(lineno, "same_language",
@@ -183,12 +188,14 @@ def read_items(path: str | os.PathLike, *, src=None, tgt=None, langs=None, limit
             if (src_set is not None and s not in src_set) or (tgt_set is not None and t not in tgt_set) or \
                     (lang_set is not None and (s not in lang_set or t not in lang_set)):
                 continue
-            if task == "smt" and not rec.transcription.strip():
-                issues.append(Issue(lineno, "missing_field", "no reference transcription ('asr'): task smt needs it"))
+            empty = [f for f in tk.given if not getattr(rec, f).strip()]
+            if empty:
+                issues.append(Issue(lineno, "missing_field", f"no reference {empty[0]} ('{_JSON_KEY[empty[0]]}'): "
+                                                             f"task {task} needs it"))
                 continue
-            key = (rec.audio, s) if task == "asr" else (rec.id, s, t)
+            key = (rec.id, s, t) if tk.translates else (rec.audio, s)
             if key in seen:
-                if task != "asr":  # for ASR the other targets of an utterance are expected
+                if tk.translates:  # for ASR the other targets of an utterance are expected
                     issues.append(Issue(lineno, "duplicate", f"record id={rec.id!r} {s}->{t} already on line "
                                                             f"{seen[key]}; skipped"))
                 continue
@@ -200,9 +207,10 @@ def read_items(path: str | os.PathLike, *, src=None, tgt=None, langs=None, limit
                 continue
             per_dir[(s, t)] += 1
             written = obj.get("audio") if isinstance(obj.get("audio"), str) else rec.audio
-            tgt_code = rec.src if task == "asr" else rec.tgt
+            tgt_code = rec.tgt if tk.translates else rec.src
             items.append(EvalItem(lineno, rec.id, written, rec.audio, rec.src.lower(), tgt_code.lower(),
-                                  rec.transcription, "" if task == "asr" else rec.translation))
+                                  rec.transcription if "transcription" in tk.needs else "",
+                                  rec.translation if "translation" in tk.needs else ""))
     return items, issues
 
 
@@ -322,13 +330,12 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
     than the encoder's window into segments (decoded each, texts joined) instead of cutting it to
     one window (always for task smt, whose prompt is the whole transcription).
     """
-    if task not in TASKS:
-        raise DecodeError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    tk = _task(task)
     if batch < 1:
         raise DecodeError(f"batch must be >= 1, got {batch}")
     log = log or sys.stderr
-    # SMT prompts hold the whole reference transcription: each segment would translate all of it.
-    segment = segment and task != "smt"
+    # A prompt holding the whole reference transcription (SMT): each segment would translate all of it.
+    segment = segment and not tk.given
     results = Path(results)
     gen = dataclasses.asdict(translator.gen_cfg)
     meta = {"fingerprint": fingerprint or translator_fingerprint(translator), "task": task,
@@ -412,7 +419,7 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
                     its = [items[i] for i, _ in chunk]
                     outs = translator.decode(
                         feats[[r for _, r in chunk]], [it.src for it in its], [it.tgt for it in its], task=task,
-                        transcriptions=[it.asr for it in its] if task == "smt" else None)
+                        transcriptions=[it.asr for it in its] if tk.given else None)
                     lines = []
                     for (i, _), o in zip(chunk, outs):
                         it = items[i]
@@ -449,8 +456,8 @@ def _result(it: EvalItem, out: dict, task: str) -> dict:
     row = {
         "id": it.id, "audio": it.audio, "prompt": it.prompt(task), "src": it.src, "tgt": it.tgt,
         "asr": it.asr, "s2tt": it.s2tt,
-        # SMT is given the transcription: it produces none, so none is scored.
-        "asr_r": None if task == "smt" else out["asr"],
+        # A task given the transcription (SMT) produces none, so none is scored.
+        "asr_r": out["asr"] if "transcription" in get_task(task).outputs else None,
         "s2tt_r": out["s2tt"],
         "response": out["response"],
     }

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from esrt_jax import languages as L
+from esrt_jax.data.tasks import TASKS
 from esrt_jax.export.common import ESRT_CONFIG, POINTER, ExportError
 from esrt_jax.speech.config import SpeechModelConfig
 
@@ -191,7 +192,8 @@ def model_card(ec: dict, cfg, dev: dict, summaries: list[dict], out: str = "OUT"
         "## Prompts", "",
         "| task | prompt | target |", "|---|---|---|",
         *[f"| {t} | `{v['prompt']}` | `{v['target']}` |" for t, v in ec["prompt"]["tasks"].items()], "",
-        "The SRT output is split at `<|src|><|tgt|>` into transcription and translation.", "",
+        *[f"The {t.upper()} output is split at `{TASKS[t].separator()}` into {' and '.join(TASKS[t].outputs)}."
+          for t in ec["prompt"]["tasks"] if t in TASKS and TASKS[t].separator()], "",
         "## Training", "",
         f"- Run: `{src['run_dir']}`, config `{src['config']}`"
         + (f" with overrides `{' '.join(src['overrides'])}`" if src["overrides"] else ""),

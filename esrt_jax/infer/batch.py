@@ -30,6 +30,7 @@ import numpy as np
 from esrt_jax import languages
 from esrt_jax.audio import SAMPLE_RATE, Segment, encoder_frames, mel_from_file, mel_segments
 from esrt_jax.data.records import record_from_json
+from esrt_jax.data.tasks import get_task
 from esrt_jax.infer import longform
 from esrt_jax.infer import payload as pl
 
@@ -189,10 +190,10 @@ def translate(translator, utts: Sequence[Utterance], batch_size: int = 8, task: 
 
 
 def empty_warnings(results: Sequence[dict], task: str = "srt") -> list[str]:
-    """One warning line per result whose decoded text is empty (the translation for srt, the
-    transcription for asr): a model that decodes nothing (e.g. damaged weights) must not look like
-    a success."""
-    key = "translation" if task == "srt" else "transcription"
+    """One warning line per result whose decoded text is empty (the task's last output: the
+    translation for srt, the transcription for asr): a model that decodes nothing (e.g. damaged
+    weights) must not look like a success."""
+    key = get_task(task).outputs[-1]
     return [f"warning: {r.get('audio') or r['id']}: the model decoded an empty {key}" for r in results
             if not str(r.get(key) or "").strip()]
 

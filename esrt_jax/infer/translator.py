@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from esrt_jax.config import ConfigError
-from esrt_jax.data.tasks import TaskTokenizer, bucket_for, split_srt_output
+from esrt_jax.data.tasks import TaskTokenizer, bucket_for, get_task
 from esrt_jax.infer import generate as gen
 from esrt_jax.models.speech_llm import SpeechLLM
 
@@ -154,19 +154,16 @@ class Translator:
     def decode(self, features: np.ndarray, src: Sequence[str], tgt: Sequence[str], task: str = "srt",
                transcriptions: Sequence[str] | None = None,
                gen_cfg: gen.GenerateConfig | None = None) -> list[dict]:
-        """Features -> [{"response", "asr", "s2tt"}] per row (SRT output split at the marker)."""
+        """Features -> [{"response", "asr", "s2tt"}] per row (the output parsed by `Task.parse`:
+        SRT's split at the marker)."""
         ids = self.generate_ids(features, src, tgt, task, transcriptions, gen_cfg)
         pad = self.task_tok.pad_id
+        parse = get_task(task).parse
         out = []
         for row, s, t in zip(ids, src, tgt):
             text = self.tokenizer.decode([x for x in row if x != pad], skip_special_tokens=False)
-            if task == "srt":
-                asr, s2tt = split_srt_output(text, s, t)
-            elif task == "asr":
-                asr, s2tt = text.strip(), ""
-            else:
-                asr, s2tt = "", text.strip()
-            out.append({"response": text, "asr": asr, "s2tt": s2tt})
+            p = parse(text, s, t)
+            out.append({"response": text, "asr": p["transcription"], "s2tt": p["translation"]})
         return out
 
     def translate(self, mel: np.ndarray, src: Sequence[str], tgt: Sequence[str], *,

@@ -39,7 +39,7 @@ from esrt_jax.data.demo import clip_split, demo_corpus_for
 from esrt_jax.data.encode_cache import FeatureCache, encoder_fingerprint
 from esrt_jax.data.pipeline import DataConfig, make_eval_batches, make_train_dataset, open_sources
 from esrt_jax.data.records import ListSource
-from esrt_jax.data.tasks import TaskTokenizer
+from esrt_jax.data.tasks import TaskTokenizer, get_task
 from esrt_jax.infer.translator import Translator
 from esrt_jax.metrics import asr_error, bleu, distinct_share
 from esrt_jax.models import speech_llm
@@ -308,6 +308,7 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         rows = [int(i) for i in batch["record"] if i >= 0]
         recs = [dev[i] for i in rows]
         task = _dev_task(cfg, dc)
+        given = get_task(task).given
         frames = batch["enc_frames"][:len(rows)]  # each row's real frames ride along with its features
         if "enc" in batch:  # cached encoder output: only the adapter runs
             feats, encode = np.asarray(batch["enc"][:len(rows)]), tr.adapt
@@ -319,7 +320,7 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
 
         def run(feats, frames):
             return tr.decode(encode(feats, frames), [r.src for r in recs], [r.tgt for r in recs], task=task,
-                             transcriptions=[r.transcription for r in recs] if task == "smt" else None)
+                             transcriptions=[r.transcription for r in recs] if given else None)
 
         outs = run(feats, frames)
         rep = _report(task, recs, outs)
@@ -331,24 +332,27 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
             rep["bleu_gain"] = rep["bleu"] - rep["bleu_swapped"]
         if "wer" in rep:
             rep["wer_gain"] = rep["wer_swapped"] - rep["wer"]
-        refs = {(r.transcription if task != "smt" else "", r.translation if task != "asr" else "") for r in recs}
+        outputs = get_task(task).outputs
+        refs = {(r.transcription if "transcription" in outputs else "",
+                 r.translation if "translation" in outputs else "") for r in recs}
         rep["distinct"] = distinct_share(len({o["response"] for o in outs}), len(refs))
         return rep
 
     def _report(task, recs, outs):
         rep: dict = {}
-        if task != "smt":
+        tk = get_task(task)
+        if "transcription" in tk.outputs:
             rep["wer"] = float(asr_error([r.transcription for r in recs], [o["asr"] for o in outs], "wer"))
-        if task != "asr":
+        if "translation" in tk.outputs:
             tokz = {languages.get(r.tgt).bleu_tokenize for r in recs}
             rep["bleu"] = float(bleu([o["s2tt"] for o in outs], [r.translation for r in recs],
                                      "char" if "char" in tokz else "13a")[0])
 
-        def show(asr: str, s2tt: str) -> str:
-            return asr if task == "asr" else s2tt if task == "smt" else f"{asr} | {s2tt}"
+        def show(asr: str, s2tt: str) -> str:  # the texts the task produces, in its output order
+            return " | ".join({"transcription": asr, "translation": s2tt}[f] for f in tk.outputs)
 
         def label(r) -> str:  # ASR has a language, not a direction
-            return f"{task} {r.src}" if task == "asr" else f"{task} {r.src}->{r.tgt}"
+            return f"{task} {r.src}->{r.tgt}" if tk.translates else f"{task} {r.src}"
 
         rep["samples"] = [f"{label(r)} ref: {show(r.transcription, r.translation)}\n"
                           f"{' ' * (len(label(r)) + 1)}hyp: {show(o['asr'], o['s2tt'])}"
