@@ -30,9 +30,13 @@ Sources (all random access: `len(src)`, `src[i] -> Record`, `src.index()`):
 (c) `TfdsSource`: a TFDS `array_record` data set written by `esrt_jax.data.tfds_builder`, read
     with `tfds.builder_from_directory(...).as_data_source(split)` (no TensorFlow needed).
 
-Malformed JSONL lines (bad JSON, missing keys, an LLM-SRT `gt` without its tags) are not fatal:
+A JSONL manifest is read by ONE reader, `read_jsonl`, for training (`JsonlSource`), eval
+(`eval.decode.read_items`) and inference (`infer.batch.utterances`): one `JsonlLine` per non-blank
+line, with its `path:line`, the parsed object and its `Record`, or what is wrong with it. Malformed
+lines (not UTF-8, bad JSON, missing keys, an LLM-SRT `gt` without its tags) are not fatal there:
 `JsonlSource` keeps them in `load_errors` as `(where, reason)` and the pipeline counts them
-against the bad-record budget (`strict=True` raises instead).
+against the bad-record budget (`strict=True` raises instead); eval reports them by line and skips
+them; inference stops with the first one (`path:line: what`).
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ __all__ = [
     "SourceError",
     "open_source",
     "record_from_json",
+    "JsonlLine",
+    "read_jsonl",
     "load_audio_of",
 ]
 
@@ -174,20 +180,22 @@ def _resolve(audio: str, base: str) -> str:
     return os.path.normpath(audio if os.path.isabs(audio) else os.path.join(base, audio))
 
 
-def record_from_json(obj: Mapping[str, Any], base_dir: str, default_id: str) -> Record:
-    """One JSONL object (either schema) -> Record. Raises ValueError/KeyError naming the problem."""
+def record_from_json(obj: Mapping[str, Any], base_dir: str, default_id: str, *, references: bool = True
+                     ) -> Record:
+    """One JSONL object (either schema) -> Record. Raises ValueError/KeyError naming the problem.
+    `references=False` (inference input): an ESRT line may lack `asr` (the transcription is then "")."""
     if not isinstance(obj, Mapping):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     if "prompt" in obj and "gt" in obj and "src" not in obj:
         # LLM-SRT lines may also carry `asr` (an ASR hypothesis for its cascaded SMT mode);
         # the reference transcription is the part of `gt` before the tags.
         return _record_from_llm_srt(obj, base_dir, default_id)
-    missing = [k for k in ("audio", "src", "tgt", "asr") if k not in obj]
+    missing = [k for k in ("audio", "src", "tgt") + (("asr",) if references else ()) if k not in obj]
     if missing:
         raise KeyError(f"missing key(s) {', '.join(missing)} (ESRT schema needs id, audio, src, "
                        f"tgt, asr, s2tt, source; LLM-SRT schema needs audio, source, prompt, gt)")
     for k in ("src", "tgt", "asr"):
-        if not isinstance(obj[k], str):
+        if k in obj and not isinstance(obj[k], str):
             raise ValueError(f"{k} must be a string, got {obj[k]!r}")
     s2tt = obj.get("s2tt", "")
     if s2tt is None:
@@ -198,7 +206,7 @@ def record_from_json(obj: Mapping[str, Any], base_dir: str, default_id: str) -> 
         id=str(obj.get("id", default_id)),
         audio=_resolve(obj["audio"], base_dir),
         src=obj["src"].strip(), tgt=obj["tgt"].strip(),
-        transcription=obj["asr"], translation=s2tt,
+        transcription=obj.get("asr", ""), translation=s2tt,
         source=str(obj.get("source", "")),
     )
 
@@ -230,27 +238,69 @@ def _record_from_llm_srt(obj: Mapping[str, Any], base_dir: str, default_id: str)
                   source=source)
 
 
+@dataclasses.dataclass(frozen=True)
+class JsonlLine:
+    """One non-blank line of a JSONL manifest, as `read_jsonl` yields it: its `Record`, or
+    `error` (one line saying what is wrong) and `kind` ("json": not UTF-8 / not JSON; "record":
+    JSON that is not a record of either schema)."""
+
+    line: int
+    where: str  # "path:line", for messages
+    obj: Any  # the parsed JSON value (None when the line is not JSON)
+    record: Record | None
+    error: str = ""
+    kind: str = ""
+
+
+def read_jsonl(path: str | os.PathLike, *, references: bool = True) -> Iterator[JsonlLine]:
+    """The one JSONL manifest reader: a `JsonlLine` per non-blank line, in file order (lines split
+    at `\\n` only). SourceError if the file does not exist. `audio` resolves against the file's
+    folder; a line without an id gets `<file stem>:<line>`. `references`: see `record_from_json`."""
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"{path}: JSONL file does not exist")
+    return _jsonl_lines(path, references)
+
+
+def _jsonl_lines(path: Path, references: bool) -> Iterator[JsonlLine]:
+    base = os.path.abspath(path.parent)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield JsonlLine(lineno, where, None, None, f"not UTF-8 ({e.reason} at byte {e.start})", "json")
+                continue
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield JsonlLine(lineno, where, None, None, f"not valid JSON ({e.msg} at column {e.colno})", "json")
+                continue
+            try:
+                rec = record_from_json(obj, base, f"{path.stem}:{lineno}", references=references)
+            except (ValueError, KeyError, TypeError) as e:
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+                yield JsonlLine(lineno, where, obj, None, msg, "record")
+                continue
+            yield JsonlLine(lineno, where, obj, rec)
+
+
 class JsonlSource(ListSource):
-    """ESRT/MSRT or LLM-SRT JSONL (see the module docstring)."""
+    """ESRT/MSRT or LLM-SRT JSONL (see the module docstring), read by `read_jsonl`."""
 
     def __init__(self, path: str | os.PathLike, strict: bool = False):
         path = Path(path)
-        if not path.is_file():
-            raise SourceError(f"{path}: JSONL file does not exist")
-        base = os.path.abspath(path.parent)
         records, errors = [], []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    records.append(record_from_json(json.loads(line), base, f"{path.stem}:{lineno}"))
-                except (ValueError, KeyError, TypeError) as e:
-                    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-                    if strict:
-                        raise SourceError(f"{where}: {msg}") from None
-                    errors.append((where, f"malformed line: {msg}"))
+        for ln in read_jsonl(path):
+            if ln.record is not None:
+                records.append(ln.record)
+            elif strict:
+                raise SourceError(f"{ln.where}: {ln.error}")
+            else:
+                errors.append((ln.where, f"malformed line: {ln.error}"))
         if errors:  # each is logged with its reason when the pipeline counts it
             log.warning("%s: %d malformed line(s) skipped (first: %s: %s)", path, len(errors),
                         *errors[0])

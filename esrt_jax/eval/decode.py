@@ -4,7 +4,8 @@
     stats = decode_to_file(translator, items, "out/results.jsonl", batch=64)
 
 Input: ESRT (`{id, audio, src, tgt, asr, s2tt}`) or LLM-SRT (`{audio, source, prompt, gt}`) JSONL,
-one (utterance, target language) record a line, read with `esrt_jax.data.records.record_from_json`.
+one (utterance, target language) record a line, read with `esrt_jax.data.records.read_jsonl` (the
+reader training uses).
 Bad records (malformed JSON, missing keys, unknown language codes, missing audio files,
 duplicate ids) are returned as `results.Issue`s with their line numbers and skipped; audio that
 exists but cannot be decoded (or is empty or silent) is found at encode time and reported the
@@ -50,7 +51,7 @@ from tqdm.auto import tqdm
 from esrt_jax import languages
 from esrt_jax.audio import AudioError, encoder_frames, mel_segments
 from esrt_jax.data.encode_cache import CacheError
-from esrt_jax.data.records import record_from_json
+from esrt_jax.data.records import SourceError, read_jsonl
 from esrt_jax.data.tasks import TASKS, Task, TaskError, get_task
 from esrt_jax.eval.results import RESULT_FIELDS, Issue
 from esrt_jax.infer import longform
@@ -146,71 +147,58 @@ def read_items(path: str | os.PathLike, *, src=None, tgt=None, langs=None, limit
     """
     tk = _task(task)
     src_set, tgt_set, lang_set = _codes(src), _codes(tgt), _codes(langs)
-    p = Path(path)
-    if not p.is_file():
-        raise DecodeError(f"{p}: data file does not exist")
-    base = os.path.abspath(p.parent)
+    try:
+        lines = read_jsonl(path)
+    except SourceError:
+        raise DecodeError(f"{path}: data file does not exist") from None
     items: list[EvalItem] = []
     issues: list[Issue] = []
     seen: dict[tuple, int] = {}
     per_dir: collections.Counter = collections.Counter()
-    with open(p, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                issues.append(Issue(lineno, "malformed_json", f"not UTF-8 ({e.reason} at byte {e.start})"))
-                continue
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                issues.append(Issue(lineno, "malformed_json", f"not valid JSON ({e.msg} at column {e.colno})"))
-                continue
-            try:
-                rec = record_from_json(obj, base, f"{p.stem}:{lineno}")
-            except (ValueError, KeyError, TypeError) as e:
-                msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-                issues.append(Issue(lineno, "missing_field", f"not a test record: {msg}"))
-                continue
-            try:
-                s, t = languages.normalize(rec.src), languages.normalize(rec.tgt)
-            except languages.LanguageError as e:
-                issues.append(Issue(lineno, "unknown_language", str(e)))
-                continue
-            if not tk.translates:
-                t = s
-            elif s == t:
-                issues.append(Issue(lineno, "same_language",
-                                    f"{s}->{t} has nothing to translate; skipped for task {task} (use --task asr)"))
-                continue
-            if (src_set is not None and s not in src_set) or (tgt_set is not None and t not in tgt_set) or \
-                    (lang_set is not None and (s not in lang_set or t not in lang_set)):
-                continue
-            empty = [f for f in tk.given if not getattr(rec, f).strip()]
-            if empty:
-                issues.append(Issue(lineno, "missing_field", f"no reference {empty[0]} ('{_JSON_KEY[empty[0]]}'): "
-                                                             f"task {task} needs it"))
-                continue
-            key = (rec.id, s, t) if tk.translates else (rec.audio, s)
-            if key in seen:
-                if tk.translates:  # for ASR the other targets of an utterance are expected
-                    issues.append(Issue(lineno, "duplicate", f"record id={rec.id!r} {s}->{t} already on line "
-                                                            f"{seen[key]}; skipped"))
-                continue
-            seen[key] = lineno
-            if not rec.audio_bytes and not os.path.isfile(rec.audio):
-                issues.append(Issue(lineno, "missing_audio", f"audio file {rec.audio} does not exist"))
-                continue
-            if limit is not None and per_dir[(s, t)] >= limit:
-                continue
-            per_dir[(s, t)] += 1
-            written = obj.get("audio") if isinstance(obj.get("audio"), str) else rec.audio
-            tgt_code = rec.tgt if tk.translates else rec.src
-            items.append(EvalItem(lineno, rec.id, written, rec.audio, rec.src.lower(), tgt_code.lower(),
-                                  rec.transcription if "transcription" in tk.needs else "",
-                                  rec.translation if "translation" in tk.needs else ""))
+    for ln in lines:
+        lineno, obj, rec = ln.line, ln.obj, ln.record
+        if rec is None:
+            issues.append(Issue(lineno, "malformed_json", ln.error) if ln.kind == "json" else
+                          Issue(lineno, "missing_field", f"not a test record: {ln.error}"))
+            continue
+        try:
+            s, t = languages.normalize(rec.src), languages.normalize(rec.tgt)
+        except languages.LanguageError as e:
+            issues.append(Issue(lineno, "unknown_language", str(e)))
+            continue
+        if not tk.translates:
+            t = s
+        elif s == t:
+            issues.append(Issue(lineno, "same_language",
+                                f"{s}->{t} has nothing to translate; skipped for task {task} (use --task "
+                                f"{next(n for n, x in TASKS.items() if not x.translates)})"))
+            continue
+        if (src_set is not None and s not in src_set) or (tgt_set is not None and t not in tgt_set) or \
+                (lang_set is not None and (s not in lang_set or t not in lang_set)):
+            continue
+        empty = [f for f in tk.given if not getattr(rec, f).strip()]
+        if empty:
+            issues.append(Issue(lineno, "missing_field", f"no reference {empty[0]} ('{_JSON_KEY[empty[0]]}'): "
+                                                         f"task {task} needs it"))
+            continue
+        key = (rec.id, s, t) if tk.translates else (rec.audio, s)
+        if key in seen:
+            if tk.translates:  # for ASR the other targets of an utterance are expected
+                issues.append(Issue(lineno, "duplicate", f"record id={rec.id!r} {s}->{t} already on line "
+                                                        f"{seen[key]}; skipped"))
+            continue
+        seen[key] = lineno
+        if not rec.audio_bytes and not os.path.isfile(rec.audio):
+            issues.append(Issue(lineno, "missing_audio", f"audio file {rec.audio} does not exist"))
+            continue
+        if limit is not None and per_dir[(s, t)] >= limit:
+            continue
+        per_dir[(s, t)] += 1
+        written = obj.get("audio") if isinstance(obj.get("audio"), str) else rec.audio
+        tgt_code = rec.tgt if tk.translates else rec.src
+        items.append(EvalItem(lineno, rec.id, written, rec.audio, rec.src.lower(), tgt_code.lower(),
+                              rec.transcription if "transcription" in tk.needs else "",
+                              rec.translation if "translation" in tk.needs else ""))
     return items, issues
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import os
 import zipfile
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +28,7 @@ import numpy as np
 
 from esrt_jax import languages
 from esrt_jax.audio import SAMPLE_RATE, Segment, encoder_frames, mel_from_file, mel_segments
-from esrt_jax.data.records import record_from_json
+from esrt_jax.data.records import SourceError, read_jsonl
 from esrt_jax.data.tasks import get_task
 from esrt_jax.infer import longform
 from esrt_jax.infer import payload as pl
@@ -69,22 +68,18 @@ def utterances(audio: Sequence[str] = (), jsonl: str | None = None, src: str | N
         s, t = languages.get(src).code, languages.get(tgt).code
         out += [Utterance(Path(a).stem, str(a), s, t) for a in audio]
     if jsonl:
-        path = Path(jsonl)
-        if not path.is_file():
-            raise InferError(f"{path}: JSONL file does not exist")
-        base = os.path.abspath(path.parent)
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        try:  # the reader training and eval use; inference input needs no reference texts
+            lines = read_jsonl(jsonl, references=False)
+        except SourceError as e:
+            raise InferError(str(e)) from None
+        for ln in lines:
+            r = ln.record
+            if r is None:
+                raise InferError(f"{ln.where}: {ln.error}")
             try:
-                obj = json.loads(line)
-                if isinstance(obj, dict) and "prompt" not in obj:
-                    obj = {"asr": "", **obj}  # inference input needs no reference transcription
-                r = record_from_json(obj, base, f"{path.stem}:{n}")
                 s, t = languages.get(r.src).code, languages.get(r.tgt).code
-            except (ValueError, KeyError, TypeError) as e:
-                msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-                raise InferError(f"{path}:{n}: {msg}") from None
+            except languages.LanguageError as e:
+                raise InferError(f"{ln.where}: {e}") from None
             out.append(Utterance(r.id, r.audio, s, t, r.transcription, r.translation))
     if not out:
         raise InferError("nothing to do: give --audio FILE(s) or --jsonl FILE")

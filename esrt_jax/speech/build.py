@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 
 import jax
@@ -38,7 +37,7 @@ from esrt_jax.convert.whisper import load_whisper_encoder
 from esrt_jax.data.demo import clip_split, demo_corpus_for
 from esrt_jax.data.encode_cache import FeatureCache, encoder_fingerprint
 from esrt_jax.data.pipeline import DataConfig, make_eval_batches, make_train_dataset, open_sources
-from esrt_jax.data.records import ListSource
+from esrt_jax.data.records import JsonlSource, ListSource
 from esrt_jax.data.tasks import TaskTokenizer, get_task
 from esrt_jax.infer.translator import Translator
 from esrt_jax.metrics import asr_error, bleu, distinct_share
@@ -69,10 +68,9 @@ def demo_tokenizer(demo_dir: str, vocab_size: int):
     """A byte-level BPE trained (deterministically, offline) on the demo corpus text + tags."""
     texts: list[str] = []
     tags = set()
-    for line in (Path(demo_dir) / "train.jsonl").read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        texts += [r["asr"], r["s2tt"]]
-        tags.add(languages.srt_marker(r["src"], r["tgt"]))
+    for r in JsonlSource(Path(demo_dir) / "train.jsonl", strict=True):
+        texts += [r.transcription, r.translation]
+        tags.add(languages.srt_marker(r.src, r.tgt))
     texts += sorted(tags)
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
