@@ -226,7 +226,7 @@ def _order(codes: Iterable[str]) -> tuple[str, ...]:
 
 
 def score_records(records: Sequence, *, use_spbleu: Optional[bool] = None) -> Scores:
-    """Score records (see `esrt_jax.eval.results.Record`): per direction and per language.
+    """Score records (see `esrt_jax.eval.results.ScoredRecord`): per direction and per language.
 
     Records need `.src`, `.tgt` (canonical codes), `.ref`/`.hyp` (translation, may be None)
     and `.asr_ref`/`.asr_hyp` (transcription, may be None). `use_spbleu=None` scores spBLEU

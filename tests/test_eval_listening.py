@@ -82,7 +82,7 @@ def _diagnose(tr, tmp_path) -> dict:
 
     items = [EvalItem(i + 1, f"u{i}", f"u{i}.wav", f"u{i}.wav", "eng", "eng", t, "") for i, t in enumerate(TEXTS)]
     mel = {it.path: m for it, m in zip(items, _mels())}
-    partners = listening.swap_partners([it.path for it in items], [it.src for it in items], [it.asr for it in items])
+    partners = listening.swap_partners([it.path for it in items], [it.src for it in items], [it.transcription for it in items])
     assert sorted(partners.values()) == sorted(mel) and all(partners[p] != p for p in mel)
     results = tmp_path / "results.jsonl"
     decode_to_file(tr, items, results, task="asr", progress=False, fingerprint="test", mel_fn=mel.__getitem__)

@@ -210,7 +210,7 @@ def test_spbleu_unavailable_is_reported(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "sentencepiece", None)
     ok, why = metrics.spbleu_status()
     assert not ok and why == "spBLEU unavailable: the sentencepiece package is not installed"
-    recs = [results.Record(1, "1", "eng", "deu", "a b", "a b", None, None)]
+    recs = [results.ScoredRecord(1, "1", "eng", "deu", "a b", "a b", None, None)]
     with pytest.raises(RuntimeError, match="spBLEU unavailable"):
         metrics.score_records(recs, use_spbleu=True)
     assert metrics.score_records(recs).spbleu_note.startswith("spBLEU unavailable")

@@ -200,7 +200,7 @@ def test_cli_segments_a_long_recording_one_clip_a_segment(cli_out, recording, mo
     _, _, _, tr = model
     seg = A.find_segments(wav, 3.0)[7]
     alone = tr.decode(tr.encode(A.mel_for_model(wav[seg.start:seg.end], 80, 300)[None]), ["eng"], ["deu"])[0]
-    assert (segs[7]["transcription"], segs[7]["translation"]) == (alone["asr"], alone["s2tt"])
+    assert (segs[7]["transcription"], segs[7]["translation"]) == (alone["transcription"], alone["translation"])
 
 
 def test_no_segment_cuts_to_one_window_with_the_warning(model, recording):
@@ -288,7 +288,7 @@ def test_segments_come_back_in_order_through_cli_and_service(model, recording, s
 
     def labelled_decode(self, features, src, tgt, task="srt", transcriptions=None, gen_cfg=None):
         ks = np.asarray(features)[:, 0, 0].astype(int)
-        return [{"response": f"s{k}", "asr": f"s{k}", "s2tt": f"t{k}"} for k in ks]
+        return [{"response": f"s{k}", "transcription": f"s{k}", "translation": f"t{k}"} for k in ks]
 
     monkeypatch.setattr(Translator, "encode", labelled_encode)
     monkeypatch.setattr(Translator, "decode", labelled_decode)

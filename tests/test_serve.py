@@ -69,7 +69,7 @@ def feats(tr, seed):
 def expected(tr, x, src, tgt):
     """In-process decode of what the server sees (the fp16-rounded features)."""
     r = tr.decode(x.astype(np.float16).astype(np.float32)[None], [src], [tgt])[0]
-    return r["asr"], r["s2tt"]
+    return r["transcription"], r["translation"]
 
 
 def good_payload(tr, fp, seed=0, scheme="fp16"):
@@ -189,7 +189,7 @@ def test_quantised_and_compressed_payloads_are_served(server, tiny):
         status, out = post(server.url, body)
         want = tr.decode(x[None], ["eng"], ["deu"])[0]
         assert status == 200 and out["scheme"] == scheme
-        assert (out["transcription"], out["translation"]) == (want["asr"], want["s2tt"])
+        assert (out["transcription"], out["translation"]) == (want["transcription"], want["translation"])
 
 
 def test_edge_client_sends_only_the_payload(server, tiny, tmp_path):

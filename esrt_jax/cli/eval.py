@@ -301,7 +301,7 @@ def _decode_and_score(args, loaded, tr, data: str, langs, t_start: float, t_load
     if args.swap:
         # The listening check: the same records again, each clip's audio replaced by another one's.
         partners = listening.swap_partners([it.path for it in items], [it.src for it in items],
-                                           [it.asr for it in items])
+                                           [it.transcription for it in items])
         t0 = time.perf_counter()
         try:
             sw = dec.decode_to_file(tr, items, sw_path, task=args.task, batch=args.batch,

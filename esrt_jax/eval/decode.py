@@ -96,8 +96,8 @@ class EvalItem:
     path: str  # resolved path of the audio file
     src: str
     tgt: str
-    asr: str  # reference transcription
-    s2tt: str  # reference translation ("" for ASR)
+    transcription: str  # reference transcription ("" when the task uses none)
+    translation: str  # reference translation ("" for ASR)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -105,7 +105,7 @@ class EvalItem:
 
     def prompt(self, task: str) -> str:
         """The task prompt as text (the tokens the LLM sees after the speech)."""
-        return get_task(task).format_prompt(self.src, self.tgt, self.asr)
+        return get_task(task).format_prompt(self.src, self.tgt, self.transcription)
 
 
 @dataclasses.dataclass
@@ -407,7 +407,7 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
                     its = [items[i] for i, _ in chunk]
                     outs = translator.decode(
                         feats[[r for _, r in chunk]], [it.src for it in its], [it.tgt for it in its], task=task,
-                        transcriptions=[it.asr for it in its] if tk.given else None)
+                        transcriptions=[it.transcription for it in its] if tk.given else None)
                     lines = []
                     for (i, _), o in zip(chunk, outs):
                         it = items[i]
@@ -430,12 +430,13 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
 
 
 def _join(outs: list[dict], segs, src: str, tgt: str) -> dict:
-    """A record's per-segment decodes -> one {"asr", "s2tt", "response"} (texts joined in order)."""
+    """A record's per-segment decodes -> one {"transcription", "translation", "response"} (texts joined
+    in order)."""
     if len(outs) == 1:
         return outs[0]
     ov = longform.overlaps_of(segs) if segs else []
-    return {"asr": longform.join_texts([o["asr"] for o in outs], src, ov),
-            "s2tt": longform.join_texts([o["s2tt"] for o in outs], tgt, ov),
+    return {"transcription": longform.join_texts([o["transcription"] for o in outs], src, ov),
+            "translation": longform.join_texts([o["translation"] for o in outs], tgt, ov),
             "response": " ".join(o["response"].strip() for o in outs)}
 
 
@@ -443,10 +444,10 @@ def _result(it: EvalItem, out: dict, task: str) -> dict:
     """One line of the public ESRT result schema (`RESULT_FIELDS`, in order)."""
     row = {
         "id": it.id, "audio": it.audio, "prompt": it.prompt(task), "src": it.src, "tgt": it.tgt,
-        "asr": it.asr, "s2tt": it.s2tt,
+        "asr": it.transcription, "s2tt": it.translation,
         # A task given the transcription (SMT) produces none, so none is scored.
-        "asr_r": out["asr"] if "transcription" in get_task(task).outputs else None,
-        "s2tt_r": out["s2tt"],
+        "asr_r": out["transcription"] if "transcription" in get_task(task).outputs else None,
+        "s2tt_r": out["translation"],
         "response": out["response"],
     }
     assert tuple(row) == RESULT_FIELDS

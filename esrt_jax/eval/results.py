@@ -27,7 +27,7 @@ from esrt_jax.data.tasks import split_srt_output
 
 __all__ = [
     "RESULT_FIELDS",
-    "Record",
+    "ScoredRecord",
     "Issue",
     "ResultsFile",
     "ResultsError",
@@ -47,7 +47,7 @@ class ResultsError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Record:
+class ScoredRecord:
     """One scorable record. Codes are canonical (`zho` -> `cmn`); text fields may be None."""
 
     line: int
@@ -73,7 +73,7 @@ class Issue:
 @dataclasses.dataclass
 class ResultsFile:
     path: str
-    records: list[Record]
+    records: list[ScoredRecord]
     issues: list[Issue]
     n_lines: int  # non-blank lines
 
@@ -95,8 +95,8 @@ def _str_field(obj: dict, key: str, line: int, issues: list[Issue]) -> Optional[
     return None
 
 
-def parse_record(obj: object, line: int) -> tuple[Optional[Record], list[Issue]]:
-    """One decoded JSON value -> (Record or None, issues)."""
+def parse_record(obj: object, line: int) -> tuple[Optional[ScoredRecord], list[Issue]]:
+    """One decoded JSON value -> (ScoredRecord or None, issues)."""
     issues: list[Issue] = []
     if not isinstance(obj, dict):
         return None, [Issue(line, "not_object", f"expected a JSON object, got {type(obj).__name__}")]
@@ -161,7 +161,7 @@ def parse_record(obj: object, line: int) -> tuple[Optional[Record], list[Issue]]
     if transcription and not asr_hyp.strip() and asr_ref.strip():
         issues.append(Issue(line, "empty_hypothesis", f"{src}: empty transcription hypothesis (scored as empty)"))
     rid = obj.get("id", obj.get("key"))
-    rec = Record(
+    rec = ScoredRecord(
         line=line,
         id=None if rid is None else str(rid),
         src=src,
@@ -181,7 +181,7 @@ def read_results(path: str | os.PathLike) -> ResultsFile:
         raise ResultsError(f"{name}: results file does not exist")
     if os.path.isdir(name):
         raise ResultsError(f"{name}: is a directory, expected a results .jsonl file")
-    records: list[Record] = []
+    records: list[ScoredRecord] = []
     issues: list[Issue] = []
     seen: dict[tuple, int] = {}
     n_lines = 0

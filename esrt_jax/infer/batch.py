@@ -129,7 +129,7 @@ def decode_features(translator, feats: np.ndarray, utts: Sequence[Utterance], ba
                                  task=task)
         for u, o in zip(chunk, outs):
             r = {"id": u.id, "audio": u.audio, "src": u.src, "tgt": u.tgt,
-                 "transcription": o["asr"], "translation": o["s2tt"]}
+                 "transcription": o["transcription"], "translation": o["translation"]}
             if u.start is not None:
                 r.update(start=u.start, end=u.end)
             results.append(r)

@@ -28,7 +28,7 @@ def model_fingerprint(model: SpeechLLM) -> str:
 
 
 class CloudBackend:
-    """`serve.Backend` over a `Translator`: (B, *feature_shape) features -> [(asr, s2tt)]."""
+    """`serve.Backend` over a `Translator`: (B, *feature_shape) features -> [(transcription, translation)]."""
 
     def __init__(self, translator: Translator, fingerprint: str, task: str = "srt",
                  languages: Sequence[str] | None = None):
@@ -57,5 +57,5 @@ class CloudBackend:
         for i in range(0, len(feats), step):
             res = self.translator.decode(feats[i:i + step], list(src[i:i + step]),
                                          list(tgt[i:i + step]), task=self.task)
-            outs += [(r["asr"], r["s2tt"]) for r in res]
+            outs += [(r["transcription"], r["translation"]) for r in res]
         return outs

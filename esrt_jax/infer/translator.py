@@ -154,7 +154,7 @@ class Translator:
     def decode(self, features: np.ndarray, src: Sequence[str], tgt: Sequence[str], task: str = "srt",
                transcriptions: Sequence[str] | None = None,
                gen_cfg: gen.GenerateConfig | None = None) -> list[dict]:
-        """Features -> [{"response", "asr", "s2tt"}] per row (the output parsed by `Task.parse`:
+        """Features -> [{"response", "transcription", "translation"}] per row (the output parsed by `Task.parse`:
         SRT's split at the marker)."""
         ids = self.generate_ids(features, src, tgt, task, transcriptions, gen_cfg)
         pad = self.task_tok.pad_id
@@ -163,7 +163,7 @@ class Translator:
         for row, s, t in zip(ids, src, tgt):
             text = self.tokenizer.decode([x for x in row if x != pad], skip_special_tokens=False)
             p = parse(text, s, t)
-            out.append({"response": text, "asr": p["transcription"], "s2tt": p["translation"]})
+            out.append({"response": text, **p})
         return out
 
     def translate(self, mel: np.ndarray, src: Sequence[str], tgt: Sequence[str], *,

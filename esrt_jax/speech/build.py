@@ -340,20 +340,20 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         rep: dict = {}
         tk = get_task(task)
         if "transcription" in tk.outputs:
-            rep["wer"] = float(asr_error([r.transcription for r in recs], [o["asr"] for o in outs], "wer"))
+            rep["wer"] = float(asr_error([r.transcription for r in recs], [o["transcription"] for o in outs], "wer"))
         if "translation" in tk.outputs:
             tokz = {languages.get(r.tgt).bleu_tokenize for r in recs}
-            rep["bleu"] = float(bleu([o["s2tt"] for o in outs], [r.translation for r in recs],
+            rep["bleu"] = float(bleu([o["translation"] for o in outs], [r.translation for r in recs],
                                      "char" if "char" in tokz else "13a")[0])
 
-        def show(asr: str, s2tt: str) -> str:  # the texts the task produces, in its output order
-            return " | ".join({"transcription": asr, "translation": s2tt}[f] for f in tk.outputs)
+        def show(texts) -> str:  # the texts the task produces, in its output order (a record's or a decode's)
+            return " | ".join(texts[f] for f in tk.outputs)
 
         def label(r) -> str:  # ASR has a language, not a direction
             return f"{task} {r.src}->{r.tgt}" if tk.translates else f"{task} {r.src}"
 
-        rep["samples"] = [f"{label(r)} ref: {show(r.transcription, r.translation)}\n"
-                          f"{' ' * (len(label(r)) + 1)}hyp: {show(o['asr'], o['s2tt'])}"
+        rep["samples"] = [f"{label(r)} ref: {show(vars(r))}\n"
+                          f"{' ' * (len(label(r)) + 1)}hyp: {show(o)}"
                           for r, o in zip(recs, outs)]
         return rep
 
