@@ -13,7 +13,8 @@ A `Record` is one utterance paired with one target language:
                    `embed_audio`); not part of equality, so the same data stored by path or by
                    bytes gives equal records
 
-Sources (all random access: `len(src)`, `src[i] -> Record`, `src.index()`):
+Sources (all random access: `len(src)`, `src[i] -> Record`, `src.index()`); `open_source(spec)`
+picks the kind from the table `SOURCE_KINDS`:
 
 (a) `JsonlSource`: one JSON object a line, either the ESRT/MSRT schema
     `{id, audio, src, tgt, asr, s2tt, source}` (extra keys ignored) or LLM-SRT's
@@ -48,7 +49,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -68,6 +69,8 @@ __all__ = [
     "TfdsSource",
     "ConcatSource",
     "SourceError",
+    "SourceKind",
+    "SOURCE_KINDS",
     "open_source",
     "record_from_json",
     "JsonlLine",
@@ -495,21 +498,43 @@ class ConcatSource(RecordSource):
         return RecordIndex(src=cat("src"), tgt=cat("tgt"), audio_key=cat("audio_key"))
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+    """One kind of data source `open_source` recognises: `matches(path)` says whether a spec's
+    path is one; `open(path, split, strict)` opens it (`split`: the `:split` suffix or None).
+    `name` is how error messages call it."""
+
+    name: str
+    matches: Callable[[Path], bool]
+    open: Callable[[Path, str | None, bool], RecordSource]
+
+
+def _is_tfds(p: Path) -> bool:
+    return p.is_dir() and ((p / "dataset_info.json").is_file() and (p / "features.json").is_file()
+                           or any(p.glob("*/*/features.json")) or any(p.glob("*/features.json")))
+
+
+# The one table of source kinds, tried in order (first match wins). A new kind is a
+# `RecordSource` subclass plus one entry here.
+SOURCE_KINDS: list[SourceKind] = [
+    SourceKind("a .jsonl file", lambda p: p.is_file() and p.suffix in (".jsonl", ".json"),
+               lambda p, split, strict: JsonlSource(p, strict=strict)),
+    SourceKind("TFDS folder", _is_tfds, lambda p, split, strict: TfdsSource(p, split or "train")),
+    SourceKind("datasets folder or parquet file", lambda p: p.is_file() and p.suffix == ".parquet" or p.is_dir(),
+               lambda p, split, strict: HFSource(p, split=split)),
+]
+
+
 def open_source(spec: str, strict: bool = False) -> RecordSource:
-    """Open a source from a path: `x.jsonl`, a TFDS folder (`dir` or `dir:split`), a
-    `save_to_disk` folder (`dir` or `dir:split`) or parquet file(s)."""
+    """Open a source from a path (`SOURCE_KINDS`): `x.jsonl`, a TFDS folder (`dir` or `dir:split`),
+    a `save_to_disk` folder (`dir` or `dir:split`) or parquet file(s)."""
     path, split = spec, None
     if ":" in spec and not os.path.exists(spec):
         path, split = spec.rsplit(":", 1)
     p = Path(path)
     if not p.exists():
         raise SourceError(f"data source {spec!r}: {path} does not exist")
-    if p.is_file() and p.suffix in (".jsonl", ".json"):
-        return JsonlSource(p, strict=strict)
-    if p.is_dir() and ((p / "dataset_info.json").is_file() and (p / "features.json").is_file()
-                       or any(p.glob("*/*/features.json")) or any(p.glob("*/features.json"))):
-        return TfdsSource(p, split or "train")
-    if p.is_file() and p.suffix == ".parquet" or p.is_dir():
-        return HFSource(p, split=split)
-    raise SourceError(f"data source {spec!r}: not a .jsonl file, TFDS folder, datasets folder or "
-                      f"parquet file")
+    for kind in SOURCE_KINDS:
+        if kind.matches(p):
+            return kind.open(p, split, strict)
+    raise SourceError(f"data source {spec!r}: not {', '.join(k.name for k in SOURCE_KINDS)}")

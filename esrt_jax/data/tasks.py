@@ -67,6 +67,7 @@ __all__ = [
     "TASKS",
     "DEFAULT_TASK",
     "register",
+    "card_table",
     "get_task",
     "task_id",
     "task_name",
@@ -247,6 +248,11 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except (KeyError, TypeError):
         raise TaskError(f"unknown task {name!r}; tasks are {', '.join(TASKS)}") from None
+
+
+def card_table() -> dict[str, dict[str, str]]:
+    """Every task's model-card entry, as an export's `esrt_config.json` lists them."""
+    return {name: t.card() for name, t in TASKS.items()}
 
 
 def task_id(name: str) -> int:

@@ -161,6 +161,15 @@ def loading_snippet(ec: dict, out: str) -> str:
     return "\n".join(lines)
 
 
+def prompt_lines(tasks: dict[str, dict[str, str]]) -> list[str]:
+    """The card's "Prompts" section from an export's task table (`tasks.card_table()`): a row per
+    task, and how a registered two-text task's output is split."""
+    return ["## Prompts", "", "| task | prompt | target |", "|---|---|---|",
+            *[f"| {t} | `{v['prompt']}` | `{v['target']}` |" for t, v in tasks.items()], "",
+            *[f"The {t.upper()} output is split at `{TASKS[t].separator()}` into {' and '.join(TASKS[t].outputs)}."
+              for t in tasks if t in TASKS and TASKS[t].separator()], ""]
+
+
 def model_card(ec: dict, cfg, dev: dict, summaries: list[dict], out: str = "OUT") -> str:
     """OUT/README.md: what the model is, how it was trained, how to load it."""
     m, llm, enc = ec["model"], ec["llm"], ec["encoder"]
@@ -189,11 +198,7 @@ def model_card(ec: dict, cfg, dev: dict, summaries: list[dict], out: str = "OUT"
         f"- Edge/cloud split point: `{m['split']}`",
         f"- Languages ({len(ec['languages'])}): {names}",
         f"- Language tags: `<|xxx|>` as {ec['tokenizer']['language_tags']} tokens", "",
-        "## Prompts", "",
-        "| task | prompt | target |", "|---|---|---|",
-        *[f"| {t} | `{v['prompt']}` | `{v['target']}` |" for t, v in ec["prompt"]["tasks"].items()], "",
-        *[f"The {t.upper()} output is split at `{TASKS[t].separator()}` into {' and '.join(TASKS[t].outputs)}."
-          for t in ec["prompt"]["tasks"] if t in TASKS and TASKS[t].separator()], "",
+        *prompt_lines(ec["prompt"]["tasks"]),
         "## Training", "",
         f"- Run: `{src['run_dir']}`, config `{src['config']}`"
         + (f" with overrides `{' '.join(src['overrides'])}`" if src["overrides"] else ""),

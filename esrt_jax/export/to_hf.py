@@ -22,7 +22,7 @@ from esrt_jax.convert.llm import export_hf
 from esrt_jax.convert.llm_srt import save_llm_srt_adapter
 from esrt_jax.convert.peft import export_peft_adapter
 from esrt_jax.convert.whisper import save_whisper_encoder
-from esrt_jax.data.tasks import TASKS, TaskTokenizer
+from esrt_jax.data.tasks import TaskTokenizer, card_table
 from esrt_jax.export.card import dev_metrics, find_eval_summaries, model_card
 from esrt_jax.export.common import (ESRT_CONFIG, FORMAT, POINTER, VERSION, ExportError, find_run_config,
                                     local_dir, stage_checkpoint, write_json)
@@ -208,7 +208,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, config: st
             "layout": "[speech embeddings][bos?][prompt][answer][eos]; decoding: [pad][speech][bos?][prompt]",
             "speech_scaled": False, "add_bos": task_tok.add_bos, "bos_token_id": task_tok.bos_id,
             "eos_token_id": task_tok.eos_id, "pad_token_id": task_tok.pad_id,
-            "tasks": {name: t.card() for name, t in TASKS.items()},
+            "tasks": card_table(),
             "srt_split_marker": "<|src|><|tgt|>",
         },
         "tokenizer": {"path": "llm" if not peft else "llm/adapter", "language_tags": _tag_mode(tok),
