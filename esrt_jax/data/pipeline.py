@@ -54,7 +54,7 @@ from esrt_jax.data import augment as aug_lib
 from esrt_jax.data import records as rec_lib
 from esrt_jax.data.encode_cache import FeatureCache
 from esrt_jax.data.mixture import MixturePlan, PlanItem, build_components
-from esrt_jax.data.tasks import TASKS, TaskError, TaskTokenizer, collate, get_task, task_id, task_name
+from esrt_jax.data.tasks import DEFAULT_TASK, TASKS, TaskError, TaskTokenizer, collate, get_task, task_id, task_name
 from esrt_jax.metrics import normalize_transcript
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class DataConfig:
     train: tuple[str, ...] = setting((),
                                    help="training sources (x.jsonl, TFDS folder[:split], datasets folder[:split], "
                                         "parquet)")
-    tasks: dict[str, float] = setting(factory=lambda: {"srt": 1.0}, help="task weights at step 0")
+    tasks: dict[str, float] = setting(factory=lambda: {DEFAULT_TASK: 1.0}, help="task weights at step 0")
     schedule: tuple[WeightChange, ...] = setting((), help="later changes of the task weights")
     temperature: float = setting(1.0, help="direction balancing: p proportional to n^(1/T)")
     direction_cap: int = setting(0, help="max records per direction (0 = all)")

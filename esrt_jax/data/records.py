@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Record",
+    "JSON_KEYS",
     "RecordIndex",
     "RecordSource",
     "ListSource",
@@ -77,6 +78,9 @@ __all__ = [
     "read_jsonl",
     "load_audio_of",
 ]
+
+
+JSON_KEYS = {"transcription": "asr", "translation": "s2tt"}  # the two texts' keys in the ESRT JSONL
 
 
 class SourceError(ValueError):
@@ -100,7 +104,8 @@ class Record:
         if relative_to is not None:
             audio = os.path.relpath(audio, os.fspath(relative_to))
         return {"id": self.id, "audio": audio, "src": self.src, "tgt": self.tgt,
-                "asr": self.transcription, "s2tt": self.translation, "source": self.source}
+                JSON_KEYS["transcription"]: self.transcription, JSON_KEYS["translation"]: self.translation,
+                "source": self.source}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,8 +51,8 @@ from tqdm.auto import tqdm
 from esrt_jax import languages
 from esrt_jax.audio import AudioError, encoder_frames, mel_segments
 from esrt_jax.data.encode_cache import CacheError
-from esrt_jax.data.records import SourceError, read_jsonl
-from esrt_jax.data.tasks import TASKS, Task, TaskError, get_task
+from esrt_jax.data.records import JSON_KEYS, SourceError, read_jsonl
+from esrt_jax.data.tasks import DEFAULT_TASK, TASKS, Task, TaskError, get_task
 from esrt_jax.eval.results import RESULT_FIELDS, Issue
 from esrt_jax.infer import longform
 from esrt_jax.infer.cloud import model_fingerprint
@@ -74,9 +74,6 @@ __all__ = [
 
 class DecodeError(ValueError):
     """A decode that cannot start: unreadable data file, results made by another model, ..."""
-
-
-_JSON_KEY = {"transcription": "asr", "translation": "s2tt"}  # a text's key in the ESRT JSONL
 
 
 def _task(name: str) -> Task:
@@ -136,7 +133,7 @@ def _codes(spec) -> Optional[set[str]]:
 
 
 def read_items(path: str | os.PathLike, *, src=None, tgt=None, langs=None, limit: int | None = None,
-               task: str = "srt") -> tuple[list[EvalItem], list[Issue]]:
+               task: str = DEFAULT_TASK) -> tuple[list[EvalItem], list[Issue]]:
     """Read a test JSONL -> (items to decode, issues of the skipped lines).
 
     `src`/`tgt`/`langs`: language codes ("eng,deu", a list, or None/"all"); `langs` keeps records
@@ -178,7 +175,7 @@ def read_items(path: str | os.PathLike, *, src=None, tgt=None, langs=None, limit
             continue
         empty = [f for f in tk.given if not getattr(rec, f).strip()]
         if empty:
-            issues.append(Issue(lineno, "missing_field", f"no reference {empty[0]} ('{_JSON_KEY[empty[0]]}'): "
+            issues.append(Issue(lineno, "missing_field", f"no reference {empty[0]} ('{JSON_KEYS[empty[0]]}'): "
                                                          f"task {task} needs it"))
             continue
         key = (rec.id, s, t) if tk.translates else (rec.audio, s)
@@ -300,7 +297,7 @@ def _check_meta(results: Path, meta: dict, overwrite: bool) -> None:
 
 
 def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.PathLike, *,
-                   task: str = "srt", batch: int = 64, progress: bool = True, overwrite: bool = False,
+                   task: str = DEFAULT_TASK, batch: int = 64, progress: bool = True, overwrite: bool = False,
                    info: dict | None = None, fingerprint: str | None = None,
                    mel_fn: Callable[[str], np.ndarray] | None = None,
                    audio_of: Callable[[str], str] | None = None, encoder_cache=None,
@@ -444,7 +441,7 @@ def _result(it: EvalItem, out: dict, task: str) -> dict:
     """One line of the public ESRT result schema (`RESULT_FIELDS`, in order)."""
     row = {
         "id": it.id, "audio": it.audio, "prompt": it.prompt(task), "src": it.src, "tgt": it.tgt,
-        "asr": it.transcription, "s2tt": it.translation,
+        JSON_KEYS["transcription"]: it.transcription, JSON_KEYS["translation"]: it.translation,
         # A task given the transcription (SMT) produces none, so none is scored.
         "asr_r": out["transcription"] if "transcription" in get_task(task).outputs else None,
         "s2tt_r": out["translation"],

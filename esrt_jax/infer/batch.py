@@ -29,7 +29,7 @@ import numpy as np
 from esrt_jax import languages
 from esrt_jax.audio import SAMPLE_RATE, Segment, encoder_frames, mel_from_file, mel_segments
 from esrt_jax.data.records import SourceError, read_jsonl
-from esrt_jax.data.tasks import get_task
+from esrt_jax.data.tasks import DEFAULT_TASK, get_task
 from esrt_jax.infer import longform
 from esrt_jax.infer import payload as pl
 
@@ -119,7 +119,7 @@ def encode_segments(translator, utts: Sequence[Utterance], batch_size: int = 8, 
 
 
 def decode_features(translator, feats: np.ndarray, utts: Sequence[Utterance], batch_size: int = 8,
-                    task: str = "srt") -> list[dict]:
+                    task: str = DEFAULT_TASK) -> list[dict]:
     """The cloud half: features (N, ...) -> result dicts, in the order of `utts` (segments get
     their "start"/"end" too; `join_segments` joins them)."""
     results = []
@@ -177,14 +177,14 @@ def check_segment_order(prev: Utterance | None, u: Utterance) -> None:
                          f"in order (parts 0, 1, ...), one recording after the other")
 
 
-def translate(translator, utts: Sequence[Utterance], batch_size: int = 8, task: str = "srt", *,
+def translate(translator, utts: Sequence[Utterance], batch_size: int = 8, task: str = DEFAULT_TASK, *,
               segment: bool = True) -> list[dict]:
     """Both halves in one process, recordings of any length -> one joined result each."""
     feats, segs = encode_segments(translator, utts, batch_size, segment=segment)
     return join_segments(decode_features(translator, feats, segs, batch_size, task), segs)
 
 
-def empty_warnings(results: Sequence[dict], task: str = "srt") -> list[str]:
+def empty_warnings(results: Sequence[dict], task: str = DEFAULT_TASK) -> list[str]:
     """One warning line per result whose decoded text is empty (the task's last output: the
     translation for srt, the transcription for asr): a model that decodes nothing (e.g. damaged
     weights) must not look like a success."""

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from esrt_jax import languages as L
+from esrt_jax.data.tasks import DEFAULT_TASK
 from esrt_jax.infer.translator import Translator
 from esrt_jax.models.speech_llm import SpeechLLM, fingerprint as config_fingerprint
 
@@ -30,7 +31,7 @@ def model_fingerprint(model: SpeechLLM) -> str:
 class CloudBackend:
     """`serve.Backend` over a `Translator`: (B, *feature_shape) features -> [(transcription, translation)]."""
 
-    def __init__(self, translator: Translator, fingerprint: str, task: str = "srt",
+    def __init__(self, translator: Translator, fingerprint: str, task: str = DEFAULT_TASK,
                  languages: Sequence[str] | None = None):
         self.translator = translator
         self.fingerprint = fingerprint

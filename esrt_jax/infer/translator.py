@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from esrt_jax.config import ConfigError
-from esrt_jax.data.tasks import TaskTokenizer, bucket_for, get_task
+from esrt_jax.data.tasks import DEFAULT_TASK, TaskTokenizer, bucket_for, get_task
 from esrt_jax.infer import generate as gen
 from esrt_jax.models.speech_llm import SpeechLLM
 
@@ -92,7 +92,7 @@ class Translator:
         """Every padded batch size `decode` can run (1..max_batch map onto these)."""
         return tuple(sorted({_pow2_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)}))
 
-    def warm(self, batch_size: int, pairs: Sequence[tuple[str, str]], task: str = "srt") -> int:
+    def warm(self, batch_size: int, pairs: Sequence[tuple[str, str]], task: str = DEFAULT_TASK) -> int:
         """Compile the decode of `batch_size` rows for each prompt bucket the (src, tgt) `pairs`
         reach, by decoding zero features once -> how many prompt buckets were compiled."""
         by_bucket: dict[int, tuple[str, str]] = {}
@@ -116,7 +116,7 @@ class Translator:
                             enc_frames=enc_frames)
 
     # -- cloud ----------------------------------------------------------------------------
-    def prompts(self, src: Sequence[str], tgt: Sequence[str], task: str = "srt",
+    def prompts(self, src: Sequence[str], tgt: Sequence[str], task: str = DEFAULT_TASK,
                 transcriptions: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded prompt ids (B, P) and mask, P the smallest fitting bucket."""
         ids = [self.task_tok.prompt_ids(task, s, t, (transcriptions or [""] * len(src))[i])
@@ -133,7 +133,7 @@ class Translator:
         return tokens, mask
 
     def generate_ids(self, features: np.ndarray, src: Sequence[str], tgt: Sequence[str],
-                     task: str = "srt", transcriptions: Sequence[str] | None = None,
+                     task: str = DEFAULT_TASK, transcriptions: Sequence[str] | None = None,
                      gen_cfg: gen.GenerateConfig | None = None) -> list[list[int]]:
         """Token ids per row, cut at EOS."""
         cfg = gen_cfg or self.gen_cfg
@@ -151,7 +151,7 @@ class Translator:
                       jnp.asarray(mask), self.split, cfg)
         return gen.trim(out, cfg)[:B]
 
-    def decode(self, features: np.ndarray, src: Sequence[str], tgt: Sequence[str], task: str = "srt",
+    def decode(self, features: np.ndarray, src: Sequence[str], tgt: Sequence[str], task: str = DEFAULT_TASK,
                transcriptions: Sequence[str] | None = None,
                gen_cfg: gen.GenerateConfig | None = None) -> list[dict]:
         """Features -> [{"response", "transcription", "translation"}] per row (the output parsed by `Task.parse`:
