@@ -1,6 +1,6 @@
 """docs/architecture.md "Where to add things", each recipe followed at test time: a toy task is one
 `Task` registered in `tasks.TASKS` and then trains (pipeline batches), is read and prompted by eval,
-decoded and parsed into results, offered by both CLIs and listed in the model card; a toy source
+decoded by a (tiny, untrained) model and parsed into results, offered by both CLIs and listed in the model card; a toy source
 is one `RecordSource` subclass plus one `records.SOURCE_KINDS` entry and then feeds training; and
 a JSONL manifest is read by the one reader for training, eval and inference, whose errors name
 file:line. (The family recipe is backed by the fused-layout family test.)"""
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from esrt_jax.audio import mel_from_file
 from esrt_jax.cli import eval as eval_cli
 from esrt_jax.cli import infer as infer_cli
 from esrt_jax.data import pipeline as P
@@ -23,6 +24,7 @@ from esrt_jax.data import tasks as T
 from esrt_jax.eval import decode as dec
 from esrt_jax.export.card import prompt_lines
 from esrt_jax.infer.batch import InferError, utterances
+from helpers_sllm import tiny_translator
 from helpers_tokenizer import tiny_tokenizer
 from test_data_helpers import write_corpus
 
@@ -86,8 +88,16 @@ def test_toy_task_registered_once_trains_evaluates_and_is_listed(toy_task, corpu
     items, issues = dec.read_items(corpus, task="tsr")
     assert len(items) == 12 and not issues
     assert items[0].prompt("tsr") == f"<|{items[0].tgt}|><|{items[0].src}|>"
-    row = dec._result(items[0], {"response": "x", "transcription": "a", "translation": "b"}, "tsr")
-    assert (row["asr_r"], row["s2tt_r"], row["prompt"]) == ("a", "b", items[0].prompt("tsr"))
+    tr, _, fp = tiny_translator(max_new_tokens=3, max_batch=1)
+    enc = tr.config.encoder
+    out = tmp_path / "results.jsonl"
+    dec.decode_to_file(tr, items[:1], out, task="tsr", batch=1, progress=False, fingerprint=fp,
+                       mel_fn=lambda path: mel_from_file(path, enc.num_mel_bins, enc.num_frames)[0])
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in rows] == [it.prompt("tsr") for it in items[:1]]
+    for r in rows:  # the untrained model's output, parsed by the task (its fallbacks included)
+        p = toy_task.parse(r["response"], r["src"], r["tgt"])
+        assert (r["asr_r"], r["s2tt_r"]) == (p["transcription"], p["translation"])
 
     # both CLIs offer it (its prompt holds no reference text), the model card lists it
     assert eval_cli.build_parser().parse_args(["--config", "c.yaml", "--data", "t.jsonl", "--task", "tsr"]).task == "tsr"
