@@ -150,7 +150,8 @@ class TokenUnits:
 class Probe(nnx.Module):
     """CTC head on the adapter (`head_input`: the projector + LayerNorm, the projector without its
     LayerNorm, or the Q-Former outputs), or (`stack` k > 0) the frame-synchronous baseline: k
-    encoder frames stacked -> Dense + GELU -> CTC head, no Q-Former.
+    encoder frames stacked -> Dense + GELU -> CTC head, no Q-Former. The adapter is the shipped
+    `SpeechAdapter` (Q-Former, or window means with `--window-means`).
     (enc (B, T, d), frames (B,)) -> (logits (B, N, K), valid CTC frames (B,))."""
 
     def __init__(self, acfg: QFormerConfig, hcfg: ctc.CTCHeadConfig, *, head_input="proj", stack=0, rngs):
@@ -233,7 +234,7 @@ def cmd_train(a):
                          num_queries=a.queries, hidden_dropout_prob=a.dropout, attention_probs_dropout_prob=0.0,
                          initializer_range=a.init, cross_attention_frequency=a.cross_every,
                          attend_padding=False, window_queries=a.windows,
-                         window_overlap=a.overlap, encoder_hidden_size=tr_arr.shape[1], llm_dim=llm_dim)
+                         window_overlap=a.overlap, window_means=a.window_means, encoder_hidden_size=tr_arr.shape[1], llm_dim=llm_dim)
     in_dim = acfg.hidden_size if a.head_input == "qformer" and not a.stack else llm_dim
     hcfg = ctc.CTCHeadConfig(in_dim=in_dim, units=len(units), kind="tied" if a.units == "tied" else "linear",
                              upsample=a.upsample)
@@ -332,6 +333,8 @@ def main(argv=None):
                    help="what the CTC head reads: projector + LayerNorm, projector only, Q-Former outputs")
     t.add_argument("--stack", type=int, default=0,
                    help="k > 0: frame-synchronous baseline (k frames stacked + MLP, no Q-Former)")
+    t.add_argument("--window-means", type=int, default=0,
+                   help="s > 0: the window-means adapter (adapter.window_means = s) instead of the Q-Former")
     t.add_argument("--warmup", type=int, default=None, help="warm-up steps (default min(200, steps / 10))")
     t.add_argument("--eval-train", type=int, default=0, help="also report the CER on the first N train clips")
     t.add_argument("--eval-every", type=int, default=1, help="dev decode every N epochs (and the last)")

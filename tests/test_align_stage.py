@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from esrt_jax.export.common import ExportError
+from esrt_jax.export.to_hf import export_run
 from esrt_jax.train.config import load_run_config
+from esrt_jax.cli.infer import main as infer_main
 from esrt_jax.cli.train import main as train_main
 from esrt_jax.speech.build import align_units, build_model
 from helpers_tokenizer import save_tiny_tokenizer
@@ -129,3 +132,27 @@ def test_align_resume_is_exact(setup):
     again = losses()
     assert sorted(whole) == sorted(again) == list(range(1, 9))
     np.testing.assert_allclose([again[k] for k in range(5, 9)], [whole[k] for k in range(5, 9)], rtol=1e-5)
+
+
+def test_window_means_adapter_aligns_serves_the_asr_stage_and_export_says_why_not(setup, capfd):
+    """The window-means adapter (no Q-Former) learns the toy speech in the align stage, the asr
+    stage starts from it, inference runs it through the edge/cloud split, and the HF export refuses
+    it in one line (its formats hold a Q-Former). One part per window: the toy's clips are short."""
+    cfg = _config(setup, "means", align_steps=300, decode_every=300)
+    means = ["--set", "model.adapter.window_means=1"]
+    train_main(["--config", str(cfg), "--stage", "align", *means])
+    run = setup / "means"
+    cers = [r["dev_cer"] for r in _metrics(run, "align") if "dev_cer" in r]
+    assert cers[-1] < 50, cers
+    capfd.readouterr()
+    train_main(["--config", str(cfg), "--stage", "asr", "--set", "train.steps=1", *means])
+    assert "are left out, e.g. ctc_head/" in "".join(capfd.readouterr())
+    # the edge half runs it and the cloud half decodes its payload
+    edge, dev = setup / "means_edge.jsonl", setup / "data" / "dev.jsonl"
+    assert infer_main(["--config", str(cfg), "--checkpoint", str(run), *means, "--jsonl", str(dev), "--task", "asr", "--edge-only", str(edge)]) == 0
+    rc = infer_main(["--config", str(cfg), "--checkpoint", str(run), *means, "--from-embeds", str(edge), "--task", "asr", "--max-new-tokens", "4"])
+    assert rc in (0, 3)  # 3: every decode empty, possible after one asr step
+    assert len([x for x in capfd.readouterr().out.splitlines() if x.startswith("{")]) == len(WORDS_DEV)
+    with pytest.raises(ExportError, match=r"window means \(adapter.window_means: 1\)"):
+        export_run(run, setup / "means_export", overrides=means[1:])
+    assert not (setup / "means_export").exists()

@@ -10,6 +10,7 @@ from flax import nnx
 from esrt_jax.config import ConfigError
 from esrt_jax.models import ctc
 from esrt_jax.models.qformer import QFormerConfig, SpeechAdapter, window_mask
+from esrt_jax.models.qformer import window_means as window_means_fn
 from esrt_jax.models.whisper import WhisperEncoder, WhisperEncoderConfig
 
 
@@ -55,6 +56,29 @@ def test_window_queries_same_weights_other_mask():
 def test_window_queries_need_real_frames():
     with pytest.raises(ConfigError, match="attend_padding"):
         QFormerConfig(window_queries=True)
+
+
+def test_window_means_adapter_reads_its_windows_in_order():
+    cfg = QFormerConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                        encoder_hidden_size=16, num_queries=8, llm_dim=24, attend_padding=False, window_means=2)
+    ad = SpeechAdapter(cfg, rngs=nnx.Rngs(0))
+    assert ad.qformer is None and ad.query is None  # no Q-Former weights at all
+    enc = jax.random.normal(jax.random.key(1), (2, 40, 16))
+    frames = jnp.array([40, 24])
+    out = ad(enc, enc_frames=frames)
+    assert out.shape == (2, 8, 24)
+    # padding frames are never read
+    np.testing.assert_allclose(ad(enc.at[1, 24:].set(100.0), enc_frames=frames), out, atol=1e-5)
+    # output i reads the i-th window only: a change in the last 3 real frames moves the last output alone
+    moved = ad(enc.at[1, 21:24].add(5.0), enc_frames=frames)
+    changed = np.abs(np.asarray(moved - out)).max(-1)[1] > 1e-4
+    assert changed.tolist() == [False] * 7 + [True]
+    # the means of 2 parts per window, side by side
+    means = np.asarray(window_means_fn(enc, jnp.arange(40)[None] < frames[:, None], 8, 2))
+    np.testing.assert_allclose(means[1, 0], np.concatenate([enc[1, 0:2].mean(0), enc[1, 1:3].mean(0)]),
+                               atol=1e-5)
+    with pytest.raises(ConfigError, match="attend_padding"):
+        QFormerConfig(window_means=2)
 
 
 def test_ctc_loss_skips_rows_that_cannot_align():

@@ -21,6 +21,15 @@ class ExportError(ValueError):
     """Bad export/import input: names the file or directory and the problem."""
 
 
+def require_qformer(adapter_cfg: Any, source: Any, target: str) -> None:
+    """The HF, LLM-SRT and ONNX formats hold a Q-Former adapter; the window-means adapter
+    (`adapter.window_means`) has no layout there yet: refuse before writing anything."""
+    if getattr(adapter_cfg, "window_means", 0):
+        raise ExportError(f"{source}: {target} holds the Q-Former adapter; this model's adapter is "
+                          f"window means (adapter.window_means: {adapter_cfg.window_means}), which it cannot "
+                          f"hold yet (its checkpoint serves with infer/serve/edge as it is)")
+
+
 def find_run_config(run_dir: str | os.PathLike, config: str | os.PathLike | None = None,
                     stage: str | None = None) -> Path:
     """The YAML the run was trained with: `config`, else RUN_DIR/config.yaml (or RUN_DIR/<stage>/)."""

@@ -57,6 +57,12 @@ class QFormerConfig:
     windows of each clip's real frames, widened by `window_overlap` frames on each side, so the
     outputs follow time in order (what a CTC alignment loss needs; ESRT-12B's windows, SALMONN's
     window-level Q-Former). Same shapes and weights as the plain Q-Former: only the mask differs.
+
+    window_means = s > 0 (needs attend_padding False): no Q-Former at all. Output i is
+    GELU(Dense(the means of s equal parts of the i-th of Q equal windows of the clip's real frames,
+    concatenated)), (B, Q, hidden_size), then the same projector: a fixed number of outputs that
+    follow time, frame-synchronous, without attention (it learned the CTC alignment on real speech
+    where the windowed Q-Former stayed on the blank plateau: docs/experiments/2026-12-07-align.md).
     """
 
     num_hidden_layers: int = setting(8, help="Q-Former layers")
@@ -78,6 +84,8 @@ class QFormerConfig:
                                    help="query i cross-attends only to the i-th of Q equal windows of the real "
                                         "frames, so outputs follow time (CTC alignment; needs attend_padding false)")
     window_overlap: int = setting(2, help="window_queries: frames each window is widened by on each side")
+    window_means: int = setting(0, help="> 0: no Q-Former; output i is an MLP over the means of this many equal "
+                                        "parts of the i-th of Q windows of the real frames (needs attend_padding false)")
     llm_dim: int = setting(2048, help="LLM width the projector maps to (filled in from the LLM)")
     projector_eps: float = setting(1e-5, help="projector LayerNorm epsilon")
     dtype: str = setting("float32", help="compute dtype")
@@ -102,6 +110,9 @@ class QFormerConfig:
             raise ConfigError(f"hidden_act: {e}") from None
         check(self.window_overlap >= 0, "window_overlap", f"must be >= 0, got {self.window_overlap}")
         check(not (self.window_queries and self.attend_padding), "window_queries",
+              "windows are cut from each clip's real frames: set attend_padding: false too")
+        check(self.window_means >= 0, "window_means", f"must be >= 0, got {self.window_means}")
+        check(not (self.window_means and self.attend_padding), "window_means",
               "windows are cut from each clip's real frames: set attend_padding: false too")
         if self.pool_k is not None:
             check(self.pool_k >= 1, "pool_k", f"must be >= 1 or null, got {self.pool_k}")
@@ -315,6 +326,14 @@ def window_mask(num_queries: int, frames_mask: Any, overlap: int) -> Any:
     return (t >= start) & (t < end) & frames_mask[:, None, :].astype(bool)
 
 
+def window_means(enc: Any, frames_mask: Any, num_windows: int, parts: int) -> Any:
+    """(B, T, d) + real-frame prefix mask (B, T) -> (B, num_windows, parts * d): the means of
+    num_windows x parts equal windows of each row's real frames, `parts` consecutive ones side by side."""
+    w = window_mask(num_windows * parts, frames_mask, 0).astype(jnp.float32)  # (B, N s, T)
+    m = jnp.einsum("bnt,btd->bnd", w, enc.astype(jnp.float32)) / jnp.sum(w, -1, keepdims=True)
+    return m.reshape(enc.shape[0], num_windows, parts * enc.shape[-1]).astype(enc.dtype)
+
+
 def check_encoder_input(cfg: QFormerConfig, enc: Any, enc_mask: Any = None) -> None:
     """Shape checks (always) and an all-padding check (when the mask is concrete, i.e. not traced)."""
     shape = tuple(enc.shape)
@@ -352,12 +371,17 @@ class SpeechAdapter(nnx.Module):
         self.config = cfg
         dt, pdt = dtype_from_name(cfg.dtype), dtype_from_name(cfg.param_dtype)
         H = cfg.hidden_size
-        self.query = param(rngs, nnx.initializers.normal(1.0), (1, cfg.num_queries, H),
-                           (None, "q_len", "embed"), pdt)
-        self.qformer = QFormer(cfg, rngs=rngs)
         # torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (bias left at zero).
         kw = dict(dtype=dt, param_dtype=pdt, kernel_init=nnx.initializers.variance_scaling(
             1 / 3, "fan_in", "uniform"), rngs=rngs)
+        if cfg.window_means:
+            self.query = self.qformer = None
+            self.window_in = Dense(cfg.window_means * cfg.encoder_hidden_size, H, axes=("mlp", "embed"), **kw)
+        else:
+            self.query = param(rngs, nnx.initializers.normal(1.0), (1, cfg.num_queries, H),
+                               (None, "q_len", "embed"), pdt)
+            self.qformer = QFormer(cfg, rngs=rngs)
+            self.window_in = None
         mid = cfg.projector_mid
         if mid is None:
             self.linear = Dense(H, cfg.llm_dim, axes=("embed", "mlp"), **kw)
@@ -379,6 +403,9 @@ class SpeechAdapter(nnx.Module):
         cfg = self.config
         enc_mask = frames_mask(cfg, enc, enc_mask, enc_frames)
         check_encoder_input(cfg, enc, enc_mask)
+        if cfg.window_means:
+            means = window_means(enc, enc_mask, cfg.num_queries, cfg.window_means)
+            return jax.nn.gelu(self.window_in(means.astype(dtype_from_name(cfg.dtype))))
         cross = window_mask(cfg.num_queries, enc_mask, cfg.window_overlap) if cfg.window_queries else None
         q = jnp.broadcast_to(self.query[...], (enc.shape[0], *self.query.shape[1:]))
         return self.qformer(q.astype(dtype_from_name(cfg.dtype)), enc, enc_mask, cross_mask=cross,
