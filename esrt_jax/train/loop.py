@@ -26,6 +26,7 @@ import optax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from esrt_jax.pytree import swap_partners, swap_rows
 from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train.bundle import TrainBundle, count_params, path_str
 from esrt_jax.train.checkpoint import Checkpointer, abstract_like
@@ -303,10 +304,11 @@ class DevReporter:
     def _runs(self, b: dict) -> list[tuple[str, dict]]:
         runs = [("", b)]
         if self.bundle.speech_keys:
-            # The same batch with each row's speech taken from the next row: a model
-            # that ignores its speech input has the same loss (no gap).
-            runs.append(("_shuffled", {k: np.roll(v, 1, axis=0) if k in self.bundle.speech_keys else v
-                                       for k, v in b.items()}))
+            # The same batch with each row's speech taken from another row (the swap rule,
+            # `pytree.swap_partners`): a model that ignores its speech input has the same loss (no gap).
+            rows = len(next(iter(b.values())))
+            refs = self.bundle.row_refs(b) if self.bundle.row_refs else range(rows)
+            runs.append(("_shuffled", swap_rows(b, self.bundle.speech_keys, swap_partners(list(refs)))))
         return runs
 
     def loss(self, step: int, st: StageState) -> dict:
