@@ -12,6 +12,7 @@ import pytest
 
 import train_toy
 from train_toy import TOY, toy_yaml
+from esrt_jax import sharding
 from esrt_jax.cli import train as run_cli
 from esrt_jax.config import ConfigError, from_dict
 from esrt_jax.train import mesh as mesh_lib
@@ -97,6 +98,9 @@ def test_rules_spec_for():
     assert mesh_lib.spec_for((16, 16), ("embed", "embed"), m, rules) == P("fsdp")
     with pytest.raises(ConfigError, match="mesh.rules.bogus"):
         mesh_lib.spec_for((4,), ("bogus",), m, rules)
+    # the trainer's mesh is the one mesh builder's (esrt_jax.sharding.make_mesh), Auto axes
+    assert m == sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    assert m.axis_types == (jax.sharding.AxisType.Auto,) * 3
     with pytest.raises(ConfigError, match="unknown mesh axis 'model'"):
         mesh_lib.make_rules({"mlp": "model"})
 

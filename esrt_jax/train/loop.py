@@ -152,6 +152,26 @@ def read_losses(stage_dir: Path) -> dict[int, float]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class StageLayout:
+    """Where one stage's arrays live: its mesh, the rules table, the optimizer and `sh`, the
+    shardings of params, optimizer state and batches (`stage_shardings`)."""
+
+    mesh: Any
+    rules: dict
+    optimizer: optax.GradientTransformation
+    sh: dict
+
+
+def stage_layout(cfg: RunConfig, bundle: TrainBundle, mesh=None) -> StageLayout:
+    """The mesh (`cfg.mesh`, unless given), rules, optimizer and shardings of a stage: built once
+    here for training, the dry run and the restore of a previous stage's params."""
+    mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
+    rules = mesh_lib.make_rules(cfg.mesh.rules)
+    optimizer = make_optimizer(cfg.train, bundle.trainable)
+    return StageLayout(mesh, rules, optimizer, stage_shardings(bundle, optimizer, mesh, rules))
+
+
 def stage_shardings(bundle: TrainBundle, optimizer, mesh, rules) -> dict:
     t_sh = mesh_lib.tree_shardings(bundle.trainable, bundle.trainable_axes, mesh, rules)
     f_sh = mesh_lib.tree_shardings(bundle.frozen, bundle.frozen_axes, mesh, rules)
@@ -413,14 +433,11 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
     """Train one stage to `cfg.train.steps`, resuming from `stage_dir/checkpoints` if present."""
     tc = cfg.train
     stage_dir = Path(stage_dir)
-    mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
-    rules = mesh_lib.make_rules(cfg.mesh.rules)
-    check_batch_size(tc, mesh, rules)
     bundle = with_init_params(with_frozen_dtype(bundle, tc), init_params)
-
-    optimizer = make_optimizer(tc, bundle.trainable)
+    layout = stage_layout(cfg, bundle, mesh)
+    mesh, optimizer, sh = layout.mesh, layout.optimizer, layout.sh
+    check_batch_size(tc, mesh, layout.rules)
     schedule = make_schedule(tc)
-    sh = stage_shardings(bundle, optimizer, mesh, rules)
     log0(f"[{cfg.stage}] mesh {dict(mesh.shape)} on {jax.device_count()} devices, "
          f"{jax.process_count()} process(es); trainable {count_params(bundle.trainable):,} params, "
          f"frozen {count_params(bundle.frozen):,}")
