@@ -139,7 +139,8 @@ def test_lora_merges_into_the_fused_tensor_and_sharded_load(phi3, tmp_path):
     merged = transformers.AutoModelForCausalLM.from_pretrained(export_hf(model, tmp_path / "merged"),
                                                                attn_implementation="eager").eval()
     assert np.abs(_torch(merged, ids, mask, pos) - ours)[mask].max() <= 1e-4
-    with pytest.raises(ValueError, match=r"LoRA on layers/\w+/(q|up)_proj has no PEFT form for phi3: its checkpoints fuse"):
+    with pytest.raises(ValueError, match=r"LoRA on layers/\w+/(q|up)_proj has no PEFT form for phi3: its "
+                                         r"checkpoints fuse"):
         export_peft_adapter(model, tmp_path / "adapter")
     sharded = load_hf_model(src, cfg=cfg, mesh=make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), rules=DEFAULT_RULES)
     np.testing.assert_allclose(_ours(sharded, ids, mask, pos), _ours(phi3["full"][3], ids, mask, pos), atol=1e-5)

@@ -166,7 +166,8 @@ def load_peft_adapter(model: llm.CausalLM, adapter_dir: str | os.PathLike) -> ll
             new = np.empty_like(cur)
             r = want.rank
             for i in range(model.config.num_hidden_layers):
-                key = f"{PEFT_PREFIX}{_peft_name(names, mod, i, model.config)}.lora_{'A' if which == 'lora_a' else 'B'}.weight"
+                hf = _peft_name(names, mod, i, model.config)
+                key = f"{PEFT_PREFIX}{hf}.lora_{'A' if which == 'lora_a' else 'B'}.weight"
                 if key not in keys:
                     raise hf_io.CheckpointError(f"{f}: missing tensor {key}")
                 t = sf.get_tensor(key)

@@ -90,7 +90,8 @@ def loss(model: AlignModel, batch: dict, rng) -> tuple[jax.Array, dict]:
 def decoder(graphdef, state_template, units: Sequence[str], dev_batches: Callable[[int], tuple[dict, list[str]]]):
     """decode_fn(trainable, frozen, n) -> {'cer', 'wer', 'cer_swapped', 'cer_gain', 'distinct',
     'samples'}: greedy CTC decodes of the first n dev clips, and the same with each clip's speech
-    taken from another clip's (`pytree.swap_partners`; the listening check: a head that ignores the audio gains nothing)."""
+    taken from another clip's (`pytree.swap_partners`; the listening check: a head that ignores the
+    audio gains nothing)."""
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), state_template)
 
     @jax.jit

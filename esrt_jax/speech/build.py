@@ -336,7 +336,8 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         outs = run(feats, frames)
         rep = _report(task, recs, outs)
         # Listening check (esrt_jax.eval.listening): each clip's features swapped with another
-        # clip's (the swap rule, `pytree.swap_partners`); a model that ignores the audio scores the same. Distinct outputs / references.
+        # clip's (the swap rule, `pytree.swap_partners`: never one with the same references); a
+        # model that ignores the audio scores the same. Distinct outputs / references.
         partners = swap_partners([(normalize_transcript(r.transcription) if task != "smt" else "",
                                    normalize_transcript(r.translation) if task != "asr" else "") for r in recs])
         swapped = _report(task, recs, run(feats[partners], frames[partners]))
