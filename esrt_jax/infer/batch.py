@@ -188,15 +188,6 @@ def translate(translator, utts: Sequence[Utterance], batch_size: int = 8, task: 
     return join_segments(decode_features(translator, feats, segs, batch_size, task), segs)
 
 
-def empty_warnings(results: Sequence[dict], task: str = "srt") -> list[str]:
-    """One warning line per result whose decoded text is empty (the translation for srt, the
-    transcription for asr): a model that decodes nothing (e.g. damaged weights) must not look like
-    a success."""
-    key = "translation" if task == "srt" else "transcription"
-    return [f"warning: {r.get('audio') or r['id']}: the model decoded an empty {key}" for r in results
-            if not str(r.get(key) or "").strip()]
-
-
 # ----------------------------------------------------------------------------- edge-only files
 
 
