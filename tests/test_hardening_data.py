@@ -225,7 +225,8 @@ def test_empty_decodes_warn_and_an_all_empty_run_is_an_error():
         ["warning: a.wav: the model decoded an empty translation",
          "warning: b.wav: segment 2 (4.5-5.0 s) decoded an empty translation"], None)
     assert empty_decodes(res, "transcription") == (["warning: b.wav: the model decoded an empty transcription"], None)
-    allempty = [{"id": "x", "transcription": " ", "translation": "t"}, {"id": "y", "transcription": "", "translation": ""}]
+    allempty = [{"id": "x", "transcription": " ", "translation": "t"},
+                {"id": "y", "transcription": "", "translation": ""}]
     warns, err = empty_decodes(allempty, "transcription")
     assert warns == [] and err == ("error: the model decoded an empty transcription for every input (2 of 2): "
                                    "damaged or untrained weights? (exit status 3)") and EMPTY_RC == 3
