@@ -29,8 +29,8 @@ import yaml
 from esrt_jax.config import ConfigError, cache_home, to_dict
 from esrt_jax.files import RunDirLocked, lock_run_dir, os_error_line
 from esrt_jax.train import distributed
-from esrt_jax.train.checkpoint import (CheckpointMismatch, Checkpointer, UnreadableCheckpoint, abstract_like,
-                                       restore_params)
+from esrt_jax.train.checkpoint import (CheckpointMismatch, Checkpointer, CheckpointWriteError, UnreadableCheckpoint,
+                                       abstract_like, restore_params)
 from esrt_jax.train.config import STAGES, load_run_config, save_run_config
 from esrt_jax.train.curves import plot_curves
 from esrt_jax.train.dryrun import dry_run
@@ -245,8 +245,10 @@ def _main(argv, held: list) -> list:
                             make_data=lambda: data_builder(scfg, "train", process_index=pi, process_count=pc),
                             make_dev=lambda: data_builder(scfg, "dev", process_index=pi, process_count=pc),
                             init_params=init)
-        except (UnreadableCheckpoint, CheckpointMismatch) as e:
+        except (UnreadableCheckpoint, CheckpointMismatch, CheckpointWriteError) as e:
             raise SystemExit(f"error: [{stage}] {e}") from None
+        except OSError as e:  # e.g. metrics.jsonl on a full disk
+            raise SystemExit(f"error: [{stage}] {os_error_line(e)}") from None
         if res.losses:
             steps = sorted(res.losses)
             log0(f"[{stage}] done: step {res.final_step}, first logged loss {res.losses[steps[0]]:.4f}, "

@@ -135,7 +135,13 @@ class MetricsWriter:
         if self.enabled:
             self.f.close()
             if self.tb is not None:
-                self.tb.close()
+                try:
+                    self.tb.close()
+                except OSError:  # a full disk: the events still queued are lost (metrics.jsonl has
+                    # every record); mark them closed so tensorboardX's atexit hook does not retry
+                    for w in self.tb.all_writers.values():
+                        w.event_writer._closed = True  # noqa: SLF001
+                    raise
 
 
 def read_losses(stage_dir: Path) -> dict[int, float]:
@@ -427,6 +433,18 @@ class StepLog:
             self.bar = None
 
 
+def _close_quietly(ckpt: Checkpointer, writer: MetricsWriter) -> None:
+    """Close both after a failure without raising (a full disk fails their last writes too)."""
+    try:
+        ckpt.close()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        writer.close()
+    except OSError:
+        pass
+
+
 def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
               make_data: Callable[[], Any], make_dev: Callable[[], Iterable[dict]] | None = None,
               init_params: Any = None, mesh=None) -> StageResult:
@@ -491,8 +509,15 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
             log.close_bar()  # so the final dev report is not interleaved with the bar
             dev = dev_report.loss(tc.steps, st)
             dev.update(dev_report.decode(tc.steps, st))
-        finally:
+        except BaseException:
             log.close_bar()
-            ckpt.close()
-            writer.close()
+            _close_quietly(ckpt, writer)  # the error in flight is the one to report
+            raise
+        log.close_bar()
+        try:
+            ckpt.close()  # waits for the last save: CheckpointWriteError if it failed
+        except BaseException:
+            _close_quietly(ckpt, writer)
+            raise
+        writer.close()
     return StageResult(cfg.stage, stage_dir, tc.steps, read_losses(stage_dir), dev, st.latest)
