@@ -410,9 +410,8 @@ def child_train(args) -> dict:
     from esrt_jax.train import mesh as mesh_lib
     from esrt_jax.train.bundle import count_params
     from esrt_jax.train.dryrun import dry_run
-    from esrt_jax.train.loop import (host_batch_to_global, memory_report, place_on_mesh, stage_shardings,
+    from esrt_jax.train.loop import (host_batch_to_global, memory_report, place_on_mesh, stage_layout,
                                      step_flops, with_frozen_dtype)
-    from esrt_jax.train.optimizer import make_optimizer
     from esrt_jax.train.step import jit_train_step, make_train_step
 
     d0 = jax.devices()[0]
@@ -447,10 +446,8 @@ def child_train(args) -> dict:
     t0 = time.perf_counter()
     bundle = with_frozen_dtype(on_cached_features(builder(cfg_b), scfg), tc)
     build_s = time.perf_counter() - t0
-    mesh = mesh_lib.make_mesh(cfg_b.mesh)
-    rules = mesh_lib.make_rules(cfg_b.mesh.rules)
-    optimizer = make_optimizer(tc, bundle.trainable)
-    sh = stage_shardings(bundle, optimizer, mesh, rules)
+    layout = stage_layout(cfg_b, bundle)
+    mesh, rules, optimizer, sh = layout.mesh, layout.rules, layout.optimizer, layout.sh
     host, answer_tokens = synthetic_batch(bundle.batch_spec(B), scfg.llm.vocab_size,
                                           scfg.encoder.max_source_positions)
     n_train, n_frozen = count_params(bundle.trainable), count_params(bundle.frozen)

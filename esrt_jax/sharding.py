@@ -40,6 +40,16 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxis], ...] = (
 )
 
 
+class UnruledAxisError(ValueError):
+    """A logical axis name the rules table has no entry for (`axis`): an error rather than a
+    silent replication, so a new layer's axis name is never left unsharded by accident."""
+
+    def __init__(self, axis: str):
+        super().__init__(f"logical axis {axis!r} has no sharding rule (add ({axis!r}, mesh axis or None) "
+                         f"to the rules)")
+        self.axis = axis
+
+
 def _check_rules(rules: Rules) -> dict[str, MeshAxis]:
     if isinstance(rules, Mapping):
         rules = tuple(rules.items())
@@ -58,7 +68,8 @@ def logical_to_mesh(axes: Sequence[str | None] | None, rules: Rules,
                     mesh: Mesh | None = None) -> PartitionSpec:
     """Logical axis names (one per array dim) -> a `PartitionSpec` of mesh axes.
 
-    - A logical name without a rule, or None, is replicated.
+    - None is replicated; a logical name without a rule raises `UnruledAxisError` (give it a
+      rule, None to replicate).
     - A mesh axis already used by an earlier dim is not reused (a spec may name each mesh axis
       once), so e.g. `('embed', 'embed')` shards only the first dim.
     - With `mesh`, mesh axes the mesh does not have (or of size 1) are dropped, so one rules
@@ -70,7 +81,9 @@ def logical_to_mesh(axes: Sequence[str | None] | None, rules: Rules,
     used: set[str] = set()
     spec: list[Any] = []
     for name in axes:
-        target = table.get(name) if name is not None else None
+        if name is not None and name not in table:
+            raise UnruledAxisError(name)
+        target = table[name] if name is not None else None
         if target is None:
             spec.append(None)
             continue
@@ -119,7 +132,9 @@ def variable_axes(var: Any) -> tuple[str | None, ...] | None:
 
 
 def make_mesh(shape: dict[str, int], devices: Iterable[jax.Device] | None = None) -> Mesh:
-    """A mesh with named axes, e.g. `make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})`."""
+    """A mesh with named axes, e.g. `make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})`: every mesh
+    of the project is built here (the trainer's `train.mesh.make_mesh` resolves its `MeshConfig`
+    to a shape and calls this). Axes are `Auto` (jax.make_mesh defaults to Explicit)."""
     devs = list(devices) if devices is not None else jax.devices()
     n = int(np.prod(list(shape.values())))
     if n > len(devs):

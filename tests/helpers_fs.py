@@ -1,14 +1,17 @@
 """A full disk for tests, at the OS boundary: every file opened for writing (builtins.open / io.open
 / os.fdopen, which numpy, onnx, safetensors' Python side and our writers go through) shares one
 byte budget; the write that crosses it writes what fits and raises OSError(ENOSPC), as a real full
-file system does. Nothing of ours is replaced."""
+file system does. Nothing of ours is replaced. Writers that bypass Python's file objects (Orbax's
+tensorstore) need a real one: `tmpfs` mounts a size-limited file system (root only; skips else)."""
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import io
 import os
+import subprocess
 
 
 class _Budget:
@@ -118,3 +121,28 @@ def read_only(monkeypatch, root) -> None:
     monkeypatch.setattr(os, "replace", two(real_replace))
     monkeypatch.setattr(os, "rename", two(real_rename))
     monkeypatch.setattr(os, "unlink", unlink)
+
+
+@contextlib.contextmanager
+def tmpfs(path, size: str):
+    """A real size-limited file system (tmpfs of `size`, e.g. "400k") mounted on `path` for the
+    block; `remount(path, "ro")` etc. work inside it. Skips the test where mounting is not
+    permitted (no root / no CAP_SYS_ADMIN, e.g. an unprivileged CI container)."""
+    import pytest
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({(r.stderr or r.stdout).strip() or r.returncode}): "
+                    f"needs root with CAP_SYS_ADMIN")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def remount(path, options: str) -> None:
+    """Remount a `tmpfs` mount with `options` ("ro", "size=8m", ...)."""
+    subprocess.run(["mount", "-o", f"remount,{options}", os.fspath(path)], check=True, capture_output=True)

@@ -25,6 +25,8 @@ def test_the_page_covers_every_block_and_is_current():
     assert tool.main(["--check"]) == 0, "docs/reference/config.md is stale: run python tools/config_reference.py"
     page = (ROOT / "docs" / "reference" / "config.md").read_text()
     assert "| `train.lr` | number | `0.0001` | peak learning rate |" in page
+    headings = [line for line in page.splitlines() if line.startswith("## ")]
+    assert len(headings) == len(set(headings)), headings  # each section once (`data:` has two classes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -114,10 +114,35 @@ def test_swap_partners_avoid_the_same_sentence():
     # One sentence by two voices, then another: the partner is never the same sentence.
     paths = ["a-m", "a-f", "b-m", "b-f", "x-deu"]
     src = ["eng", "eng", "eng", "eng", "deu"]
-    text = ["A.", "a", "B.", "b", "x"]
+    text = ["A.", "a", "B.", "b", "x"]  # the same sentence after Whisper's normaliser
     p = swap_partners(paths, src, text)
     assert {p["a-m"], p["a-f"]} <= {"b-m", "b-f"} and {p["b-m"], p["b-f"]} <= {"a-m", "a-f"}
     assert p["x-deu"] == "x-deu"  # alone in its language
+
+
+def test_swap_rule():
+    """One rule for every swapped-speech check (dev loss, dev decodes, eval): half the group away,
+    skipping rows with the same reference; padding rows (None) and lone rows keep their own."""
+    from esrt_jax.pytree import swap_partners, swap_rows
+
+    assert swap_partners(list("abcdef")).tolist() == [3, 4, 5, 0, 1, 2]
+    assert swap_partners(["a", "b"]).tolist() == [1, 0]
+    assert swap_partners(["a", "b", "a", "a"]).tolist() == [1, 3, 1, 1]  # never onto an "a"
+    assert swap_partners(["a", "a", "a"]).tolist() == [1, 2, 0]           # nothing differs: still another row
+    assert swap_partners(["x", None, "y", None]).tolist() == [2, 1, 0, 3]
+    assert swap_partners(["x", "y", "z"], groups=["eng", "deu", "eng"]).tolist() == [2, 1, 0]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        refs = [int(r) for r in rng.integers(0, 4, rng.integers(1, 12))]
+        p = swap_partners(refs)
+        for i, k in enumerate(p):
+            assert refs[k] != refs[i] or len(set(refs)) == 1, (refs, p)
+            assert k != i or len(refs) == 1, (refs, p)
+    batch = {"mel": np.arange(3)[:, None] * np.ones((3, 2)), "tokens": np.arange(3)}
+    out = swap_rows(batch, ("mel",), swap_partners(["p", "q", "r"]))
+    assert out["mel"][:, 0].tolist() == [1, 2, 0] and out["tokens"] is batch["tokens"]
+    with pytest.raises(ValueError, match="3 references but 2 groups"):
+        swap_partners(["a", "b", "c"], groups=["eng", "eng"])
 
 
 def test_distinct_share_is_at_most_one():

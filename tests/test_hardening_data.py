@@ -2,7 +2,7 @@
 named on open and rebuilt on rerun (3), a cut meta.json and a foreign cache are one-line errors
 (17), the cache writer under a failing file system leaves only whole shards (chaos); the minimum
 audio rule on every path (14); `--from-embeds` files with 0-d arrays or segments out of order (18);
-empty decodes are reported (5)."""
+empty decodes warn, an all-empty run exits with status 3 (5)."""
 
 from __future__ import annotations
 
@@ -212,8 +212,63 @@ def test_segments_out_of_order_are_refused_not_joined(tmp_path):
             B.join_segments(rows(bad), bad)
 
 
-def test_empty_decodes_are_reported():
+def test_empty_decodes_warn_and_an_all_empty_run_is_an_error():
+    """Item 5: an empty text warns (a recording's, or one segment's among others); a run in which
+    every output is empty is one error line and exit status 3 on both command lines."""
+    from esrt_jax.infer.longform import EMPTY_RC, empty_decodes
+
+    seg = lambda a, b, tr, tl: {"start": a, "end": b, "transcription": tr, "translation": tl}  # noqa: E731
     res = [{"id": "a", "audio": "a.wav", "transcription": "hi", "translation": ""},
-           {"id": "b", "audio": "b.wav", "transcription": "", "translation": "hallo"}]
-    assert B.empty_warnings(res, "srt") == ["warning: a.wav: the model decoded an empty translation"]
-    assert B.empty_warnings(res, "asr") == ["warning: b.wav: the model decoded an empty transcription"]
+           {"id": "b", "audio": "b.wav", "transcription": "", "translation": "hallo welt",
+            "segments": [seg(0.0, 2.0, "", "hallo"), seg(2.0, 4.5, "", "welt"), seg(4.5, 5.0, "", " ")]}]
+    assert empty_decodes(res, "translation") == (
+        ["warning: a.wav: the model decoded an empty translation",
+         "warning: b.wav: segment 2 (4.5-5.0 s) decoded an empty translation"], None)
+    assert empty_decodes(res, "transcription") == (["warning: b.wav: the model decoded an empty transcription"], None)
+    allempty = [{"id": "x", "transcription": " ", "translation": "t"},
+                {"id": "y", "transcription": "", "translation": ""}]
+    warns, err = empty_decodes(allempty, "transcription")
+    assert warns == [] and err == ("error: the model decoded an empty transcription for every input (2 of 2): "
+                                   "damaged or untrained weights? (exit status 3)") and EMPTY_RC == 3
+    assert empty_decodes([], "translation") == ([], None)  # no output at all is not this error
+
+
+def test_infer_exits_3_when_the_model_decodes_nothing(tmp_path, capsys):
+    """Item 5 end to end: a checkpoint with NaN weights (which import refuses, but a damaged run dir
+    can hold) makes the tiny model emit token 1 at every step; with token 1 as EOS (Gemma's id layout:
+    0 pad, 1 eos) every answer is empty. Today: empty results and rc 0. Now: one error line, rc 3,
+    and the (empty) results still printed and written."""
+    import jax
+
+    from esrt_jax.cli.infer import main
+    from esrt_jax.train.checkpoint import Checkpointer
+    from helpers_sllm import make_tiny_run
+
+    cfg, run, trained = make_tiny_run(tmp_path)
+    ck = Checkpointer(run / "srt" / "checkpoints", async_save=False)
+    ck.save(6, jax.tree.map(lambda x: x * np.nan, trained), {"count": np.zeros((), np.int32)})
+    ck.close()
+    tc = tmp_path / "tok" / "tokenizer_config.json"
+    tc.write_text(json.dumps({**json.loads(tc.read_text()), "eos_token": "<s>"}))
+    wavs = [str(write_tone(tmp_path / f"a{i}.wav", 0.5, 300 + 50 * i, seed=i)) for i in range(2)]
+    for task, key in (("srt", "translation"), ("asr", "transcription")):
+        out = tmp_path / f"{task}.jsonl"
+        rc = main(["--config", str(cfg), "--checkpoint", str(run), "--audio", *wavs, "--src", "eng", "--tgt", "deu",
+                   "--task", task, "--output", str(out)])
+        stdout, err = capsys.readouterr()
+        assert rc == 3 and err.strip() == (f"error: the model decoded an empty {key} for every input (2 of 2): "
+                                           f"damaged or untrained weights? (exit status 3)"), err
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert [r["audio"] for r in rows] == wavs and all(r[key] == "" for r in rows) and len(stdout.splitlines()) == 2
+
+
+def test_exit_status_of_empty_decodes_is_in_the_help(capsys):
+    from esrt_jax.cli import edge as edge_cli
+    from esrt_jax.cli import infer as infer_cli
+
+    for main, want in ((infer_cli.parse_args, "when every output of the run is empty the command exits with status 3"),
+                       (edge_cli.main, "3 every translation came back empty")):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert want in out, out

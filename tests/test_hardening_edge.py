@@ -50,6 +50,7 @@ def answer(mode: str, good: dict) -> tuple[int, str, bytes] | str:
     j = lambda x: json.dumps(x).encode()  # noqa: E731
     return {
         "ok": (200, "application/json", j(good)),
+        "empty": (200, "application/json", j({**good, "translation": ""})),  # a model that decodes nothing
         "html": (200, "text/html", b"<html><body>502 Bad Gateway</body></html>"),
         "list": (200, "application/json", j([good])),
         "null": (200, "application/json", b"null"),
@@ -218,6 +219,25 @@ def test_fuzzed_answers_give_a_result_or_an_edge_error(chaos, edge_onnx):
     finally:
         chaos.fuzz = None
     assert outcomes["refused"] > 20 and outcomes["ok"] > 0, outcomes
+
+
+@pytest.mark.parametrize("plan, rc, want", [
+    (["empty", "ok", "empty"], 0, ["warning: {0}: the model decoded an empty translation",
+                                   "warning: {2}: the model decoded an empty translation"]),
+    (["empty", "empty", "empty"], 3, ["error: the model decoded an empty translation for every input (3 of 3)"]),
+    (["empty", "drop", "empty"], 3, ["error: {1}: ", "error: the model decoded an empty translation for every "
+                                                    "input (2 of 2)"]),
+], ids=["some", "all", "all_answered"])
+def test_empty_translations_warn_and_all_empty_exits_3(plan, rc, want, chaos, edge_onnx, wavs, token_file, capsys):
+    """Item 5 on the edge: an empty translation among others warns (rc 0); when every answer is
+    empty, one error line and exit status 3; the results are printed either way."""
+    chaos.health, chaos.plan = "ok", list(plan)
+    capsys.readouterr()
+    assert edge_main(cli(edge_onnx[0], chaos.url, wavs, token_file)) == rc
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == len(want) and all(line.startswith(w.format(*wavs)) for line, w in zip(lines, want)), err
+    assert len(out.splitlines()) == sum(m != "drop" for m in plan)
 
 
 # ----------------------------------------------------------------------------- item 13

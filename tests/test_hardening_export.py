@@ -1,13 +1,14 @@
 """Hardening (issue 29) of export and import: a failed `--import` leaves an existing run dir as it
 was and a new one absent (1), NaN/Inf weights and truncated safetensors are refused in one line (5,
 17), the edge export on a full disk leaves no truncated model under its final name and says so
-(4), a read-only export target is a one-line error (17), and the import/edge writers under a
-failing file system either finish or leave nothing (chaos)."""
+(4), a read-only export target (also on a real read-only mount) is a one-line error (17), and the
+import/edge writers under a failing file system either finish or leave nothing (chaos)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from esrt_jax import export as ex
 from esrt_jax.cli import export as export_cli
-from helpers_fs import full_disk, read_only
+from helpers_fs import full_disk, read_only, remount, tmpfs
 from helpers_sllm import make_tiny_run
 
 
@@ -123,6 +124,22 @@ def test_read_only_export_target_is_one_line(exported, tmp_path, monkeypatch, ca
     read_only(monkeypatch, target)
     assert export_cli.main(["--run", str(d / "runs"), "--config", str(d / "run.yaml"), "--out", str(target / "o")]) == 2
     _one_line_error(capsys, "read-only file system")
+
+
+def test_read_only_mount_as_export_target_or_import_run_is_one_line(exported, tmp_path, capsys):
+    """The same on a real read-only mount (root ignores permission bits, not a read-only mount):
+    an export into it and an import whose run dir is on it; the existing run is left as it was."""
+    d, out = exported
+    with tmpfs(tmp_path / "mnt", "4m") as mnt:
+        run = _existing_run(Path(mnt))
+        before = _snapshot(run)
+        remount(mnt, "ro")
+        assert export_cli.main(["--run", str(d / "runs"), "--config", str(d / "run.yaml"),
+                                "--out", str(Path(mnt) / "o")]) == 2
+        _one_line_error(capsys, "read-only file system")
+        assert export_cli.main(["--import", str(out), "--run", str(run), "--no-data-state"]) == 2
+        _one_line_error(capsys, "read-only file system")
+        assert _snapshot(run) == before and not (Path(mnt) / "o").exists()
 
 
 # ----------------------------------------------------------------------------- edge export (ONNX)

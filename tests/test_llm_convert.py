@@ -26,7 +26,8 @@ from esrt_jax.convert.peft import (export_peft_adapter, load_peft_adapter,  # no
 from esrt_jax.models.layers import LoraParam  # noqa: E402
 from esrt_jax.models.llm import LoraConfig, positions_from_mask  # noqa: E402
 from esrt_jax.convert.tokenizer import TokenizerError  # noqa: E402
-from esrt_jax.sharding import DEFAULT_RULES, fit_spec, logical_to_mesh, make_mesh, variable_axes  # noqa: E402
+from esrt_jax.sharding import (DEFAULT_RULES, UnruledAxisError, fit_spec, logical_to_mesh, make_mesh,  # noqa: E402
+                               variable_axes)
 
 from helpers_tokenizer import save_tiny_tokenizer  # noqa: E402
 
@@ -257,7 +258,8 @@ def test_in_memory_state_dict_matches_directory(hf_dirs):
 
 def test_logical_to_mesh_rules():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    rules = (("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("batch", ("data", "fsdp")))
+    rules = (("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("batch", ("data", "fsdp")),
+             ("layers", None), ("head_dim", None))
     assert logical_to_mesh(("layers", "embed", "heads", "head_dim"), rules) == P(None, "fsdp", "tensor")
     assert logical_to_mesh(("embed", "embed"), rules) == P("fsdp")  # a mesh axis used once
     assert logical_to_mesh(("batch", None), rules, mesh) == P(("data", "fsdp"))
@@ -266,6 +268,9 @@ def test_logical_to_mesh_rules():
     assert fit_spec(P(None, "tensor"), (4, 3), mesh) == P()  # 3 not divisible by 2: replicate
     with pytest.raises(ValueError, match="twice"):
         logical_to_mesh(("embed",), (("embed", "fsdp"), ("embed", None)))
+    # a logical axis without a rule is an error for the loaders as for the trainer, not replicated
+    with pytest.raises(UnruledAxisError, match="logical axis 'kv_heads' has no sharding rule"):
+        logical_to_mesh(("embed", "kv_heads"), rules, mesh)
 
 
 # ---------------------------------------------------------------------------------------------

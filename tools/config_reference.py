@@ -35,6 +35,10 @@ ROOTS = [("", "esrt_jax.train.config:RunConfig"),
          ("model.align", "esrt_jax.speech.align:AlignConfig"),
          ("data", "esrt_jax.speech.config:SpeechDataConfig"),
          ("data", "esrt_jax.data.pipeline:DataConfig")]
+# Section titles where a prefix alone does not name the section: the `data:` block's keys come from
+# two classes, one section each (a heading may appear once on the page).
+TITLES = {("data", "esrt_jax.speech.config:SpeechDataConfig"): "`data`: sources, dev set and demo corpus",
+          ("data", "esrt_jax.data.pipeline:DataConfig"): "`data`: the pipeline (mixture, batching, features)"}
 
 
 def load_class(spec: str | type) -> type:
@@ -124,6 +128,10 @@ def sections(roots=ROOTS) -> tuple[list[tuple[str, type]], list[str]]:
     return out, missing
 
 
+def _title(prefix: str, cls: type) -> str:
+    return TITLES.get((prefix, f"{cls.__module__}:{cls.__qualname__}"), f"`{prefix}`" if prefix else "Top level")
+
+
 def render(roots=ROOTS) -> str:
     secs, _ = sections(roots)
     lines = [
@@ -137,9 +145,13 @@ def render(roots=ROOTS) -> str:
         "(`setting(default, help=...)`); `tests/test_config.py` fails when a field has no description, "
         "`tests/test_config_reference.py` when this page differs from the code.", "",
     ]
+    titles = [_title(p, c) for p, c in secs]
+    dup = sorted({t for t in titles if titles.count(t) > 1})
+    if dup:
+        raise ValueError(f"sections titled twice: {dup}; give them names in TITLES")
     for prefix, cls in secs:
         hints = typing.get_type_hints(cls)
-        title = f"`{prefix}`" if prefix else "Top level"
+        title = _title(prefix, cls)
         src = cls.__module__.replace(".", "/") + ".py"
         lines += [f"## {title}", "", f"`{cls.__qualname__}` in `{src}`."]
         doc = " ".join((cls.__doc__ or "").split())

@@ -12,6 +12,7 @@ from esrt_jax import audio as audio_lib
 from esrt_jax import edge, languages
 from esrt_jax.edge import RUNTIMES, EdgeClient, EdgeError, EdgeModelError
 from esrt_jax.infer import payload as pl
+from esrt_jax.infer.longform import EMPTY_RC, empty_decodes
 
 
 def client_from_args(args: argparse.Namespace) -> EdgeClient:
@@ -37,7 +38,11 @@ def client_from_args(args: argparse.Namespace) -> EdgeClient:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m esrt_jax.edge", description=edge.__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m esrt_jax.edge", description=edge.__doc__.split("\n\n")[0],
+        epilog=f"Exit status: 0 done; 1 a file failed (one line each; the other files still run); {EMPTY_RC} "
+               f"every translation came back empty (damaged or untrained model; the results are still printed); "
+               f"an empty one among others is a warning.")
     ap.add_argument("--runtime", default="jax", choices=RUNTIMES,
                     help="jax: our model from --config/--checkpoint; onnx: the exported --model in "
                          "onnxruntime (no JAX needed)")
@@ -70,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     client = client_from_args(args)
-    rc = 0
+    rc, results = 0, []
     for path in args.audio:
         try:
             out = client.translate(path, src, tgt, segment=args.segment)
@@ -78,8 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {path}: {e}", file=sys.stderr)
             rc = 1
             continue
-        print(json.dumps({"audio": str(path), **out}, ensure_ascii=False))
-    return rc
+        results.append({"audio": str(path), **out})
+        print(json.dumps(results[-1], ensure_ascii=False))
+    warnings, error = empty_decodes(results, "translation")
+    for w in warnings + [error] * bool(error):
+        print(w, file=sys.stderr)
+    return EMPTY_RC if error else rc
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ activity, at most one window each, a small overlap where speech runs longer than
 segment is decoded and the texts are joined in order. Each result then also lists its
 "segments": [{"start", "end", "transcription", "translation"}] (seconds). `--no-segment` cuts every
 recording to one window instead, with a warning. Empty or silent audio is an error naming the file.
+An empty decoded text (the translation; the transcription with `--task asr`) is a warning naming the
+file (and the segment); when every output of the run is empty the command exits with status 3 and
+one error line (the results are still printed). Exit status 2: bad input, model or config.
 
 `--edge-only OUT` writes what the edge would send: `OUT.jsonl` holds one line per segment with its
 times and payload (`esrt_jax.infer.payload`, `--scheme fp16|int8|int4`, `--zstd`) in base64; any other name
@@ -37,11 +40,12 @@ from pathlib import Path
 from typing import Sequence
 
 from esrt_jax.config import ConfigError
-from esrt_jax.data.tasks import DEFAULT_TASK, TASKS
+from esrt_jax.data.tasks import DEFAULT_TASK, TASKS, get_task
 from esrt_jax.infer import payload as pl
 from esrt_jax.infer.batch import (InferError, Utterance, check_trained, decode_features,  # noqa: F401
-                                  empty_warnings, encode_segments, encode_utterances, join_segments, read_embeds, translate,
+                                  encode_segments, encode_utterances, join_segments, read_embeds, translate,
                                   utterances, write_embeds)
+from esrt_jax.infer.longform import EMPTY_RC, empty_decodes
 from esrt_jax.speech.load import load_model, translator_for
 
 
@@ -124,13 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InferError, ValueError, OSError) as e:  # LanguageError, ConfigError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for w in empty_warnings(results, args.task):
+    warnings, error = empty_decodes(results, get_task(args.task).outputs[-1])
+    for w in warnings + [error] * bool(error):
         print(w, file=sys.stderr)
-    lines = [json.dumps(r, ensure_ascii=False) for r in results]
+    lines = [json.dumps(r, ensure_ascii=False) for r in results]  # written even when empty: nothing lost
     print("\n".join(lines))
     if args.output:
         Path(args.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return 0
+    return EMPTY_RC if error else 0
 
 
 if __name__ == "__main__":

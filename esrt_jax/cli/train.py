@@ -29,14 +29,12 @@ import yaml
 from esrt_jax.config import ConfigError, cache_home, to_dict
 from esrt_jax.files import RunDirLocked, lock_run_dir, os_error_line
 from esrt_jax.train import distributed
-from esrt_jax.train import mesh as mesh_lib
-from esrt_jax.train.checkpoint import (CheckpointMismatch, Checkpointer, UnreadableCheckpoint, abstract_like,
-                                       restore_params)
+from esrt_jax.train.checkpoint import (CheckpointMismatch, Checkpointer, CheckpointWriteError, UnreadableCheckpoint,
+                                       abstract_like, restore_params)
 from esrt_jax.train.config import STAGES, load_run_config, save_run_config
 from esrt_jax.train.curves import plot_curves
 from esrt_jax.train.dryrun import dry_run
-from esrt_jax.train.loop import log0, run_stage, stage_shardings
-from esrt_jax.train.optimizer import make_optimizer
+from esrt_jax.train.loop import log0, run_stage, stage_layout
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -232,8 +230,7 @@ def _main(argv, held: list) -> list:
             raise SystemExit(f"error: [{stage}] {e}") from None
         init = None
         if src is not None:
-            mesh = mesh_lib.make_mesh(scfg.mesh)
-            sh = stage_shardings(bundle, make_optimizer(scfg.train), mesh, mesh_lib.make_rules(scfg.mesh.rules))
+            sh = stage_layout(scfg, bundle).sh
             try:
                 # the align stage's CTC head is not part of the speech LLM: left out
                 init, step = restore_params(src, abstract_like(bundle.trainable, sh["trainable"]),
@@ -248,8 +245,10 @@ def _main(argv, held: list) -> list:
                             make_data=lambda: data_builder(scfg, "train", process_index=pi, process_count=pc),
                             make_dev=lambda: data_builder(scfg, "dev", process_index=pi, process_count=pc),
                             init_params=init)
-        except (UnreadableCheckpoint, CheckpointMismatch) as e:
+        except (UnreadableCheckpoint, CheckpointMismatch, CheckpointWriteError) as e:
             raise SystemExit(f"error: [{stage}] {e}") from None
+        except OSError as e:  # e.g. metrics.jsonl on a full disk
+            raise SystemExit(f"error: [{stage}] {os_error_line(e)}") from None
         if res.losses:
             steps = sorted(res.losses)
             log0(f"[{stage}] done: step {res.final_step}, first logged loss {res.losses[steps[0]]:.4f}, "

@@ -93,7 +93,9 @@ def stream_params(items, maps: list, cfg: llm.LLMConfig, abs_flat: Mapping, *, p
     """
     rules = DEFAULT_RULES if rules is None else rules
     np_dtype = np.dtype(jnp.dtype(param_dtype))
-    by_name = {m.hf_name: m for m in maps}
+    by_name: dict[str, list] = {}
+    for m in maps:  # a fused HF tensor (Phi-3's qkv_proj) feeds several of our params
+        by_name.setdefault(m.hf_name, []).append(m)
     L = cfg.num_hidden_layers
 
     def sharding_of(path, shape):
@@ -106,30 +108,28 @@ def stream_params(items, maps: list, cfg: llm.LLMConfig, abs_flat: Mapping, *, p
     filled: dict[tuple, int] = {}
     setters: dict[tuple, Any] = {}
     for name, arr in items:
-        m = by_name.get(name)
-        if m is None:
-            continue
-        if tuple(np.shape(arr)) != tuple(m.hf_shape):  # checked before the layout transform
-            raise hf_io.CheckpointError(
-                f"{where}: tensor {name} has shape {tuple(np.shape(arr))}, expected {tuple(m.hf_shape)}, "
-                f"which does not fit {'/'.join(m.path)} {tuple(m.shape)} of this config (check config.json)")
-        x = m.transform(np.asarray(arr))
-        x = x.astype(np_dtype, copy=False)
-        if m.layer is None:
-            sh = sharding_of(m.path, x.shape)
-            out[m.path] = jax.device_put(x, sh) if sh is not None else jnp.asarray(x)
-            continue
-        if m.path not in out:
-            full = (L,) + x.shape
-            sh = sharding_of(m.path, full)
-            out[m.path] = jnp.zeros(full, np_dtype, device=sh)
-            setters[m.path] = _layer_setter(sh)
-            filled[m.path] = 0
-        if mesh is not None:  # the slice arrives already split like its destination
-            sl = out[m.path].sharding.spec
-            x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*tuple(sl)[1:])))
-        out[m.path] = setters[m.path](out[m.path], x, m.layer)
-        filled[m.path] += 1
+        for m in by_name.get(name, ()):
+            if tuple(np.shape(arr)) != tuple(m.hf_shape):  # checked before the layout transform
+                raise hf_io.CheckpointError(
+                    f"{where}: tensor {name} has shape {tuple(np.shape(arr))}, expected {tuple(m.hf_shape)}, "
+                    f"which does not fit {'/'.join(m.path)} {tuple(m.shape)} of this config (check config.json)")
+            x = m.transform(m.hf_part(np.asarray(arr)))
+            x = x.astype(np_dtype, copy=False)
+            if m.layer is None:
+                sh = sharding_of(m.path, x.shape)
+                out[m.path] = jax.device_put(x, sh) if sh is not None else jnp.asarray(x)
+                continue
+            if m.path not in out:
+                full = (L,) + x.shape
+                sh = sharding_of(m.path, full)
+                out[m.path] = jnp.zeros(full, np_dtype, device=sh)
+                setters[m.path] = _layer_setter(sh)
+                filled[m.path] = 0
+            if mesh is not None:  # the slice arrives already split like its destination
+                sl = out[m.path].sharding.spec
+                x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*tuple(sl)[1:])))
+            out[m.path] = setters[m.path](out[m.path], x, m.layer)
+            filled[m.path] += 1
     short = {p: n for p, n in filled.items() if n != L}
     if short:
         raise hf_io.CheckpointError(f"{where}: stacked parameter(s) got {short} of {L} layers")
@@ -167,12 +167,13 @@ def load_hf_model(model_dir: str | os.PathLike, *, lora: llm.LoraConfig | None =
     abs_flat = dict(nnx.to_flat_state(abs_state))
     files = hf_io.weight_files(d)
     maps = llm.hf_to_ours(cfg, llm.detect_hf_prefix(files))
-    missing = [m.hf_name for m in maps if m.hf_name not in files]
+    names = list(dict.fromkeys(m.hf_name for m in maps))  # a fused tensor is read once
+    missing = [n for n in names if n not in files]
     if missing:
         raise hf_io.CheckpointError(
             f"{d}: missing tensor(s) for {cfg.model_type} with {cfg.num_hidden_layers} layers: "
             f"{missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} missing)")
-    loaded = stream_params(hf_io.iter_tensors(d, [m.hf_name for m in maps]), maps, cfg, abs_flat,
+    loaded = stream_params(hf_io.iter_tensors(d, names), maps, cfg, abs_flat,
                            param_dtype=param_dtype, mesh=mesh, rules=rules, where=str(d))
     lora_vals = (_init_lora(cfg, lora, dtype, param_dtype, scan_layers, remat, seed, abs_flat,
                             mesh, rules) if lora is not None else {})
@@ -205,10 +206,11 @@ def model_from_hf_state(hf_config: Any, tensors: Mapping[str, np.ndarray], *,
     graphdef, abs_state = nnx.split(abstract)
     abs_flat = dict(nnx.to_flat_state(abs_state))
     maps = llm.hf_to_ours(cfg, llm.detect_hf_prefix(tensors))
-    missing = [m.hf_name for m in maps if m.hf_name not in tensors]
+    names = list(dict.fromkeys(m.hf_name for m in maps))  # a fused tensor is read once
+    missing = [n for n in names if n not in tensors]
     if missing:
         raise hf_io.CheckpointError(f"state dict: missing tensor(s) {missing[:8]} ({len(missing)} missing)")
-    values = stream_params(((m.hf_name, tensors[m.hf_name]) for m in maps), maps, cfg, abs_flat,
+    values = stream_params(((n, tensors[n]) for n in names), maps, cfg, abs_flat,
                            param_dtype=param_dtype, mesh=mesh, rules=rules, where="state dict")
     if lora is not None:
         values.update(_init_lora(cfg, lora, dtype, param_dtype, scan_layers, remat, seed, abs_flat,

@@ -40,9 +40,17 @@ def _module_names(cfg: llm.LLMConfig) -> dict[tuple[tuple[str, ...], int], str]:
     """(our module path, layer) -> HF module name, e.g. 'model.layers.0.self_attn.q_proj'."""
     out = {}
     for m in llm.ours_to_hf(cfg):
-        if m.path[-1] == "kernel" and m.layer is not None:
+        if m.path[-1] == "kernel" and m.layer is not None and m.hf_rows is None:
             out[(m.path[:-1], m.layer)] = m.hf_name[: -len(".weight")]
     return out
+
+
+def _peft_name(names: dict, mod: tuple[str, ...], layer: int, cfg: llm.LLMConfig) -> str:
+    if (mod, layer) not in names:  # HF fuses this projection with others (Phi-3's qkv_proj)
+        raise ValueError(f"LoRA on {'/'.join(mod)} has no PEFT form for {cfg.model_type}: its checkpoints "
+                         f"fuse that projection with others ({', '.join(sorted(cfg.HF_FUSED))}); export the "
+                         f"merged model (convert.llm.export_hf) or put LoRA on other modules")
+    return names[(mod, layer)]
 
 
 def adapter_tensors(model: llm.CausalLM, dtype: Any = np.float32) -> Iterator[tuple[str, np.ndarray]]:
@@ -60,7 +68,7 @@ def adapter_tensors(model: llm.CausalLM, dtype: Any = np.float32) -> Iterator[tu
             raise ValueError(f"LoRA on {'/'.join(mod)} has no PEFT name (only decoder-layer projections)")
         r = a_all.shape[-1]
         for i in range(cfg.num_hidden_layers):
-            hf = names[(mod, i)]
+            hf = _peft_name(names, mod, i, cfg)
             a = a_all[i].reshape(-1, r).T        # (*in, r) -> (r, in)
             b = b_all[i].reshape(r, -1).T        # (r, *out) -> (out, r)
             yield f"{PEFT_PREFIX}{hf}.lora_A.weight", np.ascontiguousarray(a).astype(dtype)
@@ -158,7 +166,8 @@ def load_peft_adapter(model: llm.CausalLM, adapter_dir: str | os.PathLike) -> ll
             new = np.empty_like(cur)
             r = want.rank
             for i in range(model.config.num_hidden_layers):
-                key = f"{PEFT_PREFIX}{names[(mod, i)]}.lora_{'A' if which == 'lora_a' else 'B'}.weight"
+                hf = _peft_name(names, mod, i, model.config)
+                key = f"{PEFT_PREFIX}{hf}.lora_{'A' if which == 'lora_a' else 'B'}.weight"
                 if key not in keys:
                     raise hf_io.CheckpointError(f"{f}: missing tensor {key}")
                 t = sf.get_tensor(key)

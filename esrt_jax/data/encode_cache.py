@@ -45,13 +45,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from esrt_jax import audio as audio_lib
 from esrt_jax.config import ConfigError
 from esrt_jax.data import records as rec_lib
 from esrt_jax.files import os_error_line, write_atomic
+from esrt_jax.sharding import make_mesh
 
 FORMAT = 1
 DTYPES = ("float32", "bfloat16")
@@ -273,7 +274,7 @@ def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], o
             raise CacheError(f"--out: cannot write {out}: {os_error_line(e)}") from None
 
     devices = jax.local_devices()
-    mesh = Mesh(np.array(devices), ("data",))
+    mesh = make_mesh({"data": len(devices)}, devices)
     in_sh = NamedSharding(mesh, P("data"))
     graphdef, state = nnx.split(encoder)
     out_dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32

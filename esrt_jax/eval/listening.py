@@ -26,7 +26,8 @@ import math
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from esrt_jax.metrics import Scores, clean_segment, distinct_share
+from esrt_jax.metrics import Scores, clean_segment, distinct_share, normalize_transcript
+from esrt_jax.pytree import swap_partners as swap_rule
 
 __all__ = ["Listening", "distinct_counts", "pick_examples", "swap_partners", "swapped_path", "listening",
            "normalize"]
@@ -57,31 +58,16 @@ def distinct_counts(records: Iterable) -> dict[tuple[str, str], tuple[int, int, 
 
 
 def swap_partners(paths: Sequence[str], src: Sequence[str], transcripts: Sequence[str]) -> dict[str, str]:
-    """Audio path -> the path whose audio replaces it in the swapped decode.
-
-    Within each source language (utterances in first-appearance order), utterance i takes the
-    first utterance from i + n//2 on (cyclically) whose transcription differs from its own, so
-    that a listening model cannot score by chance (the same sentence by another voice); when
-    every transcription is the same, the one at i + n//2. A language with one utterance keeps it.
+    """Audio path -> the path whose audio replaces it in the swapped decode: the swap rule
+    (`esrt_jax.pytree.swap_partners`) over the distinct paths in first-appearance order, grouped
+    by source language, references compared after Whisper's normaliser (`normalize_transcript`).
     """
-    order: dict[str, list[int]] = {}
-    seen: set[str] = set()
+    first: dict[str, int] = {}
     for i, p in enumerate(paths):
-        if p not in seen:
-            seen.add(p)
-            order.setdefault(src[i], []).append(i)
-    out: dict[str, str] = {}
-    for idx in order.values():
-        n = len(idx)
-        for j, i in enumerate(idx):
-            pick = idx[(j + max(n // 2, 1)) % n]
-            for k in range(n):
-                c = idx[(j + max(n // 2, 1) + k) % n]
-                if c != i and normalize(transcripts[c]) != normalize(transcripts[i]):
-                    pick = c
-                    break
-            out[paths[i]] = paths[pick]
-    return out
+        first.setdefault(p, i)
+    rows = list(first.values())
+    partner = swap_rule([normalize_transcript(transcripts[i]) for i in rows], [src[i] for i in rows])
+    return {paths[i]: paths[rows[int(k)]] for i, k in zip(rows, partner)}
 
 
 def normalize(text: str) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 from esrt_jax import languages
 from esrt_jax.audio import SAMPLE_RATE, Segment, encoder_frames, mel_from_file, mel_segments
 from esrt_jax.data.records import SourceError, read_jsonl
-from esrt_jax.data.tasks import DEFAULT_TASK, get_task
+from esrt_jax.data.tasks import DEFAULT_TASK
 from esrt_jax.infer import longform
 from esrt_jax.infer import payload as pl
 
@@ -182,15 +182,6 @@ def translate(translator, utts: Sequence[Utterance], batch_size: int = 8, task: 
     """Both halves in one process, recordings of any length -> one joined result each."""
     feats, segs = encode_segments(translator, utts, batch_size, segment=segment)
     return join_segments(decode_features(translator, feats, segs, batch_size, task), segs)
-
-
-def empty_warnings(results: Sequence[dict], task: str = DEFAULT_TASK) -> list[str]:
-    """One warning line per result whose decoded text is empty (the task's last output: the
-    translation for srt, the transcription for asr): a model that decodes nothing (e.g. damaged
-    weights) must not look like a success."""
-    key = get_task(task).outputs[-1]
-    return [f"warning: {r.get('audio') or r['id']}: the model decoded an empty {key}" for r in results
-            if not str(r.get(key) or "").strip()]
 
 
 # ----------------------------------------------------------------------------- edge-only files

@@ -6,6 +6,11 @@ here, in order: with a space, or with nothing for languages written without spac
 (`languages.CHAR_LANGS`). Where two segments overlap (speech longer than a window, cut with a
 small overlap) the words (characters) the second segment repeats from the end of the first are
 dropped: the longest such run of up to `MAX_REPEAT` words (2 x that many characters).
+
+`empty_decodes` is the one rule for outputs that decoded to nothing, on both command lines (infer,
+edge): an empty text (a recording's, or one segment's of a longer recording) is a warning line; a
+run in which every output is empty is an error with exit status `EMPTY_RC`, since a model that
+decodes nothing at all (damaged or untrained weights) must not look like a success.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from esrt_jax import languages
 from esrt_jax.audio import Segment
 
 MAX_REPEAT = 6
+EMPTY_RC = 3  # exit status of `python -m esrt_jax.infer` / `esrt_jax.edge` when every output is empty
 
 
 def _norm(tok: str) -> str:
@@ -59,3 +65,24 @@ def join_outputs(segments: Sequence[Segment], outs: Sequence[dict], src: str, tg
             "translation": join_texts([o["translation"] for o in outs], tgt, ov),
             "segments": [{**span(s), "transcription": o["transcription"], "translation": o["translation"]}
                          for s, o in zip(segments, outs)]}
+
+
+def empty_decodes(results: Sequence[dict], key: str) -> tuple[list[str], str | None]:
+    """(warning lines, error line or None) for the empty `key` texts ("translation" or
+    "transcription") of a run's results ({"id"/"audio", key, "segments": [{"start", "end", key}]}):
+    a warning per empty result and per empty segment of a non-empty one; when every result is
+    empty, no warnings but one error line (the caller exits with `EMPTY_RC`)."""
+    empty = lambda r: not str(r.get(key) or "").strip()  # noqa: E731
+    if results and all(empty(r) for r in results):
+        return [], (f"error: the model decoded an empty {key} for every input ({len(results)} of "
+                    f"{len(results)}): damaged or untrained weights? (exit status {EMPTY_RC})")
+    out = []
+    for r in results:
+        name = r.get("audio") or r.get("id")
+        if empty(r):
+            out.append(f"warning: {name}: the model decoded an empty {key}")
+            continue
+        segs = r.get("segments") or []
+        out += [f"warning: {name}: segment {i} ({s['start']:.1f}-{s['end']:.1f} s) decoded an empty {key}"
+                for i, s in enumerate(segs) if len(segs) > 1 and empty(s)]
+    return out, None

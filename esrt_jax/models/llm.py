@@ -48,7 +48,8 @@ Parameter tree (`nnx.state(model)`; every leaf an `nnx.Param` with logical axes,
 
 Names mirror HF's (`model.layers.{i}.self_attn.q_proj.weight` -> `layers/self_attn/q_proj/kernel`
 slice i). `hf_to_ours(cfg)` / `ours_to_hf(cfg)` yield one `ParamMap` per HF tensor (hf_name, our
-path, layer index into the stacked axis or None, and the numpy transform), so converters can
+path, layer index into the stacked axis or None, and the numpy transform; a row range of it where
+the family's checkpoints fuse projections, `LLMConfig.HF_FUSED`, e.g. Phi-3), so converters can
 stream tensor by tensor (`esrt_jax.convert.llm.load_hf_model`, the one loader).
 """
 
@@ -61,7 +62,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from esrt_jax.config import ConfigError, check_field_types, hf_dict
-from esrt_jax.models import gemma3, llama, qwen
+from esrt_jax.models import gemma3, llama, phi3, qwen
 from esrt_jax.models.layers import (Embed, GatedMLP, Linear, RMSNorm, apply_rope, attend,
                                     attention_mask, rope_cos_sin)
 # The config and the HF name maps live in their own modules; they are part of this module's API.
@@ -71,7 +72,8 @@ from esrt_jax.models.llm_hf import (HF_PREFIXES, ParamMap, detect_hf_prefix, fla
 
 # Family configs by HF `model_type`.
 FAMILIES: dict[str, type[LLMConfig]] = {
-    mt: cls for cls in (qwen.QwenConfig, gemma3.Gemma3TextConfig, llama.LlamaConfig) for mt in cls.MODEL_TYPES}
+    mt: cls for cls in (qwen.QwenConfig, gemma3.Gemma3TextConfig, llama.LlamaConfig, phi3.Phi3Config)
+    for mt in cls.MODEL_TYPES}
 
 
 def config_from_hf(hf: Any) -> LLMConfig:

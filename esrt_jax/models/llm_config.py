@@ -93,6 +93,10 @@ class LLMConfig:
 
     # Family registry hooks (class-level).
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
+    # HF tensors (suffix under `layers.{i}.`) that a family's checkpoints store fused, -> the
+    # `hf_layer_names` parts they hold, in row order (Phi-3: qkv_proj, gate_up_proj). The model
+    # keeps separate projections; the name maps read / write row ranges (`hf_names.fuse_rows`).
+    HF_FUSED: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __post_init__(self):
         if not self.layer_types:

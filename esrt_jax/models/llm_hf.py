@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from esrt_jax.config import CheckpointError
-from esrt_jax.models.hf_names import ParamMap
+from esrt_jax.models.hf_names import ParamMap, fuse_rows, join_rows
 from esrt_jax.models.llm_config import LLMConfig
 
 
@@ -67,6 +67,9 @@ def _maps(cfg: LLMConfig, prefix: str, direction: str) -> list[ParamMap]:
             out.append(ParamMap(name, path, i, *t))
     if not cfg.tie_word_embeddings:
         out.append(ParamMap("lm_head.weight", ("lm_head", "kernel"), None, *lin(d, (v,))))
+    if cfg.HF_FUSED:
+        out = fuse_rows(out, {f"{prefix}layers.{i}.{name}": tuple(f"{prefix}layers.{i}.{p}" for p in parts)
+                              for i in range(cfg.num_hidden_layers) for name, parts in cfg.HF_FUSED.items()})
     return out
 
 
@@ -111,8 +114,10 @@ def params_to_hf(params: nnx.State | Mapping, cfg: LLMConfig, prefix: str = "mod
     """Stream our params as (HF name, numpy tensor in torch layout). LoRA factors are not part of
     the base model: merge them first (`merge_lora`) or export them as an adapter."""
     flat = flatten_params(params)
-    for m in ours_to_hf(cfg, prefix):
-        var = flat[m.path]
-        arr = var[...] if isinstance(var, nnx.Variable) else var
-        arr = np.asarray(jax.device_get(arr if m.layer is None else arr[m.layer]))
-        yield m.hf_name, m.transform(arr)
+
+    def parts():
+        for m in ours_to_hf(cfg, prefix):
+            var = flat[m.path]
+            arr = var[...] if isinstance(var, nnx.Variable) else var
+            yield m, m.transform(np.asarray(jax.device_get(arr if m.layer is None else arr[m.layer])))
+    yield from join_rows(parts())

@@ -32,7 +32,7 @@ from esrt_jax.models import ctc
 from esrt_jax.models.qformer import SpeechAdapter
 from esrt_jax.models.speech_llm import batch_mel
 from esrt_jax.models.whisper import WhisperEncoder
-from esrt_jax.pytree import merge_trees, rotate_rows
+from esrt_jax.pytree import merge_trees, swap_partners, swap_rows
 
 TRAINABLE = ("^adapter/", "^ctc_head/")
 SPEECH_KEYS = ("mel", "audio", "enc", "enc_frames")
@@ -90,7 +90,8 @@ def loss(model: AlignModel, batch: dict, rng) -> tuple[jax.Array, dict]:
 def decoder(graphdef, state_template, units: Sequence[str], dev_batches: Callable[[int], tuple[dict, list[str]]]):
     """decode_fn(trainable, frozen, n) -> {'cer', 'wer', 'cer_swapped', 'cer_gain', 'distinct',
     'samples'}: greedy CTC decodes of the first n dev clips, and the same with each clip's speech
-    taken from the next clip (the listening check: a head that ignores the audio gains nothing)."""
+    taken from another clip's (`pytree.swap_partners`; the listening check: a head that ignores the
+    audio gains nothing)."""
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), state_template)
 
     @jax.jit
@@ -110,8 +111,7 @@ def decoder(graphdef, state_template, units: Sequence[str], dev_batches: Callabl
             return [text(d) for d in ctc.greedy_decode(logits, np.full(len(logits), logits.shape[1]))]
 
         out = hyps(batch)
-        swapped = hyps({key: rotate_rows(v, [True] * len(refs)) if key in SPEECH_KEYS else v
-                        for key, v in batch.items()})
+        swapped = hyps(swap_rows(batch, SPEECH_KEYS, swap_partners([ctc_text(r) for r in refs])))
         cer, cer_sw = asr_error(refs, out, "cer"), asr_error(refs, swapped, "cer")
         return {"cer": cer, "wer": asr_error(refs, out, "wer"), "cer_swapped": cer_sw, "cer_gain": cer_sw - cer,
                 "distinct": distinct_share(len(set(out)), len(set(refs))),

@@ -40,13 +40,13 @@ from esrt_jax.data.pipeline import DataConfig, make_eval_batches, make_train_dat
 from esrt_jax.data.records import JsonlSource, ListSource
 from esrt_jax.data.tasks import TaskTokenizer, get_task
 from esrt_jax.infer.translator import Translator
-from esrt_jax.metrics import asr_error, bleu, distinct_share
+from esrt_jax.metrics import asr_error, bleu, distinct_share, normalize_transcript
 from esrt_jax.models import speech_llm
 from esrt_jax.models.layers import dtype_from_name
 from esrt_jax.models.qformer import SpeechAdapter
 from esrt_jax.models.speech_llm import SpeechLLM, batch_mel
 from esrt_jax.models.whisper import WhisperEncoder
-from esrt_jax.pytree import merge_trees, rotate_rows
+from esrt_jax.pytree import merge_trees, swap_partners, swap_rows
 from esrt_jax.speech import align
 from esrt_jax.speech.config import SpeechDataConfig, SpeechModelConfig, generation_config, speech_config
 from esrt_jax.train import mesh as mesh_lib
@@ -204,6 +204,7 @@ def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
         "attention_mask": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32)}
     bundle.flops_per_example = _model_flops_per_example(scfg, max(buckets))
     bundle.speech_keys = ("mel", "audio", "enc", "enc_frames")
+    bundle.row_refs = functools.partial(_row_refs, "tokens", "loss_mask")
     if not abstract:
         bundle.decode_fn = _decoder(cfg, graphdef, nnx.state(model))
     return bundle
@@ -257,9 +258,20 @@ def _build_align(cfg: RunConfig, *, abstract: bool) -> TrainBundle:
     ad_params = a.num_hidden_layers * (4 * a.hidden_size ** 2 + 2 * a.hidden_size * a.intermediate_size)
     bundle.flops_per_example = 6 * ad_params * a.num_queries
     bundle.speech_keys = align.SPEECH_KEYS
+    bundle.row_refs = functools.partial(_row_refs, "ctc_labels", "ctc_paddings", padding=True)
     if not abstract and _dev_source(cfg) is not None:
         bundle.decode_fn = align.decoder(graphdef, nnx.state(model), units, _align_dev_batches(cfg))
     return bundle
+
+
+def _row_refs(key: str, mask_key: str, batch: dict, padding: bool = False) -> list:
+    """Each dev row's reference for the swap rule: its supervised target ids (`batch[key]` where
+    `batch[mask_key]` marks them; the mask marks padding instead when `padding`); None for a row
+    with no target (eval padding)."""
+    ids, mask = np.asarray(batch[key]), np.asarray(batch[mask_key]) > 0
+    if padding:
+        mask = ~mask
+    return [tuple(r[m].tolist()) or None for r, m in zip(ids, mask)]
 
 
 def _align_dev_batches(cfg: RunConfig):
@@ -322,9 +334,12 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
 
         outs = run(feats, frames)
         rep = _report(task, recs, outs)
-        # Listening check (esrt_jax.eval.listening): each clip's features swapped with the next
-        # clip's; a model that ignores the audio scores the same. Distinct outputs / references.
-        swapped = _report(task, recs, run(*(rotate_rows(a, [True] * len(recs)) for a in (feats, frames))))
+        # Listening check (esrt_jax.eval.listening): each clip's features swapped with another
+        # clip's (the swap rule, `pytree.swap_partners`: never one with the same references); a
+        # model that ignores the audio scores the same. Distinct outputs / references.
+        partners = swap_partners([(normalize_transcript(r.transcription) if task != "smt" else "",
+                                   normalize_transcript(r.translation) if task != "asr" else "") for r in recs])
+        swapped = _report(task, recs, run(feats[partners], frames[partners]))
         rep.update({f"{k}_swapped": v for k, v in swapped.items() if k in ("wer", "bleu")})
         if "bleu" in rep:
             rep["bleu_gain"] = rep["bleu"] - rep["bleu_swapped"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,9 @@ class TrainBundle:
     # Batch keys holding the speech input: the dev loss is also taken with them shuffled
     # across rows (`dev_loss_shuffled`, `dev_audio_gap`), which shows whether the model listens.
     speech_keys: tuple[str, ...] = ()
+    # (dev batch) -> each row's reference (hashable; None: a padding row): rows that share one never
+    # swap speech (`pytree.swap_partners`). Without it every row counts as its own reference.
+    row_refs: Callable[[dict], Sequence[Hashable | None]] | None = None
     # (rows) -> dict of jax.ShapeDtypeStruct: one batch's shapes, for the dry run.
     batch_spec: Callable[[int], dict] | None = None
     info: dict = dataclasses.field(default_factory=dict)  # printed at start (sizes, names)

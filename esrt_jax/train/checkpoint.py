@@ -15,13 +15,22 @@ onto 1 device or any other mesh.
 A step that cannot be read back (a truncated or damaged file) is moved aside to `<step>.corrupt`
 with a one-line notice and the previous kept step is used; a step whose param shapes or optimizer
 state differ from the model's (a changed config) is never touched: that is a `CheckpointMismatch`.
+
+A save that the file system refuses (a full disk, a read-only mount) is a `CheckpointWriteError`:
+one line naming the folder, the step and the cause; the step's partial temporary folder is
+removed and the earlier steps are left as they were. Orbax's own reports of that failure (absl
+ERROR records with tracebacks from its save threads) and tensorstore's "Event loop is closed"
+callbacks into the event loop Orbax already closed are dropped: they are noise around a cause
+that is reported once (see `_quiet_orbax`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from esrt_jax.files import os_error_line
 from esrt_jax.pytree import merge_trees
 
 
@@ -42,6 +52,75 @@ class UnreadableCheckpoint(ValueError):
 
 class CheckpointMismatch(ValueError):
     """The checkpoint's params or optimizer state do not fit the model and optimizer of the config."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, read-only file system): the message names the
+    folder, the step, the cause and the step a rerun resumes from."""
+
+
+_OS_CODE = re.compile(r"\[os_error_code='(\d+)'\]")  # how tensorstore names the errno
+
+
+def os_cause(err: BaseException | None) -> int | None:
+    """The errno of the file-system failure behind an Orbax/tensorstore error, following the
+    exception chain (None: no file-system cause, e.g. a bug, which is re-raised as it is)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno:
+            return err.errno
+        m = _OS_CODE.search(str(err))
+        if m:
+            return int(m.group(1))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class _OrbaxWriteFailureFilter(logging.Filter):
+    """Drops Orbax's ERROR records (with tracebacks, one per save thread) about a file-system
+    failure: `Checkpointer` reports that failure in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return os_cause(exc) is None and not _OS_CODE.search(record.getMessage())
+
+
+def _closed_loop_callback(u) -> bool:
+    """An unraisable `RuntimeError('Event loop is closed')` from `loop.call_soon_threadsafe`:
+    tensorstore delivering the result of a read or write that Orbax stopped waiting for (the first
+    failure of a batch ends Orbax's `run_until_complete` and closes its loop; the rest of the batch
+    completes later, into the closed loop). Nothing is lost: the first failure is what is raised."""
+    if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+        return False
+    tb = u.exc_traceback
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _quiet_orbax() -> None:
+    """Install `_OrbaxWriteFailureFilter` on absl's logger (Orbax logs through absl) and a
+    `sys.unraisablehook` that drops `_closed_loop_callback` noise and passes the rest on."""
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxWriteFailureFilter) for f in absl.filters):
+        absl.addFilter(_OrbaxWriteFailureFilter())
+    prev = sys.unraisablehook
+    if getattr(prev, "_esrt_quiet", False):
+        return
+
+    def hook(u):
+        if not _closed_loop_callback(u):
+            prev(u)
+    hook._esrt_quiet = True
+    sys.unraisablehook = hook
+
+
+_quiet_orbax()
 
 
 def _flat_shapes(tree: Any) -> dict[str, tuple]:
@@ -58,10 +137,29 @@ def shape_mismatches(saved: Any, abstract: Any) -> list[str]:
     return out
 
 
+def item_problem(item_dir: Path) -> str | None:
+    """Why an Orbax item folder (a step's params or opt) cannot be read, found without Orbax: its
+    `_METADATA` or, in an OCDBT checkpoint, its root `manifest.ocdbt` is missing or empty. None: no
+    such problem. (Orbax would fail on the first array it opens and leave the other reads of the
+    batch to call back into the event loop it closed: a traceback each.)"""
+    need = ["_METADATA"] + (["manifest.ocdbt"] if any(item_dir.glob("ocdbt.process_*")) else [])
+    for name in need:
+        f = item_dir / name
+        if not f.is_file():
+            return f"{item_dir.name}/{name} is missing"
+        if f.stat().st_size == 0:
+            return f"{item_dir.name}/{name} is empty"
+    return None
+
+
 def saved_tree(directory: Path, step: int, item: str = "params") -> Any:
     """The tree of `ArrayMetadata` (shapes, dtypes) of a step's `item` (params or opt), read without
-    restoring."""
-    meta = ocp.StandardCheckpointHandler().metadata(Path(directory) / str(step) / item)
+    restoring. `UnreadableCheckpoint` when `item_problem` finds the folder incomplete."""
+    item_dir = Path(directory) / str(step) / item
+    problem = item_problem(item_dir)
+    if problem:
+        raise UnreadableCheckpoint(problem)
+    meta = ocp.StandardCheckpointHandler().metadata(item_dir)
     return getattr(meta, "tree", meta)
 
 
@@ -130,6 +228,8 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._pending: int | None = None  # the step of the async save in flight
+        self.failed = False  # a save failed (reported); close() then only lets go of Orbax
 
     def latest_step(self) -> int | None:
         return self.mngr.latest_step()
@@ -146,7 +246,48 @@ class Checkpointer:
                  "meta": ocp.args.JsonSave(m)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(_IterState(data_iter, snapshot=True))
-        return self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
+        self._finish()  # the previous async save: its failure is that step's
+        try:
+            saved = self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is a file-system failure
+            self._write_failed(step, e)
+            raise
+        self._pending = step
+        return saved
+
+    def _finish(self) -> None:
+        """Wait for the async save in flight (`CheckpointWriteError` when the file system refused it)."""
+        step, self._pending = self._pending, None
+        try:
+            self.mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is a file-system failure
+            self._write_failed(step, e)
+            raise
+
+    def _write_failed(self, step: int | None, err: Exception) -> None:
+        """Raise `CheckpointWriteError` for a save of `step` that failed with a file-system error
+        (after removing its partial temporary folder); return for any other error."""
+        code = os_cause(err)
+        if code is None:
+            return
+        self.failed = True
+        if jax.process_index() == 0 and step is not None:
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)  # frees the space it took; never a whole step
+        try:
+            self.mngr.reload()
+            kept = [s for s in self.all_steps() if s != step]
+        except Exception:  # noqa: BLE001 - listing the folder failed too: say nothing about it
+            kept = None
+        cause = os_error_line(OSError(code, os.strerror(code)), self.directory)
+        if kept:
+            after = (f"the earlier checkpoints (step {', '.join(map(str, sorted(kept)))}) are intact: "
+                     f"free space (or fix the mount) and rerun the same command to resume from step {max(kept)}")
+        elif kept is None:
+            after = "free space (or fix the mount) and rerun the same command"
+        else:
+            after = "no earlier checkpoint of this stage exists: free space and rerun to start it again"
+        raise CheckpointWriteError(f"cannot save checkpoint step {step}: {cause}; {after}") from None
 
     def check_shapes(self, step: int, abstract_trainable: Any, abstract_opt: Any = None) -> None:
         """Raise `CheckpointMismatch` when `step`'s saved params do not fit `abstract_trainable`, or
@@ -220,11 +361,20 @@ class Checkpointer:
         return res
 
     def wait(self) -> None:
-        self.mngr.wait_until_finished()
+        self._finish()
 
     def close(self) -> None:
-        self.mngr.wait_until_finished()
-        self.mngr.close()
+        """Wait for the save in flight (`CheckpointWriteError` if it failed) and let go of Orbax.
+        After a reported failure, Orbax's stored error is not raised again."""
+        try:
+            if not self.failed:
+                self._finish()
+        finally:
+            try:
+                self.mngr.close()
+            except Exception:  # noqa: BLE001 - after a failure Orbax raises it again: reported already
+                if not self.failed:
+                    raise
 
 
 def _unreadable(directory: Path, step: int, err: Exception) -> UnreadableCheckpoint:

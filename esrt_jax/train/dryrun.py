@@ -13,12 +13,10 @@ import time
 
 import jax
 
-from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train.bundle import TrainBundle, count_params
 from esrt_jax.train.checkpoint import abstract_like
 from esrt_jax.train.config import RunConfig
-from esrt_jax.train.loop import GiB, memory_report, stage_shardings, step_flops, with_frozen_dtype
-from esrt_jax.train.optimizer import make_optimizer
+from esrt_jax.train.loop import GiB, memory_report, stage_layout, step_flops, with_frozen_dtype
 from esrt_jax.train.step import jit_train_step, make_train_step
 
 
@@ -27,11 +25,9 @@ def dry_run(cfg: RunConfig, bundle: TrainBundle, mesh=None) -> dict:
     if bundle.batch_spec is None:
         raise ValueError("dry run: the model builder's bundle has no batch_spec(rows) to shape a batch")
     tc = cfg.train
-    mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
-    rules = mesh_lib.make_rules(cfg.mesh.rules)
     bundle = with_frozen_dtype(bundle, tc)
-    optimizer = make_optimizer(tc)
-    sh = stage_shardings(bundle, optimizer, mesh, rules)
+    layout = stage_layout(cfg, bundle, mesh)
+    mesh, optimizer, sh = layout.mesh, layout.optimizer, layout.sh
     micro = tc.batch_size // tc.grad_accum
     spec = bundle.batch_spec(micro)
     batch = {k: jax.ShapeDtypeStruct((tc.grad_accum, *v.shape), v.dtype, sharding=sh["batch"])

@@ -26,6 +26,7 @@ import optax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from esrt_jax.pytree import swap_partners, swap_rows
 from esrt_jax.train import mesh as mesh_lib
 from esrt_jax.train.bundle import TrainBundle, count_params, path_str
 from esrt_jax.train.checkpoint import Checkpointer, abstract_like
@@ -134,7 +135,13 @@ class MetricsWriter:
         if self.enabled:
             self.f.close()
             if self.tb is not None:
-                self.tb.close()
+                try:
+                    self.tb.close()
+                except OSError:  # a full disk: the events still queued are lost (metrics.jsonl has
+                    # every record); mark them closed so tensorboardX's atexit hook does not retry
+                    for w in self.tb.all_writers.values():
+                        w.event_writer._closed = True  # noqa: SLF001
+                    raise
 
 
 def read_losses(stage_dir: Path) -> dict[int, float]:
@@ -149,6 +156,26 @@ def read_losses(stage_dir: Path) -> dict[int, float]:
             if "loss" in rec:
                 out[rec["step"]] = rec["loss"]
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StageLayout:
+    """Where one stage's arrays live: its mesh, the rules table, the optimizer and `sh`, the
+    shardings of params, optimizer state and batches (`stage_shardings`)."""
+
+    mesh: Any
+    rules: dict
+    optimizer: optax.GradientTransformation
+    sh: dict
+
+
+def stage_layout(cfg: RunConfig, bundle: TrainBundle, mesh=None) -> StageLayout:
+    """The mesh (`cfg.mesh`, unless given), rules, optimizer and shardings of a stage: built once
+    here for training, the dry run and the restore of a previous stage's params."""
+    mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
+    rules = mesh_lib.make_rules(cfg.mesh.rules)
+    optimizer = make_optimizer(cfg.train, bundle.trainable)
+    return StageLayout(mesh, rules, optimizer, stage_shardings(bundle, optimizer, mesh, rules))
 
 
 def stage_shardings(bundle: TrainBundle, optimizer, mesh, rules) -> dict:
@@ -303,10 +330,11 @@ class DevReporter:
     def _runs(self, b: dict) -> list[tuple[str, dict]]:
         runs = [("", b)]
         if self.bundle.speech_keys:
-            # The same batch with each row's speech taken from the next row: a model
-            # that ignores its speech input has the same loss (no gap).
-            runs.append(("_shuffled", {k: np.roll(v, 1, axis=0) if k in self.bundle.speech_keys else v
-                                       for k, v in b.items()}))
+            # The same batch with each row's speech taken from another row (the swap rule,
+            # `pytree.swap_partners`): a model that ignores its speech input has the same loss (no gap).
+            rows = len(next(iter(b.values())))
+            refs = self.bundle.row_refs(b) if self.bundle.row_refs else range(rows)
+            runs.append(("_shuffled", swap_rows(b, self.bundle.speech_keys, swap_partners(list(refs)))))
         return runs
 
     def loss(self, step: int, st: StageState) -> dict:
@@ -405,20 +433,29 @@ class StepLog:
             self.bar = None
 
 
+def _close_quietly(ckpt: Checkpointer, writer: MetricsWriter) -> None:
+    """Close both after a failure without raising (a full disk fails their last writes too)."""
+    try:
+        ckpt.close()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        writer.close()
+    except OSError:
+        pass
+
+
 def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
               make_data: Callable[[], Any], make_dev: Callable[[], Iterable[dict]] | None = None,
               init_params: Any = None, mesh=None) -> StageResult:
     """Train one stage to `cfg.train.steps`, resuming from `stage_dir/checkpoints` if present."""
     tc = cfg.train
     stage_dir = Path(stage_dir)
-    mesh = mesh or mesh_lib.make_mesh(cfg.mesh)
-    rules = mesh_lib.make_rules(cfg.mesh.rules)
-    check_batch_size(tc, mesh, rules)
     bundle = with_init_params(with_frozen_dtype(bundle, tc), init_params)
-
-    optimizer = make_optimizer(tc, bundle.trainable)
+    layout = stage_layout(cfg, bundle, mesh)
+    mesh, optimizer, sh = layout.mesh, layout.optimizer, layout.sh
+    check_batch_size(tc, mesh, layout.rules)
     schedule = make_schedule(tc)
-    sh = stage_shardings(bundle, optimizer, mesh, rules)
     log0(f"[{cfg.stage}] mesh {dict(mesh.shape)} on {jax.device_count()} devices, "
          f"{jax.process_count()} process(es); trainable {count_params(bundle.trainable):,} params, "
          f"frozen {count_params(bundle.frozen):,}")
@@ -472,8 +509,15 @@ def run_stage(cfg: RunConfig, bundle: TrainBundle, *, stage_dir: str | Path,
             log.close_bar()  # so the final dev report is not interleaved with the bar
             dev = dev_report.loss(tc.steps, st)
             dev.update(dev_report.decode(tc.steps, st))
-        finally:
+        except BaseException:
             log.close_bar()
-            ckpt.close()
-            writer.close()
+            _close_quietly(ckpt, writer)  # the error in flight is the one to report
+            raise
+        log.close_bar()
+        try:
+            ckpt.close()  # waits for the last save: CheckpointWriteError if it failed
+        except BaseException:
+            _close_quietly(ckpt, writer)
+            raise
+        writer.close()
     return StageResult(cfg.stage, stage_dir, tc.steps, read_losses(stage_dir), dev, st.latest)

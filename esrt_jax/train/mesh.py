@@ -39,7 +39,8 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `Mesh` over all (or the given) devices with axes (data, fsdp, tensor)."""
+    """A `Mesh` over all (or the given) devices with axes (data, fsdp, tensor): `mesh_shape`, then
+    `esrt_jax.sharding.make_mesh` (the one mesh builder)."""
     devices = list(devices) if devices is not None else jax.devices()
     return sharding.make_mesh(dict(zip(MESH_AXES, mesh_shape(cfg, len(devices)))), devices)
 
@@ -69,10 +70,10 @@ def spec_for(shape: Sequence[int], axes: Sequence[str | None] | None, mesh: Mesh
     """
     if axes is not None and len(axes) != len(shape):
         raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
-    for name in axes or ():
-        if name is not None and name not in rules:
-            raise ConfigError(f"logical axis {name!r} has no sharding rule; add mesh.rules.{name}")
-    return sharding.named_sharding(axes, shape, mesh, rules).spec
+    try:
+        return sharding.named_sharding(axes, shape, mesh, rules).spec
+    except sharding.UnruledAxisError as e:  # the same error, named as the run config spells it
+        raise ConfigError(f"logical axis {e.axis!r} has no sharding rule; add mesh.rules.{e.axis}") from None
 
 
 def _is_axes(x) -> bool:
