@@ -287,6 +287,7 @@ def child_parity(args) -> dict:
     fams = {"qwen2": T.Qwen2Config(**common, tie_word_embeddings=False),
             "qwen3": T.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True),
             "llama": T.LlamaConfig(**common, tie_word_embeddings=False, attention_bias=True),
+            "phi3": T.Phi3Config(**common, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False),
             "gemma3_text": T.Gemma3TextConfig(**{**common, "num_hidden_layers": 3}, head_dim=16, sliding_window=4,
                                               query_pre_attn_scalar=16, final_logit_softcapping=5.0,
                                               layer_types=["sliding_attention", "full_attention",
