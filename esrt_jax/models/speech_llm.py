@@ -53,7 +53,7 @@ class SpeechLLMConfig:
     remat: bool = setting(False, help="rematerialise LLM layers in the backward pass")
     split: Split = setting("projector", help="edge/cloud split point: after the qformer or the projector")
     encoder_window: str = setting("padded", help="'padded': the encoder reads Whisper's 30 s window (LLM-SRT); "
-                                                 "'real': each batch's mels cut to its longest clip, rounded up "
+                                                 "'real': each clip's mel cut to its own length, rounded up "
                                                  "to 1 s (needs adapter.attend_padding false)")
 
     def __post_init__(self):

@@ -69,7 +69,7 @@ class SpeechModelConfig:
     remat: bool = setting(False, help="rematerialise LLM layers in the backward pass (less memory)")
     split: str = setting("projector", help="edge/cloud split point: after the 'qformer' or the 'projector'")
     encoder_window: str = setting("padded", help="'padded': the encoder reads Whisper's 30 s window (LLM-SRT); "
-                                                 "'real': each batch's mels cut to its longest clip, rounded up to 1 s "
+                                                 "'real': each clip's mel cut to its own length, rounded up to 1 s "
                                                  "(faster; needs adapter.attend_padding false and, to train, an encoder "
                                                  "cache built the same way)")
     seed: int = setting(0, help="seed of the randomly initialised parts")
