@@ -387,6 +387,17 @@ def encoder_frames(num_samples: int, max_frames: int = N_FRAMES // 2) -> int:
     return int(min(max_frames, max(1, -(-int(num_samples) // (2 * HOP_LENGTH)))))
 
 
+REAL_WINDOW_BUCKET = 100  # mel frames (1 s): the "real" encoder windows come in few shapes, each compiled once
+
+
+def real_window(enc_frames, full: int = N_FRAMES, bucket: int = REAL_WINDOW_BUCKET) -> int:
+    """Mel frames of the "real" encoder window (`model.encoder_window: real`) of a batch whose rows
+    cover `enc_frames` (B,) encoder frames: 2 mel frames per encoder frame for the longest row,
+    rounded up to `bucket` (even), at most the `full` window."""
+    need = 2 * int(np.max(np.asarray(enc_frames)))
+    return int(min(full, max(bucket, -(-need // bucket) * bucket)))
+
+
 def _frame_db(x: np.ndarray) -> np.ndarray:
     """(T,) -> (ceil(T / 160),) RMS per 10 ms frame in dB re full scale (floor -100)."""
     x = np.asarray(x, np.float32)

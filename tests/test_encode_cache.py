@@ -229,3 +229,67 @@ def test_real_lengths_trimmed_batches_and_attend_padding_false(built, tmp_path):
     assert stats == {"built": 0, "skipped": 2, "frames_added": 2, "rebuilt": 0}
     assert {k: ec.FeatureCache(old).frames(k) for k in keys} == want
     assert all((old / f.name).is_symlink() for f in (d / "c").glob("shard-*.npy"))
+
+
+def test_real_windows_cache_and_inference_agree(tmp_path):
+    """model.encoder_window real: the cache encodes each clip on its own window (its length
+    rounded up to 1 s; zeros past it), inference cuts the same way, so the cached features and
+    inference agree (<= 1e-5), a clip's features do not depend on its batch, and the window is
+    another model than the padded one; caches of the other window are refused, by the builder and
+    by the model builder, and so is training without a cache."""
+    from flax import nnx
+    from transformers import Qwen2Config
+
+    from esrt_jax.audio import real_window
+    from esrt_jax.infer.translator import encode_batch
+    from esrt_jax.models.llm import config_from_hf
+    from esrt_jax.models.speech_llm import QFormerConfig, SpeechLLM, SpeechLLMConfig, WhisperEncoderConfig
+
+    enc = WhisperEncoderConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=4,
+                               encoder_ffn_dim=64, max_source_positions=150)  # a 3 s window: 3 real windows
+    ad = QFormerConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                       encoder_hidden_size=32, num_queries=4, llm_dim=64, attend_padding=False)
+    llm = config_from_hf(Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2))
+    model = SpeechLLM(SpeechLLMConfig(enc, ad, llm, encoder_window="real"), rngs=nnx.Rngs(0))
+    lines = []
+    for i, sec in enumerate((0.5, 0.9, 1.4, 2.2)):
+        wav = write_tone(tmp_path / f"r{i}.wav", sec, 300 + 50 * i, seed=i)
+        lines.append(json.dumps({"id": f"r{i}", "audio": str(wav), "src": "eng", "tgt": "deu", "asr": "a", "s2tt": "b"}))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    src = open_source(str(tmp_path / "train.jsonl"))
+    load = ec.mel_loader(enc, [src])
+    keys = sorted(str(k) for k in src.index().audio_key)
+    ec.build(model.encoder, keys, load, tmp_path / "c", shard_size=4, batch=4, progress=False, window="real")
+    cache = ec.FeatureCache(tmp_path / "c")
+    assert cache.window == "real"
+    frames = np.array([cache.frames(k) for k in keys], np.int32)
+    wins = [real_window([f]) for f in frames]
+    assert wins == [100, 100, 200, 300]
+    for k, w in zip(keys, wins):
+        direct = np.asarray(model.encoder(jnp.asarray(load(k)[None, :, :w])))[0]
+        np.testing.assert_allclose(cache[k][:w // 2], direct, atol=1e-5)
+        assert not np.any(cache[k][w // 2:])
+    tr = Translator(model, tiny_tokenizer(320), max_batch=4)
+    mels = np.stack([load(k) for k in keys])
+    feats = tr.encode(mels, frames)
+    np.testing.assert_allclose(feats, tr.adapt(np.stack([cache[k] for k in keys]), frames), atol=1e-5)
+    np.testing.assert_allclose(tr.encode(mels[3:], frames[3:]), feats[3:], atol=1e-5)  # alone or in a batch
+    padded = encode_batch(tr.graphdef, tr.state, mels, tr.split, 4, enc_frames=frames)
+    assert np.abs(padded[:3] - feats[:3]).max() > 1e-5  # a cut window is another computation
+    np.testing.assert_allclose(padded[3], feats[3], atol=1e-5)  # the 3 s clip: its window is the full one
+    with pytest.raises(ec.CacheError, match="other settings"):
+        ec.build(model.encoder, keys, load, tmp_path / "c", shard_size=4, progress=False)
+    with pytest.raises(ValueError, match="real frames"):
+        tr.encode(mels)
+    # the model builder: a real-window model refuses a padded cache, and training without one
+    ec.build(model.encoder, keys, load, tmp_path / "p", shard_size=4, progress=False)
+    save_tiny_tokenizer(tmp_path / "tok", vocab_size=320)
+    cfg = yaml.safe_load(RUN_CONFIG.format(run_dir=tmp_path / "runs", tok_dir=tmp_path / "tok"))
+    cfg["model"].update(encoder_window="real")
+    cfg["model"]["adapter"]["attend_padding"] = False
+    for cache_dir, match in ((tmp_path / "p", "padded encoder window"), (None, "trains on the encoder cache")):
+        cfg["data"]["encoder_cache"] = None if cache_dir is None else str(cache_dir)
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+        with pytest.raises(ConfigError, match=match):
+            build_model(load_run_config(tmp_path / "run.yaml").for_stage("srt"), abstract=True)

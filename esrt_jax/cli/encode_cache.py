@@ -22,7 +22,8 @@ from esrt_jax.train.config import load_run_config
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m esrt_jax.data.encode_cache",
                                 description="Run the frozen Whisper encoder once per unique audio of "
-                                            "the config's data.train and data.dev sources (and --data files)")
+                                            "the config's data.train and data.dev sources (and --data files), "
+                                            "on the window the config's model.encoder_window names")
     p.add_argument("--config", required=True, help="YAML run config (its model and data blocks)")
     p.add_argument("--out", required=True, help="cache folder (set data.encoder_cache to it)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -46,7 +47,8 @@ def main(argv=None) -> dict:
         load = mel_loader(model.config.encoder, sources)
         keys = sorted({str(k) for s in sources for k in s.index().audio_key})
         stats = build(model.encoder, keys, load, args.out, dtype=args.dtype, shard_size=args.shard_size,
-                      batch=args.batch, process_index=jax.process_index(), process_count=jax.process_count())
+                      batch=args.batch, process_index=jax.process_index(), process_count=jax.process_count(),
+                      window=model.config.encoder_window)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

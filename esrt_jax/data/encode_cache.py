@@ -195,6 +195,11 @@ class FeatureCache:
                 f"for this encoder (python -m esrt_jax.data.encode_cache)")
 
     @property
+    def window(self) -> str:
+        """The encoder window the features were computed on: "padded" (30 s) or "real"."""
+        return self.meta.get("window", "padded")
+
+    @property
     def has_frames(self) -> bool:
         """Whether every shard records its audios' real lengths (caches built since they do)."""
         return all(_frames_path(self.path, i).is_file() for i in range(self.meta["shards"]))
@@ -237,7 +242,7 @@ class FeatureCache:
 
 def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], out: str | os.PathLike, *,
           dtype: str = "float32", shard_size: int = 256, batch: int = 16, sample_rate: int = 16000,
-          process_index: int = 0, process_count: int = 1, progress: bool = True) -> dict:
+          process_index: int = 0, process_count: int = 1, progress: bool = True, window: str = "padded") -> dict:
     """Encode every key's audio once (skipping finished shards) -> {'built', 'skipped',
     'frames_added'} shard counts.
 
@@ -246,7 +251,9 @@ def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], o
     is recorded (frames-*.npy), else the full window is; finished shards of an older cache that
     lack their lengths get them (audio read, nothing encoded): 'frames_added' counts them.
     Batches are split over the local devices (data parallel); this process builds the shards
-    i with i % process_count == process_index.
+    i with i % process_count == process_index. `window` "real" (`model.encoder_window: real`):
+    each batch's mels are cut to `audio.real_window` of its longest clip before the encoder (the
+    features past it are stored as zeros; needs load_mel.samples); the cache records it.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: {dtype!r} is not one of {list(DTYPES)}")
@@ -258,10 +265,17 @@ def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], o
     meta = {"format": FORMAT, "fingerprint": encoder_fingerprint(encoder, sample_rate),
             "frontend": frontend_settings(cfg, sample_rate), "shape": list(shape), "dtype": dtype,
             "shard_size": int(shard_size), "keys": len(keys), "shards": -(-len(keys) // shard_size)}
+    if window not in ("padded", "real"):
+        raise ConfigError(f"window: {window!r} is not 'padded' or 'real'")
+    if window == "real":  # only then: caches of the padded window keep their meta
+        if getattr(load_mel, "samples", None) is None:
+            raise ConfigError("window 'real' needs each audio's length (load_mel.samples, as mel_loader has)")
+        meta["window"] = "real"
     meta_file = out / "meta.json"
     if meta_file.is_file():
         old = _read_json(meta_file, "--out")
-        if not isinstance(old, dict) or {k: old.get(k) for k in meta} != meta:
+        if (not isinstance(old, dict) or {k: old.get(k) for k in meta} != meta
+                or old.get("window", "padded") != window):
             raise CacheError(f"--out: {out} holds a cache with other settings or another encoder "
                              f"(fingerprint {old.get('fingerprint') if isinstance(old, dict) else None}, "
                              f"this one {meta['fingerprint']}); "
@@ -314,14 +328,26 @@ def build(encoder, keys: Sequence[str], load_mel: Callable[[str], np.ndarray], o
     bar = tqdm(total=len(todo), desc="encoder cache shards", unit="shard", disable=not progress)
     for i in todo:
         shard_keys = keys[i * shard_size:(i + 1) * shard_size]
-        rows = []
-        for j in range(0, len(shard_keys), per):
-            mels = np.stack([load_mel(k) for k in shard_keys[j:j + per]]).astype(np.float32)
+        # a real window is each clip's own (its length, rounded up): batches group clips of one window
+        wins = ([audio_lib.real_window([audio_lib.encoder_frames(samples(k), cfg.max_source_positions)],
+                                       2 * cfg.max_source_positions) for k in shard_keys]
+                if window == "real" else [2 * cfg.max_source_positions] * len(shard_keys))
+        chunks = []
+        for w in sorted(set(wins)):
+            same = [r for r in range(len(shard_keys)) if wins[r] == w]
+            chunks += [same[j:j + per] for j in range(0, len(same), per)]
+        rows: list = [None] * len(shard_keys)
+        for idx in chunks:
+            mels = np.stack([load_mel(shard_keys[r]) for r in idx]).astype(np.float32)[..., :wins[idx[0]]]
             n = len(mels)
             if n < per:
                 mels = np.concatenate([mels, np.zeros((per - n,) + mels.shape[1:], np.float32)])
-            rows.append(np.asarray(encode(state, jax.device_put(mels, in_sh)))[:n])
-        arr = np.concatenate(rows)
+            enc = np.asarray(encode(state, jax.device_put(mels, in_sh)))[:n]
+            if enc.shape[1] < shape[0]:  # a real window: the frames past it are zeros, as the format has them
+                enc = np.concatenate([enc, np.zeros((n, shape[0] - enc.shape[1], shape[1]), enc.dtype)], 1)
+            for r, e in zip(idx, enc):
+                rows[r] = e
+        arr = np.stack(rows)
         if dtype == "bfloat16":
             arr = arr.view(np.uint16)  # .npy has no bfloat16: store the bits
         tmp = out / f".tmp-{i:05d}-{os.getpid()}.npy"

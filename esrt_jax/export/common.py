@@ -21,13 +21,19 @@ class ExportError(ValueError):
     """Bad export/import input: names the file or directory and the problem."""
 
 
-def require_qformer(adapter_cfg: Any, source: Any, target: str) -> None:
-    """The HF, LLM-SRT and ONNX formats hold a Q-Former adapter; the window-means adapter
-    (`adapter.window_means`) has no layout there yet: refuse before writing anything."""
-    if getattr(adapter_cfg, "window_means", 0):
+def require_exportable(model_cfg: Any, source: Any, target: str) -> None:
+    """The HF, LLM-SRT and ONNX formats hold a Q-Former adapter on Whisper's 30 s window; the
+    window-means adapter (`adapter.window_means`) and real-length encoder windows
+    (`encoder_window: real`) have no layout there yet: refuse before writing anything."""
+    a = model_cfg.adapter
+    if getattr(a, "window_means", 0):
         raise ExportError(f"{source}: {target} holds the Q-Former adapter; this model's adapter is "
-                          f"window means (adapter.window_means: {adapter_cfg.window_means}), which it cannot "
+                          f"window means (adapter.window_means: {a.window_means}), which it cannot "
                           f"hold yet (its checkpoint serves with infer/serve/edge as it is)")
+    if getattr(model_cfg, "encoder_window", "padded") != "padded":
+        raise ExportError(f"{source}: {target} runs the encoder on Whisper's 30 s window; this model reads "
+                          f"real-length windows (encoder_window: {model_cfg.encoder_window}), which it cannot "
+                          f"describe yet (its checkpoint serves with infer/serve as it is)")
 
 
 def find_run_config(run_dir: str | os.PathLike, config: str | os.PathLike | None = None,

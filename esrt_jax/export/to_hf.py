@@ -25,7 +25,7 @@ from esrt_jax.convert.whisper import save_whisper_encoder
 from esrt_jax.data.tasks import TaskTokenizer, card_table
 from esrt_jax.export.card import dev_metrics, find_eval_summaries, model_card
 from esrt_jax.export.common import (ESRT_CONFIG, FORMAT, POINTER, VERSION, ExportError, find_run_config,
-                                    local_dir, require_qformer, stage_checkpoint, write_json)
+                                    local_dir, require_exportable, stage_checkpoint, write_json)
 from esrt_jax.models.qformer import flat_params
 from esrt_jax.speech.config import GENERATION_KEYS, SpeechModelConfig, generation_config
 from esrt_jax.speech.load import load_model
@@ -99,7 +99,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, config: st
         raise ExportError(f"{ckpt}: no trained params were restored")
     cfg, model, tok = loaded.run_config, loaded.model, loaded.tokenizer
     scfg = model.config
-    require_qformer(scfg.adapter, ckpt, "the HF export")
+    require_exportable(scfg, ckpt, "the HF export")
     trained = _trainable_paths(cfg.model_builder()(cfg, abstract=True))
     task_tok = TaskTokenizer(tok, add_bos=cfg.data.get("add_bos"))
     gen = _gen_settings(cfg, task_tok)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from esrt_jax.audio import real_window
 from esrt_jax.config import ConfigError
 from esrt_jax.data.tasks import DEFAULT_TASK, TaskTokenizer, bucket_for, get_task
 from esrt_jax.infer import generate as gen
@@ -49,17 +50,33 @@ def _pow2_bucket(n: int, cap: int) -> int:
 
 
 def encode_batch(graphdef, state, mel: np.ndarray, split: str, max_batch: int, *,
-                 from_encoder: bool = False, enc_frames: np.ndarray | None = None) -> np.ndarray:
+                 from_encoder: bool = False, enc_frames: np.ndarray | None = None,
+                 window: str = "padded") -> np.ndarray:
     """The edge computation: (B, n_mels, frames) -> features (B, *feature_shape) float32, the
     batch padded to a power-of-2 bucket so that a warm model never recompiles. Shared by
     `Translator.encode` and the edge client (`esrt_jax.edge.EdgeModel`, encoder + adapter only).
     `from_encoder`: the input is already the encoder output (B, P, d_model) (the feature cache).
     `enc_frames` (B,): real encoder frames per row (`audio.encoder_frames`), needed by an adapter
-    with attend_padding false (the callers that know the audio's length pass it)."""
+    with attend_padding false (the callers that know the audio's length pass it).
+    `window` "real" (`SpeechLLMConfig.encoder_window`): each row's mel is cut to its own
+    `audio.real_window` before the encoder (rows of one window run together; needs enc_frames), so
+    a clip's features never depend on its batch."""
     x = np.asarray(mel, np.float32)
+    f = None if enc_frames is None else np.asarray(enc_frames, np.int32)
+    if window == "real" and not from_encoder:
+        if f is None:
+            raise ValueError("this model's encoder reads real-length windows (model.encoder_window: real) "
+                             "and needs each clip's real frames (enc_frames)")
+        wins = np.array([real_window([n], x.shape[-1]) for n in f])
+        out = None
+        for w in sorted(set(wins.tolist())):
+            rows = np.flatnonzero(wins == w)
+            part = encode_batch(graphdef, state, x[rows, :, :w], split, max_batch, enc_frames=f[rows])
+            out = np.zeros((len(x), *part.shape[1:]), np.float32) if out is None else out
+            out[rows] = part
+        return out
     B = x.shape[0]
     Bp = _pow2_bucket(B, max_batch)
-    f = None if enc_frames is None else np.asarray(enc_frames, np.int32)
     if Bp != B:
         x = np.concatenate([x, np.zeros((Bp - B,) + x.shape[1:], np.float32)])
         f = None if f is None else np.concatenate([f, np.ones(Bp - B, np.int32)])
@@ -108,7 +125,8 @@ class Translator:
     def encode(self, mel: np.ndarray, enc_frames: np.ndarray | None = None) -> np.ndarray:
         """(B, n_mels, 3000) -> features (B, *feature_shape) float32 (batch padded to a bucket);
         enc_frames (B,): see `encode_batch`."""
-        return encode_batch(self.graphdef, self.state, mel, self.split, self.max_batch, enc_frames=enc_frames)
+        return encode_batch(self.graphdef, self.state, mel, self.split, self.max_batch, enc_frames=enc_frames,
+                            window=self.config.encoder_window)
 
     def adapt(self, enc: np.ndarray, enc_frames: np.ndarray | None = None) -> np.ndarray:
         """Cached encoder output (B, P, d_model) -> features, as `encode` without the encoder."""

@@ -52,6 +52,9 @@ class SpeechLLMConfig:
     scan_layers: bool = setting(True, help="scan over the LLM's stacked layers")
     remat: bool = setting(False, help="rematerialise LLM layers in the backward pass")
     split: Split = setting("projector", help="edge/cloud split point: after the qformer or the projector")
+    encoder_window: str = setting("padded", help="'padded': the encoder reads Whisper's 30 s window (LLM-SRT); "
+                                                 "'real': each clip's mel cut to its own length, rounded up "
+                                                 "to 1 s (needs adapter.attend_padding false)")
 
     def __post_init__(self):
         self.validate()
@@ -63,6 +66,10 @@ class SpeechLLMConfig:
         check(self.adapter.llm_dim == self.llm.hidden_size, "adapter.llm_dim",
               f"{self.adapter.llm_dim} does not match the LLM's hidden_size {self.llm.hidden_size}")
         check(self.split in ("qformer", "projector"), "split", f"unknown split point {self.split!r}")
+        check(self.encoder_window in ("padded", "real"), "encoder_window",
+              f"{self.encoder_window!r} is not 'padded' or 'real'")
+        check(self.encoder_window == "padded" or not self.adapter.attend_padding, "encoder_window",
+              "a 'real' window has no 30 s padding to attend to: set adapter.attend_padding: false too")
 
     @property
     def num_speech_tokens(self) -> int:

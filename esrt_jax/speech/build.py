@@ -195,6 +195,7 @@ def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
         feat = {"enc": ((scfg.encoder.max_source_positions, scfg.encoder.d_model),
                         jnp.bfloat16 if cache.meta["dtype"] == "bfloat16" else jnp.float32)}
     else:
+        _no_cache_window(SpeechModelConfig.of(cfg))
         feat = {"mel": ((n_mels, frames), jnp.float32)}
     bundle.batch_spec = lambda rows: {
         **{k: jax.ShapeDtypeStruct((rows, *shape), dt) for k, (shape, dt) in feat.items()},
@@ -248,6 +249,7 @@ def _build_align(cfg: RunConfig, *, abstract: bool) -> TrainBundle:
         feat = {"enc": ((e.max_source_positions, e.d_model),
                         jnp.bfloat16 if cache.meta["dtype"] == "bfloat16" else jnp.float32)}
     else:
+        _no_cache_window(SpeechModelConfig.of(cfg))
         feat = {"mel": ((e.num_mel_bins, N_FRAMES), jnp.float32)}
     labels = max(tuple(cfg.data.get("text_buckets", (64, 128, 256))))
     bundle.batch_spec = lambda rows: {
@@ -291,7 +293,20 @@ def _feature_cache(cfg: RunConfig, encoder):
     cache = FeatureCache(cfg.data["encoder_cache"])
     if encoder is not None:
         cache.check(encoder_fingerprint(encoder))
+    window = SpeechModelConfig.of(cfg).encoder_window
+    if cache.window != window:
+        raise ConfigError(f"data.encoder_cache: {cache.path} holds features of the {cache.window} encoder window, "
+                          f"but model.encoder_window is {window}; build a cache for it in a new folder "
+                          f"(python -m esrt_jax.data.encode_cache --config C --out DIR)")
     return cache
+
+
+def _no_cache_window(scfg: SpeechModelConfig) -> None:
+    """Without the cache the pipeline's 30 s mels reach the encoder inside the step, uncut."""
+    if scfg.encoder_window == "real":
+        raise ConfigError("model.encoder_window: real trains on the encoder cache (the data pipeline emits "
+                          "30 s mels): set data.encoder_cache (python -m esrt_jax.data.encode_cache --config C "
+                          "--out DIR)")
 
 
 def _pad_id(cfg: RunConfig) -> int:

@@ -68,6 +68,10 @@ class SpeechModelConfig:
     scan_layers: bool = setting(True, help="scan over stacked layers (one compiled layer) in encoder and LLM")
     remat: bool = setting(False, help="rematerialise LLM layers in the backward pass (less memory)")
     split: str = setting("projector", help="edge/cloud split point: after the 'qformer' or the 'projector'")
+    encoder_window: str = setting("padded", help="'padded': the encoder reads Whisper's 30 s window (LLM-SRT); "
+                                                 "'real': each clip's mel cut to its own length, rounded up to 1 s "
+                                                 "(faster; needs adapter.attend_padding false and, to train, an encoder "
+                                                 "cache built the same way)")
     seed: int = setting(0, help="seed of the randomly initialised parts")
     decode: dict[str, Any] = setting(factory=dict, help="generation settings of the dev decodes in training "
                                                       f"({', '.join(DECODE_KEYS)})")
@@ -111,7 +115,8 @@ class SpeechModelConfig:
                                             "llm_dim": llm.hidden_size}, prefix="model.adapter")
         return SpeechLLMConfig(enc, adapter, llm, lora=lora, llm_dtype=self.llm_dtype,
                                llm_param_dtype=self.llm_param_dtype, scan_layers=self.scan_layers,
-                               remat=self.remat, split=self.split)
+                               remat=self.remat, split=self.split,
+                               encoder_window=self.encoder_window)
 
     def generation_settings(self, *, inference: bool) -> dict[str, Any]:
         """`decode` (dev decodes), with `infer` over it for inference; unset (null) keys dropped."""
