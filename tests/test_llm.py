@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 from esrt_jax.config import ConfigError  # noqa: E402
 from esrt_jax.convert import hf_io  # noqa: E402
 from esrt_jax.convert.llm import load_hf_model  # noqa: E402
+from helpers_llm import left_padded_batch, tiny_hf_pair  # noqa: E402
 from esrt_jax.infer import generate as gen  # noqa: E402
 from esrt_jax.models import llm  # noqa: E402
 
@@ -62,32 +63,11 @@ FAMILIES = ["qwen2", "qwen3", "llama", "gemma3"]
 B, T = 3, 16
 
 
-def _batch():
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, 256, (B, T)).astype(np.int32)
-    mask = np.ones((B, T), bool)
-    mask[1, :5] = False   # left padding
-    mask[2, :11] = False
-    ids[~mask] = 0
-    pos = np.maximum(np.cumsum(mask, -1) - 1, 0).astype(np.int32)
-    return ids, mask, pos
-
-
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     out = {}
     for name, (hc, cls) in _hf_configs().items():
-        hc._attn_implementation = "eager"
-        torch.manual_seed(0)
-        tm = cls(hc).eval()
-        with torch.no_grad():  # make norms / biases non-trivial so they are really tested
-            for n, p in tm.named_parameters():
-                if "norm" in n or n.endswith("bias"):
-                    p.add_(torch.randn_like(p) * 0.2)
-        d = tmp_path_factory.mktemp(name)
-        tm.save_pretrained(d)
-        cfg = llm.config_from_hf(hc)
-        out[name] = (tm, d, cfg, load_hf_model(d, cfg=cfg))
+        out[name] = tiny_hf_pair(cls, hc, tmp_path_factory.mktemp(name))
     return out
 
 
@@ -120,7 +100,7 @@ def _torch_logits(tm, ids, mask, pos):
 @pytest.mark.parametrize("fam", FAMILIES + ["llama_dynamic"])
 def test_logits_parity_left_padded(families, fam):
     tm, _, cfg, model = families[fam]
-    ids, mask, pos = _batch()
+    ids, mask, pos = left_padded_batch(B, T)
     ref = _torch_logits(tm, ids, mask, pos)
     ours = forward(model, ids, pos, mask)
     assert ours.shape == (B, T, cfg.vocab_size) and ours.dtype == np.float32
@@ -132,7 +112,7 @@ def test_logits_parity_left_padded(families, fam):
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_greedy_generation_matches_transformers(families, fam):
     tm, _, cfg, model = families[fam]
-    ids, mask, _ = _batch()
+    ids, mask, _ = left_padded_batch(B, T)
     ours = np.asarray(greedy_generate(model, ids, mask, 20, eos_token_id=None, pad_token_id=0))
     with torch.no_grad():
         ref = tm.generate(input_ids=torch.tensor(ids, dtype=torch.long),
@@ -145,7 +125,7 @@ def test_greedy_generation_matches_transformers(families, fam):
 
 def test_greedy_stops_at_eos_and_pads(families):
     _, _, _, model = families["qwen2"]
-    ids, mask, _ = _batch()
+    ids, mask, _ = left_padded_batch(B, T)
     free = np.asarray(greedy_generate(model, ids, mask, 8, eos_token_id=None))
     eos = int(free[0, 2])  # row 0 emits this at step 2 -> it must stop there
     out = np.asarray(greedy_generate(model, ids, mask, 8, eos_token_id=eos, pad_token_id=255))
@@ -161,7 +141,7 @@ def test_greedy_stops_at_eos_and_pads(families):
 def test_cache_chunks_equal_full_forward(families):
     """Prefill 10 tokens, then 3 + 1 + 1 + 1 with the cache == one full forward (gemma3: sliding)."""
     _, _, _, model = families["gemma3"]
-    ids, mask, pos = _batch()
+    ids, mask, pos = left_padded_batch(B, T)
     full = forward(model, ids, pos, mask)
     cache = model.init_cache(B, 24, jnp.float32)
     step = jax.jit(lambda g, s, x, p, m, c: nnx.merge(g, s)(x, p, m, c), static_argnums=0)
@@ -179,7 +159,7 @@ def test_cache_chunks_equal_full_forward(families):
 
 def test_scan_loop_remat_identical(families):
     _, d, cfg, base = families["gemma3"]
-    ids, mask, pos = _batch()
+    ids, mask, pos = left_padded_batch(B, T)
     state = nnx.state(base)
     variants = {}
     for scan, remat in [(True, False), (False, False), (True, True), (False, True)]:
@@ -314,6 +294,6 @@ def test_gemma3_multimodal_checkpoint_text_part(tmp_path):
     assert prefix in ("language_model.model.", "model.language_model.")
     m = load_hf_model(tmp_path)  # config.json model_type 'gemma3' -> text_config
     assert m.config.model_type == "gemma3_text" and m.config.vocab_size == 300
-    ids, mask, pos = _batch()
+    ids, mask, pos = left_padded_batch(B, T)
     ref = _torch_logits(tm, ids, mask, pos)
     assert np.abs(forward(m, ids, pos, mask) - ref)[mask].max() <= 1e-4

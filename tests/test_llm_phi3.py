@@ -26,6 +26,7 @@ from esrt_jax.convert.peft import export_peft_adapter  # noqa: E402
 from esrt_jax.models import llm  # noqa: E402
 from esrt_jax.models.layers import LoraParam  # noqa: E402
 from esrt_jax.sharding import DEFAULT_RULES, make_mesh  # noqa: E402
+from helpers_llm import left_padded_batch, tiny_hf_pair  # noqa: E402
 
 B, T, V = 3, 16, 256
 CONFIGS = {
@@ -46,30 +47,8 @@ def phi3(tmp_path_factory):
     """name -> (torch model, saved dir, our config, our model)."""
     out = {}
     for name, kw in CONFIGS.items():
-        hc = _hf_config(**kw)
-        hc._attn_implementation = "eager"
-        torch.manual_seed(0)
-        tm = transformers.Phi3ForCausalLM(hc).eval()
-        with torch.no_grad():  # norms away from 1 so that they are really mapped
-            for n, p in tm.named_parameters():
-                if "norm" in n:
-                    p.add_(torch.randn_like(p) * 0.2)
-        d = tmp_path_factory.mktemp(name)
-        tm.save_pretrained(d)
-        cfg = llm.config_from_hf(hc)
-        out[name] = (tm, d, cfg, load_hf_model(d, cfg=cfg))
+        out[name] = tiny_hf_pair(transformers.Phi3ForCausalLM, _hf_config(**kw), tmp_path_factory.mktemp(name))
     return out
-
-
-def _batch():
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, V, (B, T)).astype(np.int32)
-    mask = np.ones((B, T), bool)
-    mask[1, :5] = False  # left padding
-    mask[2, :11] = False
-    ids[~mask] = 0
-    pos = np.maximum(np.cumsum(mask, -1) - 1, 0).astype(np.int32)
-    return ids, mask, pos
 
 
 def _ours(model, ids, mask, pos):
@@ -92,7 +71,7 @@ def _torch(tm, ids, mask, pos):
 def test_logits_parity_left_padded(phi3, name):
     tm, _, cfg, model = phi3[name]
     assert type(cfg).__name__ == "Phi3Config" and cfg.num_key_value_heads < cfg.num_attention_heads
-    ids, mask, pos = _batch()
+    ids, mask, pos = left_padded_batch(B, T, V)
     diff = np.abs(_ours(model, ids, mask, pos) - _torch(tm, ids, mask, pos))[mask].max()
     print(f"phi3 {name}: logits max abs diff {diff:.2e}")
     assert diff <= 1e-4
@@ -118,7 +97,7 @@ def test_hf_ours_hf_round_trip(phi3, name, tmp_path):
     assert hf["architectures"] == ["Phi3ForCausalLM"] and llm.config_from_hf(hf) == cfg
     assert llm.config_from_hf(transformers.AutoConfig.for_model(**cfg.to_hf_config())) == cfg
     tm2 = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    ids, mask, pos = _batch()
+    ids, mask, pos = left_padded_batch(B, T, V)
     np.testing.assert_array_equal(_torch(tm2, ids, mask, pos)[mask], _torch(tm, ids, mask, pos)[mask])
 
 
@@ -133,7 +112,7 @@ def test_lora_merges_into_the_fused_tensor_and_sharded_load(phi3, tmp_path):
     upd = {p: v.replace(jnp.asarray(rng.normal(size=v.get_value().shape).astype(np.float32) * 0.1))
            for p, v in flat.items() if p[-1] == "lora_b"}
     nnx.update(model, nnx.from_flat_state(upd))
-    ids, mask, pos = _batch()
+    ids, mask, pos = left_padded_batch(B, T, V)
     ours = _ours(model, ids, mask, pos)
     assert np.abs(ours - _torch(tm, ids, mask, pos))[mask].max() > 1e-3  # the LoRA changes the output
     merged = transformers.AutoModelForCausalLM.from_pretrained(export_hf(model, tmp_path / "merged"),

@@ -26,11 +26,11 @@ def require_exportable(model_cfg: Any, source: Any, target: str) -> None:
     window-means adapter (`adapter.window_means`) and real-length encoder windows
     (`encoder_window: real`) have no layout there yet: refuse before writing anything."""
     a = model_cfg.adapter
-    if getattr(a, "window_means", 0):
+    if a.window_means:
         raise ExportError(f"{source}: {target} holds the Q-Former adapter; this model's adapter is "
                           f"window means (adapter.window_means: {a.window_means}), which it cannot "
                           f"hold yet (its checkpoint serves with infer/serve/edge as it is)")
-    if getattr(model_cfg, "encoder_window", "padded") != "padded":
+    if model_cfg.encoder_window != "padded":
         raise ExportError(f"{source}: {target} runs the encoder on Whisper's 30 s window; this model reads "
                           f"real-length windows (encoder_window: {model_cfg.encoder_window}), which it cannot "
                           f"describe yet (its checkpoint serves with infer/serve as it is)")
