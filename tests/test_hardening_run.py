@@ -6,6 +6,7 @@ manifest is set aside with one notice and no "Event loop is closed" tracebacks (
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -223,6 +224,32 @@ for n, damage in enumerate(["manifest", "data"] * 3):
     assert ck.restore_latest(*ab)["meta"]["step"] == 1
     ck.close()
 """
+
+
+def test_unretrieved_sibling_read_failures_are_not_logged(caplog):
+    """The other reads of a batch whose first failure Orbax raised end as tasks nobody awaits;
+    when they are collected asyncio logged each with a traceback. Other task failures still log."""
+    import asyncio
+    import gc
+
+    import esrt_jax.train.checkpoint  # noqa: F401  (installs the filters)
+
+    async def fail(msg):
+        raise ValueError(msg)
+
+    def orphan(msg):
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(fail(msg))
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        del task
+        gc.collect()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        orphan('OUT_OF_RANGE: Error opening "zarr" driver [tensorstore_spec=\'{}\']')
+        assert not caplog.records
+        orphan("a bug of ours")
+        assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Task exception was never retrieved"]
 
 
 def test_step_without_its_ocdbt_manifest_is_set_aside_with_one_notice_only(tmp_path):

@@ -20,8 +20,9 @@ A save that the file system refuses (a full disk, a read-only mount) is a `Check
 one line naming the folder, the step and the cause; the step's partial temporary folder is
 removed and the earlier steps are left as they were. Orbax's own reports of that failure (absl
 ERROR records with tracebacks from its save threads) and tensorstore's "Event loop is closed"
-callbacks into the event loop Orbax already closed are dropped: they are noise around a cause
-that is reported once (see `_quiet_orbax`).
+callbacks into the event loop Orbax already closed, and asyncio's "Task exception was never
+retrieved" for the other reads of a failed batch, are dropped: they are noise around a cause that
+is reported once (see `_quiet_orbax`).
 """
 
 from __future__ import annotations
@@ -88,6 +89,16 @@ class _OrbaxWriteFailureFilter(logging.Filter):
         return os_cause(exc) is None and not _OS_CODE.search(record.getMessage())
 
 
+class _SiblingFailureFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for a tensorstore error: another read or
+    write of a batch whose first failure Orbax already raised (and `Checkpointer` reported)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage().startswith("Task exception was never retrieved")
+                    and exc is not None and "tensorstore_spec" in str(exc))
+
+
 def _closed_loop_callback(u) -> bool:
     """An unraisable `RuntimeError('Event loop is closed')` from `loop.call_soon_threadsafe`:
     tensorstore delivering the result of a read or write that Orbax stopped waiting for (the first
@@ -104,11 +115,13 @@ def _closed_loop_callback(u) -> bool:
 
 
 def _quiet_orbax() -> None:
-    """Install `_OrbaxWriteFailureFilter` on absl's logger (Orbax logs through absl) and a
-    `sys.unraisablehook` that drops `_closed_loop_callback` noise and passes the rest on."""
-    absl = logging.getLogger("absl")
-    if not any(isinstance(f, _OrbaxWriteFailureFilter) for f in absl.filters):
-        absl.addFilter(_OrbaxWriteFailureFilter())
+    """Install `_OrbaxWriteFailureFilter` on absl's logger (Orbax logs through absl),
+    `_SiblingFailureFilter` on asyncio's, and a `sys.unraisablehook` that drops
+    `_closed_loop_callback` noise and passes the rest on."""
+    for name, kind in (("absl", _OrbaxWriteFailureFilter), ("asyncio", _SiblingFailureFilter)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
     prev = sys.unraisablehook
     if getattr(prev, "_esrt_quiet", False):
         return
