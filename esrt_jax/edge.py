@@ -13,9 +13,14 @@ one request per segment, sent concurrently so that the service batches them; the
 joined in order (`esrt_jax.infer.longform`) and the output lists each segment's start/end seconds.
 
 Two runtimes of the edge half with one interface (`split`, `feature_shape`, `mel_shape`,
-`encode(mel) -> features`): `EdgeModel` (our jitted JAX model, from the run config + checkpoint)
-and `OnnxEdgeModel` (the file `python -m esrt_jax.export --edge --format onnx` writes, run by
-onnxruntime; its model fingerprint comes from the file's metadata). Before sending, the client
+`encode(mel, enc_frames) -> features`, the one of `Translator.encode`): `EdgeModel` (our jitted JAX
+model, from the run config + checkpoint) and `OnnxEdgeModel` (the file `python -m esrt_jax.export
+--edge --format onnx` writes, run by onnxruntime; its model fingerprint comes from the file's
+metadata). Every window goes with its real length (`enc_frames`, `audio.encoder_frames` of the
+segment's samples): an adapter with `attend_padding: false` (and `window_means`, and
+`model.encoder_window: real`, which also cuts each clip's mel to its own window) reads only those
+frames, so the features equal the in-process ones (`python -m esrt_jax.infer`); the ONNX graph
+attends over the whole window and its export refuses such a model. Before sending, the client
 checks the service's fingerprint and split point (`GET /healthz`) and refuses a mismatch.
 
 Library use::
@@ -77,11 +82,13 @@ class EdgeModel:
     def mel_shape(self) -> tuple[int, int]:
         return self.config.encoder.num_mel_bins, self.config.encoder.num_frames
 
-    def encode(self, mel: np.ndarray) -> np.ndarray:
-        """(B, n_mels, frames) -> (B, *feature_shape) float32 (batch padded to a power of 2)."""
+    def encode(self, mel: np.ndarray, enc_frames: np.ndarray | None = None) -> np.ndarray:
+        """(B, n_mels, frames) + real encoder frames (B,) -> (B, *feature_shape) float32 (batch padded
+        to a power of 2): `Translator.encode`'s computation (`encode_batch`, the model's window)."""
         from esrt_jax.infer.translator import encode_batch  # JAX: see __init__
 
-        return encode_batch(self.graphdef, self.state, mel, self.split, self.max_batch)
+        return encode_batch(self.graphdef, self.state, mel, self.split, self.max_batch, enc_frames=enc_frames,
+                            window=self.config.encoder_window)
 
 
 def load_edge(config, checkpoint, overrides: Sequence[str] = (), *, split: str | None = None
@@ -97,8 +104,10 @@ def load_edge(config, checkpoint, overrides: Sequence[str] = (), *, split: str |
 class OnnxEdgeModel:
     """The exported edge half (`esrt_jax.export.onnx_edge`) in onnxruntime, CPU: no JAX.
 
-    mel (B, n_mels, frames) -> features (B, *feature_shape) float32 (any batch size). `threads`:
-    onnxruntime's intra-op threads (default: its own, one per core).
+    mel (B, n_mels, frames) -> features (B, *feature_shape) float32 (any batch size). The graph
+    attends over the whole window (the export refuses an adapter with attend_padding false), so
+    the real lengths `encode` takes do not change its features. `threads`: onnxruntime's intra-op
+    threads (default: its own, one per core).
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
@@ -146,8 +155,8 @@ class OnnxEdgeModel:
                 raise EdgeModelError(f"{self.path}: metadata {key} says {name} is (B, {', '.join(map(str, want))}), "
                                      f"the graph's {name} is {shape}: the file was altered")
 
-    def encode(self, mel: np.ndarray) -> np.ndarray:
-        """(B, n_mels, frames) -> (B, *feature_shape) float32."""
+    def encode(self, mel: np.ndarray, enc_frames: np.ndarray | None = None) -> np.ndarray:
+        """(B, n_mels, frames) -> (B, *feature_shape) float32; enc_frames (B,): unused (see above)."""
         x = np.ascontiguousarray(mel, np.float32)
         if x.ndim != 3 or x.shape[1:] != self.mel_shape:
             raise ValueError(f"edge model {self.path} expects mel (B, {self.mel_shape[0]}, "
@@ -183,9 +192,9 @@ class EdgeEncoder:
     def split(self) -> str:
         return self.translator.split
 
-    def features(self, mels: np.ndarray) -> np.ndarray:
-        """(B, n_mels, frames) -> (B, *feature_shape) float32."""
-        return self.translator.encode(mels)
+    def features(self, mels: np.ndarray, enc_frames: np.ndarray | None = None) -> np.ndarray:
+        """(B, n_mels, frames) + real encoder frames (B,) (`enc_frames`) -> (B, *feature_shape) float32."""
+        return self.translator.encode(mels, enc_frames)
 
     def mel(self, path: str | os.PathLike) -> np.ndarray:
         """One window (n_mels, num_frames): longer audio is cut (with a warning)."""
@@ -196,16 +205,22 @@ class EdgeEncoder:
         """Audio file -> (log-mel (S, n_mels, num_frames), its S segments)."""
         return audio_lib.mel_segments(path, self.n_mels, self.num_frames, segment=segment)
 
+    def enc_frames(self, segs: Sequence[audio_lib.Segment]) -> np.ndarray:
+        """Segments -> the real encoder frames (S,) of each (what `features` takes)."""
+        return np.array([audio_lib.encoder_frames(s.end - s.start, self.num_frames // 2) for s in segs], np.int32)
+
     def payload(self, features: np.ndarray) -> bytes:
         """One utterance's features (*feature_shape) -> payload bytes."""
         return pl.encode(features, fingerprint=self.fingerprint, split=self.split, scheme=self.scheme,
                          group_size=self.group_size, compress=self.compress)
 
     def payloads(self, paths: Sequence[str | os.PathLike], batch: int = 8) -> list[bytes]:
+        """One payload per file, each one window (longer audio is cut, with a warning)."""
         out = []
         for i in range(0, len(paths), batch):
-            mels = np.stack([self.mel(p) for p in paths[i:i + batch]])
-            out += [self.payload(f) for f in self.features(mels)]
+            windows = [self.segments(p, segment=False) for p in paths[i:i + batch]]
+            mels = np.concatenate([m for m, _ in windows])
+            out += [self.payload(f) for f in self.features(mels, self.enc_frames([s for _, (s,) in windows]))]
         return out
 
 
@@ -308,7 +323,9 @@ class EdgeClient(EdgeEncoder):
         "bytes_sent", "segments": [{"start", "end", "transcription", "translation", "batch_size",
         "bytes_sent"}]}; only payloads are sent, one per segment (`bytes_sent`: their total)."""
         mels, segs = self.segments(path, segment)
-        feats = np.concatenate([self.features(mels[i:i + batch]) for i in range(0, len(mels), batch)])
+        frames = self.enc_frames(segs)
+        feats = np.concatenate([self.features(mels[i:i + batch], frames[i:i + batch])
+                                for i in range(0, len(mels), batch)])
         bodies = [self.payload(f) for f in feats]
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(bodies)))) as ex:
             outs = list(ex.map(lambda b: self.send(b, src, tgt), bodies))

@@ -5,7 +5,10 @@
 writes OUT/edge.onnx (fp32) and, with `--int8`, OUT/edge.int8.onnx (dynamic int8 weights,
 `onnxruntime.quantization.quantize_dynamic`): mel (B, n_mels, frames) float32 -> features
 (B, *feature_shape) float32, B dynamic (batch 1 and any small batch run the same file). The log-mel
-front end stays in numpy on the device (`esrt_jax.audio`, no JAX needed).
+front end stays in numpy on the device (`esrt_jax.audio`, no JAX needed). The graph has no input for
+each clip's real length, so an adapter with `attend_padding: false` (the one configs/real_small.yaml
+trains, `window_means`, `encoder_window: real`) is refused in one line (`require_full_window`): its
+edge runs with `python -m esrt_jax.edge --runtime jax`.
 
 The graph is written node by node from our params with `onnx.helper` (no tracing exporter): it
 uses onnxruntime's fused CPU kernels from the `com.microsoft` domain where they exist -
@@ -192,6 +195,19 @@ def _adapter(g: _Graph, p: Mapping[str, np.ndarray], cfg: QFormerConfig, enc: st
                 axis=-1, epsilon=float(cfg.projector_eps))
 
 
+def require_full_window(cfg: Any) -> None:
+    """The graph's only input is the mel and its cross-attention attends over every encoder frame:
+    an adapter with attend_padding false (window_means, window_queries, `encoder_window: real`
+    included) needs each clip's real frames, which it cannot get; refuse before writing anything."""
+    a = cfg.adapter
+    if not a.attend_padding:
+        how = ("window means" if a.window_means else "windowed queries" if a.window_queries else "cross-attention")
+        how += ", real-length encoder windows" if cfg.encoder_window == "real" else ""
+        raise ExportError(f"--edge --format onnx: this model's adapter has attend_padding: false ({how} over each "
+                          f"clip's real encoder frames), and the ONNX edge graph takes only the mel, not those "
+                          f"lengths; run its edge half with `python -m esrt_jax.edge --runtime jax` instead")
+
+
 def edge_model_proto(half: Any, fingerprint: str, split: str | None = None):
     """An `EdgeHalf` (or `SpeechLLM`: its encoder, adapter and config) -> `onnx.ModelProto`:
     mel (B, n_mels, frames) -> features (B, *feature_shape), with the metadata above."""
@@ -201,6 +217,7 @@ def edge_model_proto(half: Any, fingerprint: str, split: str | None = None):
     if split not in ("qformer", "projector"):
         raise ExportError(f"unknown split point {split!r}; use qformer or projector")
     enc_cfg, ad_cfg = cfg.encoder, cfg.adapter
+    require_full_window(cfg)
     require_exportable(cfg, "--edge", "the ONNX edge model")
     g = _Graph()
     mel = "mel"
@@ -258,6 +275,7 @@ def export_edge_onnx(half: Any, fingerprint: str, out: str | os.PathLike, *, spl
     truncated model under a final name; the temporary folder (and quantize_dynamic's intermediate
     `*-inferred.onnx`) is removed either way. An OSError becomes an ExportError with its one-line cause."""
     out = Path(out)
+    require_full_window(half.config)  # before OUT is made
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".edge-tmp-", dir=out))
     try:

@@ -63,6 +63,9 @@ def encode_batch(graphdef, state, mel: np.ndarray, split: str, max_batch: int, *
     a clip's features never depend on its batch."""
     x = np.asarray(mel, np.float32)
     f = None if enc_frames is None else np.asarray(enc_frames, np.int32)
+    if f is not None and f.shape != x.shape[:1]:
+        raise ValueError(f"enc_frames holds {f.size} length(s) for {x.shape[0]} clip(s): give one real "
+                         f"encoder frame count per clip (shape (B,))")
     if window == "real" and not from_encoder:
         if f is None:
             raise ValueError("this model's encoder reads real-length windows (model.encoder_window: real) "
