@@ -8,10 +8,12 @@ logits on [speech][text], and the card's torch snippet gives our speech embeddin
 """
 
 import contextlib
+import functools
 import io
 import json
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ import soundfile as sf
 import torch
 import yaml
 from safetensors.numpy import load_file
+from flax import nnx
 from transformers import AutoModelForCausalLM
 
 from esrt_jax import export as ex
@@ -26,6 +29,7 @@ from esrt_jax.audio import encoder_frames, mel_for_model
 from esrt_jax.config import CheckpointError
 from esrt_jax.convert.llm_srt import save_llm_srt_adapter
 from esrt_jax.export.common import require_exportable
+from esrt_jax.infer.translator import encode_batch
 from esrt_jax.models.llm import positions_from_mask
 from esrt_jax.models.qformer import flat_params
 from esrt_jax.speech.load import load_model, translator_for
@@ -54,14 +58,22 @@ def run(tmp_path_factory):
     mel = np.stack([mel_for_model(a, 80, FRAMES) for a in audio])
     frames = np.array([encoder_frames(a.size, FRAMES // 2) for a in audio], np.int32)
     orig = load_model(cfg_path, run_dir)
+    speech = translator_for(orig).encode(mel, frames)
+    ids = np.random.default_rng(0).integers(3, 300, (2, 7))
     return {"d": d, "out": out, "new": d / "imported", "orig": orig, "clips": clips, "mel": mel,
-            "frames": frames, "speech": translator_for(orig).encode(mel, frames)}
+            "frames": frames, "speech": speech, "ids": ids, "logits": _logits(orig.model, speech, ids)}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_logits(graphdef, state, speech, ids):
+    model = nnx.merge(graphdef, state)
+    embeds, mask = model.llm_inputs(speech, ids, jnp.ones(ids.shape, jnp.int32))
+    return model.llm(embeds, positions_from_mask(mask), mask)[0]
 
 
 def _logits(model, speech, ids):
     """Our LLM's logits on [speech][text] (B, Q' + T, V)."""
-    embeds, mask = model.llm_inputs(jnp.asarray(speech), jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32))
-    return np.asarray(model.llm(embeds, positions_from_mask(mask), mask)[0])
+    return np.asarray(_jit_logits(*nnx.split(model), jnp.asarray(speech), jnp.asarray(ids)))
 
 
 def test_export_holds_the_window_means_adapter_and_the_real_window(run):
@@ -100,20 +112,17 @@ def test_reimported_run_gives_the_same_embeddings_and_logits(run):
     again = load_model(new / "config.yaml", new)
     assert again.step == 5 and again.stage == "srt"
     assert again.model.config.encoder_window == "real" and again.model.config.adapter.window_means == 2
-    speech = translator_for(again).encode(run["mel"], run["frames"])
+    tr = translator_for(again)
+    speech = tr.encode(run["mel"], run["frames"])
     np.testing.assert_allclose(speech, run["speech"], atol=1e-5, rtol=0)
-    # the window matters: on the full 2 s window the short clip's embeddings differ
-    padded = np.asarray(again.model.encode(jnp.asarray(run["mel"]), enc_frames=jnp.asarray(run["frames"])))
-    assert np.abs(padded[0] - speech[0]).max() > 1e-3 and np.allclose(padded[1], speech[1], atol=1e-5)
-    ids = np.random.default_rng(0).integers(3, 300, (2, 7))
-    ours = _logits(run["orig"].model, run["speech"], ids)
-    np.testing.assert_allclose(_logits(again.model, speech, ids), ours, atol=1e-5, rtol=0)
+    # the window matters: on the full 2 s window (the long clip's) the short clip's embeddings differ
+    padded = encode_batch(tr.graphdef, tr.state, run["mel"][:1], tr.split, 1, enc_frames=run["frames"][:1])
+    assert np.abs(padded[0] - speech[0]).max() > 1e-3
+    np.testing.assert_allclose(_logits(again.model, speech, run["ids"]), run["logits"], atol=1e-5, rtol=0)
 
 
 def test_exported_llm_and_the_cards_snippet_in_pytorch(run):
-    out, speech = run["out"], run["speech"]
-    ids = np.random.default_rng(1).integers(3, 300, (2, 7))
-    ours = _logits(run["orig"].model, speech, ids)
+    out, speech, ids, ours = run["out"], run["speech"], run["ids"], run["logits"]
     hf = AutoModelForCausalLM.from_pretrained(out / "llm", dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         text = hf.get_input_embeddings()(torch.from_numpy(ids).long())
