@@ -223,7 +223,7 @@ def test_real_lengths_trimmed_batches_and_attend_padding_false(built, tmp_path):
     cfg["model"]["adapter"]["attend_padding"] = False
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="no audio lengths"):
-        build_model(load_run_config(tmp_path / "run.yaml").for_stage("srt"), abstract=True)
+        build_model(load_run_config(tmp_path / "run.yaml").for_stage("srt"), abstract=True).batch_spec(1)
     # rerunning the build on the older cache adds the lengths and leaves its shards alone
     stats = ec.build(model.encoder, keys, load, old, shard_size=4, batch=3, progress=False)
     assert stats == {"built": 0, "skipped": 2, "frames_added": 2, "rebuilt": 0}
@@ -288,8 +288,11 @@ def test_real_windows_cache_and_inference_agree(tmp_path):
     cfg = yaml.safe_load(RUN_CONFIG.format(run_dir=tmp_path / "runs", tok_dir=tmp_path / "tok"))
     cfg["model"].update(encoder_window="real")
     cfg["model"]["adapter"]["attend_padding"] = False
+    # (an abstract build opens no data, so that inference, export and import need no cache: the dry
+    # run's batch shapes, like training's build, check it)
     for cache_dir, match in ((tmp_path / "p", "padded encoder window"), (None, "trains on the encoder cache")):
         cfg["data"]["encoder_cache"] = None if cache_dir is None else str(cache_dir)
         (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+        bundle = build_model(load_run_config(tmp_path / "run.yaml").for_stage("srt"), abstract=True)
         with pytest.raises(ConfigError, match=match):
-            build_model(load_run_config(tmp_path / "run.yaml").for_stage("srt"), abstract=True)
+            bundle.batch_spec(1)

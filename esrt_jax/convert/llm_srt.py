@@ -41,9 +41,18 @@ from esrt_jax.models.qformer import (
 PREFIX = "encoder_projector."
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
+def require_qformer(cfg: QFormerConfig, source: str) -> None:
+    """LLM-SRT's format is its `EncoderProjectorQFormer`: refuse the window-means adapter (no Q-Former)."""
+    if cfg.window_means:
+        raise CheckpointError(f"{source}: LLM-SRT's adapter format holds a Q-Former; this adapter is window "
+                              f"means (adapter.window_means: {cfg.window_means}), which it cannot hold (our "
+                              f"layout, esrt_jax.models.qformer.flat_params, does: the HF export writes it)")
+
+
 def llm_srt_to_flat(cfg: QFormerConfig, state_dict: Mapping[str, np.ndarray], *, prefix: str = PREFIX,
                     source: str = "LLM-SRT state dict") -> dict[str, np.ndarray]:
     """LLM-SRT tensors under `prefix` -> our flat `SpeechAdapter` params (shapes checked by the loader)."""
+    require_qformer(cfg, source)
     wanted = {m.hf_name: m for m in projector_maps(cfg, "hf_to_ours")}
     out: dict[str, np.ndarray] = {}
     for name, arr in state_dict.items():
@@ -68,6 +77,7 @@ def llm_srt_to_flat(cfg: QFormerConfig, state_dict: Mapping[str, np.ndarray], *,
 def flat_to_llm_srt(cfg: QFormerConfig, flat: Mapping[str, np.ndarray], *, prefix: str = PREFIX
                     ) -> dict[str, np.ndarray]:
     """Our flat `SpeechAdapter` params -> LLM-SRT state-dict tensors (numpy) under `prefix`."""
+    require_qformer(cfg, "the LLM-SRT export")
     out = {}
     for m in projector_maps(cfg, "ours_to_hf"):
         ours = ".".join(m.path)

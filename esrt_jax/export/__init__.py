@@ -16,23 +16,28 @@ from the base weights it was trained on, restores the stage's trainable params f
                              with --peft: the untouched base (HF dir, or BASE_MODEL.json pointing
                              at the local base dir when its weights were frozen and unchanged)
                              plus OUT/llm/adapter/ (a PEFT LoRA adapter dir + tokenizer)
-    OUT/adapter/             model.safetensors      Q-Former + projector, our key names (below)
+    OUT/adapter/             model.safetensors      Q-Former (or window means) + projector, our
+                                                    key names (below)
                              config.json            our QFormerConfig + the HF Blip2QFormerConfig
+                                                    (null for window means)
                              llm_srt_adapter.safetensors  LLM-SRT state dict (`encoder_projector.*`)
                              llm_srt_adapter.pt     the same as a torch state dict (when torch is
-                                                    importable), what LLM-SRT's code loads
+                                                    importable), what LLM-SRT's code loads; neither
+                                                    for the window-means adapter (no Q-Former),
+                                                    which esrt_config.json says
     OUT/encoder/             the Whisper encoder as an HF dir (config.json + model.safetensors,
                              bare `WhisperEncoder` names), or BASE_MODEL.json pointing at the local
                              base Whisper dir (the encoder is frozen, so it is identical)
-    OUT/esrt_config.json     everything needed to reassemble the model: query length, pooling,
-                             split point, prompt format, languages, dims, tokenizer mode, the run
-                             config, file layout
+    OUT/esrt_config.json     everything needed to reassemble the model: the adapter's kind and
+                             sizes, pooling, split point, encoder window, prompt format, languages,
+                             dims, tokenizer mode, the run config, file layout
     OUT/README.md            a model card from the run config, dev metrics and eval summary
 
 Adapter key names (`OUT/adapter/model.safetensors`, `esrt_jax.models.qformer.flat_params`):
 `query` (1, Q, H); `qformer.layers.{i}.{attention,crossattention}.{query,key,value,out}.{kernel,bias}`,
 `...norm.{scale,bias}`, `qformer.layers.{i}.{ffn_in,ffn_out}.{kernel,bias}`, `...ffn_norm.*`,
-`qformer.layernorm.{scale,bias}`; projector `linear.*` or `linear1.*`/`linear2.*`; `norm.{scale,bias}`.
+`qformer.layernorm.{scale,bias}`; or, for the window-means adapter, `window_in.{kernel,bias}` instead
+of `query` and `qformer.*`; projector `linear.*` or `linear1.*`/`linear2.*`; `norm.{scale,bias}`.
 Kernels are stored (in, out) (the transpose of torch's Linear weight).
 
 Import writes `NEW_RUN_DIR/config.yaml` (the original run config with the model paths pointing into

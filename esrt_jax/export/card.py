@@ -85,7 +85,9 @@ def loading_snippet(ec: dict, out: str) -> str:
                      'f"{OUT}/llm/adapter").eval()',
                      'tok = AutoTokenizer.from_pretrained(f"{OUT}/llm/adapter")']
     pool = a.get("pool_k")
+    means = bool(a.get("window_means"))
     mask = a.get("attend_padding") is False
+    real = enc.get("window") == "real"
     lines = [
         "import json",
         "import os",
@@ -93,8 +95,10 @@ def loading_snippet(ec: dict, out: str) -> str:
         "import soundfile as sf",
         "import torch",
         "from safetensors.torch import load_file",
-        "from transformers import (AutoModelForCausalLM, AutoTokenizer, Blip2QFormerConfig, Blip2QFormerModel,",
-        "                          GenerationConfig, WhisperFeatureExtractor, WhisperModel)",
+        *(["from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, WhisperFeatureExtractor,",
+           "                          WhisperModel)"] if means else
+          ["from transformers import (AutoModelForCausalLM, AutoTokenizer, Blip2QFormerConfig, Blip2QFormerModel,",
+           "                          GenerationConfig, WhisperFeatureExtractor, WhisperModel)"]),
         "from transformers.models.whisper.modeling_whisper import WhisperEncoder",
         "",
         f"OUT = {json.dumps(out)}",
@@ -102,6 +106,55 @@ def loading_snippet(ec: dict, out: str) -> str:
         'ec = json.load(open(f"{OUT}/esrt_config.json"))',
         "",
         "",
+        *(_window_means_adapter(pool) if means else _qformer_adapter(pool)),
+        "",
+        "",
+        enc_line,
+        "adapter = Adapter(OUT).eval()",
+        *llm_lines,
+        "",
+        'audio, sr = sf.read(os.path.expanduser(CLIP), dtype="float32")',
+        'mel = WhisperFeatureExtractor(feature_size=ec["encoder"]["num_mel_bins"])(',
+        '    audio, sampling_rate=sr, return_tensors="pt").input_features[..., :ec["encoder"]["frames"]]',
+    ]
+    if mask or real:  # the real encoder frames of the clip (one per 20 ms of audio)
+        lines.append('frames = min(-(-len(audio) * 50 // sr), mel.shape[-1] // 2)')
+    if real:  # the encoder reads the clip's real length rounded up to 1 s, not the 30 s window
+        lines += ['win = min(mel.shape[-1], -(-2 * frames // ec["encoder"]["window_bucket"]) * '
+                  'ec["encoder"]["window_bucket"])',
+                  "mel = mel[..., :win]",
+                  "# transformers' WhisperEncoder insists on the 30 s window: give it the positions of this one",
+                  "encoder.embed_positions = torch.nn.Embedding.from_pretrained(encoder.embed_positions.weight[:win // 2])",
+                  "encoder.config.max_source_positions = win // 2"]
+    lines += [
+        'p = ec["prompt"]',
+        f'prompt = p["tasks"]["srt"]["prompt"].replace("<|src|>", "<|{src}|>").replace("<|tgt|>", "<|{tgt}|>")',
+        'ids = ([p["bos_token_id"]] if p["add_bos"] else []) + tok(prompt, add_special_tokens=False).input_ids',
+        "with torch.no_grad():",
+    ]
+    if means:
+        lines.append("    speech = adapter(encoder(mel).last_hidden_state, frames)  # (1, speech tokens, LLM hidden)")
+    elif mask:  # the adapter attends over the real frames only
+        lines += ['    enc_mask = (torch.arange(mel.shape[-1] // 2) < frames).long()[None]',
+                  "    speech = adapter(encoder(mel).last_hidden_state, enc_mask)"]
+    else:
+        lines.append("    speech = adapter(encoder(mel).last_hidden_state)  # (1, speech tokens, LLM hidden)")
+    lines += [
+        "    embeds = torch.cat([speech, llm.get_input_embeddings()(torch.tensor([ids]))], 1)  # [speech][prompt]",
+        '    gen = GenerationConfig(**ec["decode"], eos_token_id=p["eos_token_id"], pad_token_id=p["pad_token_id"])',
+        "    out = llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),",
+        "                       generation_config=gen)",
+        "text = tok.decode(out[0], skip_special_tokens=True)",
+        f'parts = text.split("<|{src}|><|{tgt}|>")  # as LLM-SRT\'s evaluation splits an SRT output',
+        'transcription, translation = parts if len(parts) == 2 else (text, text.split("|>")[-1])',
+        'print(json.dumps({"transcription": transcription.strip(), "translation": translation.strip()}))',
+    ]
+    return "\n".join(lines)
+
+
+def _qformer_adapter(pool) -> list[str]:
+    """The snippet's Adapter: LLM-SRT's module, from the LLM-SRT state dict."""
+    lines = [
         "class Adapter(torch.nn.Module):",
         "    \"\"\"LLM-SRT's EncoderProjectorQFormer: learned queries -> BLIP-2 Q-Former over the encoder output ->",
         "    projector (Linear, or Linear-ReLU-Linear) -> LayerNorm, from adapter/llm_srt_adapter.safetensors.\"\"\"",
@@ -125,40 +178,43 @@ def loading_snippet(ec: dict, out: str) -> str:
     ]
     if pool:
         lines.append(f"        h = h.unflatten(1, (-1, {pool})).mean(2)  # mean over windows of pool_k queries")
-    lines += [
+    return lines + [
         '        h = self.linear(h) if hasattr(self, "linear") else self.linear2(torch.relu(self.linear1(h)))',
         "        return self.norm(h)",
-        "",
-        "",
-        enc_line,
-        "adapter = Adapter(OUT).eval()",
-        *llm_lines,
-        "",
-        'audio, sr = sf.read(os.path.expanduser(CLIP), dtype="float32")',
-        'mel = WhisperFeatureExtractor(feature_size=ec["encoder"]["num_mel_bins"])(',
-        '    audio, sampling_rate=sr, return_tensors="pt").input_features[..., :ec["encoder"]["frames"]]',
-        'p = ec["prompt"]',
-        f'prompt = p["tasks"]["srt"]["prompt"].replace("<|src|>", "<|{src}|>").replace("<|tgt|>", "<|{tgt}|>")',
-        'ids = ([p["bos_token_id"]] if p["add_bos"] else []) + tok(prompt, add_special_tokens=False).input_ids',
-        "with torch.no_grad():",
     ]
-    if mask:  # the adapter attends over the real frames only (one per 20 ms of audio)
-        lines += ['    frames = min(-(-len(audio) * 50 // sr), mel.shape[-1] // 2)',
-                  '    enc_mask = (torch.arange(mel.shape[-1] // 2) < frames).long()[None]',
-                  "    speech = adapter(encoder(mel).last_hidden_state, enc_mask)"]
-    else:
-        lines.append("    speech = adapter(encoder(mel).last_hidden_state)  # (1, speech tokens, LLM hidden)")
-    lines += [
-        "    embeds = torch.cat([speech, llm.get_input_embeddings()(torch.tensor([ids]))], 1)  # [speech][prompt]",
-        '    gen = GenerationConfig(**ec["decode"], eos_token_id=p["eos_token_id"], pad_token_id=p["pad_token_id"])',
-        "    out = llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),",
-        "                       generation_config=gen)",
-        "text = tok.decode(out[0], skip_special_tokens=True)",
-        f'parts = text.split("<|{src}|><|{tgt}|>")  # as LLM-SRT\'s evaluation splits an SRT output',
-        'transcription, translation = parts if len(parts) == 2 else (text, text.split("|>")[-1])',
-        'print(json.dumps({"transcription": transcription.strip(), "translation": translation.strip()}))',
+
+
+def _window_means_adapter(pool) -> list[str]:
+    """The snippet's Adapter: esrt-jax's window-means adapter (no Q-Former), from our own layout."""
+    lines = [
+        "class Adapter(torch.nn.Module):",
+        "    \"\"\"esrt-jax's window-means adapter (no Q-Former): the clip's real encoder frames cut into",
+        "    num_queries x window_means equal parts; output i = GELU(Dense(the means of window i's parts side by",
+        "    side)) -> projector (Linear, or Linear-ReLU-Linear) -> LayerNorm, from adapter/model.safetensors",
+        "    (esrt-jax names, kernels (in, out)).\"\"\"",
+        "",
+        "    def __init__(self, out):",
+        "        super().__init__()",
+        '        self.cfg = json.load(open(f"{out}/adapter/config.json"))',
+        '        self.p = load_file(f"{out}/adapter/model.safetensors")',
+        "",
+        "    def dense(self, name, x):",
+        '        return x @ self.p[f"{name}.kernel"] + self.p[f"{name}.bias"]',
+        "",
+        "    def forward(self, enc, frames):  # (1, frames.., d_model), real frames -> (1, speech tokens, LLM hidden)",
+        '        q, n = self.cfg["num_queries"], self.cfg["num_queries"] * self.cfg["window_means"]',
+        "        means = torch.stack([enc[:, i * frames // n:-(-(i + 1) * frames // n)].mean(1) for i in range(n)], 1)",
+        '        h = torch.nn.functional.gelu(self.dense("window_in", means.reshape(enc.shape[0], q, -1)),',
+        '                                     approximate="tanh")',
     ]
-    return "\n".join(lines)
+    if pool:
+        lines.append(f"        h = h.unflatten(1, (-1, {pool})).mean(2)  # mean over windows of pool_k outputs")
+    return lines + [
+        '        h = (self.dense("linear", h) if "linear.kernel" in self.p else',
+        '             self.dense("linear2", torch.relu(self.dense("linear1", h))))',
+        '        return torch.nn.functional.layer_norm(h, h.shape[-1:], self.p["norm.scale"], self.p["norm.bias"],',
+        '                                              self.cfg["projector_eps"])',
+    ]
 
 
 def prompt_lines(tasks: dict[str, dict[str, str]]) -> list[str]:
@@ -168,6 +224,18 @@ def prompt_lines(tasks: dict[str, dict[str, str]]) -> list[str]:
             *[f"| {t} | `{v['prompt']}` | `{v['target']}` |" for t, v in tasks.items()], "",
             *[f"The {t.upper()} output is split at `{TASKS[t].separator()}` into {' and '.join(TASKS[t].outputs)}."
               for t in tasks if t in TASKS and TASKS[t].separator()], ""]
+
+
+def _adapter_name(m: dict) -> str:
+    return "window-means adapter" if m.get("adapter") == "window_means" else "Q-Former adapter"
+
+
+def _adapter_file_lines(files: dict) -> list[str]:
+    if files.get("llm_srt") is None:
+        return ["- `adapter/model.safetensors`: the window-means MLP + projector, esrt-jax key names (kernels "
+                f"(in, out)); no LLM-SRT state dict: {files.get('llm_srt_absent')}"]
+    return ["- `adapter/model.safetensors`: Q-Former + projector, esrt-jax key names (kernels (in, out)); "
+            "`adapter/llm_srt_adapter.{safetensors,pt}`: the LLM-SRT `encoder_projector.*` state dict"]
 
 
 def model_card(ec: dict, cfg, dev: dict, summaries: list[dict], out: str = "OUT") -> str:
@@ -184,12 +252,17 @@ def model_card(ec: dict, cfg, dev: dict, summaries: list[dict], out: str = "OUT"
     lines = [
         "---", "library_name: transformers", "tags: [speech-translation, esrt, llm-srt, jax]", "---", "",
         f"# Speech LLM exported from esrt-jax (stage `{src['stage']}`, step {src['step']})", "",
-        "Whisper encoder (frozen) -> Q-Former adapter -> decoder LLM, trained with "
+        f"Whisper encoder (frozen) -> {_adapter_name(m)} -> decoder LLM, trained with "
         "esrt-jax (JAX/Flax) on the LLM-SRT / ESRT recipe. Input to the LLM: "
         "`[speech embeddings][prompt][answer][eos]` via `inputs_embeds` (speech first, no markers).", "",
         "## Model", "",
-        f"- Speech encoder: {base_enc} (d_model {m['encoder_dim']}, {enc['num_mel_bins']} mel bins)",
-        f"- Adapter: Q-Former, {m['num_queries']} queries, hidden {m['qformer_hidden']}"
+        f"- Speech encoder: {base_enc} (d_model {m['encoder_dim']}, {enc['num_mel_bins']} mel bins)"
+        + ("; runs on each clip's real length rounded up to 1 s (`model.encoder_window: real`), not Whisper's "
+           "30 s window" if enc.get("window") == "real" else ""),
+        (f"- Adapter: window means (no Q-Former): {m['num_windows']} equal windows of the clip's real encoder "
+         f"frames, each the means of {m['window_parts']} parts -> {m['window_mlp']}"
+         if m.get("adapter") == "window_means" else
+         f"- Adapter: Q-Former, {m['num_queries']} queries, hidden {m['qformer_hidden']}")
         + (f", mean-pooled in windows of {m['pool_k']}" if m["pool_k"] else "")
         + f" -> {m['num_speech_tokens']} speech tokens; projector {m['projector']} to {m['llm_dim']}",
         f"- LLM: {base_llm} ({llm['model_type']}, hidden {llm['hidden_size']}, vocab {llm['vocab_size']}); "
@@ -218,15 +291,17 @@ def model_card(ec: dict, cfg, dev: dict, summaries: list[dict], out: str = "OUT"
                         if llm["format"] == "merged" else
                         "base LLM (" + ("weights" if llm["base"]["format"] == "weights" else
                                         f"pointer `{POINTER}` to the local base dir") + ") and `adapter/` (PEFT)"),
-        "- `adapter/model.safetensors`: Q-Former + projector, esrt-jax key names (kernels (in, out)); "
-        "`adapter/llm_srt_adapter.{safetensors,pt}`: the LLM-SRT `encoder_projector.*` state dict",
+        *_adapter_file_lines(ec["adapter"]["files"]),
         "- `encoder/`: " + ("Whisper encoder (`transformers` WhisperEncoder layout)" if enc["format"] == "weights"
                             else f"pointer `{POINTER}` to the base Whisper dir (frozen, identical)"),
         f"- `{ESRT_CONFIG}`: everything needed to reassemble the model", "",
         "## Use", "",
         "With PyTorch and transformers alone (`pip install \"esrt-jax[torch]\"` gives both, pinned; "
-        "`soundfile` reads the clip): the encoder, the adapter (LLM-SRT's `encoder_projector`, rebuilt "
-        "from transformers' BLIP-2 Q-Former), then the LLM on `[speech][prompt]`.", "",
+        "`soundfile` reads the clip): the encoder, the adapter ("
+        + ("the window means in a few lines of torch, from `adapter/model.safetensors`"
+           if m.get("adapter") == "window_means" else
+           "LLM-SRT's `encoder_projector`, rebuilt from transformers' BLIP-2 Q-Former")
+        + "), then the LLM on `[speech][prompt]`.", "",
         "```python", loading_snippet(ec, out), "```", "",
     ]
     lines += [

@@ -17,6 +17,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from esrt_jax import languages as L
+from esrt_jax.audio import REAL_WINDOW_BUCKET
 from esrt_jax.config import ConfigError, to_dict
 from esrt_jax.convert.llm import export_hf
 from esrt_jax.convert.llm_srt import save_llm_srt_adapter
@@ -25,7 +26,7 @@ from esrt_jax.convert.whisper import save_whisper_encoder
 from esrt_jax.data.tasks import TaskTokenizer, card_table
 from esrt_jax.export.card import dev_metrics, find_eval_summaries, model_card
 from esrt_jax.export.common import (ESRT_CONFIG, FORMAT, POINTER, VERSION, ExportError, find_run_config,
-                                    local_dir, require_exportable, stage_checkpoint, write_json)
+                                    local_dir, stage_checkpoint, write_json)
 from esrt_jax.models.qformer import flat_params
 from esrt_jax.speech.config import GENERATION_KEYS, SpeechModelConfig, generation_config
 from esrt_jax.speech.load import load_model
@@ -70,6 +71,31 @@ def _fix_generation_config(llm_dir: Path, task_tok, gen: dict, keep_source: bool
     write_json(f, g)
 
 
+def _adapter_kind(a) -> dict:
+    """esrt_config.json's description of the adapter: a Q-Former, or the window-means MLP (no Q-Former)."""
+    if a.window_means:
+        return {"adapter": "window_means", "num_windows": a.num_queries, "window_parts": a.window_means,
+                "window_mlp": f"gelu(dense({a.window_means} x {a.encoder_hidden_size} -> {a.hidden_size}))"}
+    return {"adapter": "qformer", "num_queries": a.num_queries, "qformer_hidden": a.hidden_size}
+
+
+def _adapter_files(a) -> dict:
+    if a.window_means:
+        return {"ours": "adapter/model.safetensors", "llm_srt": None,
+                "llm_srt_absent": "LLM-SRT's adapter format is its Q-Former module (EncoderProjectorQFormer); "
+                                  "this adapter is window means (no Q-Former): only our layout holds it"}
+    return {"ours": "adapter/model.safetensors", "llm_srt": "adapter/llm_srt_adapter.safetensors"}
+
+
+def _window_info(window: str) -> dict:
+    """How the encoder's input window is cut (`model.encoder_window`), for esrt_config.json's encoder block."""
+    if window == "real":
+        return {"window": "real", "window_bucket": REAL_WINDOW_BUCKET,
+                "window_note": f"each clip's mel cut to its real length rounded up to {REAL_WINDOW_BUCKET} mel "
+                               f"frames (1 s), at most `frames`; not Whisper's 30 s window"}
+    return {"window": "padded", "window_note": "Whisper's 30 s window (`frames` mel frames), padding included"}
+
+
 # ----------------------------------------------------------------------------- export
 
 @dataclasses.dataclass
@@ -99,7 +125,6 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, config: st
         raise ExportError(f"{ckpt}: no trained params were restored")
     cfg, model, tok = loaded.run_config, loaded.model, loaded.tokenizer
     scfg = model.config
-    require_exportable(scfg, ckpt, "the HF export")
     trained = _trainable_paths(cfg.model_builder()(cfg, abstract=True))
     task_tok = TaskTokenizer(tok, add_bos=cfg.data.get("add_bos"))
     gen = _gen_settings(cfg, task_tok)
@@ -161,11 +186,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, config: st
     flat = {k: np.ascontiguousarray(v) for k, v in flat_params(model.adapter).items()}
     save_file(flat, str(ad_dir / "model.safetensors"), metadata={"format": "esrt-jax-adapter",
                                                                  "layout": "kernels (in, out)"})
-    write_json(ad_dir / "config.json", {**to_dict(scfg.adapter),
-                                         "hf_qformer_config": scfg.adapter.to_hf_config()})
-    save_llm_srt_adapter(model.adapter, ad_dir / "llm_srt_adapter.safetensors")
-    if importlib.util.find_spec("torch") is not None:
-        save_llm_srt_adapter(model.adapter, ad_dir / "llm_srt_adapter.pt")
+    a = scfg.adapter
+    write_json(ad_dir / "config.json", {**to_dict(a), "hf_qformer_config": None if a.window_means
+                                         else a.to_hf_config()})
+    if not a.window_means:  # LLM-SRT's format is its Q-Former module
+        save_llm_srt_adapter(model.adapter, ad_dir / "llm_srt_adapter.safetensors")
+        if importlib.util.find_spec("torch") is not None:
+            save_llm_srt_adapter(model.adapter, ad_dir / "llm_srt_adapter.pt")
     files["adapter"] = sorted(p.name for p in ad_dir.iterdir())
 
     # -- encoder -------------------------------------------------------------------------------
@@ -183,27 +210,24 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, config: st
                              max_shard_bytes=max_shard_bytes)
         enc_info = {"format": "weights", "path": "encoder", "trained": enc_trained}
     enc_info.update(hf_config=scfg.encoder.to_hf_config(), num_mel_bins=scfg.encoder.num_mel_bins,
-                    d_model=scfg.encoder.d_model, frames=2 * scfg.encoder.max_source_positions)
+                    d_model=scfg.encoder.d_model, frames=2 * scfg.encoder.max_source_positions,
+                    **_window_info(scfg.encoder_window))
     files["encoder"] = sorted(p.name for p in enc_dir.iterdir())
 
     # -- esrt_config.json + README -------------------------------------------------------------
     langs = list(cfg.data.get("languages") or L.ESRT_LANGS)
-    a = scfg.adapter
     ec = {
         "format": FORMAT, "version": VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": {"run_dir": str(run.absolute()), "config": str(Path(cfg_path).absolute()),
                    "overrides": list(overrides), "stage": loaded.stage, "step": int(loaded.step)},
         "model": {
-            "split": scfg.split, "num_queries": a.num_queries, "pool_k": a.pool_k,
-            "num_speech_tokens": a.num_output_tokens, "qformer_hidden": a.hidden_size,
-            "encoder_dim": scfg.encoder.d_model, "llm_dim": a.llm_dim,
+            "split": scfg.split, **_adapter_kind(a), "pool_k": a.pool_k,
+            "num_speech_tokens": a.num_output_tokens, "encoder_dim": scfg.encoder.d_model, "llm_dim": a.llm_dim,
             "projector": ("linear" if a.projector_mid is None else f"linear1({a.projector_mid})-relu-linear2")
-                         + "-layernorm", "llm_dtype": scfg.llm_dtype,
+                         + "-layernorm", "llm_dtype": scfg.llm_dtype, "encoder_window": scfg.encoder_window,
         },
-        "encoder": enc_info, "adapter": {"path": "adapter", "config": to_dict(a),
-                                         "files": {"ours": "adapter/model.safetensors",
-                                                   "llm_srt": "adapter/llm_srt_adapter.safetensors"}},
+        "encoder": enc_info, "adapter": {"path": "adapter", "config": to_dict(a), "files": _adapter_files(a)},
         "llm": llm_info,
         "prompt": {
             "layout": "[speech embeddings][bos?][prompt][answer][eos]; decoding: [pad][speech][bos?][prompt]",

@@ -186,19 +186,23 @@ def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
         raise ConfigError("data.enc_frame_bucket cuts the padding off the encoder output, but "
                           "model.adapter.attend_padding is true (LLM-SRT: the adapter attends over the "
                           "padding); set model.adapter.attend_padding: false or drop data.enc_frame_bucket")
-    if cfg.data.get("encoder_cache"):  # batches carry the cached encoder output, checked here
-        cache = _feature_cache(cfg, None if abstract else model.encoder)
-        if not scfg.adapter.attend_padding and not cache.has_frames:
-            raise ConfigError(f"data.encoder_cache: {cache.path} records no audio lengths (built by "
-                              f"an older version), which model.adapter.attend_padding: false needs; "
-                              f"rerun python -m esrt_jax.data.encode_cache on it (adds them, encodes nothing)")
-        feat = {"enc": ((scfg.encoder.max_source_positions, scfg.encoder.d_model),
-                        jnp.bfloat16 if cache.meta["dtype"] == "bfloat16" else jnp.float32)}
-    else:
+    def features():
+        if cfg.data.get("encoder_cache"):  # batches carry the cached encoder output, checked here
+            cache = _feature_cache(cfg, None if abstract else model.encoder)
+            if not scfg.adapter.attend_padding and not cache.has_frames:
+                raise ConfigError(f"data.encoder_cache: {cache.path} records no audio lengths (built by "
+                                  f"an older version), which model.adapter.attend_padding: false needs; "
+                                  f"rerun python -m esrt_jax.data.encode_cache on it (adds them, encodes nothing)")
+            return {"enc": ((scfg.encoder.max_source_positions, scfg.encoder.d_model),
+                            jnp.bfloat16 if cache.meta["dtype"] == "bfloat16" else jnp.float32)}
         _no_cache_window(SpeechModelConfig.of(cfg))
-        feat = {"mel": ((n_mels, frames), jnp.float32)}
+        return {"mel": ((n_mels, frames), jnp.float32)}
+
+    # Training checks its data now; an abstract build (restoring params for inference, export,
+    # import: no data at hand) only when a batch is shaped (the dry run).
+    feat = None if abstract else features()
     bundle.batch_spec = lambda rows: {
-        **{k: jax.ShapeDtypeStruct((rows, *shape), dt) for k, (shape, dt) in feat.items()},
+        **{k: jax.ShapeDtypeStruct((rows, *shape), dt) for k, (shape, dt) in (feat or features()).items()},
         "enc_frames": jax.ShapeDtypeStruct((rows,), jnp.int32),
         "tokens": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32),
         "loss_mask": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32),
