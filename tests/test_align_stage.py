@@ -111,9 +111,10 @@ def test_align_learns_the_toy_speech_and_asr_starts_from_it(setup, capfd):
     assert "are left out, e.g. ctc_head/" in out, out[-2000:]
 
 
-def test_align_resume_is_exact(setup):
+def test_align_resume_is_exact(setup, capfd):
     """A stage killed after its step-4 checkpoint resumes there and trains steps 5-8 exactly as the
-    uninterrupted run did."""
+    uninterrupted run did. Then an asr command whose config lost the stages.align block says that
+    it does not start from the aligned adapter."""
     import shutil
 
     cfg = _config(setup, "resume", align_steps=8, decode_every=0)
@@ -131,6 +132,13 @@ def test_align_resume_is_exact(setup):
     again = losses()
     assert sorted(whole) == sorted(again) == list(range(1, 9))
     np.testing.assert_allclose([again[k] for k in range(5, 9)], [whole[k] for k in range(5, 9)], rtol=1e-5)
+
+    no_align = setup / "resume_no_align.yaml"
+    no_align.write_text(cfg.read_text().split("stages:")[0])
+    capfd.readouterr()
+    train_main(["--config", str(no_align), "--stage", "asr", "--set", "train.steps=1"])
+    out = "".join(capfd.readouterr())
+    assert f"[asr] notice: {run / 'checkpoints'} has checkpoints but this config has no stages.align block" in out, out[-2000:]
 
 
 def test_window_means_adapter_aligns_serves_the_asr_stage_and_exports(setup, capfd):

@@ -3,11 +3,14 @@ section 7, the real path, on the local folders of $ESRT_REAL_DIR (whisper-base +
 few Fillets records, with the encoder cache when it is there, 2 steps per stage, a tiny eval with the listening
 diagnostic, export, transformers reload). The notebook is executed once per module; without the
 real folders section 7 is switched off and the real test skips, except under CI=true, where it
-fails (like tests/test_real_smoke.py)."""
+fails (like tests/test_real_smoke.py). The real section is also the suite's one real-weights run of
+every stage, the export with LoRA merged and its re-import (test_real_smoke.py keeps the learning check)."""
 
+import json
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 import yaml
 from nbclient import NotebookClient
@@ -115,3 +118,50 @@ def test_notebook_real_path_on_local_folders(executed):
     assert (tmp / "real_hf" / "llm" / "config.json").is_file()
     assert "exported LLM vs ours on [speech][prompt]: max |logit diff|" in text
     assert "real path done: trained, evaluated, exported, reloaded" in text
+    rows = [json.loads(line) for line in (real / "asr" / "metrics.jsonl").read_text().splitlines()]
+    assert [np.isfinite(r["loss"]) for r in rows if "loss" in r] == [True, True]
+    assert np.isfinite([r for r in rows if "dev_loss" in r][-1]["dev_loss"])
+    assert [r for r in rows if "dev_wer" in r][-1]["dev_distinct"] > 0  # the closing dev decode
+
+
+@pytest.mark.slow
+def test_notebook_real_export_merges_lora_and_reimports(executed):
+    """The notebook's real export (the srt stage trains LoRA): the merged q_proj differs from the
+    base checkpoint's, and the re-imported run gives the same speech embeddings and logits."""
+    if _real_missing():
+        skip_unless_ci(f"real folders {', '.join(_real_missing())} not in {REAL}")
+    import jax.numpy as jnp
+    from safetensors import safe_open
+
+    from esrt_jax import export as ex
+    from esrt_jax.audio import SAMPLE_RATE, encoder_frames, mel_from_file
+    from esrt_jax.models.llm import positions_from_mask
+    from esrt_jax.speech.load import load_model
+
+    def tensor(model_dir: Path, name: str) -> np.ndarray:
+        for f in sorted(model_dir.glob("*.safetensors")):
+            with safe_open(str(f), "np") as st:
+                if name in st.keys():
+                    return st.get_tensor(name).astype(np.float32)
+        raise AssertionError(f"{name} not in {model_dir}")
+
+    tmp, _, _ = executed
+    out = tmp / "real_hf"
+    name = "model.layers.0.self_attn.q_proj.weight"
+    merged, base = tensor(out / "llm", name), tensor(REAL / "gemma3-270m", name)
+    assert merged.shape == base.shape and np.abs(merged - base).max() > 1e-5, "the LoRA factors were not merged"
+
+    clip = json.loads((REAL / "fillets" / "dev.jsonl").read_text().splitlines()[0])
+    audio = str(REAL / "fillets" / clip["audio"]) if not Path(clip["audio"]).is_absolute() else clip["audio"]
+    ex.import_export(out, tmp / "real_reimported")
+    logits = []
+    for run_dir in (tmp / "real", tmp / "real_reimported"):
+        loaded = load_model(run_dir / "config.yaml", run_dir)
+        model = loaded.model
+        mel, seconds = mel_from_file(audio, model.config.encoder.num_mel_bins)
+        frames = jnp.asarray([encoder_frames(int(seconds * SAMPLE_RATE))], jnp.int32)
+        speech = model.encode(jnp.asarray(mel[None]), enc_frames=frames)
+        ids = jnp.asarray([loaded.tokenizer.encode("<|eng|>" + clip["asr"])[:16]], jnp.int32)
+        embeds, mask = model.llm_inputs(speech, ids, jnp.ones(ids.shape, jnp.int32))
+        logits.append(np.asarray(model.llm(embeds, positions_from_mask(mask), mask)[0]))
+    np.testing.assert_allclose(logits[1], logits[0], atol=1e-4 * np.abs(logits[0]).max())

@@ -91,6 +91,10 @@ def stage_ckpt_dir(run_dir: Path, stage: str) -> Path:
     return run_dir / stage / "checkpoints"
 
 
+def _has_steps(ckpt_dir: Path) -> bool:
+    return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+
+
 def _command(args, stage: str, run_dir: Path) -> str:
     sets = "".join(f" --set {o}" for o in args.overrides)
     return f"python train.py --stage={stage} --config {args.config} --run-dir {run_dir}{sets}"
@@ -138,7 +142,7 @@ def check_against_checkpoints(cfg, run_dir: Path, model_builder) -> None:
     saved_path = run_dir / "config.yaml"
     for stage in STAGES:
         d = stage_ckpt_dir(run_dir, stage)
-        if not d.is_dir() or not any(p.name.isdigit() for p in d.iterdir()):
+        if not _has_steps(d):
             continue
         abstract = model_builder(cfg.for_stage(stage), abstract=True).trainable
         ck = Checkpointer(d, keep=1_000_000, async_save=False)
@@ -216,14 +220,19 @@ def _main(argv, held: list) -> list:
                 raise SystemExit(f"error: [{stage}] {e}") from None
             continue
         stage_dir = run_dir / stage
-        resuming = stage_ckpt_dir(run_dir, stage).is_dir() and any(
-            p.name.isdigit() for p in stage_ckpt_dir(run_dir, stage).iterdir())
+        resuming = _has_steps(stage_ckpt_dir(run_dir, stage))
         src = None
         if not resuming:
             if args.init_from and i == 0:
                 src = Path(args.init_from)
             elif cfg.previous_stage(stage) and not (args.from_init and i == 0):
                 src = previous_params_dir(args, cfg, stage, run_dir)
+            elif (not args.from_init and "align" not in cfg.curriculum() and stage != "align"
+                  and _has_steps(stage_ckpt_dir(run_dir, "align"))):
+                # an easy slip: `--stage=align` run with `--set stages.align...`, the next command without it
+                log0(f"[{stage}] notice: {stage_ckpt_dir(run_dir, 'align')} has checkpoints but this config has no "
+                     f"stages.align block, so {stage} starts from the model's initial params; add the block "
+                     f"(or --init-from that folder) to start from the aligned adapter")
         try:
             bundle = model_builder(scfg, abstract=False)
         except ConfigError as e:  # e.g. data.encoder_cache built for another encoder, a damaged shard
