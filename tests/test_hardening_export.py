@@ -89,6 +89,22 @@ def test_import_refuses_non_finite_weights(exported, tmp_path, capsys, where):
     assert not (tmp_path / "new").exists()
 
 
+def test_export_refuses_a_checkpoint_with_nan_weights(tmp_path, capsys):
+    """Item 5 on the export side: a run whose last step holds NaN params is not exported (the
+    import would refuse it): one line naming the step and the param, nothing written."""
+    import jax
+
+    from esrt_jax.train.checkpoint import Checkpointer
+
+    cfg, run, trained = make_tiny_run(tmp_path)
+    ck = Checkpointer(run / "srt" / "checkpoints", async_save=False)
+    ck.save(6, jax.tree.map(lambda x: x * np.nan, trained), {"count": np.zeros((), np.int32)})
+    ck.close()
+    assert export_cli.main(["--run", str(run), "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, f"checkpoint {run / 'srt' / 'checkpoints'}/6: param adapter/", "NaN or Inf")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("where", ["adapter/model.safetensors", "llm/model.safetensors"])
 def test_truncated_safetensors_at_import_is_one_line(exported, tmp_path, capsys, where):
     _, out = exported

@@ -31,6 +31,7 @@ from esrt_jax.models.qformer import flat_params
 from esrt_jax.speech.config import GENERATION_KEYS, SpeechModelConfig, generation_config
 from esrt_jax.speech.load import load_model
 from esrt_jax.train.bundle import flat_paths
+from esrt_jax.train.checkpoint import UnreadableCheckpoint
 from esrt_jax.train.config import load_run_config
 
 def _trainable_paths(bundle) -> list[str]:
@@ -121,6 +122,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, config: st
         loaded = load_model(cfg_path, ckpt, overrides)
     except ConfigError as e:
         raise ExportError(f"{cfg_path}: {e}") from None
+    except UnreadableCheckpoint as e:  # a damaged step (NaN/Inf weights, unreadable files): nothing written
+        raise ExportError(str(e)) from None
     if loaded.step is None:
         raise ExportError(f"{ckpt}: no trained params were restored")
     cfg, model, tok = loaded.run_config, loaded.model, loaded.tokenizer
