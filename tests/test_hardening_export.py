@@ -158,6 +158,38 @@ def test_read_only_mount_as_export_target_or_import_run_is_one_line(exported, tm
         assert _snapshot(run) == before and not (Path(mnt) / "o").exists()
 
 
+def _fill_to(mnt, free: int) -> None:
+    """Leave about `free` bytes free on the file system of `mnt` (a filler file)."""
+    st = os.statvfs(mnt)
+    with open(Path(mnt) / "filler", "ab") as f:
+        f.write(b"\0" * max(st.f_bavail * st.f_frsize - free, 0))
+
+
+def test_export_on_a_full_disk_keeps_the_previous_export(exported, tmp_path, capsys):
+    """Chaos on a real size-limited file system: a re-export into OUT that runs out of space (at the
+    start, part way, near the end) leaves the previous export in OUT byte for byte, says 'no space
+    left on device' in one line and leaves no temporary folder; with room it is replaced whole."""
+    d, out = exported
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    with tmpfs(tmp_path / "mnt", f"{3 * size // 1024 + 256}k") as mnt:
+        target = Path(mnt) / "o"
+        args = ["--run", str(d / "runs"), "--config", str(d / "run.yaml"), "--out", str(target)]
+        assert export_cli.main(args) == 0
+        capsys.readouterr()
+        before = _snapshot(target)
+        for free in (0, size // 2, size - 8192):
+            _fill_to(mnt, free)
+            assert export_cli.main(args) == 2, free
+            _one_line_error(capsys, "no space left on device")
+            assert _snapshot(target) == before, free
+            assert sorted(p.name for p in Path(mnt).iterdir()) == ["filler", "o"], free
+            (Path(mnt) / "filler").unlink()
+        assert export_cli.main(args) == 0
+        assert sorted(p.name for p in Path(mnt).iterdir()) == ["o"]
+        assert _snapshot(target).keys() == before.keys()
+        assert ex.read_export(target)["source"]["step"] == 5
+
+
 # ----------------------------------------------------------------------------- edge export (ONNX)
 
 def test_edge_export_on_a_full_disk_leaves_no_truncated_model(tmp_path, monkeypatch):
