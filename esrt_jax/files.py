@@ -2,7 +2,8 @@
 one-line causes for OS errors, and an exclusive lock on a run dir.
 
 `write_atomic` writes a temporary name beside the target and renames it (a full disk or a kill
-leaves the old file or none, never a truncated one under the final name). `UndoOnFailure` records
+leaves the old file or none, never a truncated one under the final name); `staged_dir` does the
+same for a whole folder (an export). `UndoOnFailure` records
 what a multi-file write is about to touch (files it replaces, paths it creates) and puts it back
 when the block raises. `os_error_line` turns an `OSError` into the one line a CLI prints ("no
 space left on device", "read-only file system", ...). `lock_run_dir` takes an exclusive `fcntl`
@@ -11,8 +12,10 @@ lock on RUN_DIR/.lock for the life of the process, so that two trainers never sh
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -36,6 +39,13 @@ def os_error_line(e: OSError, path: str | os.PathLike | None = None) -> str:
     return f"{where}: {causes.get(e.errno, e.strerror or type(e).__name__)}"
 
 
+def rust_os_error(e: Exception) -> OSError | None:
+    """The OSError inside a Rust writer's error ('I/O error: No space left on device (os error 28)',
+    safetensors), else None."""
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    return OSError(int(m[1]), os.strerror(int(m[1]))) if m else None
+
+
 def tmp_name(path: Path) -> Path:
     """The temporary sibling `write_atomic` writes `path` under first (same directory, same file system)."""
     return path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -56,6 +66,30 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike):
+    """Yields a temporary sibling of folder `final` to write a whole folder into; when the block
+    succeeds it takes `final`'s place (an earlier `final` is renamed aside, then removed), when it
+    raises it is removed and `final` is as it was (an earlier version, or absent)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage, old = tmp_name(final), final.parent / f".{final.name}.old-{os.getpid()}"
+    for p in (stage, old):  # left by a killed run with this pid
+        shutil.rmtree(p, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
+        if final.exists():
+            os.rename(final, old)
+        os.rename(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.rename(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class UndoOnFailure:

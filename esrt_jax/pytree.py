@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Hashable, Iterable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -15,6 +17,15 @@ def key_name(k: Any) -> Any:
 def path_str(path: Sequence[Any]) -> str:
     """A key path -> 'a/b/c' (the form `train.trainable` regexes match)."""
     return "/".join(str(key_name(p)) for p in path)
+
+
+def first_non_finite(leaves: Iterable[tuple[Sequence[Any], Any]]) -> str | None:
+    """The path ('a/b/c') of the first floating array among `(key path, array)` pairs that holds NaN or
+    Inf, else None. Reduced on device (works on sharded arrays)."""
+    for path, v in leaves:
+        if hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.floating) and not bool(jnp.isfinite(v).all()):
+            return path_str(path)
+    return None
 
 
 def merge_trees(a: dict, b: dict) -> dict:

@@ -2,7 +2,8 @@
 named on open and rebuilt on rerun (3), a cut meta.json and a foreign cache are one-line errors
 (17), the cache writer under a failing file system leaves only whole shards (chaos); the minimum
 audio rule on every path (14); `--from-embeds` files with 0-d arrays or segments out of order (18);
-empty decodes warn, an all-empty run exits with status 3 (5)."""
+empty decodes warn, an all-empty run exits with status 3, a checkpoint with NaN/Inf params is
+refused, special tokens never reach a transcript (5)."""
 
 from __future__ import annotations
 
@@ -233,33 +234,79 @@ def test_empty_decodes_warn_and_an_all_empty_run_is_an_error():
     assert empty_decodes([], "translation") == ([], None)  # no output at all is not this error
 
 
-def test_infer_exits_3_when_the_model_decodes_nothing(tmp_path, capsys):
-    """Item 5 end to end: a checkpoint with NaN weights (which import refuses, but a damaged run dir
-    can hold) makes the tiny model emit token 1 at every step; with token 1 as EOS (Gemma's id layout:
-    0 pad, 1 eos) every answer is empty. Today: empty results and rc 0. Now: one error line, rc 3,
-    and the (empty) results still printed and written."""
-    import jax
-
-    from esrt_jax.cli.infer import main
+def _damaged_run(tmp_path, damage):
+    """A tiny run whose trainable set also holds the LLM's final norm, plus a step 6 with
+    `damage(trained)` applied. -> (config, run dir)."""
     from esrt_jax.train.checkpoint import Checkpointer
     from helpers_sllm import make_tiny_run
 
-    cfg, run, trained = make_tiny_run(tmp_path)
+    cfg, run, trained = make_tiny_run(tmp_path, overrides=["train.trainable=[adapter, llm/norm/scale]"])
     ck = Checkpointer(run / "srt" / "checkpoints", async_save=False)
-    ck.save(6, jax.tree.map(lambda x: x * np.nan, trained), {"count": np.zeros((), np.int32)})
+    ck.save(6, damage(trained), {"count": np.zeros((), np.int32)})
     ck.close()
+    return cfg, run
+
+
+def test_infer_refuses_a_checkpoint_with_nan_weights(tmp_path, capsys):
+    """Item 5 on a trained run's Orbax checkpoint: NaN/Inf params are one line naming the step
+    folder and the first bad param (today: loaded, every answer empty)."""
+    from esrt_jax.cli.infer import main
+
+    def nan_norm(t):
+        t["llm"]["norm"]["scale"] = t["llm"]["norm"]["scale"].at[3].set(np.inf)
+        return t
+    cfg, run = _damaged_run(tmp_path, nan_norm)
+    wav = str(write_tone(tmp_path / "a.wav", 0.5, 300))
+    rc = main(["--config", str(cfg), "--checkpoint", str(run), "--audio", wav, "--src", "eng", "--tgt", "deu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == (f"error: checkpoint {run / 'srt' / 'checkpoints'}/6: param llm/norm/scale holds "
+                               f"NaN or Inf values (damaged weights); pass an earlier step dir "
+                               f"{run / 'srt' / 'checkpoints'}/<step>"), err
+    step5 = run / "srt" / "checkpoints" / "5"  # the earlier step it names serves
+    rc = main(["--config", str(cfg), "--checkpoint", str(step5), "--audio", wav, "--src", "eng", "--tgt", "deu"])
+    assert rc in (0, 3)
+
+
+def test_infer_exits_3_when_the_model_decodes_nothing(tmp_path, capsys):
+    """Item 5 end to end, and special tokens never reach a transcript: a zero final LLM norm makes
+    every logit equal, so the tiny model emits token 0 (`<pad>`) at every step; with the tokenizer's
+    pad set to `<unk>`, that `<pad>` is a special token the model emitted, not padding. Before: printed
+    as the text ('<pad><pad>...', rc 0). Now: special tokens are dropped, every answer is empty -> one
+    error line, rc 3, and the (empty) results still printed and written."""
+    from esrt_jax.cli.infer import main
+
+    def zero_norm(t):
+        t["llm"]["norm"]["scale"] = t["llm"]["norm"]["scale"] * 0
+        return t
+    cfg, run = _damaged_run(tmp_path, zero_norm)
     tc = tmp_path / "tok" / "tokenizer_config.json"
-    tc.write_text(json.dumps({**json.loads(tc.read_text()), "eos_token": "<s>"}))
+    tc.write_text(json.dumps({**json.loads(tc.read_text()), "pad_token": "<unk>"}))
     wavs = [str(write_tone(tmp_path / f"a{i}.wav", 0.5, 300 + 50 * i, seed=i)) for i in range(2)]
     for task, key in (("srt", "translation"), ("asr", "transcription")):
         out = tmp_path / f"{task}.jsonl"
         rc = main(["--config", str(cfg), "--checkpoint", str(run), "--audio", *wavs, "--src", "eng", "--tgt", "deu",
                    "--task", task, "--output", str(out)])
         stdout, err = capsys.readouterr()
+        assert "<pad>" not in stdout, stdout
         assert rc == 3 and err.strip() == (f"error: the model decoded an empty {key} for every input (2 of 2): "
                                            f"damaged or untrained weights? (exit status 3)"), err
         rows = [json.loads(x) for x in out.read_text().splitlines()]
         assert [r["audio"] for r in rows] == wavs and all(r[key] == "" for r in rows) and len(stdout.splitlines()) == 2
+
+
+def test_answer_text_drops_special_tokens_and_keeps_language_tags():
+    """The decoded answer: pad, BOS/EOS/unk and any added special token are dropped; a language tag
+    stays even where the tokenizer marks it special (the SRT split reads it)."""
+    from esrt_jax.data.tasks import TaskTokenizer
+    from helpers_tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer(320)
+    tok.add_tokens(["<|eng|>"], special_tokens=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})
+    tt = TaskTokenizer(tok)
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    ids = enc("hello") + tok.convert_tokens_to_ids(["<s>", "<unk>", "<end_of_turn>", "<|eng|>", "<pad>"]) + enc("world")
+    assert tt.answer_text(ids).replace(" ", "") == "hello<|eng|>world"
 
 
 def test_exit_status_of_empty_decodes_is_in_the_help(capsys):

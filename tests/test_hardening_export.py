@@ -89,6 +89,22 @@ def test_import_refuses_non_finite_weights(exported, tmp_path, capsys, where):
     assert not (tmp_path / "new").exists()
 
 
+def test_export_refuses_a_checkpoint_with_nan_weights(tmp_path, capsys):
+    """Item 5 on the export side: a run whose last step holds NaN params is not exported (the
+    import would refuse it): one line naming the step and the param, nothing written."""
+    import jax
+
+    from esrt_jax.train.checkpoint import Checkpointer
+
+    cfg, run, trained = make_tiny_run(tmp_path)
+    ck = Checkpointer(run / "srt" / "checkpoints", async_save=False)
+    ck.save(6, jax.tree.map(lambda x: x * np.nan, trained), {"count": np.zeros((), np.int32)})
+    ck.close()
+    assert export_cli.main(["--run", str(run), "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, f"checkpoint {run / 'srt' / 'checkpoints'}/6: param adapter/", "NaN or Inf")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("where", ["adapter/model.safetensors", "llm/model.safetensors"])
 def test_truncated_safetensors_at_import_is_one_line(exported, tmp_path, capsys, where):
     _, out = exported
@@ -140,6 +156,38 @@ def test_read_only_mount_as_export_target_or_import_run_is_one_line(exported, tm
         assert export_cli.main(["--import", str(out), "--run", str(run), "--no-data-state"]) == 2
         _one_line_error(capsys, "read-only file system")
         assert _snapshot(run) == before and not (Path(mnt) / "o").exists()
+
+
+def _fill_to(mnt, free: int) -> None:
+    """Leave about `free` bytes free on the file system of `mnt` (a filler file)."""
+    st = os.statvfs(mnt)
+    with open(Path(mnt) / "filler", "ab") as f:
+        f.write(b"\0" * max(st.f_bavail * st.f_frsize - free, 0))
+
+
+def test_export_on_a_full_disk_keeps_the_previous_export(exported, tmp_path, capsys):
+    """Chaos on a real size-limited file system: a re-export into OUT that runs out of space (at the
+    start, part way, near the end) leaves the previous export in OUT byte for byte, says 'no space
+    left on device' in one line and leaves no temporary folder; with room it is replaced whole."""
+    d, out = exported
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    with tmpfs(tmp_path / "mnt", f"{3 * size // 1024 + 256}k") as mnt:
+        target = Path(mnt) / "o"
+        args = ["--run", str(d / "runs"), "--config", str(d / "run.yaml"), "--out", str(target)]
+        assert export_cli.main(args) == 0
+        capsys.readouterr()
+        before = _snapshot(target)
+        for free in (0, size // 2, size - 8192):
+            _fill_to(mnt, free)
+            assert export_cli.main(args) == 2, free
+            _one_line_error(capsys, "no space left on device")
+            assert _snapshot(target) == before, free
+            assert sorted(p.name for p in Path(mnt).iterdir()) == ["filler", "o"], free
+            (Path(mnt) / "filler").unlink()
+        assert export_cli.main(args) == 0
+        assert sorted(p.name for p in Path(mnt).iterdir()) == ["o"]
+        assert _snapshot(target).keys() == before.keys()
+        assert ex.read_export(target)["source"]["step"] == 5
 
 
 # ----------------------------------------------------------------------------- edge export (ONNX)

@@ -2,7 +2,8 @@
 shipped configs dry-run (15), config values are type-checked and a damaged RUN_DIR/config.yaml
 is a one-line error (16), a read-only run dir is a one-line error (17), a checkpoint save on a full
 disk stops the run in one line with the earlier steps intact, and a step with a missing OCDBT
-manifest is set aside with one notice and no "Event loop is closed" tracebacks (17)."""
+manifest is set aside with one notice and no "Event loop is closed" tracebacks (17); a stage
+started from a step with NaN params stops in one line (5)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,34 @@ def test_second_trainer_on_a_run_dir_is_refused_naming_the_holder(tmp_path):
         holder.wait()
     (res,) = run_cli.main(base)  # the holder is gone (killed): its lock went with it
     assert res.final_step == 5
+
+
+def test_init_from_a_checkpoint_with_nan_params_is_one_line(tmp_path):
+    """Item 5 on the training side: a stage started from a step whose params hold NaN (the one
+    restore every reader shares) stops in one line naming the step and the param, before training."""
+    import numpy as np
+
+    from esrt_jax.train.checkpoint import Checkpointer, restore_params
+
+    y = toy_yaml(tmp_path)
+    base = ["--stage=asr", "--config", str(y), "--compile-cache", ""]
+    run_cli.main(base + ["--run-dir", str(tmp_path / "a")])
+    ck_dir = tmp_path / "a" / "asr" / "checkpoints"
+    params, step = restore_params(ck_dir, _abstract(y))
+    ck = Checkpointer(ck_dir, async_save=False)
+    ck.save(step + 1, jax.tree.map(lambda x: x * np.nan, params), {"count": np.zeros((), np.int32)})
+    ck.close()
+    with pytest.raises(SystemExit) as e:
+        run_cli.main(base + ["--run-dir", str(tmp_path / "b"), "--init-from", str(ck_dir)])
+    msg = _one_line(e)
+    assert f"cannot start from {ck_dir}: checkpoint {ck_dir}/{step + 1}: param " in msg and "NaN or Inf" in msg, msg
+    new = tmp_path / "b" / "asr" / "checkpoints"
+    assert not new.exists() or not any(new.iterdir())  # nothing trained from it
+
+
+def _abstract(y):
+    cfg = load_run_config(y).for_stage("asr")
+    return cfg.model_builder()(cfg, abstract=True).trainable
 
 
 # ----------------------------------------------------------------------------- shipped configs (15)

@@ -316,6 +316,19 @@ class TaskTokenizer:
         if pad_id is None:
             pad_id = tokenizer.pad_token_id
         self.pad_id = int(pad_id if pad_id is not None else self.eos_id)
+        # ids a decoded answer drops: pad and the special tokens (BOS, <end_of_turn>, <|im_start|>...)
+        # a model can emit mid-answer; language tags stay even where a tokenizer marks them special
+        # (the SRT split reads them), so `skip_special_tokens` is not used
+        tags = {languages.tag_text(c) for c in (*languages.ESRT_LANGS, *languages.ALIASES)}
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        special = {int(i): str(t) for i, t in added.items() if getattr(t, "special", False)}
+        special.update(zip(getattr(tokenizer, "all_special_ids", ()), getattr(tokenizer, "all_special_tokens", ())))
+        self.dropped_ids = frozenset({i for i, t in special.items() if t not in tags} | {self.pad_id})
+
+    def answer_text(self, ids: Sequence[int]) -> str:
+        """Generated ids (cut at EOS) -> the answer's text, without pad and special tokens."""
+        return self.tokenizer.decode([int(x) for x in ids if int(x) not in self.dropped_ids],
+                                     skip_special_tokens=False)
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))

@@ -20,7 +20,7 @@ from esrt_jax.convert.peft import load_peft_adapter
 from esrt_jax.export.common import ESRT_CONFIG, FORMAT, VERSION, ExportError, write_json
 from esrt_jax.files import UndoOnFailure, write_atomic
 from esrt_jax.models.qformer import load_flat_params
-from esrt_jax.pytree import key_name, path_str
+from esrt_jax.pytree import first_non_finite, key_name, path_str
 from esrt_jax.speech.load import inference_builder
 from esrt_jax.train.checkpoint import Checkpointer
 from esrt_jax.train.config import load_run_config
@@ -77,11 +77,9 @@ def import_config(out: str | os.PathLike, new_run_dir: str | os.PathLike) -> dic
 def _check_finite(model, where: str) -> None:
     """Refuse NaN / Inf in any floating tensor of `model` (an imported model would decode to
     empty text with rc 0): names the first bad tensor."""
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        v = var.get_value()
-        if hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.floating) and not bool(jnp.isfinite(v).all()):
-            raise ExportError(f"{where}: tensor {'/'.join(map(str, path))} holds NaN or Inf values; "
-                              f"the export is damaged (re-export the run)")
+    bad = first_non_finite((p, v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model)))
+    if bad is not None:
+        raise ExportError(f"{where}: tensor {bad} holds NaN or Inf values; the export is damaged (re-export the run)")
 
 
 def _read_safetensors(f: Path, out: Path) -> dict:

@@ -178,11 +178,10 @@ class Translator:
         """Features -> [{"response", "transcription", "translation"}] per row (the output parsed by `Task.parse`:
         SRT's split at the marker)."""
         ids = self.generate_ids(features, src, tgt, task, transcriptions, gen_cfg)
-        pad = self.task_tok.pad_id
         parse = get_task(task).parse
         out = []
         for row, s, t in zip(ids, src, tgt):
-            text = self.tokenizer.decode([x for x in row if x != pad], skip_special_tokens=False)
+            text = self.task_tok.answer_text(row)
             p = parse(text, s, t)
             out.append({"response": text, **p})
         return out

@@ -44,7 +44,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from esrt_jax.files import os_error_line
-from esrt_jax.pytree import merge_trees
+from esrt_jax.pytree import first_non_finite, merge_trees
 
 
 class UnreadableCheckpoint(ValueError):
@@ -459,6 +459,10 @@ def restore_params(directory: str | Path, abstract_trainable: Any, step: int | N
         except Exception as e:  # noqa: BLE001 - shapes fit, so a failed read is a damaged step
             raise _unreadable(directory, step, e) from None
         params = _keep_paths(out["params"], set(_flat_shapes(abstract_trainable))) if extra else out["params"]
+        bad = first_non_finite(jax.tree_util.tree_flatten_with_path(params)[0])
+        if bad is not None:  # damaged weights decode to nothing (or poison the next stage) without a word
+            raise UnreadableCheckpoint(f"checkpoint {directory}/{step}: param {bad} holds NaN or Inf values "
+                                       f"(damaged weights); pass an earlier step dir {directory}/<step>")
         return (merge_trees(fill, params) if new else params), step
     finally:
         mngr.close()
