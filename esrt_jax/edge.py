@@ -114,7 +114,7 @@ class OnnxEdgeModel:
         try:
             import onnxruntime as ort  # optional: the `[onnx]` extra, the device's only runtime
         except ImportError:
-            raise EdgeModelError("--runtime onnx needs onnxruntime: pip install 'esrt-jax[onnx]' "
+            raise EdgeModelError("--runtime onnx needs onnxruntime: pip install -e '.[onnx]' in the checkout "
                                  "(on a device: onnxruntime numpy soundfile soxr zstandard)") from None
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):

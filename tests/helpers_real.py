@@ -13,8 +13,8 @@ HUB = {"whisper-base": "openai/whisper-base", "gemma3-270m": "google/gemma-3-270
 
 def hub_hint(names) -> str:
     """How a user gets the checkpoints `names` (folder names under REAL) from the Hugging Face hub."""
-    cmds = [f"huggingface-cli download {HUB[n]} --local-dir {REAL / n}" for n in names if n in HUB]
-    gated = " (google/gemma-3-270m is gated: accept its license on the hub and `huggingface-cli login` first)" \
+    cmds = [f"hf download {HUB[n]} --local-dir {REAL / n}" for n in names if n in HUB]
+    gated = " (google/gemma-3-270m is gated: accept its license on the hub and `hf auth login` first)" \
         if "gemma3-270m" in names else ""
     return ("get them from the Hugging Face hub with " + " && ".join(f"`{c}`" for c in cmds) + gated
             if cmds else "")

@@ -298,7 +298,7 @@ def test_unsupported_model_type(tmp_path):
 
 
 def test_hub_id_is_not_fetched():
-    with pytest.raises(hf_io.CheckpointError, match="huggingface-cli download Qwen/Qwen2.5-3B"):
+    with pytest.raises(hf_io.CheckpointError, match="hf download Qwen/Qwen2.5-3B"):
         load_hf_model("Qwen/Qwen2.5-3B")
 
 

@@ -123,6 +123,8 @@ def test_eval_infer_export_and_transformers(work):
     card = (d / "hf" / "demo" / "README.md").read_text()
     rows = [line for line in card.splitlines() if line.startswith("| `")]
     assert any("heldout_clips" in r for r in rows) and any("test_clips" in r for r in rows), rows
+    assert "`heldout_clips_*`: the training sentences in a voice held out" in card  # says what each set is
+    assert "esrt-jax[" not in card, "esrt-jax is not on PyPI: the card must not pip install it by name"
     card_code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     docs_code = snippets()["transformers"][1]
     clip = re.compile(r'^CLIP = .*$', re.M)

@@ -300,7 +300,7 @@ def test_shape_mismatch_error(ckpts, tmp_path):
 
 
 def test_hub_id_and_bad_input_errors(ckpts, tmp_path):
-    with pytest.raises(CheckpointError, match=r"(?s)openai/whisper-large-v3 is not a local directory.*huggingface-cli download openai/whisper-large-v3"):
+    with pytest.raises(CheckpointError, match=r"(?s)openai/whisper-large-v3 is not a local directory.*hf download openai/whisper-large-v3"):
         load_whisper_encoder("openai/whisper-large-v3")
     d, cfg, _ = ckpts[80]
     with pytest.raises(CheckpointError, match="write into a new directory"):

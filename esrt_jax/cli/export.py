@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="storage dtype of the exported LLM weights")
     p.add_argument("--eval-summary", default=None, help="eval summary.json for the model card "
-                   "(default: the newest summary.json under the run dir)")
+                   "(default: every summary.json under the run dir, one row each)")
     p.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
     p.add_argument("--no-data-state", action="store_true",
                    help="import: do not open the training data to store an iterator state")
@@ -64,7 +64,7 @@ def export_edge(args: argparse.Namespace) -> int:
     try:  # optional: the `[onnx]` extra
         from esrt_jax.export.onnx_edge import export_edge_onnx
     except ImportError as e:
-        raise ExportError(f"--edge --format onnx needs onnx and onnxruntime: pip install 'esrt-jax[onnx]' "
+        raise ExportError(f"--edge --format onnx needs onnx and onnxruntime: pip install -e '.[onnx]' in the checkout "
                           f"({e})") from None
     config = find_run_config(args.run, args.config, args.stage)
     half, fingerprint = load_edge_half(config, stage_checkpoint(args.run, args.stage, args.step), args.overrides)

@@ -36,8 +36,8 @@ def resolve_local_dir(path_or_id: str | os.PathLike) -> Path:
                               f"(config.json + *.safetensors)")
     raise CheckpointError(
         f"{path_or_id!s} is not a local directory. esrt-jax never downloads weights at run time. "
-        f"On a machine with internet access run\n"
-        f"  huggingface-cli download {path_or_id} --local-dir /path/to/{Path(str(path_or_id)).name}\n"
+        f"On a machine with internet access run (huggingface_hub's CLI)\n"
+        f"  hf download {path_or_id} --local-dir /path/to/{Path(str(path_or_id)).name}\n"
         f"(or `git clone https://huggingface.co/{path_or_id}`), copy the directory here and "
         f"point the config at that path.")
 

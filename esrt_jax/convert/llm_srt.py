@@ -165,7 +165,7 @@ def _torch():
         import torch
     except ImportError:
         raise CheckpointError("reading/writing a PyTorch .pt state dict needs PyTorch (pip install "
-                              "torch); or convert it once to .safetensors with the same keys") from None
+                              "-e '.[torch]': torch==2.13.0); or convert it once to .safetensors with the same keys") from None
     return torch
 
 

@@ -45,6 +45,19 @@ def find_eval_summaries(run: Path, explicit: str | os.PathLike | None) -> list[d
     return out
 
 
+# What the card's loading snippet needs (esrt-jax itself is not on PyPI; its `torch` extra pins torch).
+TORCH_INSTALL = ("`pip install torch==2.13.0 transformers safetensors soundfile` (+ `peft` for a PEFT export; "
+                 "in an esrt-jax checkout `pip install -e \".[torch]\"` installs them)")
+# What the demo's test sets measure (eval.py's defaults for a demo run, `esrt_jax.data.demo.clip_split`
+# and `noisy_clips`), by the start of their folder name.
+DEMO_TEST_SETS = (("trained_clips_", "trained clips with white noise added: new audio of utterances the model was "
+                                     "trained on (do the outputs follow the audio?)"),
+                  ("heldout_clips_", "the training sentences in a voice held out from training: listening to "
+                                     "unseen audio"),
+                  ("test_clips_", "held-out sentences: a model trained on the demo's few sentences cannot "
+                                  "translate them (BLEU near 0 by design)"))
+
+
 def _fmt(v, digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -63,12 +76,16 @@ def evaluation_lines(summaries: list[dict]) -> list[str]:
         lines.append(f"| `{Path(s['path']).parent.name}` | {s.get('records', '?')} | {_fmt(av.get('bleu'))} | "
                      f"{_fmt(av.get('asr_error'))} | {_fmt(li.get('bleu_gain'))} | {_fmt(li.get('wer_gain'))} | "
                      f"{_fmt(li.get('distinct_share'), 2)} |")
+    names = [Path(s["path"]).parent.name for s in summaries]
+    demo = [f"`{prefix}*`: {what}" for prefix, what in DEMO_TEST_SETS if any(n.startswith(prefix) for n in names)]
+    if demo:
+        lines += ["", "The demo's test sets: " + "; ".join(demo) + "."]
     return lines
 
 
 def loading_snippet(ec: dict, out: str) -> str:
     """Python that loads export `out` with torch + transformers alone and translates one 16 kHz
-    clip (the `torch` extra: `pip install "esrt-jax[torch]"`, or torch + transformers)."""
+    clip (`TORCH_INSTALL`)."""
     llm, enc, a = ec["llm"], ec["encoder"], ec["adapter"]["config"]
     src, tgt = ec["languages"][0], next((c for c in ec["languages"][1:]), ec["languages"][0])
     if enc["format"] == "pointer":  # a full Whisper folder: take its encoder
@@ -296,8 +313,8 @@ def model_card(ec: dict, cfg, dev: dict, summaries: list[dict], out: str = "OUT"
                             else f"pointer `{POINTER}` to the base Whisper dir (frozen, identical)"),
         f"- `{ESRT_CONFIG}`: everything needed to reassemble the model", "",
         "## Use", "",
-        "With PyTorch and transformers alone (`pip install \"esrt-jax[torch]\"` gives both, pinned; "
-        "`soundfile` reads the clip): the encoder, the adapter ("
+        f"With PyTorch and transformers alone ({TORCH_INSTALL}; `soundfile` reads the clip): the encoder, "
+        "the adapter ("
         + ("the window means in a few lines of torch, from `adapter/model.safetensors`"
            if m.get("adapter") == "window_means" else
            "LLM-SRT's `encoder_projector`, rebuilt from transformers' BLIP-2 Q-Former")

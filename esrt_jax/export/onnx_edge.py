@@ -17,7 +17,7 @@ cross-attention), `SkipLayerNormalization` (residual add + bias + LayerNorm in o
 emitting the residual sum that Whisper's pre-LN blocks carry on), `BiasGelu` / `FastGelu`, `Gelu`
 - so onnxruntime need not find the patterns itself, and `quantize_dynamic` turns every MatMul and
 Attention into its int8 form. Why not jax2onnx or torch.onnx.export: jax2onnx needs an older
-orbax than this project pins, and emits scanned layers as an ONNX Loop (slower: README);
+orbax than this project pins, and emits scanned layers as an ONNX Loop (slower: docs/edge-cloud.md);
 torch.onnx.export would go through the HF torch modules (a torch install
 at export time) and still need onnxruntime's transformers optimizer to find the fusions.
 
