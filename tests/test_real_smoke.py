@@ -1,8 +1,8 @@
 """Real weights learn: whisper-base + gemma-3-270m, `configs/real_small.yaml` (folders from
 $ESRT_REAL_DIR, default ~/.cache/esrt_jax/real) trained by the real CLI (`python train.py`, one CPU
 device) on four demo-corpus clips must decode each of them, and must not with each other's audio.
-The two-step run of every stage, the export (LoRA merged), the transformers logits and the
-re-import on real weights are tests/test_notebook.py's real section (one real run, not two).
+The two-step run of every stage, the export (LoRA merged) and the transformers logits on real
+weights are tests/test_notebook.py's real section (one real run, not two).
 
 The real folders are the hub's openai/whisper-base and google/gemma-3-270m downloaded into
 $ESRT_REAL_DIR (the skip message gives the commands; `.ci/run` builds the same checkpoints offline,

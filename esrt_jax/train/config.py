@@ -103,7 +103,7 @@ class TrainConfig:
     eval_every: int = setting(0, help="dev loss (with and without shuffled speech) every N steps; 0: only at the end")
     eval_batches: int = setting(4, help="dev batches per dev-loss evaluation")
     decode_every: int = setting(0, help="dev decode (BLEU/WER, swapped audio, distinct) every N steps; 0: only at the end")
-    decode_samples: int = setting(4, help="dev records decoded per dev decode")
+    decode_samples: int = setting(4, help="dev records decoded per dev decode; 0: no dev decode (it compiles generation)")
     progress: bool = setting(True, help="show the progress bar")
     token_dropout: float = setting(0.0, help="share of answer tokens replaced by `<pad>` in the LLM's input while training (targets "
                 "unchanged), so that the text prefix alone cannot predict the answer; 0 = off, as in the papers")
@@ -124,7 +124,7 @@ class TrainConfig:
         check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         check(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         check(self.decode_every >= 0, "decode_every", f"must be >= 0, got {self.decode_every}")
-        check(self.decode_samples >= 1, "decode_samples", f"must be >= 1, got {self.decode_samples}")
+        check(self.decode_samples >= 0, "decode_samples", f"must be >= 0, got {self.decode_samples}")
         for pat, f in self.lr_scale.items():
             check(f > 0, f"lr_scale.{pat}", f"must be > 0, got {f}")
             try:

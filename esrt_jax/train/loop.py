@@ -362,7 +362,7 @@ class DevReporter:
         return out
 
     def decode(self, step: int, st: StageState) -> dict:
-        if self.bundle.decode_fn is None:
+        if self.bundle.decode_fn is None or self.tc.decode_samples == 0:
             return {}
         if jax.process_count() > 1:  # the Translator works on host-local arrays
             log0(f"[{self.stage}] dev decode skipped in multi-process runs (use eval.py on the checkpoint)")
