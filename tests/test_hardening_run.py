@@ -266,17 +266,21 @@ def test_unretrieved_sibling_read_failures_are_not_logged(caplog):
     async def fail(msg):
         raise ValueError(msg)
 
-    def orphan(msg):
+    async def start(msg, gathered):  # a batch's task, or (a full disk) its gather, that nobody awaits
+        return asyncio.gather(fail(msg), fail(msg)) if gathered else asyncio.ensure_future(fail(msg))
+
+    def orphan(msg, gathered=False):
         loop = asyncio.new_event_loop()
-        task = loop.create_task(fail(msg))
-        loop.run_until_complete(asyncio.sleep(0))
+        fut = loop.run_until_complete(start(msg, gathered))
+        loop.run_until_complete(asyncio.sleep(0.01))
         loop.close()
-        del task
+        del fut
         gc.collect()
 
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         orphan('OUT_OF_RANGE: Error opening "zarr" driver [tensorstore_spec=\'{}\']')
-        assert not caplog.records
+        orphan("RESOURCE_EXHAUSTED: Error writing \"w/0\": No space left on device [os_error_code='28']", gathered=True)
+        assert not caplog.records, [r.getMessage() for r in caplog.records]
         orphan("a bug of ours")
         assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Task exception was never retrieved"]
 

@@ -90,13 +90,15 @@ class _OrbaxWriteFailureFilter(logging.Filter):
 
 
 class _SiblingFailureFilter(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" for a tensorstore error: another read or
-    write of a batch whose first failure Orbax already raised (and `Checkpointer` reported)."""
+    """Drops asyncio's "Task / _GatheringFuture exception was never retrieved" for a tensorstore
+    error (a read or write failure: its message carries the tensorstore spec or an errno): another
+    read or write of a batch whose first failure Orbax already raised (and `Checkpointer` reported)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not (record.getMessage().startswith("Task exception was never retrieved")
-                    and exc is not None and "tensorstore_spec" in str(exc))
+        if exc is None or "exception was never retrieved" not in record.getMessage().split("\n", 1)[0]:
+            return True
+        return not ("tensorstore_spec" in str(exc) or os_cause(exc) is not None)
 
 
 def _closed_loop_callback(u) -> bool:
