@@ -28,7 +28,7 @@ from esrt_jax import export as ex
 from esrt_jax.audio import encoder_frames, mel_for_model
 from esrt_jax.config import CheckpointError
 from esrt_jax.convert.llm_srt import save_llm_srt_adapter
-from esrt_jax.export.common import require_exportable
+from esrt_jax.export.onnx_edge import require_full_window
 from esrt_jax.infer.translator import encode_batch
 from esrt_jax.models.llm import positions_from_mask
 from esrt_jax.models.qformer import flat_params
@@ -101,10 +101,9 @@ def test_export_holds_the_window_means_adapter_and_the_real_window(run):
     with pytest.raises(CheckpointError, match=r"LLM-SRT's adapter format holds a Q-Former; .*window_means: 2") as e:
         save_llm_srt_adapter(model.adapter, run["d"] / "x.safetensors")
     assert "\n" not in str(e.value) and not (run["d"] / "x.safetensors").exists()
-    with pytest.raises(ex.ExportError, match=r"window means \(adapter.window_means: 2\)"):
-        require_exportable(model.config, "--edge", "the ONNX edge model")
-    with pytest.raises(ex.ExportError, match=r"real-length windows \(encoder_window: real\)"):
-        require_exportable(model.config, "--edge", "the ONNX edge model", window_means=True)
+    with pytest.raises(ex.ExportError, match=r"attend_padding: false \(window means, real-length encoder windows ") as e:
+        require_full_window(model.config)
+    assert "\n" not in str(e.value)
 
 
 def test_reimported_run_gives_the_same_embeddings_and_logits(run):

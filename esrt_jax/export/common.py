@@ -21,24 +21,6 @@ class ExportError(ValueError):
     """Bad export/import input: names the file or directory and the problem."""
 
 
-def require_exportable(model_cfg: Any, source: Any, target: str, *, window_means: bool = False,
-                       real_window: bool = False) -> None:
-    """Refuse, before anything is written, a model that `target` cannot hold. Every target holds a
-    Q-Former adapter on Whisper's 30 s window; `window_means` / `real_window` say whether it also
-    holds the window-means adapter (`adapter.window_means`) / real-length encoder windows
-    (`encoder_window: real`): the HF export holds both (our adapter layout, the window recorded in
-    esrt_config.json), the ONNX edge model neither yet."""
-    a = model_cfg.adapter
-    if a.window_means and not window_means:
-        raise ExportError(f"{source}: {target} holds the Q-Former adapter; this model's adapter is "
-                          f"window means (adapter.window_means: {a.window_means}), which it cannot "
-                          f"hold yet (its checkpoint serves with infer/serve/edge as it is)")
-    if model_cfg.encoder_window != "padded" and not real_window:
-        raise ExportError(f"{source}: {target} runs the encoder on Whisper's 30 s window; this model reads "
-                          f"real-length windows (encoder_window: {model_cfg.encoder_window}), which it cannot "
-                          f"describe yet (its checkpoint serves with infer/serve as it is)")
-
-
 def find_run_config(run_dir: str | os.PathLike, config: str | os.PathLike | None = None,
                     stage: str | None = None) -> Path:
     """The YAML the run was trained with: `config`, else RUN_DIR/config.yaml (or RUN_DIR/<stage>/)."""

@@ -20,8 +20,8 @@ A save that the file system refuses (a full disk, a read-only mount) is a `Check
 one line naming the folder, the step and the cause; the step's partial temporary folder is
 removed and the earlier steps are left as they were. Orbax's own reports of that failure (absl
 ERROR records with tracebacks from its save threads) and tensorstore's "Event loop is closed"
-callbacks into the event loop Orbax already closed, and asyncio's "Task exception was never
-retrieved" for the other reads of a failed batch, are dropped: they are noise around a cause that
+callbacks into the event loop Orbax already closed, and asyncio's "... exception was never
+retrieved" for the other reads or writes of a failed batch, are dropped: they are noise around a cause that
 is reported once (see `_quiet_orbax`).
 """
 
