@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -180,29 +181,15 @@ def build_model(cfg: RunConfig, *, abstract: bool = False) -> TrainBundle:
 
     bundle, graphdef = split_nnx(model, cfg.train.trainable or default_trainable(cfg), module_loss)
     buckets = tuple(cfg.data.get("text_buckets", (64, 128, 256)))
-    n_mels = scfg.encoder.num_mel_bins
-    frames = N_FRAMES  # what the data pipeline emits (30 s); loss_fn cuts it to the encoder's frames
     if cfg.data.get("enc_frame_bucket") and scfg.adapter.attend_padding:
         raise ConfigError("data.enc_frame_bucket cuts the padding off the encoder output, but "
                           "model.adapter.attend_padding is true (LLM-SRT: the adapter attends over the "
                           "padding); set model.adapter.attend_padding: false or drop data.enc_frame_bucket")
-    def features():
-        if cfg.data.get("encoder_cache"):  # batches carry the cached encoder output, checked here
-            cache = _feature_cache(cfg, None if abstract else model.encoder)
-            if not scfg.adapter.attend_padding and not cache.has_frames:
-                raise ConfigError(f"data.encoder_cache: {cache.path} records no audio lengths (built by "
-                                  f"an older version), which model.adapter.attend_padding: false needs; "
-                                  f"rerun python -m esrt_jax.data.encode_cache on it (adds them, encodes nothing)")
-            return {"enc": ((scfg.encoder.max_source_positions, scfg.encoder.d_model),
-                            jnp.bfloat16 if cache.meta["dtype"] == "bfloat16" else jnp.float32)}
-        _no_cache_window(SpeechModelConfig.of(cfg))
-        return {"mel": ((n_mels, frames), jnp.float32)}
-
     # Training checks its data now; an abstract build (restoring params for inference, export,
     # import: no data at hand) only when a batch is shaped (the dry run).
-    feat = None if abstract else features()
+    feat = None if abstract else _speech_input(cfg, scfg, model.encoder)
     bundle.batch_spec = lambda rows: {
-        **{k: jax.ShapeDtypeStruct((rows, *shape), dt) for k, (shape, dt) in (feat or features()).items()},
+        **_rows(rows, feat or _speech_input(cfg, scfg, None)),
         "enc_frames": jax.ShapeDtypeStruct((rows,), jnp.int32),
         "tokens": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32),
         "loss_mask": jax.ShapeDtypeStruct((rows, max(buckets)), jnp.int32),
@@ -247,17 +234,11 @@ def _build_align(cfg: RunConfig, *, abstract: bool) -> TrainBundle:
 
     model = nnx.eval_shape(lambda: make(False)) if abstract else make(True)
     bundle, graphdef = split_nnx(model, cfg.train.trainable or align.TRAINABLE, align.loss)
-    e, a = scfg.encoder, scfg.adapter
-    if cached:
-        cache = _feature_cache(cfg, None)
-        feat = {"enc": ((e.max_source_positions, e.d_model),
-                        jnp.bfloat16 if cache.meta["dtype"] == "bfloat16" else jnp.float32)}
-    else:
-        _no_cache_window(SpeechModelConfig.of(cfg))
-        feat = {"mel": ((e.num_mel_bins, N_FRAMES), jnp.float32)}
+    a = scfg.adapter
+    feat = None if abstract else _speech_input(cfg, scfg, None)  # as build_model's
     labels = max(tuple(cfg.data.get("text_buckets", (64, 128, 256))))
     bundle.batch_spec = lambda rows: {
-        **{k: jax.ShapeDtypeStruct((rows, *shape), dt) for k, (shape, dt) in feat.items()},
+        **_rows(rows, feat or _speech_input(cfg, scfg, None)),
         "enc_frames": jax.ShapeDtypeStruct((rows,), jnp.int32),
         "ctc_labels": jax.ShapeDtypeStruct((rows, labels), jnp.int32),
         "ctc_paddings": jax.ShapeDtypeStruct((rows, labels), jnp.float32)}
@@ -290,6 +271,28 @@ def _align_dev_batches(cfg: RunConfig):
                  if k not in ("tokens", "loss_mask", "attention_mask")},
                 [dev[i].transcription for i in rows])
     return dev_batches
+
+
+def _speech_input(cfg: RunConfig, scfg, encoder) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """A batch's speech input, {name: (shape per row, dtype)}: the cached encoder output of
+    data.encoder_cache (checked: against the encoder's weights when given, its window, and the
+    lengths an attend_padding-false adapter needs), else the pipeline's 30 s mel (the step cuts it
+    to the encoder's frames)."""
+    e = scfg.encoder
+    if not cfg.data.get("encoder_cache"):
+        _no_cache_window(SpeechModelConfig.of(cfg))
+        return {"mel": ((e.num_mel_bins, N_FRAMES), jnp.float32)}
+    cache = _feature_cache(cfg, encoder)
+    if not scfg.adapter.attend_padding and not cache.has_frames:
+        raise ConfigError(f"data.encoder_cache: {cache.path} records no audio lengths (built by "
+                          f"an older version), which model.adapter.attend_padding: false needs; "
+                          f"rerun python -m esrt_jax.data.encode_cache on it (adds them, encodes nothing)")
+    return {"enc": ((e.max_source_positions, e.d_model),
+                    jnp.bfloat16 if cache.meta["dtype"] == "bfloat16" else jnp.float32)}
+
+
+def _rows(rows: int, spec: dict) -> dict[str, jax.ShapeDtypeStruct]:
+    return {k: jax.ShapeDtypeStruct((rows, *shape), dt) for k, (shape, dt) in spec.items()}
 
 
 def _feature_cache(cfg: RunConfig, encoder):
