@@ -74,8 +74,6 @@ def run(request, tmp_path_factory):
     sets = ["model.whisper_config.max_source_positions=150", *VARIANTS[request.param]]
     # real windows train on an encoder cache only; the checkpoint's params are those of the padded window
     cfg, run_dir, _ = make_tiny_run(d, overrides=[x for x in sets if not x.startswith("model.encoder_window")])
-    if request.param == "real_window":  # and loading such a run checks its cache's window: a one-clip one
-        sets.append(f"data.encoder_cache={real_window_cache(load_model(cfg, run_dir).model.encoder, d)}")
     cfg.write_text(yaml.safe_dump(apply_overrides(yaml.safe_load(cfg.read_text()), sets)))
     loaded = load_model(cfg, run_dir)
     tr = translator_for(loaded)
@@ -88,21 +86,6 @@ def run(request, tmp_path_factory):
     yield {"name": request.param, "cfg": cfg, "run": run_dir, "loaded": loaded, "tr": tr, "backend": backend,
            "server": srv, "token": d / "token", "dir": d}
     srv.stop()
-
-
-def real_window_cache(encoder, d):
-    """A real-window encoder cache of one clip in d/cache (what a real-window run's config names)."""
-    from esrt_jax.data import encode_cache as ec
-    from esrt_jax.data.records import open_source
-
-    sf.write(d / "c.wav", tone(0.8, 300), SR, subtype="FLOAT")
-    (d / "c.jsonl").write_text(json.dumps({"id": "c", "audio": str(d / "c.wav"), "src": "eng", "tgt": "deu",
-                                           "asr": "a", "s2tt": "b"}) + "\n")
-    src = open_source(str(d / "c.jsonl"))
-    keys = sorted(str(k) for k in src.index().audio_key)
-    ec.build(encoder, keys, ec.mel_loader(encoder.config, [src]), d / "cache", shard_size=1, progress=False,
-             window="real")
-    return d / "cache"
 
 
 def infer_features(run, audio, *extra):
