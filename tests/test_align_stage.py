@@ -94,10 +94,16 @@ def test_align_bundle_has_no_llm(setup):
     assert "320,64" not in jaxpr.replace(" ", "") and "64,320" not in jaxpr.replace(" ", "")
 
 
-def test_align_learns_the_toy_speech_and_asr_starts_from_it(setup, capfd):
+@pytest.fixture(scope="module")
+def aligned(setup):
+    """The toy align stage trained once (300 steps): (config, run dir)."""
     cfg = _config(setup, "full")
     train_main(["--config", str(cfg), "--stage", "align"])
-    run = setup / "full"
+    return cfg, setup / "full"
+
+
+def test_align_learns_the_toy_speech_and_asr_starts_from_it(aligned, capfd):
+    cfg, run = aligned
     m = _metrics(run, "align")
     losses = [r["loss"] for r in m if "loss" in r and "dev_cer" not in r]
     cers = [r["dev_cer"] for r in m if "dev_cer" in r]
@@ -165,3 +171,42 @@ def test_window_means_adapter_aligns_serves_the_asr_stage_and_exports(setup, cap
     assert {p.name for p in (out / "adapter").iterdir()} == {"model.safetensors", "config.json"}
     ec = json.loads((out / "esrt_config.json").read_text())
     assert ec["model"]["adapter"] == "window_means" and ec["adapter"]["files"]["llm_srt"] is None
+
+
+def test_asr_stage_reads_the_ctc_characters_as_llm_embeddings(setup, aligned, capfd):
+    """model.interface ctc_chars: the asr stage keeps the align stage's CTC head (restored, not left
+    out) and the LLM reads the kept frames' character posteriors as its own embeddings of the
+    characters; a dev decode and infer run on it; the edge half and the HF export refuse it."""
+    import shutil
+
+    from esrt_jax.config import ConfigError
+    from esrt_jax.export.common import ExportError
+    from esrt_jax.speech.load import load_edge_half
+    from esrt_jax.train.checkpoint import restore_params
+
+    _, src = aligned
+    cfg = _config(setup, "soft")
+    shutil.copytree(src / "align", setup / "soft" / "align")
+    soft = ["--set", "model.interface=ctc_chars"]
+    capfd.readouterr()
+    train_main(["--config", str(cfg), "--stage", "asr", "--set", "train.steps=2", "--set", "train.decode_every=2",
+                *soft])
+    out = "".join(capfd.readouterr())
+    assert "starting from trainable params of" in out and "left out" not in out, out[-2000:]
+    bundle = build_model(load_run_config(cfg, soft[1:]).for_stage("asr"))
+    assert "ctc_head" in bundle.trainable
+    # two steps at lr 3e-3 x warm-up: the head is the aligned one, nearly unchanged
+    head = {"ctc_head": bundle.trainable["ctc_head"]}
+    aligned_head, _ = restore_params(src / "align" / "checkpoints", head)
+    trained_head, _ = restore_params(setup / "soft" / "asr" / "checkpoints", bundle.trainable)
+    a, t = (np.asarray(h["ctc_head"]["out"]["kernel"]) for h in (aligned_head, trained_head))
+    assert np.abs(a).max() > 0.1 and np.abs(t - a).max() < 0.05 * np.abs(a).max()
+    assert any("dev_wer" in r for r in _metrics(setup / "soft", "asr"))
+    dev = setup / "data" / "dev.jsonl"
+    rc = infer_main(["--config", str(cfg), "--checkpoint", str(setup / "soft"), *soft, "--jsonl", str(dev),
+                     "--task", "asr", "--max-new-tokens", "4"])
+    assert rc in (0, 3)  # 3: every decode empty, possible after two asr steps
+    with pytest.raises(ConfigError, match="interface ctc_chars needs the LLM's embedding table"):
+        load_edge_half(cfg, setup / "soft", soft[1:])
+    with pytest.raises(ExportError, match="ctc_chars"):
+        export_run(setup / "soft", setup / "soft_export", overrides=soft[1:])

@@ -140,3 +140,43 @@ def test_whisper_real_length_window_matches_the_padded_stem():
     assert enc(mel[..., :40]).shape == (1, 20, 16)
     with pytest.raises(ValueError, match="shorter even number"):
         enc.embed(mel[..., :41])
+
+
+def test_soft_units_keep_the_best_path_in_order_behind_zero_rows():
+    path = np.array([[1, 1, 0, 2, 2, 0, 2, 3]])  # best path -> units 1, 2, 2, 3
+    logits = 20.0 * jnp.asarray(np.eye(4)[path])
+    table = jnp.asarray(np.random.RandomState(0).randn(3, 5), jnp.float32)  # units 1..3 -> rows 0..2
+    out = np.asarray(ctc.soft_units(logits, table))[0]
+    assert out.shape == (8, 5)
+    np.testing.assert_array_equal(out[:4], 0.0)  # 4 frames dropped (a repeat, blanks, a repeat)
+    np.testing.assert_allclose(out[4:], np.asarray(table)[[0, 1, 1, 2]], atol=1e-6)
+    # a frame's embedding is its posterior mix over the units (the blank's share left out)
+    soft = jnp.asarray([[[0.0, 2.0, 1.0, 0.0]]])
+    p = np.exp([2.0, 1.0, 0.0]) / np.exp([2.0, 1.0, 0.0]).sum()
+    np.testing.assert_allclose(np.asarray(ctc.soft_units(soft, table))[0, 0], p @ np.asarray(table), rtol=1e-5)
+
+
+def test_speech_llm_with_soft_units_masks_the_dropped_frames():
+    """The zero rows of `soft_units` are padding to the LLM: its logits equal those without them."""
+    from esrt_jax.models.llm import config_from_hf
+    from esrt_jax.models.speech_llm import SpeechLLM, SpeechLLMConfig
+
+    llm_cfg = config_from_hf(dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    enc = WhisperEncoderConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=4,
+                               encoder_ffn_dim=64, max_source_positions=16)
+    ad = QFormerConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                       encoder_hidden_size=32, num_queries=3, llm_dim=32, attend_padding=False,
+                       window_queries=True)
+    model = SpeechLLM(SpeechLLMConfig(enc, ad, llm_cfg, speech_units=(5, 6, 7), ctc_upsample=2),
+                      rngs=nnx.Rngs(0))
+    assert model.config.feature_shape("projector") == (6, 32) and model.ctc_head is not None
+    rs = np.random.RandomState(1)
+    kept = jnp.asarray(rs.randn(1, 4, 32), jnp.float32)
+    speech = jnp.concatenate([jnp.zeros((1, 2, 32)), kept], 1)
+    tokens, mask = jnp.asarray([[3, 9, 11, 2]]), jnp.ones((1, 4), jnp.int32)
+    np.testing.assert_allclose(np.asarray(model.text_logits(speech, tokens, mask)),
+                               np.asarray(model.text_logits(kept, tokens, mask)), atol=1e-5)
+    # the whole path: Q-Former outputs -> CTC head -> soft units on the LLM's token embeddings
+    emb = model.project(jnp.asarray(rs.randn(2, 3, 32), jnp.float32))
+    assert emb.shape == (2, 6, 32) and bool(jnp.all(jnp.isfinite(emb)))

@@ -179,3 +179,16 @@ def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike)
             shutil.copyfile(f, dst)
             out.append(dst)
     return out
+
+
+def unit_token_ids(tokenizer, units: Sequence[str]) -> tuple[int, ...]:
+    """The token id of each one-character unit (the align stage's CTC units), e.g. Gemma's id of
+    ' ' or 'ř'. A unit the tokenizer does not write as one token is a `TokenizerError` naming it."""
+    ids = []
+    for u in units:
+        got = tokenizer.encode(u, add_special_tokens=False)
+        if len(got) != 1 or got[0] == tokenizer.unk_token_id:
+            raise TokenizerError(f"CTC unit {u!r} is not one token of this tokenizer (it writes it as {got}): "
+                                 "model.interface ctc_chars needs a token per character")
+        ids.append(int(got[0]))
+    return tuple(ids)

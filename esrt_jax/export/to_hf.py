@@ -129,6 +129,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, *, config: st
         raise ExportError(f"{ckpt}: no trained params were restored")
     cfg, model, tok = loaded.run_config, loaded.model, loaded.tokenizer
     scfg = model.config
+    if scfg.speech_units:
+        raise ExportError(f"{cfg_path}: model.interface ctc_chars (the LLM reads CTC character posteriors) has no "
+                          "Hugging Face export yet; export a run with model.interface: vectors")
     trained = _trainable_paths(cfg.model_builder()(cfg, abstract=True))
     task_tok = TaskTokenizer(tok, add_bos=cfg.data.get("add_bos"))
     gen = _gen_settings(cfg, task_tok)

@@ -16,6 +16,10 @@ expansion (Dense(in_dim -> u * in_dim) + GELU before the output layer: two small
 series) kept the adapter on the all-blank plateau (docs/experiments/2026-12-07-align.md).
 
 Unit 0 is the blank in every unit set.
+
+`soft_units` turns the head's logits into LLM input embeddings (the speech LLM's
+`interface: ctc_chars`): each frame the best path keeps becomes its posterior-weighted sum of the
+LLM's embeddings of the units (LegoSLM); the others become zero rows, which the LLM masks.
 """
 
 from __future__ import annotations
@@ -116,3 +120,20 @@ def greedy_decode(logits: np.ndarray, num_frames: np.ndarray) -> list[list[int]]
         keep[1:] = row[1:] != row[:-1]
         out.append([int(u) for u in row[keep] if u != BLANK])
     return out
+
+
+def soft_units(logits: jax.Array, unit_embeds: jax.Array) -> jax.Array:
+    """CTC logits (B, T, K + 1), the LLM's embeddings of the K units (K, D) -> (B, T, D).
+
+    The frames the best path keeps (argmax not the blank and not a repeat of the frame before,
+    as `greedy_decode`) become sum_k p(k | frame, not blank) * E[k]; they are moved, in order, to
+    the end of the row, and the dropped frames are zero rows in front of them (the speech LLM
+    masks zero rows: `SpeechLLM.llm_inputs`), so the LLM reads the spelled transcript right before
+    the prompt."""
+    best = jnp.argmax(logits, -1)
+    prev = jnp.concatenate([jnp.full_like(best[:, :1], -1), best[:, :-1]], 1)
+    keep = (best != BLANK) & (best != prev)
+    p = jax.nn.softmax(logits.astype(jnp.float32)[..., 1:], -1)  # renormalised over the units
+    emb = jnp.einsum("btk,kd->btd", p, unit_embeds.astype(jnp.float32)) * keep[..., None]
+    order = jnp.argsort(keep, axis=1, stable=True)  # dropped frames first, kept ones in time order
+    return jnp.take_along_axis(emb, order[..., None], axis=1)

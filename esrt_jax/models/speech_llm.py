@@ -31,6 +31,7 @@ from flax import nnx
 
 from esrt_jax.audio import log_mel_spectrogram_jax
 from esrt_jax.config import check, setting, to_dict
+from esrt_jax.models import ctc
 from esrt_jax.models.layers import dtype_from_name
 from esrt_jax.models.llm import CausalLM, LLMConfig, LoraConfig, positions_from_mask
 from esrt_jax.models.qformer import QFormerConfig, SpeechAdapter
@@ -55,6 +56,11 @@ class SpeechLLMConfig:
     encoder_window: str = setting("padded", help="'padded': the encoder reads Whisper's 30 s window (LLM-SRT); "
                                                  "'real': each clip's mel cut to its own length, rounded up "
                                                  "to 1 s (needs adapter.attend_padding false)")
+    speech_units: tuple[int, ...] = setting((), help="LLM token ids of the align stage's CTC units; non-empty: "
+                                                     "the speech reaches the LLM as CTC unit posteriors times "
+                                                     "the LLM's embeddings of those tokens (model.interface "
+                                                     "ctc_chars)")
+    ctc_upsample: int = setting(2, help="CTC frames per adapter output (with speech_units)")
 
     def __post_init__(self):
         self.validate()
@@ -71,15 +77,20 @@ class SpeechLLMConfig:
         check(self.encoder_window == "padded" or not self.adapter.attend_padding, "encoder_window",
               "a 'real' window has no 30 s padding to attend to: set adapter.attend_padding: false too")
 
+        check(not self.speech_units or self.adapter.pool_k is None, "speech_units",
+              "CTC unit posteriors are read off every adapter output: set adapter.pool_k: null")
+
     @property
     def num_speech_tokens(self) -> int:
+        if self.speech_units:
+            return self.adapter.num_queries * self.ctc_upsample
         return self.adapter.num_output_tokens
 
     def feature_shape(self, split: Split | None = None) -> tuple[int, int]:
         """Per-utterance shape of what the edge sends for `split`."""
         if (split or self.split) == "qformer":
             return (self.adapter.num_queries, self.adapter.hidden_size)
-        return (self.adapter.num_output_tokens, self.adapter.llm_dim)
+        return (self.num_speech_tokens, self.adapter.llm_dim)
 
 
 class SpeechLLM(nnx.Module):
@@ -92,6 +103,10 @@ class SpeechLLM(nnx.Module):
         self.llm = CausalLM(cfg.llm, lora=cfg.lora, dtype=dtype_from_name(cfg.llm_dtype),
                             param_dtype=dtype_from_name(cfg.llm_param_dtype),
                             scan_layers=cfg.scan_layers, remat=cfg.remat, rngs=rngs)
+        # the align stage's CTC head (same param paths: the asr stage restores it)
+        self.ctc_head = (ctc.CTCHead(ctc.CTCHeadConfig(in_dim=cfg.adapter.llm_dim, units=len(cfg.speech_units),
+                                                       upsample=cfg.ctc_upsample), rngs=rngs)
+                         if cfg.speech_units else None)
 
     @classmethod
     def from_parts(cls, cfg: SpeechLLMConfig, encoder: WhisperEncoder, adapter: SpeechAdapter,
@@ -99,6 +114,8 @@ class SpeechLLM(nnx.Module):
         """Assemble from already loaded parts (e.g. converted HF checkpoints) without random init."""
         model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
         model.encoder, model.adapter, model.llm = encoder, adapter, llm
+        if cfg.speech_units:  # in no pretrained checkpoint: initialised here, trained by the align stage
+            model.ctc_head = ctc.CTCHead(model.ctc_head.config, rngs=nnx.Rngs(0))
         return model
 
     # -- edge -----------------------------------------------------------------------------
@@ -120,12 +137,20 @@ class SpeechLLM(nnx.Module):
                                               rngs=rngs)
         if (split or self.config.split) == "qformer":
             return feats
-        return self.adapter.project(feats)
+        return self.project(feats)
+
+    def project(self, feats: jax.Array) -> jax.Array:
+        """Q-Former outputs (B, Q, H) -> speech embeddings (B, Q', llm_dim): the projector, or with
+        `speech_units` the CTC head's soft units (B, Q * u, llm_dim; `ctc.soft_units`)."""
+        if not self.config.speech_units:
+            return self.adapter.project(feats)
+        units = self.llm.embed(jnp.asarray(self.config.speech_units, jnp.int32)[None])[0]
+        return ctc.soft_units(self.ctc_head(self.adapter.head(feats)), units)
 
     def speech_embeds(self, features: jax.Array, split: Split | None = None) -> jax.Array:
         """Edge features -> speech embeddings (B, Q', llm_dim) (runs the projector if needed)."""
         if (split or self.config.split) == "qformer":
-            return self.adapter.project(features.astype(self.llm.dtype))
+            return self.project(features.astype(self.llm.dtype))
         return features.astype(self.llm.dtype)
 
     # -- cloud ----------------------------------------------------------------------------
@@ -139,7 +164,9 @@ class SpeechLLM(nnx.Module):
         """
         B, Q = speech.shape[:2]
         embeds = jnp.concatenate([speech.astype(self.llm.dtype), self.llm.embed(tokens)], axis=1)
-        mask = jnp.concatenate([jnp.ones((B, Q), bool), text_mask.astype(bool)], axis=1)
+        # soft units: the frames CTC drops are zero rows (`ctc.soft_units`)
+        speech_mask = jnp.any(speech != 0, -1) if self.config.speech_units else jnp.ones((B, Q), bool)
+        mask = jnp.concatenate([speech_mask, text_mask.astype(bool)], axis=1)
         if left_pad:
             order = jnp.argsort(mask, axis=1, stable=True)
             embeds = jnp.take_along_axis(embeds, order[..., None], axis=1)

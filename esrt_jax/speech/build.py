@@ -33,7 +33,7 @@ from esrt_jax import languages
 from esrt_jax.audio import N_FRAMES
 from esrt_jax.config import ConfigError, from_dict
 from esrt_jax.convert.llm import load_hf_model
-from esrt_jax.convert.tokenizer import check_vocab, load_tokenizer
+from esrt_jax.convert.tokenizer import check_vocab, load_tokenizer, unit_token_ids
 from esrt_jax.convert.whisper import load_whisper_encoder
 from esrt_jax.data.demo import clip_split, demo_corpus_for
 from esrt_jax.data.encode_cache import FeatureCache, encoder_fingerprint
@@ -110,7 +110,7 @@ def build_inference(cfg: RunConfig, *, abstract: bool = False):
 def _build_module(cfg: RunConfig, *, abstract: bool, on_mesh: bool = False):
     """The SpeechLLM of `cfg`; with `on_mesh`, a loaded LLM is placed on the run's mesh."""
     m = SpeechModelConfig.of(cfg)
-    scfg = m.resolve(cfg.lora.model_lora())
+    scfg = m.resolve(cfg.lora.model_lora(), speech_units(cfg))
     seed = m.seed
     make = lambda: SpeechLLM(scfg, rngs=nnx.Rngs(seed))  # noqa: E731
     if abstract:
@@ -134,8 +134,16 @@ def _build_module(cfg: RunConfig, *, abstract: bool, on_mesh: bool = False):
     return SpeechLLM.from_parts(scfg, enc, adapter, llm)
 
 
+def speech_units(cfg: RunConfig) -> tuple[int, ...]:
+    """With `model.interface: ctc_chars`, the LLM token ids of the align stage's CTC units (read
+    from the training transcripts and the tokenizer); else ()."""
+    if SpeechModelConfig.of(cfg).interface != "ctc_chars":
+        return ()
+    return unit_token_ids(tokenizer_for(cfg), align_units(cfg))
+
+
 def default_trainable(cfg: RunConfig) -> tuple[str, ...]:
-    pats = ("^adapter/",)
+    pats = ("^adapter/", "^ctc_head/") if SpeechModelConfig.of(cfg).interface == "ctc_chars" else ("^adapter/",)
     return pats + (r"/lora_[ab]$",) if cfg.lora.enabled else pats
 
 

@@ -20,6 +20,8 @@ Model block of a run config (`model:`):
                                                     #   longest text the data allows (data.text_buckets)
     infer: {num_beams: 5, prompt_buckets: [32]}     # inference / service / export, over `decode`
     align: {upsample: 2}                            # the align stage (esrt_jax.speech.align.AlignConfig)
+    interface: vectors                              # or ctc_chars: the LLM reads the align stage's CTC
+                                                    #   character posteriors as its own embeddings
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from esrt_jax.models.llm_config import LoraConfig
 from esrt_jax.models.qformer import QFormerConfig
 from esrt_jax.models.speech_llm import SpeechLLMConfig
 from esrt_jax.models.whisper import WhisperEncoderConfig
+from esrt_jax.speech.align import AlignConfig
 
 # What `model.decode` / `model.infer` may set: these GenerateConfig fields, and the prompt buckets.
 GENERATION_KEYS = ("max_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size", "min_new_tokens")
@@ -79,20 +82,27 @@ class SpeechModelConfig:
                                                      "export, over `decode`")
     align: dict[str, Any] = setting(factory=dict, help="the align stage's CTC head and loss: "
                                                      "esrt_jax.speech.align.AlignConfig keys")
+    interface: str = setting("vectors", help="how the speech reaches the LLM: 'vectors', the adapter's outputs; "
+                                             "'ctc_chars', the align stage's CTC head reads them and the LLM gets "
+                                             "each kept CTC frame's character posteriors times its own embeddings "
+                                             "of those characters (LegoSLM; needs the align stage's head)")
 
     def validate(self):
         for block in ("decode", "infer"):  # from_dict puts "model." in front
             bad = sorted(set(getattr(self, block)) - set(DECODE_KEYS))
             if bad:
                 raise ConfigError(f"{block}.{bad[0]}: unknown key; valid keys here: {', '.join(DECODE_KEYS)}")
+        if self.interface not in ("vectors", "ctc_chars"):
+            raise ConfigError(f"interface: {self.interface!r} is not 'vectors' or 'ctc_chars'")
 
     @classmethod
     def of(cls, run_cfg) -> "SpeechModelConfig":
         """The typed `model:` block of a RunConfig (unknown keys refused, naming the key)."""
         return from_dict(cls, run_cfg.model, prefix="model")
 
-    def resolve(self, lora: LoraConfig | None = None) -> SpeechLLMConfig:
-        """-> the SpeechLLMConfig (reads only config.json files of local HF dirs)."""
+    def resolve(self, lora: LoraConfig | None = None, speech_units: tuple[int, ...] = ()) -> SpeechLLMConfig:
+        """-> the SpeechLLMConfig (reads only config.json files of local HF dirs); `speech_units`:
+        the LLM token ids of the CTC units, with `interface: ctc_chars` (`speech.build.speech_units`)."""
         enc_rt = {"dtype": self.encoder_dtype, "scan_layers": self.scan_layers}
         if self.whisper and (_is_local(self.whisper) or not self.whisper_config):
             enc = WhisperEncoderConfig.from_hf_config(hf_io.read_config(hf_io.resolve_local_dir(self.whisper)),
@@ -116,7 +126,8 @@ class SpeechModelConfig:
         return SpeechLLMConfig(enc, adapter, llm, lora=lora, llm_dtype=self.llm_dtype,
                                llm_param_dtype=self.llm_param_dtype, scan_layers=self.scan_layers,
                                remat=self.remat, split=self.split,
-                               encoder_window=self.encoder_window)
+                               encoder_window=self.encoder_window, speech_units=tuple(speech_units),
+                               ctc_upsample=from_dict(AlignConfig, dict(self.align), prefix="model.align").upsample)
 
     def generation_settings(self, *, inference: bool) -> dict[str, Any]:
         """`decode` (dev decodes), with `infer` over it for inference; unset (null) keys dropped."""

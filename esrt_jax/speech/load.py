@@ -94,6 +94,9 @@ def load_edge_half(config: str | Path, checkpoint: str | Path | None, overrides:
         ck, stage, step = resolve_checkpoint(checkpoint)
     cfg = load_run_config(config, overrides).for_stage(stage or "srt")
     m = SpeechModelConfig.of(cfg)
+    if m.interface != "vectors":  # its speech embeddings are the LLM's own token embeddings
+        raise ConfigError(f"{config}: model.interface {m.interface} needs the LLM's embedding table, which the "
+                          "edge half does not hold: run infer / eval on the whole model instead")
     if not m.whisper:
         m = load_model(config, checkpoint, overrides).model
         half = EdgeHalf(m.config, m.encoder, m.adapter)
