@@ -53,7 +53,7 @@ from esrt_jax.audio import AudioError
 from esrt_jax.data.encode_cache import CacheError
 from esrt_jax.data.records import JSON_KEYS, SourceError, read_jsonl
 from esrt_jax.data.tasks import DEFAULT_TASK, TASKS, Task, TaskError, get_task
-from esrt_jax.eval.results import RESULT_FIELDS, Issue
+from esrt_jax.eval.results import RESULT_FIELDS, RESULT_KEYS, Issue
 from esrt_jax.infer import longform
 from esrt_jax.infer.cloud import model_fingerprint
 
@@ -440,8 +440,8 @@ def _result(it: EvalItem, out: dict, task: str) -> dict:
         "id": it.id, "audio": it.audio, "prompt": it.prompt(task), "src": it.src, "tgt": it.tgt,
         JSON_KEYS["transcription"]: it.transcription, JSON_KEYS["translation"]: it.translation,
         # A task given the transcription (SMT) produces none, so none is scored.
-        "asr_r": out["transcription"] if "transcription" in get_task(task).outputs else None,
-        "s2tt_r": out["translation"],
+        RESULT_KEYS["transcription"]: out["transcription"] if "transcription" in get_task(task).outputs else None,
+        RESULT_KEYS["translation"]: out["translation"],
         "response": out["response"],
     }
     assert tuple(row) == RESULT_FIELDS
