@@ -203,11 +203,12 @@ class EdgeEncoder:
     def segments(self, path: str | os.PathLike, segment: bool = True
                  ) -> tuple[np.ndarray, list[audio_lib.Segment]]:
         """Audio file -> (log-mel (S, n_mels, num_frames), its S segments)."""
-        return audio_lib.mel_segments(path, self.n_mels, self.num_frames, segment=segment)
+        mels, segs, _ = longform.clip_windows(path, self.n_mels, self.num_frames, segment=segment)
+        return mels, segs
 
     def enc_frames(self, segs: Sequence[audio_lib.Segment]) -> np.ndarray:
         """Segments -> the real encoder frames (S,) of each (what `features` takes)."""
-        return np.array([audio_lib.encoder_frames(s.end - s.start, self.num_frames // 2) for s in segs], np.int32)
+        return longform.window_frames(segs, self.num_frames)
 
     def payload(self, features: np.ndarray) -> bytes:
         """One utterance's features (*feature_shape) -> payload bytes."""
@@ -216,12 +217,9 @@ class EdgeEncoder:
 
     def payloads(self, paths: Sequence[str | os.PathLike], batch: int = 8) -> list[bytes]:
         """One payload per file, each one window (longer audio is cut, with a warning)."""
-        out = []
-        for i in range(0, len(paths), batch):
-            windows = [self.segments(p, segment=False) for p in paths[i:i + batch]]
-            mels = np.concatenate([m for m, _ in windows])
-            out += [self.payload(f) for f in self.features(mels, self.enc_frames([s for _, (s,) in windows]))]
-        return out
+        windows = (longform.clip_windows(p, self.n_mels, self.num_frames, segment=False) for p in paths)
+        return [self.payload(f) for f in longform.encode_windows(self.features, ((m, f) for m, _, f in windows),
+                                                                 batch)]
 
 
 class EdgeClient(EdgeEncoder):
@@ -322,11 +320,8 @@ class EdgeClient(EdgeEncoder):
         """Audio file -> {"transcription", "translation", "src", "tgt", "scheme", "batch_size",
         "bytes_sent", "segments": [{"start", "end", "transcription", "translation", "batch_size",
         "bytes_sent"}]}; only payloads are sent, one per segment (`bytes_sent`: their total)."""
-        mels, segs = self.segments(path, segment)
-        frames = self.enc_frames(segs)
-        feats = np.concatenate([self.features(mels[i:i + batch], frames[i:i + batch])
-                                for i in range(0, len(mels), batch)])
-        bodies = [self.payload(f) for f in feats]
+        mels, segs, frames = longform.clip_windows(path, self.n_mels, self.num_frames, segment=segment)
+        bodies = [self.payload(f) for f in longform.encode_windows(self.features, [(mels, frames)], batch)]
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(bodies)))) as ex:
             outs = list(ex.map(lambda b: self.send(b, src, tgt), bodies))
         joined = longform.join_outputs(segs, outs, src, tgt)

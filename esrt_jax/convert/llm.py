@@ -6,7 +6,7 @@
     export_peft_adapter(model, adapter_dir, base_model_name_or_path=model_dir)  # see convert/peft.py
 
 Loading streams tensor by tensor (`hf_io.iter_tensors`, one shard open at a time) through the
-family's name mapping (`llm.hf_to_ours`); each tensor is cast to `param_dtype` on the host and
+family's name mapping (`llm.hf_to_ours`, applied by `hf_names.from_hf` as for every family); each tensor is cast to `param_dtype` on the host and
 placed at once: with a mesh, `jax.device_put` onto the `NamedSharding` derived from the
 parameter's logical axes (`esrt_jax.sharding`). Stacked layer params (L, ...) are allocated on
 their devices once and filled layer by layer with a donated in-place update, so the host holds
@@ -34,6 +34,7 @@ from flax import nnx
 from esrt_jax.convert import hf_io
 from esrt_jax.convert.tokenizer import TOKENIZER_FILES, check_vocab, copy_tokenizer_files, load_tokenizer
 from esrt_jax.models import llm
+from esrt_jax.models.hf_names import from_hf
 from esrt_jax.models.llm import abstract_model
 from esrt_jax.models.layers import LoraParam
 from esrt_jax.sharding import DEFAULT_RULES, Rules, named_sharding, variable_axes
@@ -93,9 +94,6 @@ def stream_params(items, maps: list, cfg: llm.LLMConfig, abs_flat: Mapping, *, p
     """
     rules = DEFAULT_RULES if rules is None else rules
     np_dtype = np.dtype(jnp.dtype(param_dtype))
-    by_name: dict[str, list] = {}
-    for m in maps:  # a fused HF tensor (Phi-3's qkv_proj) feeds several of our params
-        by_name.setdefault(m.hf_name, []).append(m)
     L = cfg.num_hidden_layers
 
     def sharding_of(path, shape):
@@ -107,29 +105,23 @@ def stream_params(items, maps: list, cfg: llm.LLMConfig, abs_flat: Mapping, *, p
     out: dict[tuple, Any] = {}
     filled: dict[tuple, int] = {}
     setters: dict[tuple, Any] = {}
-    for name, arr in items:
-        for m in by_name.get(name, ()):
-            if tuple(np.shape(arr)) != tuple(m.hf_shape):  # checked before the layout transform
-                raise hf_io.CheckpointError(
-                    f"{where}: tensor {name} has shape {tuple(np.shape(arr))}, expected {tuple(m.hf_shape)}, "
-                    f"which does not fit {'/'.join(m.path)} {tuple(m.shape)} of this config (check config.json)")
-            x = m.transform(m.hf_part(np.asarray(arr)))
-            x = x.astype(np_dtype, copy=False)
-            if m.layer is None:
-                sh = sharding_of(m.path, x.shape)
-                out[m.path] = jax.device_put(x, sh) if sh is not None else jnp.asarray(x)
-                continue
-            if m.path not in out:
-                full = (L,) + x.shape
-                sh = sharding_of(m.path, full)
-                out[m.path] = jnp.zeros(full, np_dtype, device=sh)
-                setters[m.path] = _layer_setter(sh)
-                filled[m.path] = 0
-            if mesh is not None:  # the slice arrives already split like its destination
-                sl = out[m.path].sharding.spec
-                x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*tuple(sl)[1:])))
-            out[m.path] = setters[m.path](out[m.path], x, m.layer)
-            filled[m.path] += 1
+    for m, x in from_hf(maps, items, where=where):  # a fused HF tensor (Phi-3's qkv_proj) feeds several
+        x = x.astype(np_dtype, copy=False)
+        if m.layer is None:
+            sh = sharding_of(m.path, x.shape)
+            out[m.path] = jax.device_put(x, sh) if sh is not None else jnp.asarray(x)
+            continue
+        if m.path not in out:
+            full = (L,) + x.shape
+            sh = sharding_of(m.path, full)
+            out[m.path] = jnp.zeros(full, np_dtype, device=sh)
+            setters[m.path] = _layer_setter(sh)
+            filled[m.path] = 0
+        if mesh is not None:  # the slice arrives already split like its destination
+            sl = out[m.path].sharding.spec
+            x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*tuple(sl)[1:])))
+        out[m.path] = setters[m.path](out[m.path], x, m.layer)
+        filled[m.path] += 1
     short = {p: n for p, n in filled.items() if n != L}
     if short:
         raise hf_io.CheckpointError(f"{where}: stacked parameter(s) got {short} of {L} layers")

@@ -27,6 +27,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from esrt_jax.convert.hf_io import CheckpointError
+from esrt_jax.models.hf_names import from_hf, to_hf
 from esrt_jax.models.qformer import (
     QFormerConfig,
     SpeechAdapter,
@@ -54,18 +55,14 @@ def llm_srt_to_flat(cfg: QFormerConfig, state_dict: Mapping[str, np.ndarray], *,
     """LLM-SRT tensors under `prefix` -> our flat `SpeechAdapter` params (shapes checked by the loader)."""
     require_qformer(cfg, source)
     wanted = {m.hf_name: m for m in projector_maps(cfg, "hf_to_ours")}
-    out: dict[str, np.ndarray] = {}
-    for name, arr in state_dict.items():
-        if not name.startswith(prefix):
-            continue
+    for name in state_dict:
         rel = name[len(prefix):]
-        if rel.startswith("qformer."):
-            continue
-        if rel not in wanted:
+        if name.startswith(prefix) and not rel.startswith("qformer.") and rel not in wanted:
             raise CheckpointError(f"{source}: unexpected tensor {name} for a projector with "
                                   f"llm_dim {cfg.llm_dim}, pool_k {cfg.pool_k} (expects "
                                   f"{[prefix + w for w in wanted if w != 'query']})")
-        out[".".join(wanted[rel].path)] = wanted[rel].transform(np.asarray(arr))
+    out = {".".join(m.path): x for m, x in from_hf(list(wanted.values()), state_dict.items(), prefix=prefix,
+                                                    where=source)}
     missing = [prefix + w for w, m in wanted.items() if ".".join(m.path) not in out]
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {missing}")
@@ -78,12 +75,8 @@ def flat_to_llm_srt(cfg: QFormerConfig, flat: Mapping[str, np.ndarray], *, prefi
                     ) -> dict[str, np.ndarray]:
     """Our flat `SpeechAdapter` params -> LLM-SRT state-dict tensors (numpy) under `prefix`."""
     require_qformer(cfg, "the LLM-SRT export")
-    out = {}
-    for m in projector_maps(cfg, "ours_to_hf"):
-        ours = ".".join(m.path)
-        if ours not in flat:
-            raise CheckpointError(f"our adapter params lack {ours} (needed for {prefix + m.hf_name})")
-        out[prefix + m.hf_name] = m.transform(np.asarray(flat[ours]))
+    out = dict(to_hf(projector_maps(cfg, "ours_to_hf"), {tuple(k.split(".")): v for k, v in flat.items()},
+                     prefix=prefix, where="our adapter params"))
     out.update(qformer_to_hf(cfg, sub_params(flat, "qformer"), prefix=prefix + "qformer."))
     return out
 

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from esrt_jax.config import cache_home
 from esrt_jax.data import demo_sentences
+from esrt_jax.data.records import JSON_KEYS
 
 VERSION = 1
 CORPUS_NAME = "esrt-jax-demo"
@@ -366,8 +367,8 @@ def _records(langs: list[str], variants: list[str], sentences: list[int], ext: s
                         "audio": clip.rel_path,
                         "src": src,
                         "tgt": tgt,
-                        "asr": row[src],
-                        "s2tt": row[tgt],
+                        JSON_KEYS["transcription"]: row[src],
+                        JSON_KEYS["translation"]: row[tgt],
                         "source": CORPUS_NAME,
                         "speaker": f"espeak-{variant}",
                         "sentence": i,

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Sequence
 
 from esrt_jax import languages
+from esrt_jax.data.records import JSON_KEYS
 
 __all__ = ["FleursError", "Utterance", "HUB_REPO", "hub_patterns", "extract_audio", "read_language",
            "prepare"]
@@ -275,7 +276,8 @@ def prepare(root: str | os.PathLike, langs: Sequence[str], out: str | os.PathLik
                     by_dir[(s, t)].append({
                         "id": f"fleurs_{split}_{s}_{x.sentence}_{stem}_{t}",
                         "audio": os.path.relpath(x.file, base), "src": s, "tgt": t,
-                        "asr": src_text, "s2tt": tr, "source": "fleurs"})
+                        JSON_KEYS["transcription"]: src_text, JSON_KEYS["translation"]: tr,
+                        "source": "fleurs"})
         lines = []
         for (s, t) in sorted(by_dir, key=lambda d: (codes.index(d[0]), codes.index(d[1]))):
             recs = by_dir[(s, t)]

@@ -198,23 +198,24 @@ def record_from_json(obj: Mapping[str, Any], base_dir: str, default_id: str, *, 
         # LLM-SRT lines may also carry `asr` (an ASR hypothesis for its cascaded SMT mode);
         # the reference transcription is the part of `gt` before the tags.
         return _record_from_llm_srt(obj, base_dir, default_id)
-    missing = [k for k in ("audio", "src", "tgt") + (("asr",) if references else ()) if k not in obj]
+    t_key, s_key = JSON_KEYS["transcription"], JSON_KEYS["translation"]  # "asr", "s2tt"
+    missing = [k for k in ("audio", "src", "tgt") + ((t_key,) if references else ()) if k not in obj]
     if missing:
         raise KeyError(f"missing key(s) {', '.join(missing)} (ESRT schema needs id, audio, src, "
-                       f"tgt, asr, s2tt, source; LLM-SRT schema needs audio, source, prompt, gt)")
-    for k in ("src", "tgt", "asr"):
+                       f"tgt, {t_key}, {s_key}, source; LLM-SRT schema needs audio, source, prompt, gt)")
+    for k in ("src", "tgt", t_key):
         if k in obj and not isinstance(obj[k], str):
             raise ValueError(f"{k} must be a string, got {obj[k]!r}")
-    s2tt = obj.get("s2tt", "")
-    if s2tt is None:
-        s2tt = ""
-    if not isinstance(s2tt, str):
-        raise ValueError(f"s2tt must be a string, got {s2tt!r}")
+    translation = obj.get(s_key, "")
+    if translation is None:
+        translation = ""
+    if not isinstance(translation, str):
+        raise ValueError(f"{s_key} must be a string, got {translation!r}")
     return Record(
         id=str(obj.get("id", default_id)),
         audio=_resolve(obj["audio"], base_dir),
         src=obj["src"].strip(), tgt=obj["tgt"].strip(),
-        transcription=obj.get("asr", ""), translation=s2tt,
+        transcription=obj.get(t_key, ""), translation=translation,
         source=str(obj.get("source", "")),
     )
 

@@ -12,14 +12,14 @@ exists but cannot be decoded (or is empty or silent) is found at encode time and
 same way. Nothing in the data makes decoding crash.
 
 Long recordings (longer than the encoder's window) are cut into segments at pauses
-(`esrt_jax.audio.mel_segments`); each record decodes all its audio's segments, and the joined
+(`esrt_jax.infer.longform.clip_windows`); each record decodes all its audio's segments, and the joined
 texts (`esrt_jax.infer.longform`) are what is written and scored. `segment=False` cuts each audio
 to one window instead (with a warning). With an encoder cache (one window per audio) and with a
 `mel_fn` there is no segmentation.
 
 Audio is encoded ONCE per utterance and reused for all its target languages: records are grouped
 by audio path (first appearance order); up to `batch` utterances are loaded, turned into log-mel
-(`esrt_jax.audio.mel_segments`, the same front end the edge client uses: the 30 s Whisper
+(`esrt_jax.infer.longform.clip_windows`, the same front end the edge client uses: the 30 s Whisper
 log-mel of each segment, cut to the encoder's `num_frames` for test-sized encoders, so features
 are identical to what a deployed edge would send) and encoded by `Translator.encode`; their records are then
 decoded `batch` at a time by `Translator.decode` (bucketed, jitted; SRT output split at
@@ -49,11 +49,11 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from esrt_jax import languages
-from esrt_jax.audio import AudioError, encoder_frames, mel_segments
+from esrt_jax.audio import AudioError
 from esrt_jax.data.encode_cache import CacheError
 from esrt_jax.data.records import JSON_KEYS, SourceError, read_jsonl
 from esrt_jax.data.tasks import DEFAULT_TASK, TASKS, Task, TaskError, get_task
-from esrt_jax.eval.results import RESULT_FIELDS, Issue
+from esrt_jax.eval.results import RESULT_FIELDS, RESULT_KEYS, Issue
 from esrt_jax.infer import longform
 from esrt_jax.infer.cloud import model_fingerprint
 
@@ -334,7 +334,6 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
     # load(path) -> (inputs (S, ...) float32, its S segments or None for one unsegmented window,
     # real encoder frames (S,) of each input or None when unknown: an adapter with
     # attend_padding false needs them, the default one ignores them)
-    max_frames = translator.config.encoder.max_source_positions
     # only such an adapter is given them (other edge runtimes' encode takes the mel alone)
     real_frames = not getattr(translator.config.adapter, "attend_padding", True)
     if encoder_cache is not None:
@@ -349,8 +348,8 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
         enc = translator.config.encoder
 
         def load(p):
-            mels, segs = mel_segments(audio_of(p), enc.num_mel_bins, enc.num_frames, segment=segment)
-            frames = np.array([encoder_frames(s.end - s.start, max_frames) for s in segs], np.int32)
+            mels, segs, frames = longform.clip_windows(audio_of(p), enc.num_mel_bins, enc.num_frames,
+                                                       segment=segment)
             return np.asarray(mels, np.float32), segs if len(segs) > 1 else None, frames
         run = translator.encode
     enc_step = max(1, min(batch, translator.max_batch))
@@ -381,11 +380,10 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
                         bar.update(sum(items[i].key not in done for i in bad))
                 if not ok:
                     continue
-                flat = np.concatenate(inputs)  # (rows, ...): every segment of every audio
-                fr = None if not real_frames or any(f is None for f in frames) else np.concatenate(frames)
-                feats = np.concatenate([run(flat[j:j + enc_step]) if fr is None else
-                                        run(flat[j:j + enc_step], fr[j:j + enc_step])
-                                        for j in range(0, len(flat), enc_step)])
+                # (rows, ...): every segment of every audio, frames for all of them or none
+                with_frames = real_frames and all(f is not None for f in frames)
+                feats = longform.encode_windows(
+                    run, zip(inputs, frames if with_frames else [None] * len(inputs)), enc_step)
                 first = np.cumsum([0] + [len(x) for x in inputs])
                 rows_of = {p: range(first[k], first[k + 1]) for k, p in enumerate(ok)}
                 stats.audio_encoded += len(ok)
@@ -428,12 +426,11 @@ def decode_to_file(translator, items: Sequence[EvalItem], results: str | os.Path
 
 def _join(outs: list[dict], segs, src: str, tgt: str) -> dict:
     """A record's per-segment decodes -> one {"transcription", "translation", "response"} (texts joined
-    in order)."""
+    in order by `longform.join_outputs`; one segment's decode as it is)."""
     if len(outs) == 1:
         return outs[0]
-    ov = longform.overlaps_of(segs) if segs else []
-    return {"transcription": longform.join_texts([o["transcription"] for o in outs], src, ov),
-            "translation": longform.join_texts([o["translation"] for o in outs], tgt, ov),
+    joined = longform.join_outputs(segs, outs, src, tgt)
+    return {"transcription": joined["transcription"], "translation": joined["translation"],
             "response": " ".join(o["response"].strip() for o in outs)}
 
 
@@ -443,8 +440,8 @@ def _result(it: EvalItem, out: dict, task: str) -> dict:
         "id": it.id, "audio": it.audio, "prompt": it.prompt(task), "src": it.src, "tgt": it.tgt,
         JSON_KEYS["transcription"]: it.transcription, JSON_KEYS["translation"]: it.translation,
         # A task given the transcription (SMT) produces none, so none is scored.
-        "asr_r": out["transcription"] if "transcription" in get_task(task).outputs else None,
-        "s2tt_r": out["translation"],
+        RESULT_KEYS["transcription"]: out["transcription"] if "transcription" in get_task(task).outputs else None,
+        RESULT_KEYS["translation"]: out["translation"],
         "response": out["response"],
     }
     assert tuple(row) == RESULT_FIELDS

@@ -23,10 +23,12 @@ import re
 from typing import Optional
 
 from esrt_jax import languages
+from esrt_jax.data.records import JSON_KEYS
 from esrt_jax.data.tasks import split_srt_output
 
 __all__ = [
     "RESULT_FIELDS",
+    "RESULT_KEYS",
     "ScoredRecord",
     "Issue",
     "ResultsFile",
@@ -36,8 +38,12 @@ __all__ = [
     "TAG_RE",
 ]
 
+# The model's two texts' keys in a results file (the references' are `records.JSON_KEYS`): in code
+# the texts are `transcription` / `translation` everywhere; these are their names on disk.
+RESULT_KEYS = {"transcription": "asr_r", "translation": "s2tt_r"}
 # The public ESRT result schema, in its order.
-RESULT_FIELDS = ("id", "audio", "prompt", "src", "tgt", "asr", "s2tt", "asr_r", "s2tt_r", "response")
+RESULT_FIELDS = ("id", "audio", "prompt", "src", "tgt", JSON_KEYS["transcription"], JSON_KEYS["translation"],
+                 RESULT_KEYS["transcription"], RESULT_KEYS["translation"], "response")
 
 TAG_RE = re.compile(r"<\|([A-Za-z]{2,8})\|>")
 
@@ -128,8 +134,8 @@ def parse_record(obj: object, line: int) -> tuple[Optional[ScoredRecord], list[I
     src, tgt = codes
     src_raw, tgt_raw = src_raw.strip(), tgt_raw.strip()
 
-    ref = _str_field(obj, "s2tt", line, issues)
-    asr_ref = _str_field(obj, "asr", line, issues)
+    ref = _str_field(obj, JSON_KEYS["translation"], line, issues)
+    asr_ref = _str_field(obj, JSON_KEYS["transcription"], line, issues)
     if ref is None and asr_ref is None and gt is not None:
         if src == tgt:
             asr_ref = gt.strip()
@@ -137,8 +143,8 @@ def parse_record(obj: object, line: int) -> tuple[Optional[ScoredRecord], list[I
             # A gt without the marker is a plain translation reference: no ASR reference.
             sep = languages.srt_marker(src_raw, tgt_raw)
             asr_ref, ref = ((p.strip() for p in gt.split(sep, 1)) if sep in gt else (None, gt.strip()))
-    hyp = _str_field(obj, "s2tt_r", line, issues)
-    asr_hyp = _str_field(obj, "asr_r", line, issues)
+    hyp = _str_field(obj, RESULT_KEYS["translation"], line, issues)
+    asr_hyp = _str_field(obj, RESULT_KEYS["transcription"], line, issues)
     if hyp is None and asr_hyp is None and response is not None:
         if src == tgt:
             asr_hyp = response.strip()
@@ -150,11 +156,12 @@ def parse_record(obj: object, line: int) -> tuple[Optional[ScoredRecord], list[I
     translation = src != tgt and ref is not None and hyp is not None
     transcription = asr_ref is not None and asr_hyp is not None
     if src != tgt and not translation:
-        missing = [k for k, v in (("s2tt", ref), ("s2tt_r", hyp)) if v is None]
+        missing = [k for k, v in ((JSON_KEYS["translation"], ref), (RESULT_KEYS["translation"], hyp)) if v is None]
         issues.append(Issue(line, "missing_field", f"{src}->{tgt}: no {' or '.join(missing)} (nor gt/response to take it from)"))
     if not translation and not transcription:
         if src == tgt:
-            issues.append(Issue(line, "missing_field", f"{src} ASR record without both 'asr' and 'asr_r'"))
+            issues.append(Issue(line, "missing_field", f"{src} ASR record without both '{JSON_KEYS['transcription']}' and "
+                                f"'{RESULT_KEYS['transcription']}'"))
         return None, issues
     if translation and not hyp.strip():
         issues.append(Issue(line, "empty_hypothesis", f"{src}->{tgt}: empty translation hypothesis (scored as empty)"))

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from esrt_jax import languages
-from esrt_jax.audio import SAMPLE_RATE, Segment, encoder_frames, mel_from_file, mel_segments
+from esrt_jax.audio import SAMPLE_RATE, Segment
 from esrt_jax.data.records import SourceError, read_jsonl
 from esrt_jax.data.tasks import DEFAULT_TASK
 from esrt_jax.infer import longform
@@ -90,32 +90,27 @@ def encode_utterances(translator, utts: Sequence[Utterance], batch_size: int = 8
     """The edge half, one window per utterance (no segmentation: longer audio is cut, with a
     warning): audio files -> features (N, *feature_shape) float32."""
     enc = translator.config.encoder
-    feats = []
-    for i in range(0, len(utts), batch_size):
-        loaded = [mel_from_file(u.audio, enc.num_mel_bins, enc.num_frames) for u in utts[i:i + batch_size]]
-        # real encoder frames: what an adapter with attend_padding false attends over
-        frames = [encoder_frames(round(sec * SAMPLE_RATE), enc.max_source_positions) for _, sec in loaded]
-        feats.append(translator.encode(np.stack([m for m, _ in loaded]), np.array(frames, np.int32)))
-    return np.concatenate(feats)
+    windows = (longform.clip_windows(u.audio, enc.num_mel_bins, enc.num_frames, segment=False) for u in utts)
+    return longform.encode_windows(translator.encode, ((m, f) for m, _, f in windows), batch_size)
 
 
 def encode_segments(translator, utts: Sequence[Utterance], batch_size: int = 8, *, segment: bool = True
                     ) -> tuple[np.ndarray, list[Utterance]]:
     """The edge half on recordings of any length: audio files -> (features (M, *feature_shape),
-    the M segments as `Utterance`s with start/end/part), each file read once. AudioError (a
+    the M segments as `Utterance`s with start/end/part), each file read once
+    (`longform.clip_windows`, encoded as they come by `longform.encode_windows`). AudioError (a
     ValueError) names the file for empty, silent or unreadable audio."""
     enc = translator.config.encoder
-    mels, frames, feats, segs = [], [], [], []
-    for n, u in enumerate(utts, 1):
-        m, spans = mel_segments(u.audio, enc.num_mel_bins, enc.num_frames, segment=segment)
-        mels += list(m)
-        frames += [encoder_frames(s.end - s.start, enc.max_source_positions) for s in spans]
-        segs += [dataclasses.replace(u, start=round(s.start_s, 3), end=round(s.end_s, 3), part=k)
-                 for k, s in enumerate(spans)]
-        while len(mels) >= batch_size or (mels and n == len(utts)):  # encode as they come: bounded memory
-            feats.append(translator.encode(np.stack(mels[:batch_size]), np.array(frames[:batch_size], np.int32)))
-            mels, frames = mels[batch_size:], frames[batch_size:]
-    return np.concatenate(feats), segs
+    segs: list[Utterance] = []
+
+    def windows():
+        for u in utts:
+            mels, spans, frames = longform.clip_windows(u.audio, enc.num_mel_bins, enc.num_frames, segment=segment)
+            segs.extend(dataclasses.replace(u, start=round(s.start_s, 3), end=round(s.end_s, 3), part=k)
+                        for k, s in enumerate(spans))
+            yield mels, frames
+
+    return longform.encode_windows(translator.encode, windows(), batch_size), segs
 
 
 def decode_features(translator, feats: np.ndarray, utts: Sequence[Utterance], batch_size: int = 8,

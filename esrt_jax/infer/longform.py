@@ -1,8 +1,12 @@
-"""Long recordings: join the outputs of a recording's windows (`esrt_jax.audio.find_segments`).
+"""Long recordings: the one long-form orchestration, segment -> encode -> decode -> join.
 
-Every path that takes audio (the inference CLI, the edge client, eval) cuts a recording longer
-than the encoder's window into segments, runs each segment as an utterance, and joins the texts
-here, in order: with a space, or with nothing for languages written without spaces
+Every path that takes audio (the inference CLI `infer.batch`, the edge client `edge`, eval
+`eval.decode`) runs a recording through the same three steps here, and only its driver differs
+(batching across files, resuming, HTTP): `clip_windows` cuts a recording longer than the encoder's
+window into segments (`esrt_jax.audio.find_segments`) -> their log-mel windows and real encoder
+frames; `encode_windows` encodes the windows of one or many recordings a fixed number of rows at a
+time, as they come; each segment is then decoded as an utterance and `join_outputs` joins a
+recording's texts, in order: with a space, or with nothing for languages written without spaces
 (`languages.CHAR_LANGS`). Where two segments overlap (speech longer than a window, cut with a
 small overlap) the words (characters) the second segment repeats from the end of the first are
 dropped: the longest such run of up to `MAX_REPEAT` words (2 x that many characters).
@@ -15,14 +19,63 @@ decodes nothing at all (damaged or untrained weights) must not look like a succe
 
 from __future__ import annotations
 
+import os
 import string
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
 
 from esrt_jax import languages
-from esrt_jax.audio import Segment
+from esrt_jax.audio import Segment, encoder_frames, mel_segments
 
 MAX_REPEAT = 6
 EMPTY_RC = 3  # exit status of `python -m esrt_jax.infer` / `esrt_jax.edge` when every output is empty
+
+
+def clip_windows(path: str | os.PathLike, n_mels: int, num_frames: int, *, segment: bool = True
+                 ) -> tuple[np.ndarray, list[Segment], np.ndarray]:
+    """Audio file -> (log-mel (S, n_mels, num_frames), its S segments in time order, real encoder
+    frames (S,) int32 of each (`audio.encoder_frames`: what an adapter with attend_padding false
+    reads)). `segment=False`: one window, longer audio cut to it with a warning. AudioError (a
+    ValueError) names the file for empty, silent or unreadable audio."""
+    mels, segs = mel_segments(path, n_mels, num_frames, segment=segment)
+    return mels, segs, window_frames(segs, num_frames)
+
+
+def window_frames(segs: Sequence[Segment], num_frames: int) -> np.ndarray:
+    """Segments -> the real encoder frames (S,) int32 of each, in an encoder of `num_frames` mel
+    frames (num_frames // 2 encoder frames)."""
+    return np.array([encoder_frames(s.end - s.start, num_frames // 2) for s in segs], np.int32)
+
+
+def encode_windows(encode: Callable[..., np.ndarray],
+                   windows: Iterable[tuple[np.ndarray, np.ndarray | None]], batch: int) -> np.ndarray:
+    """Encode the windows of one or many recordings `batch` rows at a time, as they come (bounded
+    memory; batches span recordings): `windows` yields (inputs (S, ...), real encoder frames (S,)
+    or None) per recording -> `encode(x, frames)` (`encode(x)` where frames are None) results
+    concatenated, (sum S, *feature_shape) in order."""
+    xs: list[np.ndarray] = []
+    fs: list[np.ndarray | None] = []
+    out: list[np.ndarray] = []
+
+    def run(n: int) -> None:
+        x = np.concatenate(xs)
+        f = None if any(v is None for v in fs) else np.concatenate(fs)
+        out.append(encode(x[:n]) if f is None else encode(x[:n], f[:n]))
+        xs[:] = [x[n:]] if n < len(x) else []
+        fs[:] = [] if not xs else [None if f is None else f[n:]]
+
+    rows = 0
+    for x, f in windows:
+        xs.append(x)
+        fs.append(f)
+        rows += len(x)
+        while rows >= batch:
+            run(batch)
+            rows -= batch
+    if rows:
+        run(rows)
+    return np.concatenate(out)
 
 
 def _norm(tok: str) -> str:

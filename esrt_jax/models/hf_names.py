@@ -1,18 +1,25 @@
-"""The one shape of a Hugging Face <-> ours tensor-name map, shared by all model families.
+"""The one shape of a Hugging Face <-> ours tensor-name map, and the one way to apply it, shared
+by all model families.
 
 Each family defines `hf_to_ours(cfg)` / `ours_to_hf(cfg)` next to its modules
 (`llm_hf`, `whisper`, `qformer`): one `ParamMap` per HF tensor, pure (no file IO), so the
 converters in `esrt_jax.convert` stream tensor by tensor and check names and shapes before
-placing anything.
+placing anything. Every family applies its maps with the same three functions: `from_hf` (HF
+tensors -> our slices, shapes checked), `to_hf` (our params -> HF tensors, fused ones joined) and
+`flat_params` (any params tree -> {path: array}); each family only says where the slices go (numpy
+buffers, dotted names, sharded device arrays) and which HF names it refuses or ignores.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+from flax import nnx, traverse_util
+
+from esrt_jax.config import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -111,3 +118,58 @@ def layout_maps(entries: list[tuple[str, tuple[str, ...], int | None, str, tuple
         out.append(ParamMap(name, tuple(path), layer, LAYOUTS[kind],
                             tuple(shape) if direction == "hf_to_ours" else hf_shape, hf_shape))
     return out
+
+
+def flat_params(params: Any, variables: Any = nnx.Param) -> dict[tuple[str, ...], Any]:
+    """A module (its `variables`, an nnx filter), an `nnx.State`, a nested dict of arrays (e.g.
+    restored by Orbax) or an already flat {path tuple: array} -> {path tuple of str: array}
+    (Variables unwrapped; arrays left where they are, so a stacked device array is sliced before
+    it is copied to the host)."""
+    if isinstance(params, nnx.Module):
+        params = nnx.state(params, variables)
+    if isinstance(params, nnx.State):
+        items = nnx.to_flat_state(params)
+    elif isinstance(params, Mapping) and params and all(isinstance(k, tuple) for k in params):
+        items = params.items()
+    else:
+        items = traverse_util.flatten_dict(params).items()
+    return {tuple(map(str, k)): (v[...] if isinstance(v, nnx.Variable) else v) for k, v in items}
+
+
+def from_hf(maps: Sequence[ParamMap], items: Iterable[tuple[str, np.ndarray]], *, prefix: str = "",
+            where: str = "checkpoint") -> Iterator[tuple[ParamMap, np.ndarray]]:
+    """(HF name, tensor) stream -> (map, the slice in our layout) for each `hf_to_ours` map that
+    reads the tensor (a fused one feeds several), in stream order: the one weight-application step
+    of every family. Map names are relative to `prefix`; names not under it or without a map are
+    skipped (the family decides which to refuse). Each tensor's shape is checked against the map's
+    `hf_shape` before the transform: CheckpointError naming the tensor and our parameter."""
+    by_name: dict[str, list[ParamMap]] = {}
+    for m in maps:
+        by_name.setdefault(prefix + m.hf_name, []).append(m)
+    for name, arr in items:
+        for m in by_name.get(name, ()):
+            arr = np.asarray(arr)
+            if tuple(arr.shape) != tuple(m.hf_shape):
+                raise CheckpointError(
+                    f"{where}: tensor {name} has shape {tuple(arr.shape)}, expected {tuple(m.hf_shape)}, which "
+                    f"does not fit {'/'.join(m.path)} {tuple(m.shape)} of this config (check config.json)")
+            yield m, m.transform(m.hf_part(arr))
+
+
+def to_hf(maps: Sequence[ParamMap], flat: Mapping[tuple[str, ...], Any], *, prefix: str = "",
+          where: str = "export") -> Iterator[tuple[str, np.ndarray]]:
+    """Our params (`flat_params`) -> (prefix + HF name, numpy tensor in torch layout) for each
+    `ours_to_hf` map, streamed (each slice copied to the host alone); a fused HF tensor once all its
+    parts are there (`join_rows`). A parameter the maps need and `flat` lacks, or a slice of the
+    wrong shape, is a CheckpointError naming both."""
+    def parts():
+        for m in maps:
+            if m.path not in flat:
+                raise CheckpointError(f"{where}: our params lack {'/'.join(m.path)} (needed for {prefix + m.hf_name})")
+            arr = flat[m.path]
+            a = np.ascontiguousarray(m.transform(np.asarray(arr if m.layer is None else arr[m.layer])))
+            if tuple(a.shape) != tuple(m.shape):
+                raise CheckpointError(f"{where}: {'/'.join(m.path)} gives {prefix}{m.hf_name} of shape "
+                                      f"{a.shape}, expected {tuple(m.shape)}")
+            yield dataclasses.replace(m, hf_name=prefix + m.hf_name), a
+    yield from join_rows(parts())

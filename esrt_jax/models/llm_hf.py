@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping, Sequence
 
-import jax
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
 from esrt_jax.config import CheckpointError
-from esrt_jax.models.hf_names import ParamMap, fuse_rows, join_rows
+from esrt_jax.models.hf_names import ParamMap, fuse_rows, to_hf
+from esrt_jax.models.hf_names import flat_params as flatten_params
 from esrt_jax.models.llm_config import LLMConfig
 
 
@@ -100,24 +100,8 @@ def detect_hf_prefix(names: Sequence[str] | Mapping[str, Any]) -> str:
         f"is this a decoder LLM checkpoint?")
 
 
-def flatten_params(params: Any) -> dict[tuple[str, ...], Any]:
-    """nnx.State, nested dict of arrays, or {path tuple: array} -> {path tuple: Variable or array}."""
-    if isinstance(params, nnx.State):
-        return {tuple(map(str, k)): v for k, v in nnx.to_flat_state(params)}
-    if isinstance(params, Mapping) and params and all(isinstance(k, tuple) for k in params):
-        return dict(params)
-    return {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(params).items()}
-
-
 def params_to_hf(params: nnx.State | Mapping, cfg: LLMConfig, prefix: str = "model."
                  ) -> Iterator[tuple[str, np.ndarray]]:
-    """Stream our params as (HF name, numpy tensor in torch layout). LoRA factors are not part of
-    the base model: merge them first (`merge_lora`) or export them as an adapter."""
-    flat = flatten_params(params)
-
-    def parts():
-        for m in ours_to_hf(cfg, prefix):
-            var = flat[m.path]
-            arr = var[...] if isinstance(var, nnx.Variable) else var
-            yield m, m.transform(np.asarray(jax.device_get(arr if m.layer is None else arr[m.layer])))
-    yield from join_rows(parts())
+    """Stream our params as (HF name, numpy tensor in torch layout) (`hf_names.to_hf`). LoRA factors
+    are not part of the base model: merge them first (`merge_lora`) or export them as an adapter."""
+    yield from to_hf(ours_to_hf(cfg, prefix), flatten_params(params))

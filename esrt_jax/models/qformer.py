@@ -26,9 +26,10 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
 from esrt_jax.config import CheckpointError, ConfigError, check, setting
+from esrt_jax.models import hf_names
 from esrt_jax.models.hf_names import ParamMap, layout_maps
 from esrt_jax.models.layers import Dense, LayerNorm, activation, dtype_from_name, param
 
@@ -453,15 +454,9 @@ def flat_params(module_or_params: Any) -> dict[str, np.ndarray]:
     """All parameters as {'qformer.layers.0.attention.query.kernel': array}.
 
     Accepts a module, the params `nnx.State` from `nnx.split`, or the same tree as nested dicts
-    (e.g. restored by Orbax).
+    (e.g. restored by Orbax): `hf_names.flat_params` with dotted names.
     """
-    tree = module_or_params
-    if isinstance(tree, nnx.Module):
-        tree = nnx.state(tree, nnx.Param)
-    items = (nnx.to_flat_state(tree) if isinstance(tree, nnx.State)
-             else traverse_util.flatten_dict(tree).items())
-    return {".".join(str(p) for p in path): np.asarray(v[...] if isinstance(v, nnx.Variable) else v)
-            for path, v in items}
+    return {".".join(path): np.asarray(v) for path, v in hf_names.flat_params(module_or_params).items()}
 
 
 def load_flat_params(module: nnx.Module, flat: Mapping[str, np.ndarray], *, source: str = "checkpoint"
@@ -573,26 +568,17 @@ def qformer_from_hf(cfg: QFormerConfig, tensors: Mapping[str, np.ndarray], *, pr
     mismatches are `CheckpointError`s naming the tensor.
     """
     mapping = {m.hf_name: m for m in hf_to_ours(cfg)}
-    out: dict[str, np.ndarray] = {}
-    seen = set()
-    for name, arr in tensors.items():
-        if not name.startswith(prefix):
-            continue
+    for name in tensors:
         rel = name[len(prefix):]
-        if rel in mapping:
-            m = mapping[rel]
-            arr = np.asarray(arr)
-            if tuple(arr.shape) != m.hf_shape:
-                raise CheckpointError(f"{source}: {name} has shape {tuple(arr.shape)}, expected "
-                                      f"{m.hf_shape} for this Q-Former config")
-            out[".".join(m.path)] = m.transform(arr)
-            seen.add(rel)
-        elif _IGNORED_HF.match(rel):
-            continue
-        else:
+        if name.startswith(prefix) and rel not in mapping and not _IGNORED_HF.match(rel):
             raise CheckpointError(f"{source}: unexpected tensor {name} (not part of a Q-Former with "
                                   f"{cfg.num_hidden_layers} layers, cross-attention every "
                                   f"{cfg.cross_attention_frequency})")
+    out: dict[str, np.ndarray] = {}
+    seen = set()
+    for m, x in hf_names.from_hf(list(mapping.values()), tensors.items(), prefix=prefix, where=source):
+        out[".".join(m.path)] = x
+        seen.add(m.hf_name)
     missing = [prefix + k for k in mapping if k not in seen]
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {missing[:10]}"
@@ -603,13 +589,8 @@ def qformer_from_hf(cfg: QFormerConfig, tensors: Mapping[str, np.ndarray], *, pr
 def qformer_to_hf(cfg: QFormerConfig, flat: Mapping[str, np.ndarray], *, prefix: str = ""
                   ) -> dict[str, np.ndarray]:
     """Our flat Q-Former params (relative to `QFormer`) -> HF `Blip2QFormerModel` tensors under `prefix`."""
-    out = {}
-    for m in ours_to_hf(cfg):
-        ours = ".".join(m.path)
-        if ours not in flat:
-            raise CheckpointError(f"our Q-Former params lack {ours} (needed for {prefix + m.hf_name})")
-        out[prefix + m.hf_name] = m.transform(np.asarray(flat[ours]))
-    return out
+    return dict(hf_names.to_hf(ours_to_hf(cfg), hf_names.flat_params({tuple(k.split(".")): v for k, v in flat.items()}),
+                               prefix=prefix, where="our Q-Former params"))
 
 
 def sub_params(flat: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

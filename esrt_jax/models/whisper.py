@@ -31,7 +31,7 @@ from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from esrt_jax.config import CheckpointError, ConfigError, check, setting
-from esrt_jax.models.hf_names import ParamMap, layout_maps
+from esrt_jax.models.hf_names import ParamMap, flat_params, from_hf, layout_maps, to_hf
 from esrt_jax.models.layers import Dense, LayerNorm, activation, dtype_from_name, param
 
 # Keys of transformers' WhisperConfig that define the encoder.
@@ -406,21 +406,12 @@ def params_from_hf(tensors: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.n
     out = {path: np.empty(leaf.shape, pdtype) for path, leaf in abstract.items()}
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     seen = set()
-    for full, arr in items:
-        name = full[len(prefix):]
-        if not full.startswith(prefix) or name not in mapping:
-            continue
-        m = mapping[name]
-        arr = np.asarray(arr)
-        if tuple(arr.shape) != m.hf_shape:
-            raise CheckpointError(f"{where}: tensor {full} has shape {tuple(arr.shape)}, expected "
-                                  f"{m.hf_shape} for config {cfg.to_hf_config()}")
-        value = m.transform(arr).astype(pdtype)
+    for m, value in from_hf(list(mapping.values()), items, prefix=prefix, where=where):
         if m.layer is None:
-            out[m.path][...] = value
+            out[m.path][...] = value.astype(pdtype)
         else:
-            out[m.path][m.layer] = value
-        seen.add(name)
+            out[m.path][m.layer] = value.astype(pdtype)
+        seen.add(m.hf_name)
     not_read = sorted(prefix + n for n in mapping if n not in seen)
     if not_read:
         raise CheckpointError(f"{where}: missing Whisper encoder tensor(s) {not_read[:10]}")
@@ -435,14 +426,6 @@ def encoder_from_params(cfg: WhisperEncoderConfig, params: Mapping) -> WhisperEn
     return nnx.merge(graphdef, state)
 
 
-def pure_params(model_or_params: WhisperEncoder | Any) -> dict:
-    if isinstance(model_or_params, nnx.Module):
-        return nnx.to_pure_dict(nnx.state(model_or_params))
-    if isinstance(model_or_params, nnx.State):
-        return nnx.to_pure_dict(model_or_params)
-    return dict(model_or_params)
-
-
 def export_whisper_encoder(model_or_params: WhisperEncoder | Any, cfg: WhisperEncoderConfig,
                            *, prefix: str = "model.encoder.", dtype: Any = np.float32
                            ) -> dict[str, np.ndarray]:
@@ -451,15 +434,5 @@ def export_whisper_encoder(model_or_params: WhisperEncoder | Any, cfg: WhisperEn
     `prefix`: 'model.encoder.' for WhisperForConditionalGeneration, 'encoder.' for WhisperModel,
     '' for a bare WhisperEncoder. `dtype=None` keeps the stored dtype.
     """
-    flat = flatten_dict(pure_params(model_or_params))
-    out = {}
-    for m in ours_to_hf(cfg):
-        if m.path not in flat:
-            raise CheckpointError(f"export: parameter {'.'.join(map(str, m.path))} missing")
-        a = np.asarray(flat[m.path] if m.layer is None else flat[m.path][m.layer])
-        a = np.ascontiguousarray(m.transform(a))
-        if tuple(a.shape) != m.shape:
-            raise CheckpointError(f"export: {'.'.join(map(str, m.path))} gives {prefix}{m.hf_name} of "
-                                  f"shape {a.shape}, expected {m.shape}")
-        out[prefix + m.hf_name] = a if dtype is None else a.astype(dtype)
-    return out
+    return {name: a if dtype is None else a.astype(dtype)
+            for name, a in to_hf(ours_to_hf(cfg), flat_params(model_or_params, (nnx.Param, Buffer)), prefix=prefix)}
