@@ -329,7 +329,7 @@ def _pad_id(cfg: RunConfig) -> int:
 
 
 def _decoder(cfg: RunConfig, graphdef, state_template):
-    """decode_fn(trainable, frozen, n) -> {'bleu', 'wer', 'samples'} on the first n dev records."""
+    """decode_fn(trainable, frozen, n) -> {'bleu' | 'wer', 'cer', their swapped scores and gains, 'distinct', 'samples'} on the first n dev records."""
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), state_template)
     dev = _dev_source(cfg)
     if dev is None:
@@ -370,11 +370,12 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         partners = swap_partners([(normalize_transcript(r.transcription) if task != "smt" else "",
                                    normalize_transcript(r.translation) if task != "asr" else "") for r in recs])
         swapped = _report(task, recs, run(feats[partners], frames[partners]))
-        rep.update({f"{k}_swapped": v for k, v in swapped.items() if k in ("wer", "bleu")})
+        rep.update({f"{k}_swapped": v for k, v in swapped.items() if k in ("wer", "cer", "bleu")})
         if "bleu" in rep:
             rep["bleu_gain"] = rep["bleu"] - rep["bleu_swapped"]
-        if "wer" in rep:
-            rep["wer_gain"] = rep["wer_swapped"] - rep["wer"]
+        for k in ("wer", "cer"):
+            if k in rep:
+                rep[f"{k}_gain"] = rep[f"{k}_swapped"] - rep[k]
         outputs = get_task(task).outputs
         refs = {(r.transcription if "transcription" in outputs else "",
                  r.translation if "translation" in outputs else "") for r in recs}
@@ -385,7 +386,9 @@ def _decoder(cfg: RunConfig, graphdef, state_template):
         rep: dict = {}
         tk = get_task(task)
         if "transcription" in tk.outputs:
-            rep["wer"] = float(asr_error([r.transcription for r in recs], [o["transcription"] for o in outs], "wer"))
+            for metric in ("wer", "cer"):
+                rep[metric] = float(asr_error([r.transcription for r in recs], [o["transcription"] for o in outs],
+                                              metric))
         if "translation" in tk.outputs:
             tokz = {languages.get(r.tgt).bleu_tokenize for r in recs}
             rep["bleu"] = float(bleu([o["translation"] for o in outs], [r.translation for r in recs],
