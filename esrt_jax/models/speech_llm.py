@@ -76,7 +76,6 @@ class SpeechLLMConfig:
               f"{self.encoder_window!r} is not 'padded' or 'real'")
         check(self.encoder_window == "padded" or not self.adapter.attend_padding, "encoder_window",
               "a 'real' window has no 30 s padding to attend to: set adapter.attend_padding: false too")
-
         check(not self.speech_units or self.adapter.pool_k is None, "speech_units",
               "CTC unit posteriors are read off every adapter output: set adapter.pool_k: null")
 

@@ -329,7 +329,8 @@ def _pad_id(cfg: RunConfig) -> int:
 
 
 def _decoder(cfg: RunConfig, graphdef, state_template):
-    """decode_fn(trainable, frozen, n) -> {'bleu' | 'wer', 'cer', their swapped scores and gains, 'distinct', 'samples'} on the first n dev records."""
+    """decode_fn(trainable, frozen, n) -> {'bleu' | 'wer' and 'cer', each with its swapped score and
+    gain, 'distinct', 'samples'} on the first n dev records."""
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), state_template)
     dev = _dev_source(cfg)
     if dev is None:
