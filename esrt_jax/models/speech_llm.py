@@ -190,12 +190,13 @@ class SpeechLLM(nnx.Module):
 class EdgeHalf(nnx.Module):
     """Only the edge's parts of a `SpeechLLM` (encoder + adapter): no LLM weights on the device.
 
-    `encode` (and the `adapt` it calls) are `SpeechLLM`'s own, so edge features are computed by
-    the same code as the one-process path.
+    `encode` (and the `adapt` and `project` it calls) are `SpeechLLM`'s own, so edge features are
+    computed by the same code as the one-process path.
     """
 
     encode = SpeechLLM.encode
     adapt = SpeechLLM.adapt
+    project = SpeechLLM.project
 
     def __init__(self, config: SpeechLLMConfig, encoder: WhisperEncoder, adapter: SpeechAdapter):
         self.config, self.encoder, self.adapter = config, encoder, adapter
