@@ -67,7 +67,7 @@ from esrt_jax.models.layers import (Embed, GatedMLP, Linear, RMSNorm, apply_rope
                                     attention_mask, rope_cos_sin)
 # The config and the HF name maps live in their own modules; they are part of this module's API.
 from esrt_jax.models.llm_config import LAYER_TYPES, LLMConfig, LoraConfig, eos_tuple, rope_from_hf  # noqa: F401
-from esrt_jax.models.llm_hf import (HF_PREFIXES, ParamMap, detect_hf_prefix, flatten_params,  # noqa: F401
+from esrt_jax.models.llm_hf import (HF_PREFIXES, ParamMap, detect_hf_prefix,  # noqa: F401
                                     hf_to_ours, ours_to_hf, params_to_hf)
 
 # Family configs by HF `model_type`.

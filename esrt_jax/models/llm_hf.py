@@ -14,8 +14,7 @@ import numpy as np
 from flax import nnx
 
 from esrt_jax.config import CheckpointError
-from esrt_jax.models.hf_names import ParamMap, fuse_rows, to_hf
-from esrt_jax.models.hf_names import flat_params as flatten_params
+from esrt_jax.models.hf_names import ParamMap, flat_params, fuse_rows, to_hf
 from esrt_jax.models.llm_config import LLMConfig
 
 
@@ -104,4 +103,4 @@ def params_to_hf(params: nnx.State | Mapping, cfg: LLMConfig, prefix: str = "mod
                  ) -> Iterator[tuple[str, np.ndarray]]:
     """Stream our params as (HF name, numpy tensor in torch layout) (`hf_names.to_hf`). LoRA factors
     are not part of the base model: merge them first (`merge_lora`) or export them as an adapter."""
-    yield from to_hf(ours_to_hf(cfg, prefix), flatten_params(params))
+    yield from to_hf(ours_to_hf(cfg, prefix), flat_params(params))
